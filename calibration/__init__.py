@@ -1,0 +1,1 @@
+"""Data for calibration and evaluation: load rows, sample them disjointly, tokenize them."""

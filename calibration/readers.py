@@ -1,0 +1,39 @@
+"""Adapters from tokenized batches to what quantizers consume."""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+import numpy as np
+
+Batch = dict[str, np.ndarray]
+
+
+def restrict_inputs(batches: Iterable[Batch], input_names: Sequence[str]) -> list[Batch]:
+    """Keep only the inputs a graph declares (an export may drop token_type_ids)."""
+    return [{k: v for k, v in b.items() if k in input_names} for b in batches]
+
+
+def ort_calibration_reader(batches: Iterable[Batch], input_names: Sequence[str]) -> Any:
+    """An ONNX Runtime `CalibrationDataReader` over the batches, rewindable."""
+    from onnxruntime.quantization import CalibrationDataReader
+
+    class _BatchReader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._batches = restrict_inputs(batches, input_names)
+            self._next = 0
+
+        def get_next(self) -> Batch | None:
+            if self._next >= len(self._batches):
+                return None
+            self._next += 1
+            return self._batches[self._next - 1]
+
+        def rewind(self) -> None:
+            self._next = 0
+
+        def __len__(self) -> int:
+            return len(self._batches)
+
+    return _BatchReader()

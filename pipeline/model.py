@@ -1,0 +1,58 @@
+"""Checks on the input model folder, done before any stage runs."""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from calibration.encode import TOKENIZER_FILES
+from pipeline.errors import ModelError
+from pipeline.recipe import SUPPORTED_TASKS
+
+# Encoder-only models with BERT's embedding/attention/FFN layout, which Optimum exports for
+# sequence classification and ONNX Runtime's transformer optimizer fuses as model_type="bert".
+BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
+WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    path: Path
+    model_type: str
+    num_labels: int
+    label2id: dict[str, int]
+    config: dict[str, Any]
+
+
+def inspect_model(folder: Path, task: str = "text-classification") -> ModelInfo:
+    """Validate a fine-tuned model folder and read what the pipeline needs from its config."""
+    folder = Path(folder)
+    if task not in SUPPORTED_TASKS:
+        raise ModelError(f"task {task!r} is not supported; use one of: {', '.join(SUPPORTED_TASKS)}")
+    if not folder.is_dir():
+        raise ModelError(f"model folder {folder} not found; pass a local Hugging Face model folder")
+    config_path = folder / "config.json"
+    if not config_path.is_file():
+        raise ModelError(f"model folder {folder} has no config.json; save it with model.save_pretrained")
+    try:
+        config = json.loads(config_path.read_text())
+    except json.JSONDecodeError:
+        raise ModelError(f"model config {config_path} is not valid JSON; re-save the model") from None
+    model_type = config.get("model_type", "")
+    if model_type not in BERT_FAMILY:
+        raise ModelError(
+            f"model {folder} is {model_type or 'of unknown type'!r}, not BERT-family; "
+            f"Shipyard supports {', '.join(BERT_FAMILY)}"
+        )
+    if not any((folder / name).exists() for name in WEIGHT_FILES):
+        raise ModelError(f"model folder {folder} has no weights (model.safetensors); save them there")
+    if not any((folder / name).exists() for name in TOKENIZER_FILES):
+        raise ModelError(
+            f"model folder {folder} has no tokenizer (no tokenizer.json or vocab.txt); "
+            "save it there with tokenizer.save_pretrained(folder)"
+        )
+    id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
+    label2id = {str(name): int(i) for i, name in id2label.items()}
+    return ModelInfo(folder, model_type, len(id2label), label2id, config)

@@ -1,0 +1,197 @@
+"""The one recipe schema: what to ship, from which data, through which stages, held to which gates.
+
+A recipe is YAML validated by these pydantic models (`extra="forbid"`, so a misspelt key is an
+error that names it). `load_recipe` reads a file, applies `--set key=value` overrides and resolves
+relative paths against the recipe's folder, so the resolved recipe in a manifest reruns anywhere.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Literal
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from pipeline.errors import RecipeError
+
+SUPPORTED_TASKS = ("text-classification",)
+QuantFormat = Literal["qdq", "cpu"]
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class ModelSpec(_Strict):
+    """The fine-tuned model: a local Hugging Face folder with config, weights and tokenizer."""
+
+    path: Path
+    task: Literal["text-classification"] = "text-classification"
+
+
+class SourceSpec(_Strict):
+    """One data file or saved dataset folder and how many rows to draw from it."""
+
+    path: Path
+    samples: int = Field(gt=0, description="rows to draw; fewer available is an error")
+
+
+class DataSpec(_Strict):
+    """Calibration and evaluation data: drawn seeded and disjoint, tokenized like the model's."""
+
+    calibration: SourceSpec
+    evaluation: SourceSpec
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    label_column: str | None = Field(None, description="labels enable accuracy/macro-F1 gates")
+    max_length: int = Field(128, ge=8, le=512)
+    padding: Literal["max_length", "longest"] = "max_length"
+    sampling: Literal["random", "stratified"] = "stratified"
+    seed: int = 0
+    batch_size: int = Field(32, gt=0)
+
+
+class ExportSpec(_Strict):
+    """Optimum ONNX export, validated against PyTorch as a hard gate."""
+
+    opset: int = Field(17, ge=14, le=21)
+    atol: float = Field(1e-4, gt=0, description="max |logit difference| allowed vs PyTorch")
+    validation_samples: int = Field(64, gt=0, description="evaluation rows used by the export gate")
+
+
+class FallbackSpec(_Strict):
+    """Keep the most INT8-sensitive nodes in float until calibration-row agreement is reached."""
+
+    min_agreement: float = Field(
+        0.99, ge=0, le=1, description="agreement with the FP32 graph on the calibration rows"
+    )
+    max_nodes: int = Field(8, ge=0, description="most nodes kept in float; 0 quantizes all")
+
+
+class QuantizeSpec(_Strict):
+    """Post-training INT8 quantization with calibration data."""
+
+    enabled: bool = True
+    formats: list[QuantFormat] = Field(default_factory=lambda: ["qdq", "cpu"], min_length=1)
+    method: CalibrationMethod = "minmax"
+    percentile: float = Field(99.999, gt=90, lt=100, description="used by method=percentile")
+    fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("formats must not repeat")
+        return formats
+
+
+class StagesSpec(_Strict):
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+
+
+class Gate(_Strict):
+    """Parity thresholds for one kind of artifact; a `None` threshold is not checked."""
+
+    min_agreement: float | None = Field(None, ge=0, le=1)
+    max_abs_diff: float | None = Field(None, ge=0)
+    max_metric_drop: float | None = Field(
+        None, ge=0, le=1, description="fraction: 0.01 is one accuracy point"
+    )
+
+
+class Thresholds(_Strict):
+    """Gates per artifact kind; `metric` is the label metric whose drop is gated."""
+
+    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    fp32: Gate = Field(default_factory=lambda: Gate(min_agreement=1.0, max_abs_diff=1e-3))
+    int8: Gate = Field(default_factory=lambda: Gate(min_agreement=0.98, max_metric_drop=0.01))
+
+
+class Recipe(_Strict):
+    """A whole release: model, data, stages and gates."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    model: ModelSpec
+    data: DataSpec
+    stages: StagesSpec = Field(default_factory=StagesSpec)
+    thresholds: Thresholds = Field(default_factory=Thresholds)
+
+    def gate_for(self, precision: str) -> Gate:
+        return getattr(self.thresholds, precision)
+
+    def to_yaml(self) -> str:
+        return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+
+def _apply_override(raw: dict[str, Any], assignment: str) -> None:
+    key, sep, value = assignment.partition("=")
+    if not sep or not key:
+        raise RecipeError(f"--set {assignment!r}: expected key=value, e.g. --set data.max_length=64")
+    parts = key.split(".")
+    node = raw
+    for part in parts[:-1]:
+        child = node.setdefault(part, {})
+        if not isinstance(child, dict):
+            raise RecipeError(f"--set {key}: {part!r} is not a section of the recipe")
+        node = child
+    node[parts[-1]] = yaml.safe_load(value)
+
+
+def _format_validation_error(source: str, err: ValidationError) -> str:
+    first = err.errors()[0]
+    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
+    msg = first["msg"]
+    if first["type"] == "extra_forbidden":
+        msg = "unknown key; remove it or check its spelling against recipes/recipe.schema.json"
+    return f"{source}: {where}: {msg}{more}"
+
+
+def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
+    def resolve(p: Path) -> Path:
+        p = p.expanduser()
+        return p if p.is_absolute() else (base / p).resolve()
+
+    recipe.model.path = resolve(recipe.model.path)
+    recipe.data.calibration.path = resolve(recipe.data.calibration.path)
+    recipe.data.evaluation.path = resolve(recipe.data.evaluation.path)
+    return recipe
+
+
+def parse_recipe(raw: Any, source: str, base: Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Validate a recipe dict (after overrides) and resolve its paths against `base`."""
+    if not isinstance(raw, dict):
+        raise RecipeError(f"{source}: a recipe is a YAML mapping with name, model and data")
+    for assignment in overrides:
+        _apply_override(raw, assignment)
+    try:
+        recipe = Recipe.model_validate(raw)
+    except ValidationError as err:
+        raise RecipeError(_format_validation_error(source, err)) from None
+    return _resolve_paths(recipe, base)
+
+
+def load_recipe(path: Path, overrides: tuple[str, ...] = ()) -> Recipe:
+    """Read a YAML recipe file; relative paths in it are relative to the file's folder."""
+    path = Path(path)
+    if not path.is_file():
+        raise RecipeError(f"recipe {path} not found; pass the path of a YAML recipe file")
+    try:
+        raw = yaml.safe_load(path.read_text())
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        line = f" line {mark.line + 1}" if mark else ""
+        raise RecipeError(f"recipe {path}{line}: not valid YAML; fix the syntax") from None
+    return parse_recipe(raw, str(path), path.resolve().parent, overrides)
+
+
+def recipe_json_schema() -> dict[str, Any]:
+    """The JSON Schema of a recipe, as committed in recipes/recipe.schema.json."""
+    schema = Recipe.model_json_schema()
+    schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
+    schema["title"] = "Shipyard recipe"
+    return schema

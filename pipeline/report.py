@@ -1,0 +1,90 @@
+"""Human and CI renderings of a manifest: report.md and JUnit XML."""
+
+from __future__ import annotations
+
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+from pipeline.manifest import Manifest
+
+
+def _fmt(value: float | None, spec: str = ".4f") -> str:
+    return "n/a" if value is None else format(value, spec)
+
+
+def _cell(text: str) -> str:
+    return text.replace("|", "\\|").replace("\n", " ")
+
+
+def render_markdown(manifest: Manifest) -> str:
+    verdict = "PASSED" if manifest.passed else "FAILED"
+    lines = [
+        f"# Shipyard release report: {manifest.recipe_name}",
+        "",
+        f"**Verdict: {verdict}** ({manifest.created_at})",
+        "",
+        f"Model `{manifest.model.path}` ({manifest.model.model_type}, sha256 `{manifest.model.sha256[:12]}`).",
+        "",
+        "Parity is measured with ONNX Runtime's CPU execution provider against the PyTorch FP32 "
+        "model on the evaluation rows.",
+        "",
+        "| data | source | rows | fingerprint |",
+        "|---|---|---|---|",
+    ]
+    for split, record in manifest.data.items():
+        lines.append(f"| {split} | `{record.source}` | {record.rows} | `{record.fingerprint[:12]}` |")
+    lines += ["", "## Stages", "", "| stage | result | seconds | detail |", "|---|---|---|---|"]
+    for stage in manifest.stages:
+        lines.append(f"| {stage.stage} | {'pass' if stage.passed else 'FAIL'} | {stage.seconds:.1f} | {_cell(stage.message)} |")
+    metric = manifest.recipe.get("thresholds", {}).get("metric", "accuracy")
+    lines += [
+        "", "## Artifacts", "",
+        f"| artifact | precision | size MB | agreement | max abs diff | PyTorch {metric} "
+        f"| artifact {metric} | drop | verdict |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
+    for art in manifest.artifacts:
+        p = art.parity or {}
+        ref = (p.get("reference_metrics") or {}).get(metric)
+        got = (p.get("artifact_metrics") or {}).get(metric)
+        lines.append(
+            f"| `{art.path}` | {art.precision} | {art.size_bytes / 1e6:.1f} | {_fmt(p.get('agreement'))} "
+            f"| {_fmt(p.get('max_abs_diff'), '.3g')} | {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
+            f"| {'pass' if art.passed else 'FAIL'} |"
+        )
+    for art in manifest.artifacts:
+        p = art.parity or {}
+        if p.get("failures"):
+            lines += ["", f"### {art.name}: gate failed", ""] + [f"- {f}" for f in p["failures"]]
+        if p.get("flips"):
+            lines += ["", f"### {art.name}: predictions that flipped vs PyTorch", "",
+                      "| row | label | PyTorch | artifact | text |", "|---|---|---|---|---|"]
+            for flip in p["flips"]:
+                text = _cell(flip["text"])[:120]
+                lines.append(f"| {flip['index']} | {flip['label'] or ''} | {flip['reference']} | {flip['artifact']} | {text} |")
+    lines += ["", "## Tools", ""] + [f"- {k} {v}" for k, v in manifest.tools.items()]
+    return "\n".join(lines) + "\n"
+
+
+def render_junit(manifest: Manifest) -> str:
+    """One test case per gate: the export check and each artifact's parity."""
+    suite = ET.Element("testsuite", name=f"shipyard.{manifest.recipe_name}")
+    failures = 0
+    for stage in manifest.stages:
+        if not stage.stage.startswith(("export", "validate")):
+            continue
+        case = ET.SubElement(suite, "testcase", classname=f"shipyard.{manifest.recipe_name}",
+                             name=stage.stage, time=f"{stage.seconds:.3f}")
+        if not stage.passed:
+            failures += 1
+            ET.SubElement(case, "failure", message=stage.message).text = stage.message
+    suite.set("tests", str(len(suite)))
+    suite.set("failures", str(failures))
+    suite.set("errors", "0")
+    ET.indent(suite)
+    return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
+
+
+def write_reports(manifest: Manifest, folder: Path) -> None:
+    (Path(folder) / "report.md").write_text(render_markdown(manifest))
+    (Path(folder) / "junit.xml").write_text(render_junit(manifest))

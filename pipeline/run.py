@@ -1,0 +1,122 @@
+"""run_recipe: every stage of a recipe, in order, into one release folder.
+
+The folder is built under a temporary name beside `out` and renamed into place at the end, so
+a crash or a bad input never leaves a half-written release. A failed gate does not stop the run:
+every artifact is still written, validated and recorded, and `RunOutcome.passed` is False.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+
+from calibration.encode import load_tokenizer
+from pipeline import data as datamod
+from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir
+from pipeline.compare import ParityReport
+from pipeline.manifest import (
+    ArtifactRecord, DataRecord, Manifest, ModelRecord, StageRecord, folder_sha256, tool_versions,
+    write_json,
+)
+from pipeline.model import inspect_model
+from pipeline.progress import Progress
+from pipeline.recipe import Recipe
+from pipeline.report import write_reports
+from pipeline.runners import TorchRunner, collect_logits
+from pipeline.stages import export, quantize, validate
+
+
+@dataclass
+class RunOutcome:
+    out: Path
+    manifest: Manifest
+    results: list[StageResult]
+
+    @property
+    def passed(self) -> bool:
+        return self.manifest.passed
+
+
+def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overwrite: bool = False) -> RunOutcome:
+    """Export, quantize and validate as the recipe says; write artifacts, manifest and reports."""
+    check_output_dir(out, overwrite)
+    info = inspect_model(recipe.model.path, recipe.model.task)
+    tokenizer = load_tokenizer(recipe.model.path)
+    prepared = datamod.prepare(recipe.data, tokenizer, info.label2id)
+    id2label = {i: name for name, i in info.label2id.items()}
+    evaluation = prepared.evaluation
+    results: list[StageResult] = []
+    parity: dict[str, ParityReport] = {}
+
+    with atomic_dir(out, overwrite) as work:
+        reference = TorchRunner(recipe.model.path)
+        with progress.task("PyTorch reference", total=len(evaluation.rows)) as advance:
+            reference_logits = collect_logits(reference, evaluation.batches, advance)
+
+        spec = recipe.stages.export
+        gate_rows = max(1, spec.validation_samples // recipe.data.batch_size)
+        with progress.task("export (Optimum) + check vs PyTorch"):
+            exported = export.run(recipe.model.path, work / "model.onnx", spec,
+                                  evaluation.batches[:gate_rows], reference, recipe.model.task)
+        results.append(exported)
+        fp32 = exported.artifacts[0]
+        artifacts: list[Artifact] = [fp32]
+
+        if recipe.stages.quantize.enabled:
+            for fmt in recipe.stages.quantize.formats:
+                with progress.task(f"quantize INT8 ({fmt})"):
+                    result = quantize.run(fp32, recipe.stages.quantize, fmt,
+                                          work / f"model.int8.{fmt}.onnx", prepared.calibration_batches)
+                results.append(result)
+                artifacts.extend(result.artifacts)
+
+        for artifact in artifacts:
+            with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
+                result, report = validate.run(
+                    artifact, reference_logits, evaluation.batches, recipe.gate_for(artifact.precision),
+                    recipe.thresholds.metric, evaluation.labels, id2label, evaluation.texts, advance,
+                )
+            results.append(result)
+            parity[artifact.name] = report
+
+        manifest = _manifest(recipe, info, prepared, results, artifacts, parity, work)
+        write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
+        write_reports(manifest, work)
+    return RunOutcome(out=Path(out), manifest=manifest, results=results)
+
+
+def _manifest(recipe, info, prepared, results, artifacts, parity, work: Path) -> Manifest:
+    export_ok = {r.stage: r.passed for r in results}
+    records = []
+    for artifact in artifacts:
+        report = parity.get(artifact.name)
+        passed = report is not None and report.passed and (artifact.stage != "export" or export_ok.get("export", False))
+        records.append(ArtifactRecord(
+            name=artifact.name, path=str(artifact.path.relative_to(work)), format=artifact.format,
+            precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
+            stage=artifact.stage, options=artifact.options,
+            parity=report.to_dict() if report is not None else None, passed=passed,
+        ))
+    evaluation = prepared.evaluation
+    return Manifest(
+        recipe_name=recipe.name,
+        created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        passed=all(r.passed for r in results),
+        model=ModelRecord(path=str(info.path), sha256=folder_sha256(info.path),
+                          model_type=info.model_type, num_labels=info.num_labels),
+        data={
+            "calibration": DataRecord(source=str(prepared.calibration_source),
+                                      rows=len(prepared.calibration_rows),
+                                      fingerprint=prepared.calibration_fingerprint),
+            "evaluation": DataRecord(source=str(evaluation.source), rows=len(evaluation.rows),
+                                     fingerprint=evaluation.fingerprint),
+        },
+        tools=tool_versions(),
+        stages=[StageRecord(stage=r.stage, passed=r.passed, message=r.message,
+                            seconds=round(r.seconds, 3), details=r.details) for r in results],
+        artifacts=records,
+        recipe=json.loads(recipe.model_dump_json()),
+    )
+

@@ -1,0 +1,106 @@
+"""Backends behind one contract: `infer(batch: dict[str, ndarray]) -> dict[str, ndarray]`.
+
+Runners load lazily (torch and onnxruntime are imported on first use) and answer with numpy
+arrays, so `compare.py` never needs to know which backend produced an output.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.errors import ArtifactError
+
+Batch = dict[str, np.ndarray]
+
+
+class TorchRunner:
+    """The reference: the fine-tuned PyTorch model in eval mode, FP32, on CPU."""
+
+    def __init__(self, model_dir: Path, threads: int = 0) -> None:
+        self.model_dir = Path(model_dir)
+        self.threads = threads
+        self._model = None
+
+    def _load(self):
+        if self._model is None:
+            import torch
+            from transformers import AutoModelForSequenceClassification
+
+            if self.threads:
+                torch.set_num_threads(self.threads)
+            self._model = AutoModelForSequenceClassification.from_pretrained(
+                str(self.model_dir), local_files_only=True, dtype=torch.float32
+            ).eval()
+        return self._model
+
+    @property
+    def model(self):
+        return self._load()
+
+    def infer(self, batch: Batch) -> Batch:
+        import torch
+
+        model = self._load()
+        with torch.inference_mode():
+            out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+        return {"logits": out.logits.float().numpy()}
+
+
+def check_onnx_file(path: Path) -> None:
+    """Fail clearly on a missing, truncated or corrupt ONNX file, before a session is built."""
+    import onnx
+
+    path = Path(path)
+    if not path.is_file():
+        raise ArtifactError(f"ONNX file {path} not found; pass the path of an exported .onnx model")
+    try:
+        onnx.checker.check_model(str(path))
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as err:
+        first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+        raise ArtifactError(f"ONNX file {path} is truncated or corrupt ({first}); re-export it") from None
+
+
+class OrtRunner:
+    """An ONNX artifact on ONNX Runtime's CPU execution provider."""
+
+    def __init__(self, onnx_path: Path, threads: int = 0) -> None:
+        self.path = Path(onnx_path)
+        self.threads = threads
+        self._session = None
+
+    def _load(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            check_onnx_file(self.path)
+            options = ort.SessionOptions()
+            if self.threads:
+                options.intra_op_num_threads = self.threads
+            options.log_severity_level = 3
+            self._session = ort.InferenceSession(
+                str(self.path), options, providers=["CPUExecutionProvider"]
+            )
+        return self._session
+
+    @property
+    def input_names(self) -> list[str]:
+        return [i.name for i in self._load().get_inputs()]
+
+    def infer(self, batch: Batch) -> Batch:
+        session = self._load()
+        names = self.input_names
+        outputs = session.run(None, {k: v for k, v in batch.items() if k in names})
+        return {o.name: value for o, value in zip(session.get_outputs(), outputs)}
+
+
+def collect_logits(runner, batches: Iterable[Batch], progress=None) -> np.ndarray:
+    """Run every batch and stack the logits; `progress(n)` is called with each batch's size."""
+    chunks = []
+    for batch in batches:
+        chunks.append(runner.infer(batch)["logits"])
+        if progress is not None:
+            progress(len(next(iter(batch.values()))))
+    return np.concatenate(chunks, axis=0)

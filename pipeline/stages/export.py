@@ -1,0 +1,70 @@
+"""Export a Hugging Face model to ONNX with Optimum, gated on logits matching PyTorch."""
+
+from __future__ import annotations
+
+import logging
+import shutil
+import tempfile
+import time
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.recipe import ExportSpec
+from pipeline.runners import OrtRunner, TorchRunner, collect_logits
+
+Batch = dict[str, np.ndarray]
+
+
+def export_onnx(model_dir: Path, out_path: Path, opset: int, task: str = "text-classification") -> None:
+    """Optimum export of `model_dir` to one ONNX file at `out_path` (written atomically)."""
+    import transformers
+    from optimum.exporters.onnx import main_export
+
+    with atomic_file(out_path) as tmp_file, tempfile.TemporaryDirectory(dir=tmp_file.parent) as work:
+        logging.getLogger("optimum").setLevel(logging.ERROR)
+        transformers.logging.set_verbosity_error()  # Optimum's own deprecation notices are not ours
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            main_export(
+                str(model_dir),
+                output=work,
+                task=task,
+                opset=opset,
+                device="cpu",
+                do_validation=False,  # our own gate below runs on real rows, and fails hard
+                local_files_only=True,
+            )
+        shutil.move(str(Path(work) / "model.onnx"), tmp_file)
+
+
+def run(
+    model_dir: Path,
+    out_path: Path,
+    spec: ExportSpec,
+    validation_batches: list[Batch],
+    reference: TorchRunner,
+    task: str = "text-classification",
+) -> StageResult:
+    """Export, then compare logits with PyTorch on `validation_batches`; fail beyond `spec.atol`."""
+    started = time.perf_counter()
+    export_onnx(model_dir, out_path, spec.opset, task)
+    artifact = Artifact(
+        name="model.fp32", path=out_path, format="onnx", precision="fp32", stage="export",
+        options={"opset": spec.opset, "task": task, "exporter": "optimum"},
+    )
+    expected = collect_logits(reference, validation_batches)
+    got = collect_logits(OrtRunner(out_path), validation_batches)
+    max_diff = float(np.abs(expected - got).max())
+    passed = max_diff <= spec.atol
+    message = (
+        f"max |logit diff| vs PyTorch {max_diff:.3g} {'<=' if passed else '>'} atol {spec.atol} "
+        f"on {len(expected)} rows"
+    )
+    return StageResult(
+        stage="export", artifacts=[artifact], passed=passed, message=message,
+        seconds=time.perf_counter() - started,
+        details={"max_abs_diff": max_diff, "atol": spec.atol, "rows": int(len(expected))},
+    )

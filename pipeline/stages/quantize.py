@@ -1,0 +1,172 @@
+"""Post-training INT8 quantization, in two forms that serve two runtimes.
+
+- `qdq`: explicit QuantizeLinear/DequantizeLinear pairs around MatMul/Gemm inputs on the unfused
+  graph, symmetric per-channel INT8 weights (axis 1, the output channels) and symmetric
+  per-tensor INT8 activations with zero points 0, scales from calibration data. This is what
+  TensorRT 10/11 consumes: it has no calibrators any more, precision comes from the graph.
+- `cpu`: the artifact for ONNX Runtime's CPU provider. A static Q/DQ model on an unfused graph
+  ran slower than FP32 there, and ORT's quantizer refuses static quantization of the fused
+  graph, so this form fuses the graph with ORT's transformer optimizer (Attention,
+  SkipLayerNorm, BiasGelu) and quantizes its weights per channel to INT8 with activations
+  scaled at run time (`bench/latency.py --cpu-candidates` measures it against the alternatives).
+
+Both forms then keep the nodes most sensitive to INT8 in float until agreement with the FP32
+graph on the calibration rows reaches the recipe's target (see `sensitivity.py`).
+"""
+
+from __future__ import annotations
+
+import io
+import logging
+import tempfile
+import time
+from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stdout
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.readers import ort_calibration_reader
+from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.recipe import QuantFormat, QuantizeSpec
+from pipeline.runners import OrtRunner, collect_logits
+from pipeline.stages import sensitivity
+
+Batch = dict[str, np.ndarray]
+QUANTIZED_OPS = ["MatMul", "Gemm"]
+
+
+@contextmanager
+def _quiet_quantizer() -> Iterator[None]:
+    """ORT's quantizer logs advice through the root logger and prints calibration chatter to
+    stdout, which would corrupt `--json` output; the stage reports what matters itself."""
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)
+    try:
+        with redirect_stdout(io.StringIO()):
+            yield
+    finally:
+        root.setLevel(level)
+
+
+def _input_names(onnx_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def _calibration_method(spec: QuantizeSpec) -> tuple[Any, dict[str, Any]]:
+    from onnxruntime.quantization import CalibrationMethod
+
+    methods = {
+        "minmax": (CalibrationMethod.MinMax, {}),
+        "entropy": (CalibrationMethod.Entropy, {}),
+        "percentile": (CalibrationMethod.Percentile, {"CalibPercentile": spec.percentile}),
+    }
+    return methods[spec.method]
+
+
+def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSpec):
+    """Prepare the graph once; return (prepared path, quantize(excluded) -> path, options)."""
+    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+
+    prepared = work / "prepared.onnx"
+    # Symbolic shape inference fails on Optimum's BERT export; ONNX shape inference suffices.
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    method, method_options = _calibration_method(spec)
+    extra = {
+        "ActivationSymmetric": True,
+        "WeightSymmetric": True,
+        "QDQOpTypePerChannelSupportToAxis": {"MatMul": 1},
+        # TensorRT takes INT8 Q/DQ, not INT32 biases: leave Gemm biases in float.
+        "QuantizeBias": False,
+        **method_options,
+    }
+    cache = work / "calibration-ranges.json"  # calibrate once, reuse for every fallback try
+
+    def quantize(excluded: list[str]) -> Path:
+        out = work / f"qdq-{len(excluded)}.onnx"
+        reader = ort_calibration_reader(batches, _input_names(prepared))
+        quantize_static(
+            str(prepared), str(out), reader,
+            quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
+            activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
+            calibrate_method=method, nodes_to_exclude=excluded, extra_options=extra,
+            calibration_cache_path=str(cache),
+        )
+        return out
+
+    options = {"method": spec.method, "ops": QUANTIZED_OPS, "weights": "int8 symmetric per-channel (axis 1)",
+               "activations": "int8 symmetric per-tensor, zero point 0", **method_options}
+    return prepared, quantize, options
+
+
+def _cpu_quantizer(src: Path, work: Path):
+    import onnx
+    from onnxruntime.quantization import QuantType, quantize_dynamic
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    fused = work / "fused.onnx"
+    # num_heads/hidden_size 0: the optimizer reads them from the graph's Reshape shapes.
+    optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
+    fused_ops = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    optimized.save_model_to_file(str(fused))
+
+    def quantize(excluded: list[str]) -> Path:
+        out = work / f"cpu-{len(excluded)}.onnx"
+        quantize_dynamic(
+            str(fused), str(out), weight_type=QuantType.QInt8, per_channel=True,
+            nodes_to_exclude=excluded,
+            # The fused graph loses some value_info; without a default type the quantizer stops.
+            extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
+        )
+        return out
+
+    options = {"fusion": "onnxruntime.transformers bert", "fused_ops": fused_ops,
+               "weights": "int8 symmetric per-channel", "activations": "int8, scaled at run time"}
+    return fused, quantize, options
+
+
+def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec,
+                batches: list[Batch]) -> dict[str, Any]:
+    """Quantize `src` into `out` (atomically); returns the options and fallback trials used."""
+    with atomic_file(out) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as work_dir, _quiet_quantizer():
+        work = Path(work_dir)
+        if fmt == "qdq":
+            graph, quantize, options = _qdq_quantizer(src, work, batches, spec)
+        else:
+            graph, quantize, options = _cpu_quantizer(src, work)
+        reference = collect_logits(OrtRunner(graph), batches)
+        ranking = sensitivity.rank_nodes(graph, batches) if spec.fallback.max_nodes else []
+        chosen, excluded, trials = sensitivity.search(
+            quantize, lambda path: collect_logits(OrtRunner(path), batches), reference, ranking,
+            spec.fallback.min_agreement, spec.fallback.max_nodes,
+        )
+        chosen.replace(tmp)
+    return {
+        "format": fmt, **options, "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)),
+        "float_nodes": excluded,
+        "fallback": {"target_agreement": spec.fallback.min_agreement, "on": "calibration rows vs FP32 graph",
+                     "trials": [vars(t) for t in trials]},
+    }
+
+
+def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path,
+        calibration_batches: list[Batch]) -> StageResult:
+    """Quantize the FP32 artifact `src` into `out_path` in form `fmt`; `src` is not modified."""
+    started = time.perf_counter()
+    options = quantize_to(src.path, out_path, fmt, spec, calibration_batches)
+    artifact = Artifact(
+        name=f"model.int8.{fmt}", path=out_path, format="onnx", precision="int8",
+        stage="quantize", options={"source_sha256": src.sha256, **options},
+    )
+    chosen = next(t for t in options["fallback"]["trials"] if t["excluded"] == len(options["float_nodes"]))
+    return StageResult(
+        stage=f"quantize[{fmt}]", artifacts=[artifact], seconds=time.perf_counter() - started,
+        message=(f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB; "
+                 f"{chosen['excluded']} nodes kept in float, calibration-row agreement {chosen['agreement']:.4f}"),
+    )

@@ -1,0 +1,109 @@
+"""The stages on plain paths, for `shipyard export|quantize|validate` and release scripts."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from calibration.encode import Encoder, load_tokenizer
+from calibration.sampling import Columns
+from pipeline import data as datamod
+from pipeline.artifacts import Artifact, StageResult, check_writable_parent
+from pipeline.compare import ParityReport
+from pipeline.errors import ShipyardError
+from pipeline.manifest import write_json
+from pipeline.model import inspect_model
+from pipeline.progress import Progress
+from pipeline.recipe import ExportSpec, Gate, QuantizeSpec, Thresholds
+from pipeline.runners import TorchRunner, check_onnx_file, collect_logits
+from pipeline.stages import export, quantize, validate
+
+# Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
+# given: they exercise the dynamic batch and sequence axes the way production traffic does.
+PROBE_TEXTS = [
+    "Great product, arrived on time.",
+    "I would not recommend this to anyone; the battery died after two days and support never answered.",
+    "meh",
+    "The self-driving car stopped politely at every crossing, which honestly surprised me.",
+    "Terrible. Just terrible.",
+    "Quarterly revenue rose 4% while operating costs stayed flat, according to the filing released on "
+    "Tuesday, although analysts cautioned that currency effects flattered the headline number and that "
+    "the guidance for the next two quarters remained unusually vague compared to previous years.",
+    "Is this the right place to ask about refunds?",
+    "Love it!!! 😍",
+]
+
+
+def export_and_check(model_dir: Path, out: Path, task: str, opset: int, atol: float,
+                     progress: Progress = Progress()) -> StageResult:
+    inspect_model(model_dir, task)
+    tokenizer = load_tokenizer(model_dir)
+    check_writable_parent(out)
+    encoder = Encoder(tokenizer, Columns(), max_length=128, padding="longest")
+    rows = [{"text": t} for t in PROBE_TEXTS]
+    batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
+    with progress.task("export (Optimum) + check vs PyTorch"):
+        return export.run(model_dir, out, ExportSpec(opset=opset, atol=atol), batches,
+                          TorchRunner(model_dir), task)
+
+
+def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
+                  tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
+                  samples: int, max_length: int, progress: Progress = Progress()) -> StageResult:
+    check_onnx_file(model_path)
+    check_writable_parent(out)
+    if calibration is None or tokenizer_dir is None:
+        raise ShipyardError(
+            "quantize needs --calibration DATA and --tokenizer DIR (activation scales and the "
+            "float-fallback check are measured on them)"
+        )
+    columns = Columns(text_column, text_pair_column)
+    rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
+    encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length")
+    batches = list(encoder.batches(rows, 32))
+    source = Artifact(name="model.fp32", path=model_path, format="onnx", precision="fp32", stage="input")
+    with progress.task(f"quantize INT8 ({fmt})"):
+        return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches)
+
+
+def onnx_precision(path: Path) -> str:
+    """'int8' when the graph quantizes anything, else 'fp32' (picks the default thresholds)."""
+    import onnx
+
+    quantized = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QAttention"}
+    model = onnx.load(str(path), load_external_data=False)
+    return "int8" if any(n.op_type in quantized for n in model.graph.node) else "fp32"
+
+
+def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
+                  text_pair_column: str | None, label_column: str | None, samples: int | None,
+                  max_length: int, min_agreement: float | None, max_abs_diff: float | None,
+                  max_metric_drop: float | None, metric: str, report_path: Path | None,
+                  progress: Progress = Progress()) -> ParityReport:
+    info = inspect_model(reference)
+    check_onnx_file(artifact)
+    if report_path is not None:
+        check_writable_parent(report_path)
+    columns = Columns(text_column, text_pair_column, label_column)
+    rows = datamod.load_sample(data, columns, samples, 0, "evaluation")
+    encoder = Encoder(load_tokenizer(reference), columns, max_length, "max_length")
+    evaluation = datamod.make_eval_set(data, rows, encoder, 32, info.label2id)
+    precision = onnx_precision(artifact)
+    default = getattr(Thresholds(), precision)
+    gate = Gate(
+        min_agreement=default.min_agreement if min_agreement is None else min_agreement,
+        max_abs_diff=default.max_abs_diff if max_abs_diff is None else max_abs_diff,
+        max_metric_drop=(default.max_metric_drop if label_column else None)
+        if max_metric_drop is None else max_metric_drop,
+    )
+    with progress.task("PyTorch reference", total=len(rows)) as advance:
+        reference_logits = collect_logits(TorchRunner(reference), evaluation.batches, advance)
+    target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input")
+    id2label = {i: name for name, i in info.label2id.items()}
+    with progress.task(f"validate {artifact.name}", total=len(rows)) as advance:
+        _, report = validate.run(target, reference_logits, evaluation.batches, gate, metric,
+                                 evaluation.labels, id2label, evaluation.texts, advance)
+    if report_path is not None:
+        write_json(report_path, report.to_dict())
+    return report
+
+

@@ -1,0 +1,28 @@
+"""The end-of-run summary table printed by `shipyard run`."""
+
+from __future__ import annotations
+
+from pipeline.run import RunOutcome
+
+
+def print_run_summary(console, outcome: RunOutcome) -> None:
+    from rich.markup import escape
+    from rich.table import Table
+
+    manifest = outcome.manifest
+    table = Table(title=f"{manifest.recipe_name}: {'PASSED' if manifest.passed else 'FAILED'}")
+    for column in ("artifact", "precision", "MB", "agreement", "max |diff|", "metric drop", "gate"):
+        table.add_column(column)
+    for art in manifest.artifacts:
+        p = art.parity or {}
+        drop = p.get("metric_drop")
+        table.add_row(
+            art.path, art.precision, f"{art.size_bytes / 1e6:.1f}", f"{p.get('agreement', 0):.4f}",
+            f"{p.get('max_abs_diff', 0):.3g}", "n/a" if drop is None else f"{drop:+.4f}",
+            "[green]pass[/]" if art.passed else "[red]FAIL[/]",
+        )
+    console.print(table)
+    for stage in manifest.stages:
+        if not stage.passed:
+            console.print(f"[red]FAIL[/] {escape(stage.stage)}: {escape(stage.message)}")
+    console.print(f"release: {outcome.out} (manifest.json, report.md, junit.xml)")

@@ -1,0 +1,111 @@
+import json
+
+import numpy as np
+import pytest
+
+from calibration.encode import Encoder, label_ids, load_tokenizer
+from calibration.errors import DataError
+from calibration.readers import ort_calibration_reader
+from calibration.sampling import Columns, disjoint_splits, fingerprint, sample_rows
+from calibration.sources import load_rows, require_columns
+
+ROWS = [{"text": f"tweet number {i}", "label": ["neg", "neu", "pos"][i % 3]} for i in range(90)]
+
+
+@pytest.fixture
+def sources(tmp_path):
+    import csv
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    from datasets import Dataset
+
+    paths = {}
+    paths["csv"] = tmp_path / "d.csv"
+    with paths["csv"].open("w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=["text", "label"])
+        w.writeheader()
+        w.writerows(ROWS)
+    paths["jsonl"] = tmp_path / "d.jsonl"
+    paths["jsonl"].write_text("".join(json.dumps(r) + "\n" for r in ROWS))
+    paths["parquet"] = tmp_path / "d.parquet"
+    pq.write_table(pa.Table.from_pylist(ROWS), paths["parquet"])
+    paths["hf"] = tmp_path / "saved"
+    Dataset.from_list(ROWS).save_to_disk(str(paths["hf"]))
+    return paths
+
+
+@pytest.mark.parametrize("kind", ["csv", "jsonl", "parquet", "hf"])
+def test_every_format_loads_the_same_rows(sources, kind):
+    assert load_rows(sources[kind]) == ROWS
+
+
+def test_txt_is_one_text_a_line(tmp_path):
+    path = tmp_path / "t.txt"
+    path.write_text("first line\n\nsecond line\n")
+    assert load_rows(path) == [{"text": "first line"}, {"text": "second line"}]
+
+
+def test_latin1_csv_loads(tmp_path):
+    path = tmp_path / "l.csv"
+    path.write_bytes("text,label\ncaf\xe9 au lait,pos\n".encode("latin-1"))
+    assert load_rows(path)[0]["text"] == "café au lait"
+
+
+def test_missing_empty_and_columnless_sources_fail_clearly(tmp_path):
+    with pytest.raises(DataError, match="not found"):
+        load_rows(tmp_path / "nope.csv")
+    (tmp_path / "empty.csv").write_text("")
+    with pytest.raises(DataError, match="is empty"):
+        load_rows(tmp_path / "empty.csv")
+    with pytest.raises(DataError, match="no column 'sentence'"):
+        require_columns(ROWS, ["sentence"], tmp_path / "x.csv")
+
+
+def test_splits_are_disjoint_seeded_and_stratified(tmp_path):
+    columns = Columns("text", None, "label")
+    a = disjoint_splits(ROWS, ROWS, 30, 45, columns, 7, "stratified", tmp_path, tmp_path)
+    b = disjoint_splits(ROWS, ROWS, 30, 45, columns, 7, "stratified", tmp_path, tmp_path)
+    assert a == b
+    assert not {r["text"] for r in a.calibration} & {r["text"] for r in a.evaluation}
+    assert sorted(r["label"] for r in a.calibration).count("neg") == 10
+    c = disjoint_splits(ROWS, ROWS, 30, 45, columns, 8, "stratified", tmp_path, tmp_path)
+    assert fingerprint(c.calibration) != fingerprint(a.calibration)
+
+
+def test_splits_stay_disjoint_across_overlapping_files(tmp_path):
+    columns = Columns("text")
+    other = ROWS[:40] + [{"text": "only in eval", "label": "neg"}]
+    splits = disjoint_splits(ROWS, other, 89, 1, columns, 0, "random", tmp_path, tmp_path)
+    calibrated = {r["text"] for r in splits.calibration}
+    assert all(r["text"] not in calibrated for r in splits.evaluation)
+
+
+def test_too_few_rows_names_the_split(tmp_path):
+    with pytest.raises(DataError, match="calibration asks for 100 rows but only 90"):
+        sample_rows(ROWS, 100, Columns("text"), 0, "random", tmp_path, "calibration")
+
+
+def test_encoder_pads_truncates_and_reader_rewinds(tiny):
+    tok = load_tokenizer(tiny.model)
+    long_text = {"text": "word " * 200}
+    fixed = Encoder(tok, Columns(), max_length=32, padding="max_length").encode([{"text": "hi"}, long_text])
+    assert fixed["input_ids"].shape == (2, 32) and fixed["input_ids"].dtype == np.int64
+    assert fixed["attention_mask"][0].sum() < 32 and fixed["attention_mask"][1].sum() == 32
+    short = Encoder(tok, Columns(), max_length=32, padding="longest").encode([{"text": "hi"}, {"text": "hi there"}])
+    assert short["input_ids"].shape[1] < 32
+    pairs = Encoder(tok, Columns("q", "a"), 32).encode([{"q": "who?", "a": "me."}])
+    assert pairs["token_type_ids"].max() == 1
+    batches = list(Encoder(tok, Columns(), 16).batches([{"text": "x"}] * 5, 2))
+    reader = ort_calibration_reader(batches, ["input_ids", "attention_mask"])
+    first = [reader.get_next() for _ in range(4)]
+    assert first[-1] is None and set(first[0]) == {"input_ids", "attention_mask"}
+    reader.rewind()
+    assert reader.get_next() is not None
+
+
+def test_unknown_labels_are_rejected(tmp_path):
+    with pytest.raises(DataError, match=r"labels \['neg'\].*not in the model's id2label"):
+        label_ids(ROWS[:1], "label", {"negative": 0, "positive": 1}, tmp_path / "x.csv")
+    ids = label_ids([{"l": "positive"}, {"l": "0"}, {"l": 1}], "l", {"negative": 0, "positive": 1}, tmp_path)
+    assert ids.tolist() == [1, 0, 1]

@@ -1,0 +1,114 @@
+"""The stages on plain paths through the CLI, and the run's exit codes."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from conftest import write_recipe
+from pipeline.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+@pytest.fixture(scope="module")
+def exported(tiny, tmp_path_factory):
+    out = tmp_path_factory.mktemp("export") / "model.onnx"
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny.model), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    return out, json.loads(result.output)
+
+
+def test_export_checks_against_pytorch(exported):
+    out, payload = exported
+    onnx.checker.check_model(str(out))
+    assert payload["passed"] and payload["max_abs_diff"] <= 1e-4
+
+
+def test_export_gate_fails_with_exit_1_beyond_tolerance(tiny, tmp_path):
+    result = CliRunner().invoke(cli, ["export", "--model", str(tiny.model), "--out",
+                                      str(tmp_path / "m.onnx"), "--atol", "1e-12"])
+    assert result.exit_code == 1, result.output
+    assert "> atol 1e-12" in result.output
+
+
+@pytest.mark.parametrize("fmt", ["qdq", "cpu"])
+def test_quantize_then_validate_passes(tiny, tiny_holdout_small, exported, tmp_path, fmt):
+    out = tmp_path / f"int8.{fmt}.onnx"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["quantize", "--model", str(exported[0]), "--out", str(out),
+                                 "--calibration", str(tiny_holdout_small), "--tokenizer", str(tiny.model),
+                                 "--format", fmt, "--samples", "64", "--max-length", "64", "--quiet"])
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "parity.json"
+    result = runner.invoke(cli, ["validate", "--reference", str(tiny.model), "--artifact", str(out),
+                                 "--data", str(tiny_holdout_small), "--label-column", "sentiment",
+                                 "--samples", "200", "--max-length", "64", "--report", str(report)])
+    assert result.exit_code == 0, result.output
+    parity = json.loads(report.read_text())
+    assert parity["passed"] and parity["gate"]["min_agreement"] == 0.98  # INT8 defaults picked
+
+
+def test_entropy_and_percentile_calibration(tiny, tiny_holdout_small, exported, tmp_path):
+    for method in ("entropy", "percentile"):
+        out = tmp_path / f"{method}.onnx"
+        result = CliRunner().invoke(cli, [
+            "quantize", "--model", str(exported[0]), "--out", str(out), "--calibration",
+            str(tiny_holdout_small), "--tokenizer", str(tiny.model), "--method", method,
+            "--samples", "32", "--max-length", "64", "--json"])
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.output)["options"]["method"] == method
+
+
+def test_perturbed_weights_fail_the_gate_with_exit_1(tiny, tiny_holdout_small, exported, tmp_path):
+    model = onnx.load(str(exported[0]))
+    rng = np.random.default_rng(0)
+    for init in model.graph.initializer:
+        weights = numpy_helper.to_array(init)
+        if weights.ndim == 2 and weights.dtype == np.float32 and weights.shape[0] < 10000:
+            noisy = weights + rng.normal(0, 0.05, weights.shape).astype(np.float32)
+            init.CopyFrom(numpy_helper.from_array(noisy, init.name))
+    broken = tmp_path / "perturbed.onnx"
+    onnx.save(model, str(broken))
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny.model), "--artifact", str(broken),
+                                      "--data", str(tiny_holdout_small), "--label-column", "sentiment",
+                                      "--samples", "200", "--max-length", "64"])
+    assert result.exit_code == 1, result.output
+    assert "FAIL" in result.output and "max |logit diff|" in result.output
+
+
+def test_impossible_int8_threshold_fails_run_with_exit_1_and_keeps_artifacts(tiny, tiny_holdout_small, tmp_path):
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small,
+                          stages={"quantize": {"formats": ["cpu"]}})
+    out = tmp_path / "release"
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--quiet",
+                                      "--set", "thresholds.int8.min_agreement=1.0",
+                                      "--set", "thresholds.int8.max_abs_diff=0"])
+    assert result.exit_code == 1, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["passed"] is False
+    verdicts = {a["name"]: a["passed"] for a in manifest["artifacts"]}
+    assert verdicts == {"model.fp32": True, "model.int8.cpu": False}
+    assert (out / "model.int8.cpu.onnx").is_file()
+    suite = ET.parse(out / "junit.xml").getroot()
+    assert suite.get("failures") == "1"
+    assert "**Verdict: FAILED**" in (out / "report.md").read_text()
+
+
+def test_run_json_output_and_existing_folder(tiny, tiny_holdout_small, tmp_path):
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small,
+                          stages={"quantize": {"enabled": False}})
+    out = tmp_path / "release"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["run", str(recipe), "--out", str(out), "--json"])
+    assert result.exit_code == 0, result.output
+    payload = json.loads(result.output)
+    assert payload["passed"] and [a["name"] for a in payload["manifest"]["artifacts"]] == ["model.fp32"]
+    again = runner.invoke(cli, ["run", str(recipe), "--out", str(out), "--quiet"])
+    assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
+    replaced = runner.invoke(cli, ["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"])
+    assert replaced.exit_code == 0

@@ -1,0 +1,37 @@
+import numpy as np
+
+from pipeline.compare import compare_logits, macro_f1
+from pipeline.recipe import Gate
+
+
+def test_identical_logits_pass_a_strict_gate():
+    logits = np.random.default_rng(0).normal(size=(50, 3)).astype(np.float32)
+    report = compare_logits("a", logits, logits.copy(), Gate(min_agreement=1.0, max_abs_diff=0.0))
+    assert report and report.agreement == 1.0 and report.max_abs_diff == 0.0 and not report.flips
+
+
+def test_flips_fail_agreement_and_are_listed():
+    ref = np.array([[2.0, 0.0], [0.0, 2.0], [2.0, 0.0], [0.0, 2.0]])
+    cand = ref.copy()
+    cand[1] = [2.0, 0.0]
+    labels = np.array([0, 1, 0, 1])
+    report = compare_logits("a", ref, cand, Gate(min_agreement=0.9, max_metric_drop=0.1), "accuracy",
+                            labels, {0: "neg", 1: "pos"}, ["w", "x", "y", "z"])
+    assert not report
+    assert report.agreement == 0.75
+    assert report.metric_drop == 0.25
+    assert len(report.failures) == 2
+    assert report.flips[0].text == "x" and report.flips[0].reference == "pos" and report.flips[0].artifact == "neg"
+
+
+def test_metric_gate_without_labels_fails_rather_than_passing_silently():
+    ref = np.eye(3)
+    report = compare_logits("a", ref, ref, Gate(max_metric_drop=0.01))
+    assert not report and "no labels" in report.failures[0]
+
+
+def test_macro_f1_matches_hand_computation():
+    pred = np.array([0, 0, 1, 1, 2])
+    labels = np.array([0, 1, 1, 1, 2])
+    # class0: tp1 fp1 fn0 -> 2/3; class1: tp2 fp0 fn1 -> 4/5; class2: 1
+    assert abs(macro_f1(pred, labels, 3) - np.mean([2 / 3, 4 / 5, 1.0])) < 1e-12

@@ -1,0 +1,98 @@
+"""The whole pipeline on the tiny model: artifacts, manifest, reports and the gate's verdicts."""
+
+import json
+import xml.etree.ElementTree as ET
+
+import jsonschema
+import numpy as np
+import onnx
+import pytest
+
+from pipeline.artifacts import sha256_file
+from pipeline.manifest import manifest_json_schema, verify_release
+
+pytestmark = pytest.mark.slow
+
+
+def test_release_folder_has_every_artifact_and_report(tiny_release):
+    out = tiny_release.out
+    assert tiny_release.passed
+    names = {p.name for p in out.iterdir()}
+    assert {"model.onnx", "model.int8.qdq.onnx", "model.int8.cpu.onnx", "manifest.json",
+            "report.md", "junit.xml"} <= names
+    assert not [n for n in names if n.endswith(".partial")]
+
+
+def test_manifest_matches_schema_and_files(tiny_release):
+    manifest = json.loads((tiny_release.out / "manifest.json").read_text())
+    jsonschema.validate(manifest, manifest_json_schema())
+    assert verify_release(tiny_release.out) == []
+    for art in manifest["artifacts"]:
+        assert sha256_file(tiny_release.out / art["path"]) == art["sha256"]
+        assert art["parity"]["samples"] == 400
+    assert manifest["data"]["calibration"]["rows"] == 128
+    assert len(manifest["data"]["evaluation"]["fingerprint"]) == 64
+    assert manifest["tools"]["onnxruntime"] != "not installed"
+    assert manifest["recipe"]["thresholds"]["int8"]["min_agreement"] == 0.95  # as the recipe says
+    assert manifest["recipe"]["thresholds"]["fp32"]["max_abs_diff"] == 1e-3  # default filled in
+
+
+def test_int8_artifacts_pass_their_gate(tiny_release):
+    by_name = {a.name: a for a in tiny_release.manifest.artifacts}
+    for name in ("model.int8.qdq", "model.int8.cpu"):
+        parity = by_name[name].parity
+        assert by_name[name].passed and parity["passed"], parity
+        assert parity["agreement"] >= 0.95, parity
+        assert parity["metric_drop"] <= 0.03, parity
+        trials = by_name[name].options["fallback"]["trials"]
+        assert trials and trials[0]["excluded"] == 0
+    fp32 = by_name["model.fp32"].parity
+    assert fp32["agreement"] == 1.0 and fp32["max_abs_diff"] <= 1e-3
+
+
+def test_qdq_artifact_is_tensorrt_shaped(tiny_release):
+    """Explicit Q/DQ with zero points 0, per-channel weights (axis 1) on every MatMul weight."""
+    from onnx import numpy_helper
+
+    model = onnx.load(str(tiny_release.out / "model.int8.qdq.onnx"))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    quant = [n for n in model.graph.node if n.op_type == "QuantizeLinear"]
+    dequant = [n for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert quant and dequant
+    for node in quant + dequant:
+        zero_point = inits.get(node.input[2]) if len(node.input) > 2 else None
+        assert zero_point is None or not zero_point.any(), node.name
+    consumers = {i: n for n in model.graph.node for i in n.input}
+    weights = [n for n in dequant if n.input[0] in inits and inits[n.input[0]].ndim == 2]
+    assert weights
+    for node in weights:
+        assert inits[node.input[0]].dtype == np.int8, node.name
+        consumer = consumers[node.output[0]]
+        trans_b = any(a.name == "transB" and a.i for a in consumer.attribute)
+        out_axis = 0 if consumer.op_type == "Gemm" and trans_b else 1  # the output channels
+        scale = inits[node.input[1]]
+        assert scale.shape == (inits[node.input[0]].shape[out_axis],), f"{node.name}: per output channel"
+        assert next((a.i for a in node.attribute if a.name == "axis"), 1) == out_axis
+    assert all(inits[n.input[0]].dtype == np.int8 for n in dequant if n.input[0] in inits), "no INT32 biases"
+    float_nodes = set(next(a for a in tiny_release.manifest.artifacts if a.name == "model.int8.qdq")
+                      .options["float_nodes"])
+    producers = {o: n.op_type for n in model.graph.node for o in n.output}
+    for node in model.graph.node:
+        if node.op_type == "MatMul":
+            from_dq = [producers.get(i) == "DequantizeLinear" for i in node.input]
+            assert all(from_dq) if node.name not in float_nodes else not any(from_dq), node.name
+
+
+def test_cpu_artifact_is_fused_and_int8(tiny_release):
+    model = onnx.load(str(tiny_release.out / "model.int8.cpu.onnx"))
+    ops = {n.op_type for n in model.graph.node}
+    assert ops & {"Attention", "QAttention"} and "SkipLayerNormalization" in ops
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "QAttention"}
+
+
+def test_reports_state_the_verdict(tiny_release):
+    report = (tiny_release.out / "report.md").read_text()
+    assert "**Verdict: PASSED**" in report and "model.int8.qdq.onnx" in report
+    suite = ET.parse(tiny_release.out / "junit.xml").getroot()
+    assert suite.get("failures") == "0"
+    assert {c.get("name") for c in suite} >= {"export", "validate[model.int8.qdq]"}
