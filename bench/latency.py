@@ -4,7 +4,8 @@
 
 Prints batch-1 latency (median) and batch-32 throughput at sequence length 64 with 2 threads for
 PyTorch FP32 and each ONNX artifact on ONNX Runtime's CPU provider, each with its speed-up over
-PyTorch and its accuracy from the release's parity check. Machines here are noisy: compare the
+PyTorch, its accuracy and its prediction agreement with PyTorch on the release's evaluation rows
+(drawn again from the recipe and checked against the manifest's fingerprint). Machines here are noisy: compare the
 ratios within one run, not absolute numbers across runs. `--cpu-candidates` also measures the
 INT8 forms the `cpu` artifact was chosen among (see pipeline/stages/quantize.py).
 """
@@ -25,8 +26,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
-from calibration.sources import load_rows  # noqa: E402
-from pipeline.runners import OrtRunner, TorchRunner  # noqa: E402
+from pipeline import data as datamod  # noqa: E402
+from pipeline.model import inspect_model  # noqa: E402
+from pipeline.recipe import Recipe  # noqa: E402
+from pipeline.runners import OrtRunner, TorchRunner, collect_logits  # noqa: E402
 
 THREADS = 2
 SEQ = 64
@@ -58,10 +61,15 @@ def cpu_candidates(fp32: Path, work: Path) -> dict[str, Path]:
     fused = work / "fused.onnx"
     optimize_model(str(fp32), model_type="bert", num_heads=0, hidden_size=0).save_model_to_file(str(fused))
     out = {"candidate: fused FP32": fused}
-    for name, src, per_channel in [("unfused dynamic per-channel", fp32, True),
-                                   ("fused dynamic per-tensor", fused, False)]:
-        path = work / (name.replace(" ", "_") + ".onnx")
+    for name, src, per_channel, ops in [
+        ("unfused dynamic per-channel", fp32, True, None),
+        ("fused dynamic per-tensor, all ops", fused, False, None),
+        ("fused dynamic per-channel, all ops", fused, True, None),
+        ("fused dynamic per-channel, no fallback", fused, True, ["MatMul", "Attention"]),
+    ]:
+        path = work / (name.replace(" ", "_").replace(",", "") + ".onnx")
         quantize_dynamic(str(src), str(path), weight_type=QuantType.QInt8, per_channel=per_channel,
+                         op_types_to_quantize=ops,
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         out[f"candidate: {name}"] = path
     return out
@@ -77,41 +85,42 @@ def main() -> None:
 
     torch.set_num_threads(THREADS)
     manifest = json.loads((args.release / "manifest.json").read_text())
-    data = manifest["recipe"]["data"]
-    model_dir = Path(manifest["model"]["path"])
-    rows = load_rows(Path(data["evaluation"]["path"]))[:32]
-    encoder = Encoder(load_tokenizer(model_dir), Columns(data["text_column"], data["text_pair_column"]),
-                      SEQ, "max_length")
-    batch32 = encoder.encode(rows)
+    recipe = Recipe.model_validate(manifest["recipe"])
+    model_dir = recipe.model.path
+    tokenizer = load_tokenizer(model_dir)
+    evaluation = datamod.prepare(recipe.data, tokenizer, inspect_model(model_dir).label2id).evaluation
+    if evaluation.fingerprint != manifest["data"]["evaluation"]["fingerprint"]:
+        sys.exit("the evaluation rows differ from the release's (data changed?); rerun shipyard run")
+    encoder = Encoder(tokenizer, Columns(recipe.data.text_column, recipe.data.text_pair_column), SEQ, "max_length")
+    batch32 = encoder.encode(evaluation.rows[:32])
     batch1 = {k: v[:1] for k, v in batch32.items()}
 
-    entries = [("PyTorch FP32", TorchRunner(model_dir, THREADS), None, None)]
+    entries = [("PyTorch FP32", TorchRunner(model_dir, THREADS), None)]
     for art in manifest["artifacts"]:
-        entries.append((art["path"], OrtRunner(args.release / art["path"], THREADS), art["parity"],
-                        art["size_bytes"]))
+        entries.append((art["path"], OrtRunner(args.release / art["path"], THREADS), art["size_bytes"]))
     with tempfile.TemporaryDirectory() as tmp:
         if args.cpu_candidates:
             fp32 = next(args.release / a["path"] for a in manifest["artifacts"] if a["name"] == "model.fp32")
             for name, path in cpu_candidates(fp32, Path(tmp)).items():
-                entries.append((name, OrtRunner(path, THREADS), None, path.stat().st_size))
+                entries.append((name, OrtRunner(path, THREADS), path.stat().st_size))
 
-        metric = manifest["recipe"]["thresholds"]["metric"]
-        reference_metric = manifest["artifacts"][0]["parity"]["reference_metrics"].get(metric)
-        print(f"release {args.release} | batch-1 and batch-32, sequence {SEQ}, {THREADS} threads, "
-              f"{metric} on {manifest['data']['evaluation']['rows']} evaluation rows")
-        header = f"{'model':40s} {'MB':>7s} {'b1 ms':>8s} {'b1 x':>6s} {'b32 seq/s':>10s} {'b32 x':>6s} {metric:>9s}"
+        print(f"release {args.release} | batch-1 latency and batch-32 throughput, sequence {SEQ}, "
+              f"{THREADS} threads | accuracy and agreement with PyTorch on {len(evaluation.rows)} evaluation rows")
+        header = (f"{'model':40s} {'MB':>6s} {'b1 ms':>7s} {'b1 x':>5s} {'b32 seq/s':>9s} {'b32 x':>5s} "
+                  f"{'accuracy':>8s} {'agree':>6s}")
         print(header)
         print("-" * len(header))
-        base = None
-        for name, runner, parity, size in entries:
+        base = reference = None
+        for name, runner, size in entries:
             latency, throughput = measure(runner, batch1, batch32)
             base = base or (latency, throughput)
-            acc = reference_metric if parity is None and name.startswith("PyTorch") else (
-                parity["artifact_metrics"].get(metric) if parity else None)
-            acc_text = f"{acc:.4f}" if acc is not None else "-"
+            logits = collect_logits(runner, evaluation.batches)
+            reference = logits if reference is None else reference
+            accuracy = float((logits.argmax(-1) == evaluation.labels).mean()) if evaluation.labels is not None else float("nan")
+            agreement = float((logits.argmax(-1) == reference.argmax(-1)).mean())
             size_text = f"{size / 1e6:.1f}" if size else "-"
-            print(f"{name:40s} {size_text:>7s} {latency:8.2f} {base[0] / latency:6.2f} "
-                  f"{throughput:10.1f} {throughput / base[1]:6.2f} {acc_text:>9s}")
+            print(f"{name:40s} {size_text:>6s} {latency:7.2f} {base[0] / latency:5.2f} "
+                  f"{throughput:9.1f} {throughput / base[1]:5.2f} {accuracy:8.4f} {agreement:6.4f}")
 
 
 if __name__ == "__main__":

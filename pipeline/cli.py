@@ -183,6 +183,43 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
                    "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)
 
 
+@cli.command("prune")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="FP32 ONNX file from shipyard export (unfused).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned ONNX file to write.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Calibration data to score neurons and heads (needed by --ffn and --heads-per-layer).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="The model folder (tokenizer and config.json).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--ffn", "ffn_fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Fraction of FFN neurons to remove per layer, in [0, 1).")
+@click.option("--ffn-scope", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True)
+@click.option("--heads-per-layer", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Remove this many lowest-scored heads in every layer.")
+@click.option("--prune-heads", "heads_json", default=None, metavar="JSON",
+              help='Exact heads to remove, e.g. \'{"0": [1, 2], "2": [0]}\' (needs no data).')
+@click.option("--sparsity-24", type=click.Choice(["none", "ffn", "attention", "all"]), default="none",
+              show_default=True, help="2:4 semi-structured sparsity on these MatMul weights.")
+@output_options
+def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
+              text_column: str, text_pair_column: str | None, samples: int, max_length: int,
+              ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
+              sparsity_24: str, quiet: bool, as_json: bool) -> None:
+    """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
+    from pipeline.standalone import prune_file
+
+    result = prune_file(model_path, out, calibration, tokenizer, text_column, text_pair_column,
+                        samples, max_length, ffn_fraction, ffn_scope, heads_per_layer, heads_json,
+                        sparsity_24, _progress(quiet, as_json))
+    art = result.artifacts[0]
+    _finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
+                   "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)
+
+
 @cli.command("validate")
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="The fine-tuned PyTorch model folder (the reference).")

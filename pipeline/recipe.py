@@ -66,7 +66,7 @@ class FallbackSpec(_Strict):
     """Keep the most INT8-sensitive nodes in float until calibration-row agreement is reached."""
 
     min_agreement: float = Field(
-        0.99, ge=0, le=1, description="agreement with the FP32 graph on the calibration rows"
+        0.985, ge=0, le=1, description="agreement with the FP32 graph on the calibration rows"
     )
     max_nodes: int = Field(8, ge=0, description="most nodes kept in float; 0 quantizes all")
 
@@ -88,8 +88,29 @@ class QuantizeSpec(_Strict):
         return formats
 
 
+class BudgetSpec(_Strict):
+    """Search the largest FFN fraction whose agreement with PyTorch stays within budget."""
+
+    min_agreement: float = Field(0.97, ge=0, le=1, description="on the evaluation rows")
+    max_fraction: float = Field(0.6, gt=0, lt=1)
+    steps: int = Field(5, ge=1, le=12, description="bisection steps after the end points")
+
+
+class PruneSpec(_Strict):
+    """Structured pruning of the ONNX graph, scored on calibration data."""
+
+    enabled: bool = False
+    ffn_fraction: float = Field(0.0, ge=0, lt=1, description="share of FFN neurons removed")
+    ffn_scope: Literal["uniform", "global"] = "uniform"
+    heads_per_layer: int = Field(0, ge=0, description="lowest-scored heads removed per layer")
+    heads: dict[int, list[int]] | None = Field(None, description="exact heads to remove per layer")
+    sparsity_24: Literal["none", "ffn", "attention", "all"] = "none"
+    budget: BudgetSpec | None = None
+
+
 class StagesSpec(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
 
 
@@ -108,6 +129,7 @@ class Thresholds(_Strict):
 
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     fp32: Gate = Field(default_factory=lambda: Gate(min_agreement=1.0, max_abs_diff=1e-3))
+    pruned: Gate = Field(default_factory=lambda: Gate(min_agreement=0.95, max_metric_drop=0.02))
     int8: Gate = Field(default_factory=lambda: Gate(min_agreement=0.98, max_metric_drop=0.01))
 
 
@@ -120,8 +142,8 @@ class Recipe(_Strict):
     stages: StagesSpec = Field(default_factory=StagesSpec)
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
-    def gate_for(self, precision: str) -> Gate:
-        return getattr(self.thresholds, precision)
+    def gate_for(self, kind: str) -> Gate:
+        return getattr(self.thresholds, kind)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

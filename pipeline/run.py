@@ -24,8 +24,8 @@ from pipeline.model import inspect_model
 from pipeline.progress import Progress
 from pipeline.recipe import Recipe
 from pipeline.report import write_reports
-from pipeline.runners import TorchRunner, collect_logits
-from pipeline.stages import export, quantize, validate
+from pipeline.runners import OrtRunner, TorchRunner, collect_logits
+from pipeline.stages import export, prune, quantize, validate
 
 
 @dataclass
@@ -64,10 +64,23 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
         fp32 = exported.artifacts[0]
         artifacts: list[Artifact] = [fp32]
 
+        dense = fp32
+        if recipe.stages.prune.enabled:
+            def agreement_of(path: Path) -> float:
+                logits = collect_logits(OrtRunner(path), evaluation.batches)
+                return float((logits.argmax(-1) == reference_logits.argmax(-1)).mean())
+
+            with progress.task("prune (FFN neurons, attention heads)"):
+                result = prune.run(fp32, recipe.stages.prune, work / "model.pruned.onnx",
+                                   prepared.calibration_batches, info.config, agreement_of)
+            results.append(result)
+            artifacts.extend(result.artifacts)
+            dense = result.artifacts[0]
+
         if recipe.stages.quantize.enabled:
             for fmt in recipe.stages.quantize.formats:
                 with progress.task(f"quantize INT8 ({fmt})"):
-                    result = quantize.run(fp32, recipe.stages.quantize, fmt,
+                    result = quantize.run(dense, recipe.stages.quantize, fmt,
                                           work / f"model.int8.{fmt}.onnx", prepared.calibration_batches)
                 results.append(result)
                 artifacts.extend(result.artifacts)
@@ -75,7 +88,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
         for artifact in artifacts:
             with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
                 result, report = validate.run(
-                    artifact, reference_logits, evaluation.batches, recipe.gate_for(artifact.precision),
+                    artifact, reference_logits, evaluation.batches, recipe.gate_for(gate_kind(artifact)),
                     recipe.thresholds.metric, evaluation.labels, id2label, evaluation.texts, advance,
                 )
             results.append(result)
@@ -85,6 +98,11 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
         write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
         write_reports(manifest, work)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
+
+
+def gate_kind(artifact: Artifact) -> str:
+    """Which recipe thresholds apply: pruned FP32 models have their own, looser gate."""
+    return "pruned" if artifact.stage == "prune" else artifact.precision
 
 
 def _manifest(recipe, info, prepared, results, artifacts, parity, work: Path) -> Manifest:

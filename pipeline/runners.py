@@ -96,6 +96,26 @@ class OrtRunner:
         return {o.name: value for o, value in zip(session.get_outputs(), outputs)}
 
 
+def session_with_outputs(model, tensors: list[str]):
+    """An ONNX Runtime session over `model` that also returns the named intermediate tensors.
+
+    Graph optimizations are off so that the tensors asked for are not fused away.
+    """
+    import onnx
+    import onnxruntime as ort
+
+    probe = onnx.ModelProto()
+    probe.CopyFrom(model)
+    present = {o.name for o in probe.graph.output}
+    for name in tensors:
+        if name not in present:
+            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
+
+
 def collect_logits(runner, batches: Iterable[Batch], progress=None) -> np.ndarray:
     """Run every batch and stack the logits; `progress(n)` is called with each batch's size."""
     chunks = []

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 from calibration.encode import Encoder, load_tokenizer
@@ -13,9 +14,9 @@ from pipeline.errors import ShipyardError
 from pipeline.manifest import write_json
 from pipeline.model import inspect_model
 from pipeline.progress import Progress
-from pipeline.recipe import ExportSpec, Gate, QuantizeSpec, Thresholds
+from pipeline.recipe import ExportSpec, Gate, PruneSpec, QuantizeSpec, Thresholds
 from pipeline.runners import TorchRunner, check_onnx_file, collect_logits
-from pipeline.stages import export, quantize, validate
+from pipeline.stages import export, prune, quantize, validate
 
 # Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
 # given: they exercise the dynamic batch and sequence axes the way production traffic does.
@@ -65,13 +66,52 @@ def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibratio
         return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches)
 
 
-def onnx_precision(path: Path) -> str:
-    """'int8' when the graph quantizes anything, else 'fp32' (picks the default thresholds)."""
+def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
+    if heads_json is None:
+        return None
+    try:
+        raw = json.loads(heads_json)
+        return {int(layer): [int(h) for h in heads] for layer, heads in raw.items()}
+    except (ValueError, TypeError, AttributeError):
+        raise ShipyardError(
+            f"--prune-heads {heads_json!r}: expected JSON like '{{\"0\": [1, 2], \"2\": [0]}}'"
+        ) from None
+
+
+def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_dir: Path | None,
+               text_column: str, text_pair_column: str | None, samples: int, max_length: int,
+               ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
+               sparsity_24: str, progress: Progress = Progress()) -> StageResult:
+    check_onnx_file(model_path)
+    check_writable_parent(out)
+    spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope,
+                     heads_per_layer=heads_per_layer, heads=_parse_heads(heads_json), sparsity_24=sparsity_24)
+    batches = []
+    if ffn_fraction > 0 or heads_per_layer > 0:
+        if calibration is None or tokenizer_dir is None:
+            raise ShipyardError("--ffn and --heads-per-layer score on data: pass --calibration DATA --tokenizer DIR")
+        columns = Columns(text_column, text_pair_column)
+        rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
+        encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length")
+        batches = list(encoder.batches(rows, 32))
+    config_file = tokenizer_dir / "config.json" if tokenizer_dir else None
+    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
+    source = Artifact(name="model.fp32", path=model_path, format="onnx", precision="fp32", stage="input")
+    with progress.task("prune (FFN neurons, attention heads)"):
+        return prune.run(source, spec, out, batches, config)
+
+
+def artifact_kind(path: Path) -> tuple[str, str]:
+    """(precision, threshold kind) of an ONNX file: 'int8' when the graph quantizes anything,
+    'pruned' for an FP32 graph the prune stage marked, else 'fp32'."""
     import onnx
 
     quantized = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QAttention"}
     model = onnx.load(str(path), load_external_data=False)
-    return "int8" if any(n.op_type in quantized for n in model.graph.node) else "fp32"
+    if any(n.op_type in quantized for n in model.graph.node):
+        return "int8", "int8"
+    pruned = any(p.key == prune.PRUNED_MARK for p in model.metadata_props)
+    return "fp32", "pruned" if pruned else "fp32"
 
 
 def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
@@ -87,8 +127,8 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     rows = datamod.load_sample(data, columns, samples, 0, "evaluation")
     encoder = Encoder(load_tokenizer(reference), columns, max_length, "max_length")
     evaluation = datamod.make_eval_set(data, rows, encoder, 32, info.label2id)
-    precision = onnx_precision(artifact)
-    default = getattr(Thresholds(), precision)
+    precision, kind = artifact_kind(artifact)
+    default = getattr(Thresholds(), kind)
     gate = Gate(
         min_agreement=default.min_agreement if min_agreement is None else min_agreement,
         max_abs_diff=default.max_abs_diff if max_abs_diff is None else max_abs_diff,

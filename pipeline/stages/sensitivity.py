@@ -20,6 +20,8 @@ from pathlib import Path
 
 import numpy as np
 
+from pipeline.runners import session_with_outputs
+
 Batch = dict[str, np.ndarray]
 RANKED_OPS = ("MatMul", "Gemm", "Attention")
 
@@ -38,23 +40,6 @@ def _activation_inputs(model) -> dict[str, list[str]]:
     return out
 
 
-def _session_with_outputs(model, tensors: list[str]):
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    # Graph optimizations could fuse away the tensors we ask for.
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
 def rank_nodes(onnx_path: Path, batches: list[Batch]) -> list[tuple[str, float]]:
     """Nodes by INT8 activation error, worst first: (name, max relative error over its inputs)."""
     import onnx
@@ -62,7 +47,7 @@ def rank_nodes(onnx_path: Path, batches: list[Batch]) -> list[tuple[str, float]]
     model = onnx.load(str(onnx_path))
     inputs_of = _activation_inputs(model)
     tensors = sorted({t for acts in inputs_of.values() for t in acts})
-    session = _session_with_outputs(model, tensors)
+    session = session_with_outputs(model, tensors)
     feed_names = {i.name for i in session.get_inputs()}
 
     def activations():

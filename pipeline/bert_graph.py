@@ -1,0 +1,240 @@
+"""Find BERT's attention and FFN blocks in an ONNX graph by structure, not by names.
+
+Exporters name weights `onnx::MatMul_NNN` and tools like onnxslim rename or share nodes, so the
+blocks are found by shape of the graph: an FFN is MatMul(W1) -> Add(b1) -> elementwise GELU ->
+MatMul(W2) with W2 rows == W1 columns; an attention block is found from its Softmax, walking up
+to the Q/K MatMuls and the V MatMul, and down to the head-merging Reshape and the output
+MatMul. Written here because no library exposes this for ONNX BERT graphs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+GELU_OPS = {"Div", "Erf", "Add", "Mul", "Gelu", "FastGelu", "BiasGelu", "Pow", "Tanh", "Sigmoid", "Sub"}
+PATH_OPS = {"Transpose", "Reshape", "Add", "Mul", "Div"}
+
+
+class Graph:
+    """Index of an ONNX graph: who produces and who consumes each tensor, and the initializers."""
+
+    def __init__(self, model: onnx.ModelProto) -> None:
+        self.model = model
+        self.graph = model.graph
+        self.reindex()
+
+    def reindex(self) -> None:
+        self.init = {i.name: i for i in self.graph.initializer}
+        self.producer = {o: n for n in self.graph.node for o in n.output}
+        self.consumers: dict[str, list[onnx.NodeProto]] = {}
+        for node in self.graph.node:
+            for name in node.input:
+                self.consumers.setdefault(name, []).append(node)
+        self.order = {id(n): i for i, n in enumerate(self.graph.node)}
+
+    def array(self, name: str) -> np.ndarray:
+        return numpy_helper.to_array(self.init[name])
+
+    def set_array(self, name: str, value: np.ndarray) -> None:
+        self.init[name].CopyFrom(numpy_helper.from_array(value.astype(self.array(name).dtype), name))
+
+    def weight_of(self, node: onnx.NodeProto) -> str | None:
+        """The 2-D initializer input of a MatMul, if it has one."""
+        if node.op_type != "MatMul":
+            return None
+        name = node.input[1]
+        return name if name in self.init and len(self.init[name].dims) == 2 else None
+
+    def bias_after(self, node: onnx.NodeProto) -> str | None:
+        """The 1-D initializer of the Add that directly consumes `node`'s output, if any."""
+        for consumer in self.consumers.get(node.output[0], []):
+            if consumer.op_type == "Add":
+                for name in consumer.input:
+                    if name in self.init and len(self.init[name].dims) == 1:
+                        return name
+        return None
+
+    def constant_value(self, tensor: str) -> np.ndarray | None:
+        if tensor in self.init:
+            return self.array(tensor)
+        node = self.producer.get(tensor)
+        if node is not None and node.op_type == "Constant":
+            return numpy_helper.to_array(node.attribute[0].t)
+        return None
+
+
+@dataclass
+class FfnBlock:
+    layer: int
+    w1: str
+    b1: str
+    w2: str
+    activation: str  # the GELU output, W2's input
+    size: int
+
+
+@dataclass
+class AttentionBlock:
+    layer: int
+    q: tuple[str, str]  # (weight, bias)
+    k: tuple[str, str]
+    v: tuple[str, str]
+    out: str  # output projection weight
+    split_reshapes: list[str] = field(default_factory=list)  # node names
+    merge_reshape: str = ""
+    context: str = ""  # softmax @ V, [batch, heads, seq, head_dim]
+    num_heads: int = 0
+    head_dim: int = 0
+
+
+def find_ffn_blocks(g: Graph) -> list[FfnBlock]:
+    blocks = []
+    for node in g.graph.node:
+        w1 = g.weight_of(node)
+        if w1 is None:
+            continue
+        b1 = g.bias_after(node)
+        size = g.init[w1].dims[1]
+        if b1 is None or g.init[b1].dims[0] != size:
+            continue
+        add = next(c for c in g.consumers[node.output[0]] if c.op_type == "Add")
+        found = _walk_gelu_to_matmul(g, add.output[0], size)
+        if found is not None:
+            w2_node, activation = found
+            blocks.append((g.order[id(node)], w1, b1, g.weight_of(w2_node), activation, size))
+    blocks.sort()
+    return [FfnBlock(i, w1, b1, w2, act, size) for i, (_, w1, b1, w2, act, size) in enumerate(blocks)]
+
+
+def _walk_gelu_to_matmul(g: Graph, start: str, size: int):
+    """From the biased FFN input, through elementwise GELU ops only, to a MatMul whose weight has
+    `size` rows. Returns (that MatMul, its activation input) or None."""
+    queue, seen = deque([(start, 0)]), set()
+    while queue:
+        tensor, depth = queue.popleft()
+        for consumer in g.consumers.get(tensor, []):
+            if id(consumer) in seen:
+                continue
+            seen.add(id(consumer))
+            weight = g.weight_of(consumer)
+            if weight is not None and depth > 0 and g.init[weight].dims[0] == size:
+                return consumer, tensor
+            if consumer.op_type in GELU_OPS and depth < 8:
+                queue.append((consumer.output[0], depth + 1))
+    return None
+
+
+def _walk_up_to_projection(g: Graph, tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+    """From an attention operand up through Transpose/Reshape/scale/bias to its weighted MatMul.
+    Returns that MatMul and the Reshape nodes passed on the way."""
+    reshapes = []
+    for _ in range(8):
+        node = g.producer.get(tensor)
+        if node is None:
+            return None
+        if g.weight_of(node) is not None:
+            return node, reshapes
+        if node.op_type not in PATH_OPS:
+            return None
+        if node.op_type == "Reshape":
+            reshapes.append(node)
+            tensor = node.input[0]
+            continue
+        # Follow the operand that carries activations, not the scale or bias constant.
+        candidates = [i for i in node.input if i not in g.init and g.producer.get(i) is not None
+                      and g.producer[i].op_type in PATH_OPS | {"MatMul"}]
+        if not candidates:
+            return None
+        tensor = candidates[0]
+    return None
+
+
+def _head_axis_value(g: Graph, reshape: onnx.NodeProto, index: int) -> int | None:
+    shape = reshape.input[1]
+    value = g.constant_value(shape)
+    if value is not None:
+        return int(value[index]) if value.size > index else None
+    concat = g.producer.get(shape)
+    if concat is None or concat.op_type != "Concat" or len(concat.input) <= index:
+        return None
+    part = g.constant_value(concat.input[index])
+    return int(part.reshape(-1)[0]) if part is not None and part.size == 1 else None
+
+
+def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
+    blocks = []
+    for softmax in (n for n in g.graph.node if n.op_type == "Softmax"):
+        scores = _find_scores_matmul(g, softmax)
+        contexts = [c for c in g.consumers.get(softmax.output[0], []) if c.op_type == "MatMul"]
+        if scores is None or len(contexts) != 1:
+            continue
+        context = contexts[0]
+        q = _walk_up_to_projection(g, scores.input[0])
+        k = _walk_up_to_projection(g, scores.input[1])
+        v = _walk_up_to_projection(g, context.input[1])
+        merge = _walk_down_to_output(g, context.output[0])
+        if None in (q, k, v, merge):
+            continue
+        merge_reshape, out_node = merge
+        projections = []
+        for node, _ in (q, k, v):
+            bias = g.bias_after(node)
+            if bias is None:
+                break
+            projections.append((g.weight_of(node), bias))
+        if len(projections) != 3:
+            continue
+        splits = [r for _, rs in (q, k, v) for r in rs]
+        heads = {_head_axis_value(g, r, 2) for r in splits}
+        head_dims = {_head_axis_value(g, r, 3) for r in splits}
+        if len(heads) != 1 or None in heads or len(head_dims) != 1 or None in head_dims:
+            continue
+        block = AttentionBlock(
+            layer=0, q=projections[0], k=projections[1], v=projections[2], out=g.weight_of(out_node),
+            split_reshapes=[r.name for r in splits], merge_reshape=merge_reshape.name,
+            context=context.output[0], num_heads=heads.pop(), head_dim=head_dims.pop(),
+        )
+        blocks.append((g.order[id(softmax)], block))
+    blocks.sort(key=lambda item: item[0])
+    for i, (_, block) in enumerate(blocks):
+        block.layer = i
+    return [b for _, b in blocks]
+
+
+def _find_scores_matmul(g: Graph, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
+    """The Q·Kᵀ MatMul feeding a Softmax through mask Add / scale Mul or Div."""
+    queue = deque([(softmax.input[0], 0)])
+    while queue:
+        tensor, depth = queue.popleft()
+        node = g.producer.get(tensor)
+        if node is None or depth > 4:
+            continue
+        if node.op_type == "MatMul" and g.weight_of(node) is None:
+            return node
+        if node.op_type in {"Add", "Mul", "Div", "Where", "Cast"}:
+            queue.extend((i, depth + 1) for i in node.input if i not in g.init)
+    return None
+
+
+def _walk_down_to_output(g: Graph, tensor: str):
+    """From the context (softmax @ V) through Transpose to the merging Reshape and the output
+    projection MatMul."""
+    reshape = None
+    for _ in range(4):
+        consumers = g.consumers.get(tensor, [])
+        if len(consumers) != 1:
+            return None
+        node = consumers[0]
+        if node.op_type == "Reshape":
+            reshape = node
+        elif g.weight_of(node) is not None:
+            return (reshape, node) if reshape is not None else None
+        elif node.op_type != "Transpose":
+            return None
+        tensor = node.output[0]
+    return None
