@@ -74,6 +74,7 @@ class FfnBlock:
     w1: str
     b1: str
     w2: str
+    b2: str | None
     activation: str  # the GELU output, W2's input
     size: int
 
@@ -85,6 +86,7 @@ class AttentionBlock:
     k: tuple[str, str]
     v: tuple[str, str]
     out: str  # output projection weight
+    out_bias: str | None = None
     split_reshapes: list[str] = field(default_factory=list)  # node names
     merge_reshape: str = ""
     context: str = ""  # softmax @ V, [batch, heads, seq, head_dim]
@@ -106,9 +108,9 @@ def find_ffn_blocks(g: Graph) -> list[FfnBlock]:
         found = _walk_gelu_to_matmul(g, add.output[0], size)
         if found is not None:
             w2_node, activation = found
-            blocks.append((g.order[id(node)], w1, b1, g.weight_of(w2_node), activation, size))
-    blocks.sort()
-    return [FfnBlock(i, w1, b1, w2, act, size) for i, (_, w1, b1, w2, act, size) in enumerate(blocks)]
+            blocks.append((g.order[id(node)], w1, b1, g.weight_of(w2_node), g.bias_after(w2_node), activation, size))
+    blocks.sort(key=lambda item: item[0])
+    return [FfnBlock(i, *fields) for i, (_, *fields) in enumerate(blocks)]
 
 
 def _walk_gelu_to_matmul(g: Graph, start: str, size: int):
@@ -196,7 +198,7 @@ def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
             continue
         block = AttentionBlock(
             layer=0, q=projections[0], k=projections[1], v=projections[2], out=g.weight_of(out_node),
-            split_reshapes=[r.name for r in splits], merge_reshape=merge_reshape.name,
+            out_bias=g.bias_after(out_node), split_reshapes=[r.name for r in splits], merge_reshape=merge_reshape.name,
             context=context.output[0], num_heads=heads.pop(), head_dim=head_dims.pop(),
         )
         blocks.append((g.order[id(softmax)], block))

@@ -204,17 +204,19 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
               help='Exact heads to remove, e.g. \'{"0": [1, 2], "2": [0]}\' (needs no data).')
 @click.option("--sparsity-24", type=click.Choice(["none", "ffn", "attention", "all"]), default="none",
               show_default=True, help="2:4 semi-structured sparsity on these MatMul weights.")
+@click.option("--compensate/--no-compensate", default=True, show_default=True,
+              help="Fold removed units' mean output into the next bias (scored pruning only).")
 @output_options
 def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
               text_column: str, text_pair_column: str | None, samples: int, max_length: int,
               ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-              sparsity_24: str, quiet: bool, as_json: bool) -> None:
+              sparsity_24: str, compensate: bool, quiet: bool, as_json: bool) -> None:
     """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
     from pipeline.standalone import prune_file
 
     result = prune_file(model_path, out, calibration, tokenizer, text_column, text_pair_column,
                         samples, max_length, ffn_fraction, ffn_scope, heads_per_layer, heads_json,
-                        sparsity_24, _progress(quiet, as_json))
+                        sparsity_24, compensate, _progress(quiet, as_json))
     art = result.artifacts[0]
     _finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)

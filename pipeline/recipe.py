@@ -105,6 +105,9 @@ class PruneSpec(_Strict):
     heads_per_layer: int = Field(0, ge=0, description="lowest-scored heads removed per layer")
     heads: dict[int, list[int]] | None = Field(None, description="exact heads to remove per layer")
     sparsity_24: Literal["none", "ffn", "attention", "all"] = "none"
+    compensate: bool = Field(
+        True, description="fold removed units' mean output into the next bias (needs calibration data)"
+    )
     budget: BudgetSpec | None = None
 
 

@@ -81,11 +81,12 @@ def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
 def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_dir: Path | None,
                text_column: str, text_pair_column: str | None, samples: int, max_length: int,
                ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-               sparsity_24: str, progress: Progress = Progress()) -> StageResult:
+               sparsity_24: str, compensate: bool = True, progress: Progress = Progress()) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
     spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope,
-                     heads_per_layer=heads_per_layer, heads=_parse_heads(heads_json), sparsity_24=sparsity_24)
+                     heads_per_layer=heads_per_layer, heads=_parse_heads(heads_json), sparsity_24=sparsity_24,
+                     compensate=compensate)
     batches = []
     if ffn_fraction > 0 or heads_per_layer > 0:
         if calibration is None or tokenizer_dir is None:

@@ -35,3 +35,15 @@ def test_macro_f1_matches_hand_computation():
     labels = np.array([0, 1, 1, 1, 2])
     # class0: tp1 fp1 fn0 -> 2/3; class1: tp2 fp0 fn1 -> 4/5; class2: 1
     assert abs(macro_f1(pred, labels, 3) - np.mean([2 / 3, 4 / 5, 1.0])) < 1e-12
+
+
+def test_count_ratios_on_the_limit_pass():
+    """0.74 - 0.72 is 0.020000000000000018 in floats; a drop of exactly 2 points meets a 0.02 limit."""
+    labels = np.zeros(100, dtype=int)
+    ref = np.tile([[1.0, 0.0]], (100, 1))
+    ref[74:] = [0.0, 1.0]
+    cand = ref.copy()
+    cand[72:74] = [0.0, 1.0]
+    report = compare_logits("a", ref, cand, Gate(min_agreement=0.98, max_metric_drop=0.02), "accuracy", labels)
+    assert report.metric_drop > 0.02 and report.agreement == 0.98
+    assert report, report.failures

@@ -111,11 +111,12 @@ def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_s
     model = onnx.load(str(exported))
     ffn, attention = prune.blocks_of(model, exported)
     batches = _batches(tiny)
-    ffn_scores, _ = prune.score(model, batches, ffn, attention)
+    scores = prune.score(model, batches, ffn, attention, compensate=False)
+    ffn_scores = scores.ffn
     reference = np.concatenate([OrtRunner(exported).infer(b)["logits"] for b in batches])
 
-    def error(keep):
-        pruned, _ = prune.apply(model, ffn, attention, keep, {}, "none")
+    def error(keep, compensation=None):
+        pruned, _ = prune.apply(model, ffn, attention, keep, {}, "none", compensation)
         session_path = exported.with_name("scored-tmp.onnx")
         onnx.save(pruned, str(session_path))
         got = np.concatenate([OrtRunner(session_path).infer(b)["logits"] for b in batches])
@@ -124,6 +125,10 @@ def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_s
     low = prune.plan_ffn(ffn_scores, 0.25, "uniform")
     high = {layer: np.sort(np.argsort(s)[: len(low[layer])]) for layer, s in ffn_scores.items()}
     assert error(low) < error(high)
+    # Folding the removed neurons' mean output into the next bias must help, not hurt.
+    compensated = prune.score(model, batches, ffn, attention, compensate=True)
+    keep = prune.plan_ffn(compensated.ffn, 0.25, "uniform")
+    assert error(keep, compensated) < error(low)
 
 
 def test_24_sparsity_keeps_two_of_every_four(exported, tmp_path):
@@ -149,7 +154,8 @@ def test_budget_search_keeps_the_largest_passing_fraction(tiny, tiny_holdout_sma
     # INT8 of a heavily pruned model is gated against the unpruned PyTorch model: loosen it here.
     result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--quiet",
                                       "--set", "thresholds.int8.min_agreement=0.9",
-                                      "--set", "thresholds.int8.max_metric_drop=0.1"])
+                                      "--set", "thresholds.int8.max_metric_drop=0.1",
+                                      "--set", "thresholds.pruned.max_metric_drop=0.1"])
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     pruned = next(a for a in manifest["artifacts"] if a["name"] == "model.pruned")
@@ -192,3 +198,26 @@ def test_fraction_out_of_range_and_graph_without_ffn(exported, tmp_path):
     result = CliRunner().invoke(cli, ["prune", "--model", str(tmp_path / "not-bert.onnx"),
                                       "--out", str(tmp_path / "p.onnx"), "--prune-heads", '{"0": [0]}'])
     assert result.exit_code == 2 and "BERT blocks not found" in result.output
+
+
+def test_non_uniform_head_pruning_quantizes_and_fuses(tiny, tiny_holdout_small, exported, tmp_path):
+    """ORT's transformer optimizer must read per-layer head counts from the pruned graph."""
+    pruned = tmp_path / "pruned.onnx"
+    runner = CliRunner()
+    result = runner.invoke(cli, ["prune", "--model", str(exported), "--out", str(pruned),
+                                 "--prune-heads", '{"0": [1, 2, 3], "1": [5]}', "--quiet"])
+    assert result.exit_code == 0, result.output
+    for fmt in ("cpu", "qdq"):
+        out = tmp_path / f"pruned.int8.{fmt}.onnx"
+        result = runner.invoke(cli, ["quantize", "--model", str(pruned), "--out", str(out), "--format", fmt,
+                                     "--calibration", str(tiny_holdout_small), "--tokenizer", str(tiny.model),
+                                     "--samples", "64", "--max-length", "64", "--quiet"])
+        assert result.exit_code == 0, result.output
+        result = runner.invoke(cli, ["validate", "--reference", str(tiny.model), "--artifact", str(out),
+                                     "--data", str(tiny_holdout_small), "--samples", "200", "--max-length", "64",
+                                     "--min-agreement", "0.85", "--json"])
+        assert result.exit_code == 0, result.output
+    fused = onnx.load(str(tmp_path / "pruned.int8.cpu.onnx"))
+    heads = [next(a.i for a in n.attribute if a.name == "num_heads")
+             for n in fused.graph.node if n.op_type in ("Attention", "QAttention")]
+    assert sorted(heads) == [9, 11]

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import time
+from dataclasses import dataclass
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -41,15 +42,29 @@ class PruneError(ShipyardError):
 
 # --- scoring -------------------------------------------------------------------------------
 
+@dataclass
+class Scores:
+    """Per-layer importance of FFN neurons and heads, and their mean outputs for compensation."""
+
+    ffn: dict[int, np.ndarray]
+    heads: dict[int, np.ndarray]
+    ffn_mean: dict[int, np.ndarray]  # E[GELU output] per neuron
+    context_mean: dict[int, np.ndarray]  # E[context] per head, [heads, head_dim]
+
+
 def score(model: onnx.ModelProto, batches: list[Batch], ffn: list[FfnBlock],
-          attention: list[AttentionBlock]) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """FFN neuron scores and head scores per layer, from the calibration batches."""
+          attention: list[AttentionBlock], compensate: bool) -> Scores:
+    """Score neurons and heads on the calibration batches (non-padding tokens only).
+
+    Without compensation a unit's score is its mean contribution magnitude. With it, the unit's
+    mean contribution is folded into the next bias when it is removed, so what is lost is only
+    its deviation from that mean, and units are scored by that (std instead of mean |.|).
+    """
     g = Graph(model)
     tensors = [b.activation for b in ffn] + [b.context for b in attention]
     session = session_with_outputs(model, tensors)
     feeds = {i.name for i in session.get_inputs()}
-    ffn_sum = {b.layer: np.zeros(b.size) for b in ffn}
-    head_sum = {b.layer: np.zeros(b.num_heads) for b in attention}
+    acc = {key: {} for key in ("abs", "sum", "sq", "ctx", "norm", "norm_sq")}
     out_heads = {b.layer: g.array(b.out).reshape(b.num_heads, b.head_dim, -1) for b in attention}
     tokens = 0
     for batch in batches:
@@ -57,15 +72,29 @@ def score(model: onnx.ModelProto, batches: list[Batch], ffn: list[FfnBlock],
         tokens += int(mask.sum())
         values = session.run(tensors, {k: v for k, v in batch.items() if k in feeds})
         for block, act in zip(ffn, values[: len(ffn)]):
-            ffn_sum[block.layer] += np.abs(act[mask]).sum(axis=0)
+            a = act[mask].astype(np.float64)  # [tokens, I]
+            for key, value in (("abs", np.abs(a).sum(0)), ("sum", a.sum(0)), ("sq", (a * a).sum(0))):
+                acc[key][block.layer] = acc[key].get(block.layer, 0) + value
         for block, ctx in zip(attention, values[len(ffn):]):
-            # ctx [B, H, S, d] -> per head contribution [B, S, hidden] -> norm per token
-            contribution = np.einsum("bhsd,hdo->bhso", ctx, out_heads[block.layer])
-            norms = np.linalg.norm(contribution, axis=-1).transpose(0, 2, 1)  # [B, S, H]
-            head_sum[block.layer] += norms[mask].sum(axis=0)
-    ffn_scores = {b.layer: ffn_sum[b.layer] / tokens * np.linalg.norm(g.array(b.w2), axis=1) for b in ffn}
-    head_scores = {layer: total / tokens for layer, total in head_sum.items()}
-    return ffn_scores, head_scores
+            c = ctx.transpose(0, 2, 1, 3)[mask].astype(np.float64)  # [tokens, H, d]
+            norms = np.linalg.norm(np.einsum("thd,hdo->tho", c, out_heads[block.layer]), axis=-1)
+            for key, value in (("ctx", c.sum(0)), ("norm", norms.sum(0)), ("norm_sq", (norms ** 2).sum(0))):
+                acc[key][block.layer] = acc[key].get(block.layer, 0) + value
+    ffn_scores, head_scores, ffn_mean, context_mean = {}, {}, {}, {}
+    for b in ffn:
+        mean = acc["sum"][b.layer] / tokens
+        spread = np.sqrt(np.maximum(acc["sq"][b.layer] / tokens - mean ** 2, 0)) if compensate else acc["abs"][b.layer] / tokens
+        ffn_scores[b.layer] = spread * np.linalg.norm(g.array(b.w2), axis=1)
+        ffn_mean[b.layer] = mean
+    for b in attention:
+        mean = acc["ctx"][b.layer] / tokens  # [H, d]
+        if compensate:
+            mean_out = np.linalg.norm(np.einsum("hd,hdo->ho", mean, out_heads[b.layer]), axis=-1)
+            head_scores[b.layer] = np.sqrt(np.maximum(acc["norm_sq"][b.layer] / tokens - mean_out ** 2, 0))
+        else:
+            head_scores[b.layer] = acc["norm"][b.layer] / tokens
+        context_mean[b.layer] = mean
+    return Scores(ffn_scores, head_scores, ffn_mean, context_mean)
 
 
 def plan_ffn(scores: dict[int, np.ndarray], fraction: float, scope: str) -> dict[int, np.ndarray]:
@@ -149,9 +178,13 @@ def _patch_shape(g: Graph, reshape: onnx.NodeProto, index: int, value: int) -> N
     reshape.input[1] = clone.output[0]
 
 
-def remove_heads(g: Graph, block: AttentionBlock, heads: list[int]) -> None:
+def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean: np.ndarray | None) -> None:
     keep = [h for h in range(block.num_heads) if h not in heads]
     cols = np.concatenate([np.arange(h * block.head_dim, (h + 1) * block.head_dim) for h in keep])
+    if context_mean is not None and block.out_bias is not None:
+        w_out = g.array(block.out).reshape(block.num_heads, block.head_dim, -1)
+        folded = sum(context_mean[h] @ w_out[h] for h in heads)
+        g.set_array(block.out_bias, g.array(block.out_bias) + folded)
     for weight, bias in (block.q, block.k, block.v):
         g.set_array(weight, g.array(weight)[:, cols])
         g.set_array(bias, g.array(bias)[cols])
@@ -162,7 +195,10 @@ def remove_heads(g: Graph, block: AttentionBlock, heads: list[int]) -> None:
     _patch_shape(g, nodes[block.merge_reshape], 2, len(keep) * block.head_dim)
 
 
-def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray) -> None:
+def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | None) -> None:
+    if mean is not None and block.b2 is not None:
+        dropped = np.setdiff1d(np.arange(block.size), keep)
+        g.set_array(block.b2, g.array(block.b2) + mean[dropped] @ g.array(block.w2)[dropped, :])
     g.set_array(block.w1, g.array(block.w1)[:, keep])
     g.set_array(block.b1, g.array(block.b1)[keep])
     g.set_array(block.w2, g.array(block.w2)[keep, :])
@@ -213,17 +249,19 @@ def blocks_of(model: onnx.ModelProto, source: Path) -> tuple[list[FfnBlock], lis
 
 def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[AttentionBlock],
           ffn_keep: dict[int, np.ndarray], heads_remove: dict[int, list[int]],
-          sparsity: str) -> tuple[onnx.ModelProto, list[str]]:
-    """A pruned copy of `model`; the input is never modified."""
+          sparsity: str, compensation: Scores | None = None) -> tuple[onnx.ModelProto, list[str]]:
+    """A pruned copy of `model`; the input is never modified. With `compensation`, removed units'
+    mean contributions are folded into the following bias."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
     g = Graph(pruned)
     for block in ffn:
         if len(ffn_keep[block.layer]) < block.size:
-            slice_ffn(g, block, ffn_keep[block.layer])
+            slice_ffn(g, block, ffn_keep[block.layer], compensation.ffn_mean[block.layer] if compensation else None)
     for block in attention:
         if heads_remove.get(block.layer):
-            remove_heads(g, block, heads_remove[block.layer])
+            remove_heads(g, block, heads_remove[block.layer],
+                         compensation.context_mean[block.layer] if compensation else None)
     targets = {"none": [], "ffn": [w for b in ffn for w in (b.w1, b.w2)],
                "attention": [w for b in attention for w in (b.q[0], b.k[0], b.v[0], b.out)]}
     targets["all"] = targets["ffn"] + targets["attention"]
@@ -264,15 +302,15 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
     needs_scores = spec.ffn_fraction > 0 or spec.heads_per_layer > 0 or spec.budget is not None
     if needs_scores and not calibration_batches:
         raise PruneError("scored pruning needs calibration data: pass --calibration DATA --tokenizer DIR")
-    ffn_scores, head_scores = (score(model, calibration_batches, ffn, attention) if needs_scores
-                               else ({b.layer: np.zeros(b.size) for b in ffn}, {}))
     num_heads = {b.layer: b.num_heads for b in attention}
-    heads_remove = plan_heads(head_scores or {l: np.zeros(n) for l, n in num_heads.items()},
-                              spec.heads_per_layer, spec.heads, num_heads)
+    scores = score(model, calibration_batches, ffn, attention, spec.compensate) if needs_scores else Scores(
+        {b.layer: np.zeros(b.size) for b in ffn}, {layer: np.zeros(n) for layer, n in num_heads.items()}, {}, {})
+    heads_remove = plan_heads(scores.heads, spec.heads_per_layer, spec.heads, num_heads)
+    compensation = scores if needs_scores and spec.compensate else None
 
     def build(fraction: float):
-        keep = plan_ffn(ffn_scores, fraction, spec.ffn_scope)
-        return keep, *apply(model, ffn, attention, keep, heads_remove, spec.sparsity_24)
+        keep = plan_ffn(scores.ffn, fraction, spec.ffn_scope)
+        return keep, *apply(model, ffn, attention, keep, heads_remove, spec.sparsity_24, compensation)
 
     trials: list[dict[str, float]] = []
     fraction = spec.ffn_fraction
@@ -294,6 +332,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
             "intermediate_sizes": config["shipyard_pruning"]["intermediate_sizes"],
             "heads_removed": {str(k): v for k, v in heads_remove.items()},
             "sparsity_24": spec.sparsity_24, "sparse_24_weights": sparse,
+            "bias_compensation": compensation is not None,
             "config": config_path.name, "budget_trials": trials,
         },
     )
