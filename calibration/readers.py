@@ -15,13 +15,25 @@ def restrict_inputs(batches: Iterable[Batch], input_names: Sequence[str]) -> lis
     return [{k: v for k, v in b.items() if k in input_names} for b in batches]
 
 
+def uniform_batches(batches: list[Batch]) -> list[Batch]:
+    """The batches as they are if all have one shape, else one row each.
+
+    ORT's entropy and percentile calibrators stack every batch's outputs into one array, which
+    fails when the last batch is smaller or sequence lengths differ.
+    """
+    shapes = {tuple(v.shape for v in b.values()) for b in batches}
+    if len(shapes) <= 1:
+        return batches
+    return [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
+
+
 def ort_calibration_reader(batches: Iterable[Batch], input_names: Sequence[str]) -> Any:
-    """An ONNX Runtime `CalibrationDataReader` over the batches, rewindable."""
+    """An ONNX Runtime `CalibrationDataReader` over the batches (made uniform), rewindable."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class _BatchReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = restrict_inputs(batches, input_names)
+            self._batches = uniform_batches(restrict_inputs(batches, input_names))
             self._next = 0
 
         def get_next(self) -> Batch | None:

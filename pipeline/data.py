@@ -67,12 +67,15 @@ def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int]) -> PreparedData
         spec.seed, spec.sampling, cal_path, eval_path,
     )
     encoder = Encoder(tokenizer, columns, spec.max_length, spec.padding)
+    # ORT's entropy and percentile calibrators stack all batches into one array, so calibration
+    # batches are always padded to max_length; `padding` shapes the evaluation batches only.
+    calibration_encoder = Encoder(tokenizer, columns, spec.max_length, "max_length")
     if columns.label:  # unknown labels in calibration rows are as wrong as in evaluation rows
         label_ids(splits.calibration, columns.label, label2id, cal_path)
     return PreparedData(
         calibration_source=cal_path,
         calibration_rows=splits.calibration,
-        calibration_batches=list(encoder.batches(splits.calibration, spec.batch_size)),
+        calibration_batches=list(calibration_encoder.batches(splits.calibration, spec.batch_size)),
         calibration_fingerprint=fingerprint(splits.calibration),
         evaluation=make_eval_set(eval_path, splits.evaluation, encoder, spec.batch_size, label2id),
     )

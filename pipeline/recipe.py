@@ -48,7 +48,9 @@ class DataSpec(_Strict):
     text_pair_column: str | None = None
     label_column: str | None = Field(None, description="labels enable accuracy/macro-F1 gates")
     max_length: int = Field(128, ge=8, le=512)
-    padding: Literal["max_length", "longest"] = "max_length"
+    padding: Literal["max_length", "longest"] = Field(
+        "max_length", description="evaluation batches; calibration batches are always max_length"
+    )
     sampling: Literal["random", "stratified"] = "stratified"
     seed: int = 0
     batch_size: int = Field(32, gt=0)

@@ -96,7 +96,7 @@ def test_encoder_pads_truncates_and_reader_rewinds(tiny):
     assert short["input_ids"].shape[1] < 32
     pairs = Encoder(tok, Columns("q", "a"), 32).encode([{"q": "who?", "a": "me."}])
     assert pairs["token_type_ids"].max() == 1
-    batches = list(Encoder(tok, Columns(), 16).batches([{"text": "x"}] * 5, 2))
+    batches = list(Encoder(tok, Columns(), 16).batches([{"text": "x"}] * 6, 2))
     reader = ort_calibration_reader(batches, ["input_ids", "attention_mask"])
     first = [reader.get_next() for _ in range(4)]
     assert first[-1] is None and set(first[0]) == {"input_ids", "attention_mask"}
@@ -109,3 +109,12 @@ def test_unknown_labels_are_rejected(tmp_path):
         label_ids(ROWS[:1], "label", {"negative": 0, "positive": 1}, tmp_path / "x.csv")
     ids = label_ids([{"l": "positive"}, {"l": "0"}, {"l": 1}], "l", {"negative": 0, "positive": 1}, tmp_path)
     assert ids.tolist() == [1, 0, 1]
+
+
+def test_calibration_reader_batches_are_uniform_for_histogram_calibrators():
+    from calibration.readers import uniform_batches
+
+    even = [{"input_ids": np.zeros((4, 8), np.int64)}] * 3
+    assert uniform_batches(even) is even
+    ragged = [{"input_ids": np.zeros((4, 8), np.int64)}, {"input_ids": np.zeros((2, 8), np.int64)}]
+    assert [b["input_ids"].shape for b in uniform_batches(ragged)] == [(1, 8)] * 6
