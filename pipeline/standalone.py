@@ -47,6 +47,15 @@ def export_and_check(model_dir: Path, out: Path, task: str, opset: int, atol: fl
                           TorchRunner(model_dir), task)
 
 
+def calibration_batches(calibration: Path, tokenizer_dir: Path, text_column: str,
+                        text_pair_column: str | None, samples: int, max_length: int) -> list:
+    """A seeded sample of calibration rows, tokenized to max_length, in batches of 32."""
+    columns = Columns(text_column, text_pair_column)
+    rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
+    encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length")
+    return list(encoder.batches(rows, 32))
+
+
 def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
                   samples: int, max_length: int, progress: Progress = Progress()) -> StageResult:
@@ -57,10 +66,7 @@ def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibratio
             "quantize needs --calibration DATA and --tokenizer DIR (activation scales and the "
             "float-fallback check are measured on them)"
         )
-    columns = Columns(text_column, text_pair_column)
-    rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
-    encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length")
-    batches = list(encoder.batches(rows, 32))
+    batches = calibration_batches(calibration, tokenizer_dir, text_column, text_pair_column, samples, max_length)
     source = Artifact(name="model.fp32", path=model_path, format="onnx", precision="fp32", stage="input")
     with progress.task(f"quantize INT8 ({fmt})"):
         return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches)
@@ -91,10 +97,8 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
     if ffn_fraction > 0 or heads_per_layer > 0:
         if calibration is None or tokenizer_dir is None:
             raise ShipyardError("--ffn and --heads-per-layer score on data: pass --calibration DATA --tokenizer DIR")
-        columns = Columns(text_column, text_pair_column)
-        rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
-        encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length")
-        batches = list(encoder.batches(rows, 32))
+        batches = calibration_batches(calibration, tokenizer_dir, text_column, text_pair_column,
+                                      samples, max_length)
     config_file = tokenizer_dir / "config.json" if tokenizer_dir else None
     config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
     source = Artifact(name="model.fp32", path=model_path, format="onnx", precision="fp32", stage="input")
