@@ -110,10 +110,12 @@ def recipe_schema(manifest: bool) -> None:
 @click.option("--out", type=click.Path(path_type=Path), default=None,
               help="Release folder to write [default: release/<recipe name>].")
 @click.option("--overwrite", is_flag=True, help="Replace the release folder if it exists.")
+@click.option("--target", "target_names", multiple=True, metavar="NAME",
+              help="Only these recipe targets (repeatable); one job per target when fanned out.")
 @set_option
 @output_options
-def run(recipe_file: Path, out: Path | None, overwrite: bool, overrides: tuple[str, ...],
-        quiet: bool, as_json: bool) -> None:
+def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tuple[str, ...],
+        overrides: tuple[str, ...], quiet: bool, as_json: bool) -> None:
     """Run every stage of RECIPE and gate each artifact's parity against PyTorch."""
     from pipeline.recipe import load_recipe
     from pipeline.run import run_recipe
@@ -121,7 +123,7 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, overrides: tuple[s
 
     loaded = load_recipe(recipe_file, overrides)
     out = out or Path("release") / loaded.name
-    outcome = run_recipe(loaded, out, _progress(quiet, as_json), overwrite=overwrite)
+    outcome = run_recipe(loaded, out, _progress(quiet, as_json), overwrite=overwrite, target_names=target_names)
     if as_json:
         click.echo(json.dumps({"out": str(out), "passed": outcome.passed,
                                "manifest": json.loads(outcome.manifest.model_dump_json())}))
@@ -265,6 +267,98 @@ def _finish(passed: bool, payload: dict, line: str, quiet: bool, as_json: bool) 
     elif not quiet:
         click.echo(line)
     sys.exit(0 if passed else GATE_FAILED)
+
+
+# --- TensorRT ------------------------------------------------------------------------------
+
+@cli.command("trt-check")
+@click.argument("onnx_file", metavar="FILE.onnx", type=click.Path(path_type=Path))
+@click.option("--trt-version", default=None, metavar="X.Y",
+              help="TensorRT version whose operator list to check against [default: the pinned one].")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
+              help="Recipe whose --target profiles the graph's dynamic axes must match.")
+@click.option("--target", "target_name", default=None, metavar="NAME", help="Target in --recipe.")
+@output_options
+def trt_check(onnx_file: Path, trt_version: str | None, recipe_file: Path | None, target_name: str | None,
+              quiet: bool, as_json: bool) -> None:
+    """Static TensorRT-readiness check: exit 0 ready, 1 not ready (node and rule named), 2 bad input."""
+    from pipeline.readiness import check_model_file
+    from pipeline.recipe import TRT_VERSION
+
+    profiles = None
+    if recipe_file is not None or target_name is not None:
+        profiles = _recipe_target(recipe_file, target_name).profiles
+    report = check_model_file(onnx_file, trt_version or TRT_VERSION, profiles)
+    lines = [f"{onnx_file}: {'ready' if report else 'NOT READY'} for TensorRT {report.trt_version} "
+             f"(opset {report.opset}, {report.counts['nodes']} nodes)"] + [f"  {f}" for f in report.findings]
+    _finish(report.ready, report.to_dict(), "\n".join(lines), quiet, as_json)
+
+
+def _recipe_target(recipe_file: Path | None, target_name: str | None):
+    from pipeline.errors import RecipeError
+    from pipeline.recipe import load_recipe
+
+    if recipe_file is None or target_name is None:
+        raise RecipeError("--recipe and --target go together: the target's profiles come from the recipe")
+    return load_recipe(recipe_file).target(target_name)
+
+
+@cli.command("build")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="TensorRT-ready ONNX (model.onnx, model.trt.fp16.onnx, model.trt.int8-fp16.onnx, ...).")
+@click.option("--target", "target_ref", required=True, metavar="NAME|sm_XY",
+              help="A target of --recipe, or an architecture such as sm_80 (default profiles).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file to write.")
+@click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
+              help="Recipe that defines the target's profiles and builder settings.")
+@output_options
+def build_cmd(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None, quiet: bool,
+              as_json: bool) -> None:
+    """Build a TensorRT engine for one target (needs TensorRT and a GPU of the target's architecture)."""
+    from pipeline.standalone import build_file
+
+    record, readiness = build_file(model_path, target_ref, out, recipe_file)
+    if readiness is not None:
+        _finish(False, readiness.to_dict(), f"build {out}: {model_path} is not TensorRT-ready: "
+                f"{readiness.findings[0]} (shipyard trt-check {model_path} lists all)", quiet, as_json)
+    _finish(True, vars(record), f"build {out}: {record.size_bytes / 1e6:.1f} MB on {record.gpu_name} "
+            f"({record.compute_capability}), TensorRT {record.trt_version}, {record.build_seconds:.0f} s", quiet, as_json)
+
+
+@cli.command("plan")
+@click.argument("recipe_file", metavar="RECIPE", type=click.Path(path_type=Path))
+@click.option("--format", "fmt", type=click.Choice(["json", "github-matrix"]), default="json", show_default=True)
+@set_option
+def plan_cmd(recipe_file: Path, fmt: str, overrides: tuple[str, ...]) -> None:
+    """Print one job per target: the GPU runner it needs and the command it runs."""
+    from pipeline.fanout import github_matrix, plan_jobs
+    from pipeline.recipe import load_recipe
+
+    loaded = load_recipe(recipe_file, overrides)
+    jobs = plan_jobs(loaded, str(recipe_file))
+    if not jobs:
+        raise ShipyardError(f"recipe {recipe_file} has no targets; add a targets: list to plan engine jobs")
+    click.echo(github_matrix(jobs) if fmt == "github-matrix" else
+               json.dumps({"recipe": loaded.name, "jobs": jobs}, indent=2))
+
+
+@cli.command("collect")
+@click.argument("folders", metavar="DIR...", nargs=-1, required=True, type=click.Path(path_type=Path))
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Merged release folder to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--require-engines", is_flag=True, help="Fail unless every target has an engine.")
+@output_options
+def collect_cmd(folders: tuple[Path, ...], out: Path, overwrite: bool, require_engines: bool, quiet: bool,
+                as_json: bool) -> None:
+    """Merge per-target release folders into one manifest; shared artifacts must have equal hashes."""
+    from pipeline.fanout import collect
+
+    merged = collect(list(folders), out, overwrite, require_engines)
+    engines = sum(t.engine is not None for t in merged.targets)
+    _finish(merged.passed, {"out": str(out), "passed": merged.passed, "targets": len(merged.targets),
+                            "engines": engines, "artifacts": len(merged.artifacts)},
+            f"collect {out}: {len(folders)} folders, {len(merged.artifacts)} artifacts, {len(merged.targets)} "
+            f"targets ({engines} with engines), {'PASSED' if merged.passed else 'FAILED'}", quiet, as_json)
 
 
 # --- the demo -----------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from pipeline.artifacts import sha256_file
 
 MANIFEST_VERSION = 1
-TOOLS = ("bert-shipyard", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime")
+TOOLS = ("bert-shipyard", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tensorrt")
 
 
 class _Strict(BaseModel):
@@ -60,6 +60,19 @@ class ArtifactRecord(_Strict):
     passed: bool
 
 
+class TargetRecord(_Strict):
+    name: str
+    arch: str
+    precision: str
+    onnx: str = Field(description="the TensorRT-ready ONNX this target builds from, relative path")
+    readiness: dict[str, Any] = Field(description="static TensorRT-readiness check of that ONNX")
+    engine_status: str = Field(description="'built', or 'needs a GPU host' with the reason")
+    engine_reason: str = ""
+    engine: dict[str, Any] | None = Field(
+        None, description="path, sha256, TensorRT version, GPU, compute capability, build time, plan")
+    target: dict[str, Any] = Field(description="the target as the recipe gave it")
+
+
 class Manifest(_Strict):
     manifest_version: int = MANIFEST_VERSION
     recipe_name: str
@@ -70,6 +83,8 @@ class Manifest(_Strict):
     tools: dict[str, str]
     stages: list[StageRecord]
     artifacts: list[ArtifactRecord]
+    targets: list[TargetRecord] = Field(default_factory=list)
+    collected_from: list[str] = Field(default_factory=list, description="folders merged by shipyard collect")
     recipe: dict[str, Any] = Field(description="the resolved recipe; rerun it with shipyard run")
 
 

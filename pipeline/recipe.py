@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
 from pipeline.errors import RecipeError
 
 SUPPORTED_TASKS = ("text-classification",)
 QuantFormat = Literal["qdq", "cpu"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+TRT_VERSION = "10.15"  # the TensorRT in the Dockerfile's base image; its operator list ships as data
 
 
 class _Strict(BaseModel):
@@ -113,10 +114,98 @@ class PruneSpec(_Strict):
     budget: BudgetSpec | None = None
 
 
+class BuildSpec(_Strict):
+    """TensorRT engine builds for `targets` (they need TensorRT and a GPU of the target's architecture)."""
+
+    require_engines: bool = Field(
+        False, description="fail (exit 2) up front where an engine cannot be built, instead of "
+        "recording the engine step as 'needs a GPU host'",
+    )
+    trt_version: str = Field(
+        TRT_VERSION, pattern=r"^\d+\.\d+$",
+        description="TensorRT version whose ONNX operator list the readiness check uses",
+    )
+
+
 class StagesSpec(_Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    build: BuildSpec = Field(default_factory=BuildSpec)
+
+
+# Compute capability -> what NVIDIA calls the GPUs built on it (for messages and plans).
+ARCHITECTURES = {
+    "sm_75": "Turing (T4)", "sm_80": "Ampere (A100, A30)", "sm_86": "Ampere (A10, A40, RTX 30)",
+    "sm_87": "Ampere embedded (Jetson AGX/NX Orin)", "sm_89": "Ada (L4, L40, RTX 40)",
+    "sm_90": "Hopper (H100, H200)",
+}
+Arch = Literal["sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90"]
+JETSON_ARCHS = ("sm_87",)
+
+
+class Range(_Strict):
+    """min <= opt <= max of one dynamic axis."""
+
+    min: int = Field(ge=1)
+    opt: int = Field(ge=1)
+    max: int = Field(ge=1)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "Range":
+        if not self.min <= self.opt <= self.max:
+            raise ValueError(f"needs min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
+        return self
+
+
+class ProfileSpec(_Strict):
+    """One TensorRT optimization profile: the batch and sequence ranges an engine accepts."""
+
+    batch: Range
+    sequence: Range
+
+    @model_validator(mode="after")
+    def _within_bert(self) -> "ProfileSpec":
+        if self.sequence.max > 512:
+            raise ValueError("sequence.max must be <= 512 (BERT's position embeddings)")
+        return self
+
+
+class TargetSpec(_Strict):
+    """One GPU a release ships an engine for; engines are built on a GPU of this architecture."""
+
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    arch: Arch = Field(description="compute capability: " + ", ".join(f"{k} {v}" for k, v in ARCHITECTURES.items()))
+    precision: Literal["fp32", "fp16", "int8"]
+    non_quantized: Literal["fp16", "fp32"] = Field(
+        "fp16", description="int8 targets: precision of the layers the Q/DQ graph leaves in float")
+    output_dtype: Literal["fp32", "fp16"] = Field("fp32", description="type of the logits output")
+    profiles: list[ProfileSpec] = Field(min_length=1)
+    workspace_mb: int = Field(2048, gt=0, description="builder workspace memory pool limit")
+    optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
+    timing_cache: Path | None = Field(None, description="loaded if present, saved after the build")
+    hardware_compatibility: Literal["none", "ampere_plus"] = "none"
+    version_compatible: bool = False
+    sparse_weights: bool = Field(False, description="needs stages.prune.sparsity_24 != none")
+    dla_core: int | None = Field(None, ge=0, description="Jetson DLA core; other layers fall back to the GPU")
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "TargetSpec":
+        if self.hardware_compatibility == "ampere_plus" and (self.arch == "sm_75" or self.arch in JETSON_ARCHS):
+            raise ValueError(f"hardware_compatibility ampere_plus needs a desktop/server GPU of sm_80 or "
+                             f"newer, not {self.arch}; set it to none")
+        if self.output_dtype == "fp16" and (self.precision == "fp32" or
+                                            (self.precision == "int8" and self.non_quantized == "fp32")):
+            raise ValueError("output_dtype fp16 needs float16 layers; use precision fp16, or int8 with "
+                             "non_quantized fp16")
+        if self.dla_core is not None:
+            if self.arch not in JETSON_ARCHS:
+                raise ValueError(f"dla_core: {self.arch} has no DLA; DLA is on Jetson ({', '.join(JETSON_ARCHS)})")
+            if self.precision == "fp32":
+                raise ValueError("dla_core: DLA runs fp16 or int8, not fp32; change precision")
+            if self.hardware_compatibility != "none":
+                raise ValueError("dla_core: DLA engines cannot be hardware-compatible; set hardware_compatibility: none")
+        return self
 
 
 class Gate(_Strict):
@@ -135,17 +224,40 @@ class Thresholds(_Strict):
     metric: Literal["accuracy", "macro_f1"] = "accuracy"
     fp32: Gate = Field(default_factory=lambda: Gate(min_agreement=1.0, max_abs_diff=1e-3))
     pruned: Gate = Field(default_factory=lambda: Gate(min_agreement=0.95, max_metric_drop=0.02))
+    fp16: Gate = Field(default_factory=lambda: Gate(min_agreement=0.995, max_metric_drop=0.005))
     int8: Gate = Field(default_factory=lambda: Gate(min_agreement=0.98, max_metric_drop=0.01))
 
 
 class Recipe(_Strict):
-    """A whole release: model, data, stages and gates."""
+    """A whole release: model, data, stages, target GPUs and gates."""
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
     model: ModelSpec
     data: DataSpec
     stages: StagesSpec = Field(default_factory=StagesSpec)
+    targets: list[TargetSpec] = Field(default_factory=list)
     thresholds: Thresholds = Field(default_factory=Thresholds)
+
+    @model_validator(mode="after")
+    def _targets_consistent(self) -> "Recipe":
+        names = [t.name for t in self.targets]
+        if len(set(names)) != len(names):
+            raise ValueError("targets: names must be unique")
+        for target in self.targets:
+            if target.precision == "int8" and not (self.stages.quantize.enabled and "qdq" in self.stages.quantize.formats):
+                raise ValueError(f"target {target.name}: int8 engines are built from the Q/DQ artifact; "
+                                 "enable stages.quantize with format qdq")
+            if target.sparse_weights and not (self.stages.prune.enabled and self.stages.prune.sparsity_24 != "none"):
+                raise ValueError(f"target {target.name}: sparse_weights needs 2:4 weights; set "
+                                 "stages.prune.enabled and stages.prune.sparsity_24")
+        return self
+
+    def target(self, name: str) -> TargetSpec:
+        for target in self.targets:
+            if target.name == name:
+                return target
+        known = ", ".join(t.name for t in self.targets) or "none"
+        raise RecipeError(f"target {name!r} is not in recipe {self.name!r} (targets: {known})")
 
     def gate_for(self, kind: str) -> Gate:
         return getattr(self.thresholds, kind)
@@ -186,6 +298,9 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.model.path = resolve(recipe.model.path)
     recipe.data.calibration.path = resolve(recipe.data.calibration.path)
     recipe.data.evaluation.path = resolve(recipe.data.evaluation.path)
+    for target in recipe.targets:
+        if target.timing_cache is not None:
+            target.timing_cache = resolve(target.timing_cache)
     return recipe
 
 

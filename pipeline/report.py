@@ -6,6 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pipeline.manifest import Manifest
+from pipeline.stages.build import NEEDS_GPU_HOST
 
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
@@ -62,25 +63,48 @@ def render_markdown(manifest: Manifest) -> str:
             for flip in p["flips"]:
                 text = _cell(flip["text"])[:120]
                 lines.append(f"| {flip['index']} | {flip['label'] or ''} | {flip['reference']} | {flip['artifact']} | {text} |")
+    if manifest.targets:
+        lines += [
+            "", "## TensorRT targets", "",
+            "Parity of the TensorRT-ready ONNX files above is ONNX Runtime's CPU emulation of their "
+            "typed graphs (float16 and Q/DQ emulated on the CPU), not the engine's; an engine's own "
+            "parity is measured where it was built, on its GPU.",
+            "", "| target | arch | precision | ONNX | readiness | engine |", "|---|---|---|---|---|---|",
+        ]
+        for t in manifest.targets:
+            ready = "ready" if t.readiness.get("ready") else f"NOT READY ({len(t.readiness.get('findings', []))} findings)"
+            engine = (f"built: `{t.engine['path']}` on {t.engine['gpu_name']} ({t.engine['compute_capability']}), "
+                      f"TensorRT {t.engine['trt_version']}" if t.engine else f"{t.engine_status}: {_cell(t.engine_reason)}")
+            lines.append(f"| {t.name} | {t.arch} | {t.precision} | `{t.onnx}` | {ready} | {engine} |")
+        for t in manifest.targets:
+            if t.readiness.get("findings"):
+                lines += ["", f"### {t.name}: TensorRT readiness findings", ""]
+                lines += [f"- `{f['node']}`: {f['message']} [{f['rule']}]" for f in t.readiness["findings"][:50]]
     lines += ["", "## Tools", ""] + [f"- {k} {v}" for k, v in manifest.tools.items()]
     return "\n".join(lines) + "\n"
 
 
 def render_junit(manifest: Manifest) -> str:
-    """One test case per gate: the export check and each artifact's parity."""
+    """One test case per gate: the export check, each artifact's parity, each target's readiness
+    and engine build (skipped, with the reason, where this machine cannot build it)."""
     suite = ET.Element("testsuite", name=f"shipyard.{manifest.recipe_name}")
     failures = 0
+    skipped = 0
     for stage in manifest.stages:
-        if not stage.stage.startswith(("export", "validate")):
+        if not stage.stage.startswith(("export", "validate", "trt-check", "build")):
             continue
         case = ET.SubElement(suite, "testcase", classname=f"shipyard.{manifest.recipe_name}",
                              name=stage.stage, time=f"{stage.seconds:.3f}")
-        if not stage.passed:
+        if stage.details.get("status") == NEEDS_GPU_HOST:
+            skipped += 1
+            ET.SubElement(case, "skipped", message=stage.message)
+        elif not stage.passed:
             failures += 1
             ET.SubElement(case, "failure", message=stage.message).text = stage.message
     suite.set("tests", str(len(suite)))
     suite.set("failures", str(failures))
     suite.set("errors", "0")
+    suite.set("skipped", str(skipped))
     ET.indent(suite)
     return '<?xml version="1.0" encoding="utf-8"?>\n' + ET.tostring(suite, encoding="unicode") + "\n"
 

@@ -14,11 +14,12 @@ from pathlib import Path
 
 from calibration.encode import load_tokenizer
 from pipeline import data as datamod
+from pipeline import targets
 from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir
 from pipeline.compare import ParityReport
 from pipeline.manifest import (
-    ArtifactRecord, DataRecord, Manifest, ModelRecord, StageRecord, folder_sha256, tool_versions,
-    write_json,
+    ArtifactRecord, DataRecord, Manifest, ModelRecord, StageRecord, TargetRecord, folder_sha256,
+    tool_versions, write_json,
 )
 from pipeline.model import inspect_model
 from pipeline.progress import Progress
@@ -39,9 +40,17 @@ class RunOutcome:
         return self.manifest.passed
 
 
-def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overwrite: bool = False) -> RunOutcome:
-    """Export, quantize and validate as the recipe says; write artifacts, manifest and reports."""
+def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overwrite: bool = False,
+               target_names: tuple[str, ...] = ()) -> RunOutcome:
+    """Export, quantize, make TensorRT-ready ONNX and validate as the recipe says; build engines
+    where this machine can; write artifacts, manifest and reports.
+
+    `target_names` restricts the run to those targets (one job per target when fanned out).
+    """
     check_output_dir(out, overwrite)
+    selected = targets.select_targets(recipe, target_names)
+    if recipe.stages.build.require_engines:
+        targets.engines_possible(selected)  # fail before any work, not after ten minutes
     info = inspect_model(recipe.model.path, recipe.model.task)
     tokenizer = load_tokenizer(recipe.model.path)
     prepared = datamod.prepare(recipe.data, tokenizer, info.label2id)
@@ -77,6 +86,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
             artifacts.extend(result.artifacts)
             dense = result.artifacts[0]
 
+        qdq = None
         if recipe.stages.quantize.enabled:
             for fmt in recipe.stages.quantize.formats:
                 with progress.task(f"quantize INT8 ({fmt})"):
@@ -84,8 +94,14 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
                                           work / f"model.int8.{fmt}.onnx", prepared.calibration_batches)
                 results.append(result)
                 artifacts.extend(result.artifacts)
+                qdq = result.artifacts[0] if fmt == "qdq" else qdq
 
-        for artifact in artifacts:
+        with progress.task("TensorRT-ready ONNX per target"):
+            target_onnx, typed_results = targets.typed_artifacts(selected, dense, qdq, work)
+        results.extend(typed_results)
+        artifacts.extend(a for r in typed_results for a in r.artifacts)
+
+        def validate_artifact(artifact: Artifact) -> None:
             with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
                 result, report = validate.run(
                     artifact, reference_logits, evaluation.batches, recipe.gate_for(gate_kind(artifact)),
@@ -94,18 +110,43 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
             results.append(result)
             parity[artifact.name] = report
 
-        manifest = _manifest(recipe, info, prepared, results, artifacts, parity, work)
+        for artifact in artifacts:
+            validate_artifact(artifact)
+
+        target_records = []
+        for target in selected:
+            onnx = target_onnx[target.name]
+            with progress.task(f"TensorRT readiness ({target.name})"):
+                readiness, result = targets.check_readiness(target, onnx, recipe.stages.build.trt_version)
+            results.append(result)
+            with progress.task(f"engine ({target.name}, {target.arch})"):
+                engine, record, result = targets.try_build(target, onnx, work)
+            results.append(result)
+            if engine is not None:
+                artifacts.append(engine)
+                validate_artifact(engine)
+            target_records.append(TargetRecord(
+                name=target.name, arch=target.arch, precision=target.precision,
+                onnx=str(onnx.path.relative_to(work)), readiness=readiness.to_dict(),
+                engine_status=result.details["status"], engine_reason=result.details.get("reason", ""),
+                engine=record and {**record, "path": str(engine.path.relative_to(work))},
+                target=json.loads(target.model_dump_json()),
+            ))
+
+        manifest = _manifest(recipe, info, prepared, results, artifacts, parity, work, target_records)
         write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
         write_reports(manifest, work)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
 
 
 def gate_kind(artifact: Artifact) -> str:
-    """Which recipe thresholds apply: pruned FP32 models have their own, looser gate."""
-    return "pruned" if artifact.stage == "prune" else artifact.precision
+    """Which recipe thresholds apply: float models made from the pruned one take the pruned gate
+    (pruning, not precision, dominates their error); INT8 ones always take the INT8 gate."""
+    pruned = artifact.stage == "prune" or artifact.options.get("pruned", False)
+    return "pruned" if pruned and artifact.precision != "int8" else artifact.precision
 
 
-def _manifest(recipe, info, prepared, results, artifacts, parity, work: Path) -> Manifest:
+def _manifest(recipe, info, prepared, results, artifacts, parity, work: Path, target_records) -> Manifest:
     export_ok = {r.stage: r.passed for r in results}
     records = []
     for artifact in artifacts:
@@ -135,6 +176,7 @@ def _manifest(recipe, info, prepared, results, artifacts, parity, work: Path) ->
         stages=[StageRecord(stage=r.stage, passed=r.passed, message=r.message,
                             seconds=round(r.seconds, 3), details=r.details) for r in results],
         artifacts=records,
+        targets=target_records,
         recipe=json.loads(recipe.model_dump_json()),
     )
 

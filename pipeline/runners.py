@@ -96,6 +96,83 @@ class OrtRunner:
         return {o.name: value for o, value in zip(session.get_outputs(), outputs)}
 
 
+ENGINE_SUFFIXES = (".engine", ".plan")
+
+
+class TrtRunner:
+    """A serialized TensorRT engine on the first CUDA device; GPU buffers are torch tensors.
+
+    Each batch picks the first optimization profile whose [min, max] covers its shape, so an
+    engine with several profiles serves every batch one of them accepts.
+    """
+
+    def __init__(self, engine_path: Path) -> None:
+        self.path = Path(engine_path)
+        self._engine = None
+        self._context = None
+
+    def _load(self):
+        if self._engine is None:
+            from pipeline.stages.build import build_environment
+
+            build_environment()  # one-line error when TensorRT or the GPU is missing
+            import tensorrt as trt
+
+            if not self.path.is_file():
+                raise ArtifactError(f"engine {self.path} not found; build it with shipyard build")
+            runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
+            runtime.engine_host_code_allowed = True  # version-compatible engines carry their runtime
+            self._engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+            if self._engine is None:
+                raise ArtifactError(f"engine {self.path} does not deserialize with this TensorRT/GPU; rebuild it here")
+            self._context = self._engine.create_execution_context()
+        return self._engine, self._context
+
+    def _profile_for(self, engine, batch: Batch) -> int:
+        def accepts(index: int, name: str, value: np.ndarray) -> bool:
+            low, _, high = engine.get_tensor_profile_shape(name, index)
+            return all(lo <= d <= hi for d, lo, hi in zip(value.shape, low, high))
+
+        for index in range(engine.num_optimization_profiles):
+            if all(accepts(index, name, value) for name, value in batch.items()):
+                return index
+        raise ArtifactError(f"engine {self.path}: no optimization profile accepts batch shape "
+                            f"{next(iter(batch.values())).shape}; add a profile to the target")
+
+    def infer(self, batch: Batch) -> Batch:
+        import tensorrt as trt
+        import torch
+
+        engine, context = self._load()
+        stream = torch.cuda.current_stream()
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        feed = {n: batch[n] for n in inputs}
+        context.set_optimization_profile_async(self._profile_for(engine, feed), stream.cuda_stream)
+        keep = []
+        for name in inputs:
+            tensor = torch.from_numpy(feed[name].astype(trt.nptype(engine.get_tensor_dtype(name)))).cuda()
+            keep.append(tensor)
+            context.set_input_shape(name, tuple(tensor.shape))
+            context.set_tensor_address(name, tensor.data_ptr())
+        outputs = {}
+        for name in names:
+            if name in inputs:
+                continue
+            dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
+            outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
+            context.set_tensor_address(name, outputs[name].data_ptr())
+        if not context.execute_async_v3(stream.cuda_stream):
+            raise ArtifactError(f"engine {self.path}: execution failed")
+        stream.synchronize()
+        return {name: value.float().cpu().numpy() for name, value in outputs.items()}
+
+
+def runner_for(path: Path):
+    """The runner for an artifact file: TensorRT for engines, ONNX Runtime for ONNX."""
+    return TrtRunner(path) if Path(path).suffix in ENGINE_SUFFIXES else OrtRunner(path)
+
+
 def session_with_outputs(model, tensors: list[str]):
     """An ONNX Runtime session over `model` that also returns the named intermediate tensors.
 

@@ -10,13 +10,17 @@ from calibration.sampling import Columns
 from pipeline import data as datamod
 from pipeline.artifacts import Artifact, StageResult, check_writable_parent
 from pipeline.compare import ParityReport
-from pipeline.errors import ShipyardError
+from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.manifest import write_json
 from pipeline.model import inspect_model
 from pipeline.progress import Progress
-from pipeline.recipe import ExportSpec, Gate, PruneSpec, QuantizeSpec, Thresholds
-from pipeline.runners import TorchRunner, check_onnx_file, collect_logits
-from pipeline.stages import export, prune, quantize, validate
+from pipeline.readiness import check_model_file
+from pipeline.recipe import (
+    ARCHITECTURES, TRT_VERSION, ExportSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, TargetSpec,
+    Thresholds, load_recipe,
+)
+from pipeline.runners import ENGINE_SUFFIXES, TorchRunner, check_onnx_file, collect_logits
+from pipeline.stages import build, export, prune, quantize, validate
 
 # Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
 # given: they exercise the dynamic batch and sequence axes the way production traffic does.
@@ -107,16 +111,67 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
 
 
 def artifact_kind(path: Path) -> tuple[str, str]:
-    """(precision, threshold kind) of an ONNX file: 'int8' when the graph quantizes anything,
-    'pruned' for an FP32 graph the prune stage marked, else 'fp32'."""
+    """(precision, threshold kind) of an artifact: 'int8' when the graph quantizes anything,
+    'fp16' when its weights are float16, 'pruned' for a float graph the prune stage marked,
+    else 'fp32'. An engine's come from the build record `shipyard build` wrote beside it."""
     import onnx
 
+    if Path(path).suffix in ENGINE_SUFFIXES:
+        record = _engine_record(path)
+        precision = record["precision"]
+        return precision, "pruned" if record.get("pruned") and precision != "int8" else precision
     quantized = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QAttention"}
     model = onnx.load(str(path), load_external_data=False)
     if any(n.op_type in quantized for n in model.graph.node):
         return "int8", "int8"
+    precision = "fp16" if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer) else "fp32"
     pruned = any(p.key == prune.PRUNED_MARK for p in model.metadata_props)
-    return "fp32", "pruned" if pruned else "fp32"
+    return precision, "pruned" if pruned else precision
+
+
+def _engine_record(engine: Path) -> dict:
+    sidecar = Path(f"{engine}.json")
+    if not Path(engine).is_file():
+        raise ArtifactError(f"engine {engine} not found; build it with shipyard build")
+    if not sidecar.is_file():
+        raise ArtifactError(f"engine {engine} has no build record {sidecar.name}; build it with shipyard build, "
+                            "which writes one")
+    return json.loads(sidecar.read_text())
+
+
+DEFAULT_PROFILE = ProfileSpec(batch=Range(min=1, opt=8, max=32), sequence=Range(min=1, opt=128, max=512))
+
+
+def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path) -> tuple[TargetSpec, str]:
+    """A recipe's target by name, or an architecture with the graph's precision and default profiles."""
+    if recipe_file is not None:
+        recipe = load_recipe(recipe_file)
+        return recipe.target(ref), recipe.stages.build.trt_version
+    if ref not in ARCHITECTURES:
+        raise ShipyardError(f"--target {ref}: pass --recipe to use a recipe target, or an architecture "
+                            f"({', '.join(ARCHITECTURES)})")
+    precision, _ = artifact_kind(model_path)
+    return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE]), TRT_VERSION
+
+
+def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None = None):
+    """Build one engine; returns (record, None), or (None, readiness report) when the graph is not ready.
+
+    Bad input and a machine that cannot build raise `ShipyardError` before any work."""
+    check_onnx_file(model_path)
+    check_writable_parent(out)
+    target, trt_version = _resolve_target(target_ref, recipe_file, model_path)
+    env = build.build_environment()
+    build.check_target_arch(target, env)
+    readiness = check_model_file(model_path, trt_version, target.profiles)
+    if not readiness:
+        return None, readiness
+    record = build.build_engine(build.plan_build(target, model_path), out, env)
+    precision, kind = artifact_kind(model_path)
+    write_json(Path(f"{out}.json"), {**vars(record), "precision": precision, "pruned": kind == "pruned",
+                                     "target": json.loads(target.model_dump_json()),
+                                     "readiness": readiness.to_dict()})
+    return record, None
 
 
 def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
@@ -125,7 +180,8 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   max_metric_drop: float | None, metric: str, report_path: Path | None,
                   progress: Progress = Progress()) -> ParityReport:
     info = inspect_model(reference)
-    check_onnx_file(artifact)
+    if Path(artifact).suffix not in ENGINE_SUFFIXES:
+        check_onnx_file(artifact)
     if report_path is not None:
         check_writable_parent(report_path)
     columns = Columns(text_column, text_pair_column, label_column)

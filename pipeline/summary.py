@@ -11,7 +11,8 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
 
     manifest = outcome.manifest
     table = Table(title=f"{manifest.recipe_name}: {'PASSED' if manifest.passed else 'FAILED'}")
-    for column in ("artifact", "precision", "MB", "agreement", "max |diff|", "metric drop", "gate"):
+    table.add_column("artifact", overflow="fold")
+    for column in ("precision", "MB", "agreement", "max |diff|", "metric drop", "gate"):
         table.add_column(column)
     for art in manifest.artifacts:
         p = art.parity or {}
@@ -25,4 +26,9 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
     for stage in manifest.stages:
         if not stage.passed:
             console.print(f"[red]FAIL[/] {escape(stage.stage)}: {escape(stage.message)}")
+    for target in manifest.targets:
+        engine = f"engine {target.engine['path']}" if target.engine else f"engine: {target.engine_status}"
+        ready = "ready" if target.readiness.get("ready") else "[red]NOT READY[/]"
+        console.print(f"target {escape(target.name)} ({target.arch}, {target.precision}): {escape(target.onnx)} "
+                      f"{ready}; {escape(engine)}")
     console.print(f"release: {outcome.out} (manifest.json, report.md, junit.xml)")

@@ -10,7 +10,7 @@ import numpy as np
 from pipeline.artifacts import Artifact, StageResult
 from pipeline.compare import ParityReport, compare_logits
 from pipeline.recipe import Gate
-from pipeline.runners import OrtRunner, collect_logits
+from pipeline.runners import collect_logits, runner_for
 
 Batch = dict[str, np.ndarray]
 
@@ -28,7 +28,7 @@ def run(
 ) -> tuple[StageResult, ParityReport]:
     """Run the artifact on every evaluation batch and apply `gate` to its parity."""
     started = time.perf_counter()
-    logits = collect_logits(OrtRunner(artifact.path), batches, progress)
+    logits = collect_logits(runner_for(artifact.path), batches, progress)
     report = compare_logits(
         artifact.name, reference_logits, logits, gate, metric, labels, id2label, texts
     )

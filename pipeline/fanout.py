@@ -1,0 +1,123 @@
+"""Releases past one machine: one job per target (`plan`) and one manifest from their folders (`collect`).
+
+An engine runs only on the GPU architecture it was built on, so a release pipeline runs one job
+per target on a runner of that architecture (`shipyard run RECIPE --target NAME`), then merges
+the per-target folders. Every job also rebuilds the shared artifacts (ONNX, INT8, typed ONNX);
+`collect` refuses to merge when their hashes differ, because then the jobs did not ship the same
+model.
+"""
+
+from __future__ import annotations
+
+import json
+import shlex
+import shutil
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import atomic_dir, check_output_dir
+from pipeline.errors import ShipyardError
+from pipeline.manifest import Manifest, verify_release, write_json
+from pipeline.recipe import ARCHITECTURES, JETSON_ARCHS, Recipe
+from pipeline.report import write_reports
+
+GENERATED = ("manifest.json", "report.md", "junit.xml")
+
+
+def plan_jobs(recipe: Recipe, recipe_path: str) -> list[dict[str, Any]]:
+    """One job per target: where it must run and the command that builds and gates it there."""
+    jobs = []
+    for target in recipe.targets:
+        jetson = target.arch in JETSON_ARCHS
+        command = ["shipyard", "run", recipe_path, "--target", target.name, "--out", f"out/{target.name}",
+                   "--set", "stages.build.require_engines=true"]
+        jobs.append({
+            "target": target.name, "arch": target.arch, "gpu": ARCHITECTURES[target.arch],
+            "precision": target.precision,
+            "runs_on": ["self-hosted", "jetson" if jetson else "gpu", target.arch],
+            # Jetson runs JetPack's own TensorRT (aarch64); the x86 image serves every other target.
+            "container": "" if jetson else "shipyard-trt",
+            "command": shlex.join(command),
+        })
+    return jobs
+
+
+def github_matrix(jobs: list[dict[str, Any]]) -> str:
+    """`{"include": [...]}` on one line, for `echo "matrix=..." >> $GITHUB_OUTPUT`."""
+    return json.dumps({"include": jobs}, separators=(",", ":"))
+
+
+def _load(folder: Path) -> Manifest:
+    path = Path(folder) / "manifest.json"
+    if not path.is_file():
+        raise ShipyardError(f"{folder}: no manifest.json; pass release folders written by shipyard run")
+    try:
+        return Manifest.model_validate_json(path.read_text())
+    except ValueError:
+        raise ShipyardError(f"{path}: not a Shipyard manifest (schema recipes/manifest.schema.json)") from None
+
+
+def collect(folders: list[Path], out: Path, overwrite: bool = False, require_engines: bool = False) -> Manifest:
+    """Merge per-target release folders into `out`; shared artifacts must have equal hashes."""
+    if not folders:
+        raise ShipyardError("collect needs at least one release folder")
+    check_output_dir(out, overwrite)
+    manifests = [_load(f) for f in folders]
+    for folder in folders:
+        problems = verify_release(folder)
+        if problems:
+            raise ShipyardError(f"{folder}: {problems[0]}; the folder changed after shipyard run wrote it")
+    first = manifests[0]
+    for folder, manifest in zip(folders[1:], manifests[1:]):
+        if (manifest.recipe_name, manifest.model.sha256) != (first.recipe_name, first.model.sha256):
+            raise ShipyardError(f"{folder}: recipe {manifest.recipe_name!r} / model {manifest.model.sha256[:12]} "
+                                f"differ from {folders[0]}'s; collect folders of one release only")
+        for split, record in manifest.data.items():
+            if record.fingerprint != first.data[split].fingerprint:
+                raise ShipyardError(f"{folder}: {split} rows differ from {folders[0]}'s (fingerprint); "
+                                    "every job must use the same recipe and data")
+
+    artifacts, owner = {}, {}
+    for folder, manifest in zip(folders, manifests):
+        for record in manifest.artifacts:
+            seen = artifacts.get(record.path)
+            if seen is not None and seen.sha256 != record.sha256:
+                raise ShipyardError(
+                    f"{record.path}: sha256 {seen.sha256[:12]} in {owner[record.path]} but {record.sha256[:12]} in "
+                    f"{folder}; the jobs did not produce the same artifact, so they are not one release")
+            if seen is None:
+                artifacts[record.path], owner[record.path] = record, folder
+    targets = {}
+    for folder, manifest in zip(folders, manifests):
+        for target in manifest.targets:
+            if target.name in targets and targets[target.name].engine and target.engine:
+                raise ShipyardError(f"target {target.name} has an engine in two folders ({folder}); collect each target once")
+            if target.name not in targets or target.engine:
+                targets[target.name] = target
+    missing = [t.name for t in targets.values() if t.engine is None]
+    if require_engines and missing:
+        raise ShipyardError(f"targets without an engine: {', '.join(missing)}; run their jobs on GPU hosts "
+                            "(shipyard plan) or drop --require-engines")
+
+    stages, seen_stages = [], set()
+    for manifest in manifests:
+        for stage in manifest.stages:
+            key = (stage.stage, stage.message)
+            if key not in seen_stages:
+                seen_stages.add(key)
+                stages.append(stage)
+    merged = first.model_copy(update={
+        "passed": all(m.passed for m in manifests), "stages": stages,
+        "artifacts": list(artifacts.values()), "targets": list(targets.values()),
+        "collected_from": [str(Path(f).resolve()) for f in folders],
+    })
+    with atomic_dir(out, overwrite) as work:
+        for folder in folders:
+            for path in sorted(Path(folder).rglob("*")):
+                relative = path.relative_to(folder)
+                if path.is_file() and str(relative) not in GENERATED and not (work / relative).exists():
+                    (work / relative).parent.mkdir(parents=True, exist_ok=True)
+                    shutil.copy2(path, work / relative)
+        write_json(work / "manifest.json", json.loads(merged.model_dump_json()))
+        write_reports(merged, work)
+    return merged

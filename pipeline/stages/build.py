@@ -1,0 +1,209 @@
+"""TensorRT engine builds, on the documented `tensorrt` Python API.
+
+Split so that everything but the build itself is checked on CPU:
+
+- `plan_build(target, onnx)`: what the builder will be told (profiles per graph input, memory pool,
+  optimization level, flags, hardware compatibility, DLA), a pure function of the recipe and graph;
+- `build_environment()`: which TensorRT and which GPU this machine has, or a `BuildUnavailable`
+  error saying what is missing and where builds run (the Docker image on a GPU host);
+- `check_target_arch(target, env)`: refuses a build whose engine would not run on the target;
+- `build_engine(plan, out)`: parse with `OnnxParser`, add the profiles, configure, load and save
+  the timing cache, `build_serialized_network`, then deserialize once as the postcondition.
+
+The network is created strongly typed (precision comes from the graph; see `trt_onnx.py`), so no
+FP16/INT8 builder flags are set: TensorRT 11 removed them.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import atomic_file, sha256_file
+from pipeline.errors import ShipyardError
+from pipeline.recipe import TargetSpec
+
+NEEDS_GPU_HOST = "needs a GPU host"
+DOCKER_HINT = ("engine builds run on a GPU host: docker run --gpus all ... shipyard-trt (see the README, "
+               "'Building engines')")
+# TensorRT releases that build for the DLA on Jetson (10.8-11.4.0 dropped it; 11.4.1 restored it on JetPack 7.2.2).
+DLA_TRT_VERSIONS = "TensorRT <= 10.7 (JetPack 6) or >= 11.4.1 (JetPack 7.2.2)"
+
+
+class BuildUnavailable(ShipyardError):
+    """This machine cannot build the engine (no TensorRT, no CUDA device, wrong architecture)."""
+
+
+@dataclass
+class BuildPlan:
+    """Everything `build_engine` sets on the builder, decided before TensorRT is imported."""
+
+    target: str
+    arch: str
+    onnx: str
+    profiles: list[dict[str, list[list[int]]]]  # per profile: input -> [min, opt, max] shapes
+    workspace_bytes: int
+    optimization_level: int
+    hardware_compatibility: str
+    flags: list[str] = field(default_factory=list)
+    dla_core: int | None = None
+    timing_cache: str | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+@dataclass(frozen=True)
+class BuildEnvironment:
+    trt_version: str
+    gpu_name: str
+    arch: str  # of the local GPU, e.g. "sm_80"
+
+
+def graph_inputs(onnx_path: Path) -> list[str]:
+    import onnx
+
+    model = onnx.load(str(onnx_path), load_external_data=False)
+    initializers = {i.name for i in model.graph.initializer}
+    return [i.name for i in model.graph.input if i.name not in initializers]
+
+
+def plan_build(target: TargetSpec, onnx_path: Path) -> BuildPlan:
+    """The builder configuration for `target`; every graph input gets [batch, sequence] shapes."""
+    inputs = graph_inputs(onnx_path)
+    profiles = []
+    for profile in target.profiles:
+        shapes = [[profile.batch.min, profile.sequence.min], [profile.batch.opt, profile.sequence.opt],
+                  [profile.batch.max, profile.sequence.max]]
+        profiles.append({name: shapes for name in inputs})
+    flags = []
+    if target.version_compatible:
+        flags.append("VERSION_COMPATIBLE")
+    if target.sparse_weights:
+        flags.append("SPARSE_WEIGHTS")
+    if target.dla_core is not None:
+        flags.append("GPU_FALLBACK")  # BERT's Gather/Softmax/LayerNorm layers do not all run on the DLA
+    return BuildPlan(
+        target=target.name, arch=target.arch, onnx=str(onnx_path), profiles=profiles,
+        workspace_bytes=target.workspace_mb << 20, optimization_level=target.optimization_level,
+        hardware_compatibility=target.hardware_compatibility.upper(), flags=flags, dla_core=target.dla_core,
+        timing_cache=str(target.timing_cache) if target.timing_cache else None,
+    )
+
+
+def build_environment() -> BuildEnvironment:
+    """The local TensorRT and GPU, or `BuildUnavailable` naming what is missing."""
+    try:
+        import tensorrt as trt
+    except ImportError:
+        raise BuildUnavailable(f"TensorRT is not installed here (no 'tensorrt' module); {DOCKER_HINT}") from None
+    try:
+        import torch
+
+        if not torch.cuda.is_available():
+            raise BuildUnavailable(f"TensorRT {trt.__version__} is installed but no CUDA device is visible; {DOCKER_HINT}")
+        major, minor = torch.cuda.get_device_capability(0)
+        name = torch.cuda.get_device_name(0)
+    except ImportError:
+        raise BuildUnavailable("torch is not installed; the engine runner allocates GPU buffers with it") from None
+    return BuildEnvironment(trt_version=trt.__version__, gpu_name=name, arch=f"sm_{major}{minor}")
+
+
+def check_target_arch(target: TargetSpec, env: BuildEnvironment) -> None:
+    """Refuse a build that would produce an engine the target GPU cannot run."""
+    local = int(env.arch.removeprefix("sm_"))
+    wanted = int(target.arch.removeprefix("sm_"))
+    if target.hardware_compatibility == "ampere_plus":
+        if local < 80:
+            raise BuildUnavailable(f"target {target.name}: hardware_compatibility ampere_plus engines are built on "
+                                   f"sm_80 or newer; this GPU ({env.gpu_name}) is {env.arch}")
+    elif local != wanted:
+        raise BuildUnavailable(
+            f"target {target.name} is {target.arch} but this GPU ({env.gpu_name}) is {env.arch}: the engine would "
+            f"not run there; build on a {target.arch} host (shipyard plan fans out per target) or set "
+            "hardware_compatibility: ampere_plus")
+    if target.dla_core is not None and not _trt_has_dla(env.trt_version):
+        raise BuildUnavailable(f"target {target.name}: dla_core needs {DLA_TRT_VERSIONS}; this is TensorRT "
+                               f"{env.trt_version}; drop dla_core or build with JetPack's TensorRT")
+
+
+def _trt_has_dla(version: str) -> bool:
+    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
+    return parts <= (10, 7, 99) or parts >= (11, 4, 1)
+
+
+@dataclass
+class EngineRecord:
+    """What the manifest records of a built engine."""
+
+    path: str
+    sha256: str
+    size_bytes: int
+    trt_version: str
+    gpu_name: str
+    compute_capability: str
+    build_seconds: float
+    plan: dict[str, Any]
+
+
+def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRecord:
+    """Build, serialize and re-load the engine for `plan`; writes `out` atomically."""
+    import tensorrt as trt
+
+    logger = trt.Logger(trt.Logger.WARNING)
+    builder = trt.Builder(logger)
+    flags = 0
+    if hasattr(trt.NetworkDefinitionCreationFlag, "STRONGLY_TYPED"):  # TensorRT 11: always strongly typed
+        flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
+    network = builder.create_network(flags)
+    parser = trt.OnnxParser(network, logger)
+    if not parser.parse_from_file(plan.onnx):
+        errors = [parser.get_error(i) for i in range(parser.num_errors)]
+        first = errors[0] if errors else None
+        where = f" at node {first.node_name()!r} ({first.node_operator()})" if first is not None else ""
+        raise ShipyardError(f"TensorRT could not parse {plan.onnx}{where}: "
+                            f"{first.desc() if first is not None else 'unknown error'}; run shipyard trt-check on it")
+
+    config = builder.create_builder_config()
+    config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+    config.builder_optimization_level = plan.optimization_level
+    if plan.hardware_compatibility == "AMPERE_PLUS":
+        config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
+    for flag in plan.flags:
+        config.set_flag(getattr(trt.BuilderFlag, flag))
+    if plan.dla_core is not None:
+        config.default_device_type = trt.DeviceType.DLA
+        config.DLA_core = plan.dla_core
+    for shapes in plan.profiles:
+        profile = builder.create_optimization_profile()
+        for name, (low, opt, high) in shapes.items():
+            profile.set_shape(name, low, opt, high)
+        config.add_optimization_profile(profile)
+
+    cache_path = Path(plan.timing_cache) if plan.timing_cache else None
+    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
+    config.set_timing_cache(cache, ignore_mismatch=False)
+
+    started = time.perf_counter()
+    serialized = builder.build_serialized_network(network, config)
+    seconds = time.perf_counter() - started
+    if serialized is None:
+        raise ShipyardError(f"TensorRT failed to build target {plan.target} from {plan.onnx}; see its log above")
+
+    runtime = trt.Runtime(logger)
+    if "VERSION_COMPATIBLE" in plan.flags:
+        runtime.engine_host_code_allowed = True
+    if runtime.deserialize_cuda_engine(bytes(serialized)) is None:  # the postcondition: it loads
+        raise ShipyardError(f"the engine built for target {plan.target} does not deserialize; not writing it")
+    with atomic_file(out) as tmp:
+        tmp.write_bytes(bytes(serialized))
+    if cache_path is not None:
+        with atomic_file(cache_path) as tmp:
+            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    return EngineRecord(
+        path=str(out), sha256=sha256_file(out), size_bytes=Path(out).stat().st_size,
+        trt_version=env.trt_version, gpu_name=env.gpu_name, compute_capability=env.arch,
+        build_seconds=round(seconds, 3), plan=plan.to_dict(),
+    )

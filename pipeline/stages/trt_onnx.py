@@ -1,0 +1,101 @@
+"""Strongly typed ONNX for TensorRT targets: the graph says each tensor's precision.
+
+TensorRT 10's strongly typed networks (and TensorRT 11, which removed weak typing and the
+FP16/INT8 builder flags) take precision from the ONNX types, so each target gets the graph it
+needs, made once per distinct precision and shared by targets that need the same one:
+
+- `fp32`: the dense FP32 artifact itself (`model.onnx`, or `model.pruned.onnx`);
+- `int8` with `non_quantized: fp32`: the Q/DQ artifact itself;
+- `fp16`: the dense artifact converted with ONNX Runtime's float16 converter;
+- `int8` with `non_quantized: fp16` (the default): the Q/DQ artifact converted the same way, after
+  moving it to opset 19, the first opset whose Q/DQ take float16 scales.
+
+The conversion keeps LayerNormalization and Softmax (and a decomposed LayerNorm's reductions) in
+float32: their accumulations overflow or lose precision in float16. Graph inputs are token ids
+(int64) and stay so; the logits output stays float32 unless the target asks for float16.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.recipe import TargetSpec
+
+FLOAT32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"]
+QDQ_FLOAT16_OPSET = 19
+
+
+@dataclass(frozen=True)
+class TypedVariant:
+    """What a target needs from the graph; targets with equal variants share one file."""
+
+    precision: str
+    non_quantized: str
+    output_dtype: str
+
+    @classmethod
+    def of(cls, target: TargetSpec) -> "TypedVariant":
+        non_quantized = target.non_quantized if target.precision == "int8" else target.precision
+        output = "fp32" if target.precision == "fp32" else target.output_dtype
+        return cls(target.precision, non_quantized, output)
+
+    @property
+    def converts(self) -> bool:
+        return self.non_quantized == "fp16"
+
+    @property
+    def name(self) -> str:
+        parts = [f"model.trt.{self.precision}"]
+        if self.precision == "int8":
+            parts.append(f"-{self.non_quantized}")
+        if self.output_dtype == "fp16":
+            parts.append("-out16")
+        return "".join(parts)
+
+
+def to_float16(src: Path, out: Path, output_fp16: bool) -> dict:
+    """Write `src` with float tensors in float16 (sensitive ops kept float32) to `out`, atomically."""
+    import onnx
+    from onnx import version_converter
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    model = onnx.load(str(src))
+    opset = next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx"))
+    has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
+    if has_qdq and opset < QDQ_FLOAT16_OPSET:
+        model = version_converter.convert_version(model, QDQ_FLOAT16_OPSET)
+    wrapped = OnnxModel(model)
+    wrapped.convert_float_to_float16(
+        use_symbolic_shape_infer=False, keep_io_types=not output_fp16, op_block_list=FLOAT32_OPS,
+    )
+    wrapped.topological_sort()  # the converter appends its Cast nodes at the end of the graph
+    onnx.checker.check_model(wrapped.model)
+    with atomic_file(out) as tmp:
+        onnx.save(wrapped.model, str(tmp))
+    return {
+        "conversion": "onnxruntime.transformers float16", "float32_ops": FLOAT32_OPS,
+        "opset": max(opset, QDQ_FLOAT16_OPSET) if has_qdq else opset, "output_dtype": "fp16" if output_fp16 else "fp32",
+        "cast_nodes": sum(n.op_type == "Cast" for n in wrapped.model.graph.node),
+    }
+
+
+def run(variant: TypedVariant, source: Artifact, out_dir: Path, targets: list[str]) -> StageResult:
+    """Make the typed graph for `variant` from `source` (the dense or Q/DQ artifact)."""
+    started = time.perf_counter()
+    out = Path(out_dir) / f"{variant.name}.onnx"
+    options = to_float16(source.path, out, variant.output_dtype == "fp16")
+    precision = "int8" if variant.precision == "int8" else "fp16"
+    artifact = Artifact(
+        name=variant.name, path=out, format="onnx", precision=precision, stage="trt-onnx",
+        options={"source": source.name, "source_sha256": source.sha256, "targets": targets,
+                 "pruned": bool(source.options.get("pruned") or source.stage == "prune"),
+                 "non_quantized": variant.non_quantized, **options},
+    )
+    return StageResult(
+        stage=f"trt-onnx[{variant.name}]", artifacts=[artifact], seconds=time.perf_counter() - started,
+        message=f"{variant.name}.onnx from {source.name}: {artifact.size_bytes / 1e6:.1f} MB, "
+                f"{options['cast_nodes']} casts, float32 kept for {', '.join(FLOAT32_OPS[:2])}",
+    )

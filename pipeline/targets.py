@@ -1,0 +1,109 @@
+"""The TensorRT part of a run: typed ONNX per target, readiness checks, and engines where possible.
+
+On a machine without TensorRT or a GPU of the target's architecture the engine step is recorded
+as "needs a GPU host" and the CPU gates decide the verdict; a recipe with
+`stages.build.require_engines` fails up front instead (`engines_possible`).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from pipeline.artifacts import Artifact, StageResult
+from pipeline.readiness import ReadinessReport, check_model_file
+from pipeline.recipe import Recipe, TargetSpec
+from pipeline.stages import build, trt_onnx
+
+NEEDS_GPU_HOST = build.NEEDS_GPU_HOST
+
+
+@dataclass
+class TargetOutcome:
+    """One target's TensorRT-ready ONNX, its readiness, and its engine (or why there is none)."""
+
+    target: TargetSpec
+    onnx: Artifact
+    readiness: ReadinessReport | None = None
+    engine: Artifact | None = None
+    engine_record: dict[str, Any] | None = None
+    engine_status: str = NEEDS_GPU_HOST
+    engine_reason: str = ""
+    results: list[StageResult] = field(default_factory=list)
+
+
+def select_targets(recipe: Recipe, names: tuple[str, ...]) -> list[TargetSpec]:
+    return [recipe.target(n) for n in names] if names else list(recipe.targets)
+
+
+def engines_possible(targets: list[TargetSpec]) -> None:
+    """Raise `BuildUnavailable` unless every target's engine can be built on this machine."""
+    if not targets:
+        return
+    env = build.build_environment()
+    for target in targets:
+        build.check_target_arch(target, env)
+
+
+def typed_artifacts(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | None,
+                    work: Path) -> tuple[dict[str, Artifact], list[StageResult]]:
+    """The ONNX each target builds from: existing artifacts where they fit, converted ones else."""
+    by_variant: dict[trt_onnx.TypedVariant, list[str]] = {}
+    for target in targets:
+        by_variant.setdefault(trt_onnx.TypedVariant.of(target), []).append(target.name)
+    chosen: dict[str, Artifact] = {}
+    results = []
+    for variant, names in by_variant.items():
+        source = qdq if variant.precision == "int8" else dense
+        if variant.converts:
+            result = trt_onnx.run(variant, source, work, names)
+            results.append(result)
+            artifact = result.artifacts[0]
+        else:
+            artifact = source
+        for name in names:
+            chosen[name] = artifact
+    return chosen, results
+
+
+def check_readiness(target: TargetSpec, onnx: Artifact, trt_version: str) -> tuple[ReadinessReport, StageResult]:
+    started = time.perf_counter()
+    report = check_model_file(onnx.path, trt_version, target.profiles)
+    message = (f"{onnx.path.name} ready for TensorRT {trt_version} ({report.counts['nodes']} nodes, "
+               f"{len(target.profiles)} profiles)" if report.ready else
+               f"{len(report.findings)} findings; first: {report.findings[0]}")
+    return report, StageResult(stage=f"trt-check[{target.name}]", passed=report.ready, message=message,
+                               seconds=time.perf_counter() - started,
+                               details={"target": target.name, "onnx": onnx.name})
+
+
+def try_build(target: TargetSpec, onnx: Artifact, work: Path) -> tuple[Artifact | None, dict | None, StageResult]:
+    """Build the target's engine if this machine can; else say what is needed, without failing."""
+    started = time.perf_counter()
+    try:
+        env = build.build_environment()
+        build.check_target_arch(target, env)
+    except build.BuildUnavailable as missing:
+        return None, None, StageResult(
+            stage=f"build[{target.name}]", passed=True, seconds=time.perf_counter() - started,
+            message=f"skipped: {NEEDS_GPU_HOST} ({target.arch}): {missing}",
+            details={"target": target.name, "status": NEEDS_GPU_HOST, "reason": str(missing)},
+        )
+    plan = build.plan_build(target, onnx.path)
+    out = work / "engines" / f"{target.name}.engine"
+    out.parent.mkdir(exist_ok=True)
+    record = build.build_engine(plan, out, env)
+    artifact = Artifact(name=f"engine.{target.name}", path=out, format="tensorrt-engine",
+                        precision=onnx.precision, stage="build",
+                        options={"target": target.name, "arch": target.arch, "source": onnx.name,
+                                 "pruned": bool(onnx.options.get("pruned") or onnx.stage == "prune"),
+                                 "trt_version": record.trt_version, "gpu": record.gpu_name,
+                                 "compute_capability": record.compute_capability})
+    return artifact, vars(record), StageResult(
+        stage=f"build[{target.name}]", artifacts=[artifact], seconds=time.perf_counter() - started,
+        message=f"built on {record.gpu_name} ({record.compute_capability}) with TensorRT {record.trt_version} "
+                f"in {record.build_seconds:.0f} s, {record.size_bytes / 1e6:.1f} MB",
+        details={"target": target.name, "status": "built"},
+    )
