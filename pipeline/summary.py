@@ -11,8 +11,8 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
 
     manifest = outcome.manifest
     table = Table(title=f"{manifest.recipe_name}: {'PASSED' if manifest.passed else 'FAILED'}")
-    table.add_column("artifact", overflow="fold")
-    for column in ("precision", "MB", "agreement", "max |diff|", "metric drop", "gate"):
+    table.add_column("artifact", no_wrap=True)
+    for column in ("prec", "MB", "agree", "max|diff|", "drop", "gate"):
         table.add_column(column)
     for art in manifest.artifacts:
         p = art.parity or {}
