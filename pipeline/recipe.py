@@ -282,9 +282,9 @@ def _apply_override(raw: dict[str, Any], assignment: str) -> None:
 
 def _format_validation_error(source: str, err: ValidationError) -> str:
     first = err.errors()[0]
-    where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+    where = ".".join(str(p) for p in first["loc"]) or "recipe"
     more = f" (and {err.error_count() - 1} more)" if err.error_count() > 1 else ""
-    msg = first["msg"]
+    msg = first["msg"].removeprefix("Value error, ")
     if first["type"] == "extra_forbidden":
         msg = "unknown key; remove it or check its spelling against recipes/recipe.schema.json"
     return f"{source}: {where}: {msg}{more}"

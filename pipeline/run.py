@@ -27,6 +27,7 @@ from pipeline.recipe import Recipe
 from pipeline.report import write_reports
 from pipeline.runners import OrtRunner, TorchRunner, collect_logits
 from pipeline.stages import export, prune, quantize, validate
+from pipeline.stages.build import BuildUnavailable
 
 
 @dataclass
@@ -50,7 +51,11 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
     check_output_dir(out, overwrite)
     selected = targets.select_targets(recipe, target_names)
     if recipe.stages.build.require_engines:
-        targets.engines_possible(selected)  # fail before any work, not after ten minutes
+        try:
+            targets.engines_possible(selected)  # fail before any work, not after ten minutes
+        except BuildUnavailable as missing:
+            raise BuildUnavailable(f"{missing} (stages.build.require_engines is set; --set "
+                                   "stages.build.require_engines=false makes the rest without engines)") from None
     info = inspect_model(recipe.model.path, recipe.model.task)
     tokenizer = load_tokenizer(recipe.model.path)
     prepared = datamod.prepare(recipe.data, tokenizer, info.label2id)

@@ -40,13 +40,18 @@ def test_wrong_type_is_named():
         load_recipe(RECIPES / "minilm-tweets.yaml", ("thresholds.int8.min_agreement=lots",))
 
 
+def test_int8_target_without_qdq_artifact_is_refused():
+    with pytest.raises(RecipeError, match=r"recipe: target a100-int8: int8 engines are built from the Q/DQ artifact"):
+        load_recipe(RECIPES / "minilm-tweets.yaml", ("stages.quantize.formats=[cpu]",))
+
+
 def test_overrides_apply_and_show_prints_resolved_yaml():
     result = CliRunner().invoke(cli, ["recipe", "show", str(RECIPES / "minilm-tweets.yaml"),
-                                      "--set", "data.max_length=32", "--set", "stages.quantize.formats=[cpu]"])
+                                      "--set", "data.max_length=32", "--set", "stages.quantize.method=entropy"])
     assert result.exit_code == 0, result.output
     shown = yaml.safe_load(result.output)
     assert shown["data"]["max_length"] == 32
-    assert shown["stages"]["quantize"]["formats"] == ["cpu"]
+    assert shown["stages"]["quantize"]["method"] == "entropy"
     assert shown["thresholds"]["int8"]["min_agreement"] == 0.98  # defaults are filled in
     assert Path(shown["model"]["path"]).is_absolute()
 
