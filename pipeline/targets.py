@@ -8,9 +8,7 @@ as "needs a GPU host" and the CPU gates decide the verdict; a recipe with
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 from pipeline.artifacts import Artifact, StageResult
 from pipeline.readiness import ReadinessReport, check_model_file
@@ -18,20 +16,6 @@ from pipeline.recipe import Recipe, TargetSpec
 from pipeline.stages import build, trt_onnx
 
 NEEDS_GPU_HOST = build.NEEDS_GPU_HOST
-
-
-@dataclass
-class TargetOutcome:
-    """One target's TensorRT-ready ONNX, its readiness, and its engine (or why there is none)."""
-
-    target: TargetSpec
-    onnx: Artifact
-    readiness: ReadinessReport | None = None
-    engine: Artifact | None = None
-    engine_record: dict[str, Any] | None = None
-    engine_status: str = NEEDS_GPU_HOST
-    engine_reason: str = ""
-    results: list[StageResult] = field(default_factory=list)
 
 
 def select_targets(recipe: Recipe, names: tuple[str, ...]) -> list[TargetSpec]:
