@@ -17,23 +17,30 @@ Batch = dict[str, np.ndarray]
 
 
 class TorchRunner:
-    """The reference: the fine-tuned PyTorch model in eval mode, FP32, on CPU."""
+    """The reference: the fine-tuned PyTorch model in eval mode, FP32, on CPU.
+
+    Only the inputs its `forward` takes are passed: DistilBERT and RoBERTa have no
+    `token_type_ids`, whatever the tokenizer returned."""
 
     def __init__(self, model_dir: Path, threads: int = 0) -> None:
         self.model_dir = Path(model_dir)
         self.threads = threads
         self._model = None
+        self._accepts: set[str] = set()
 
     def _load(self):
         if self._model is None:
+            import inspect
+
             import torch
             from transformers import AutoModelForSequenceClassification
 
             if self.threads:
                 torch.set_num_threads(self.threads)
             self._model = AutoModelForSequenceClassification.from_pretrained(
-                str(self.model_dir), local_files_only=True, dtype=torch.float32
+                str(self.model_dir), local_files_only=True, dtype=torch.float32, trust_remote_code=False,
             ).eval()
+            self._accepts = set(inspect.signature(self._model.forward).parameters)
         return self._model
 
     @property
@@ -45,7 +52,7 @@ class TorchRunner:
 
         model = self._load()
         with torch.inference_mode():
-            out = model(**{k: torch.from_numpy(v) for k, v in batch.items()})
+            out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self._accepts})
         return {"logits": out.logits.float().numpy()}
 
 

@@ -20,10 +20,15 @@ Batch = dict[str, np.ndarray]
 
 def export_onnx(model_dir: Path, out_path: Path, opset: int, task: str = "text-classification") -> None:
     """Optimum export of `model_dir` to one ONNX file at `out_path` (written atomically)."""
+    with atomic_file(out_path) as tmp_file:
+        _export_into(model_dir, tmp_file, opset, task)
+
+
+def _export_into(model_dir: Path, tmp_file: Path, opset: int, task: str) -> None:
     import transformers
     from optimum.exporters.onnx import main_export
 
-    with atomic_file(out_path) as tmp_file, tempfile.TemporaryDirectory(dir=tmp_file.parent) as work:
+    with tempfile.TemporaryDirectory(dir=tmp_file.parent) as work:
         logging.getLogger("optimum").setLevel(logging.ERROR)
         transformers.logging.set_verbosity_error()  # Optimum's own deprecation notices are not ours
         with warnings.catch_warnings():
@@ -50,13 +55,16 @@ def run(
 ) -> StageResult:
     """Export, then compare logits with PyTorch on `validation_batches`; fail beyond `spec.atol`."""
     started = time.perf_counter()
-    export_onnx(model_dir, out_path, spec.opset, task)
+    # The file is renamed into place only once the gate has run (pass or fail): a crash on the
+    # way leaves no unchecked ONNX behind.
+    with atomic_file(out_path) as tmp_file:
+        _export_into(model_dir, tmp_file, spec.opset, task)
+        expected = collect_logits(reference, validation_batches)
+        got = collect_logits(OrtRunner(tmp_file), validation_batches)
     artifact = Artifact(
         name="model.fp32", path=out_path, format="onnx", precision="fp32", stage="export",
         options={"opset": spec.opset, "task": task, "exporter": "optimum"},
     )
-    expected = collect_logits(reference, validation_batches)
-    got = collect_logits(OrtRunner(out_path), validation_batches)
     max_diff = float(np.abs(expected - got).max())
     passed = max_diff <= spec.atol
     message = (

@@ -27,8 +27,12 @@ import onnx
 from onnx import numpy_helper
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
-from pipeline.bert_graph import AttentionBlock, FfnBlock, Graph, find_attention_blocks, find_ffn_blocks
+from pipeline.bert_graph import (
+    AttentionBlock, FfnBlock, Graph, check_blocks, find_attention_blocks, find_ffn_blocks, shared_weights,
+    unfold_gemms, untie_identities,
+)
 from pipeline.errors import ShipyardError
+from pipeline.graph_io import drop_shape_annotations, prove_runs
 from pipeline.recipe import PruneSpec
 from pipeline.runners import session_with_outputs
 
@@ -236,7 +240,21 @@ def _drop_unused(model: onnx.ModelProto) -> None:
 
 # --- the stage -----------------------------------------------------------------------------
 
-def blocks_of(model: onnx.ModelProto, source: Path) -> tuple[list[FfnBlock], list[AttentionBlock]]:
+def blocks_of(model: onnx.ModelProto, source: Path,
+              config: dict[str, Any] | None = None) -> tuple[list[FfnBlock], list[AttentionBlock]]:
+    """Find the blocks of `model`, after making it ready for surgery in place: constants forwarded
+    through Identity untied, onnxsim's Reshape-Gemm-Reshape projections unfolded, stale shape
+    annotations dropped. Refuses shared weights and blocks
+    that contradict `config`."""
+    shared = shared_weights(model)
+    if shared:
+        family = "ALBERT shares one set of layer weights" if (config or {}).get("model_type") == "albert" \
+            else f"{len(shared)} weight matrices are shared between layers"
+        raise PruneError(f"ONNX file {source}: {family}, so removing a unit from one layer would remove it "
+                         "from all; Shipyard does not prune such models: disable pruning for it")
+    untie_identities(model)
+    unfold_gemms(model)
+    drop_shape_annotations(model)
     g = Graph(model)
     ffn, attention = find_ffn_blocks(g), find_attention_blocks(g)
     if not ffn or not attention or len(ffn) != len(attention):
@@ -244,6 +262,11 @@ def blocks_of(model: onnx.ModelProto, source: Path) -> tuple[list[FfnBlock], lis
             f"ONNX file {source}: BERT blocks not found ({len(ffn)} FFN, {len(attention)} attention); "
             "prune an unfused FP32 export from shipyard export"
         )
+    problems = check_blocks(g, ffn, attention, config or {})
+    if problems:
+        more = f" and {len(problems) - 1} more" if len(problems) > 1 else ""
+        raise PruneError(f"ONNX file {source}: the blocks found do not match config.json ({problems[0]}{more}); "
+                         "pass the folder of the model this graph was exported from")
     return ffn, attention
 
 
@@ -298,7 +321,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
     """Prune `src` into `out_path` (+ config.json and sparsity record beside it)."""
     started = time.perf_counter()
     model = onnx.load(str(src.path))
-    ffn, attention = blocks_of(model, src.path)
+    ffn, attention = blocks_of(model, src.path, model_config)
     needs_scores = spec.ffn_fraction > 0 or spec.heads_per_layer > 0 or spec.budget is not None
     if needs_scores and not calibration_batches:
         raise PruneError("scored pruning needs calibration data: pass --calibration DATA --tokenizer DIR")
@@ -321,6 +344,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
             fraction = _search_fraction(build, tmp, agreement_of, spec, trials)
         keep, pruned, sparse = build(fraction)
         onnx.save(pruned, str(tmp))
+        prove_runs(tmp, f"prune {out_path}")
     config = pruned_config(model_config, keep, heads_remove, sparse)
     config_path = out_path.with_name(out_path.stem + ".config.json")
     with atomic_file(config_path) as tmp:

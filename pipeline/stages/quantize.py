@@ -31,6 +31,7 @@ import numpy as np
 
 from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.graph_io import prove_runs
 from pipeline.recipe import QuantFormat, QuantizeSpec
 from pipeline.runners import OrtRunner, collect_logits
 from pipeline.stages import sensitivity
@@ -100,11 +101,48 @@ def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSp
             calibrate_method=method, nodes_to_exclude=excluded, extra_options=extra,
             calibration_cache_path=str(cache),
         )
+        _float_inputs_for_excluded(out, excluded)
         return out
 
     options = {"method": spec.method, "ops": QUANTIZED_OPS, "weights": "int8 symmetric per-channel (axis 1)",
                "activations": "int8 symmetric per-tensor, zero point 0", **method_options}
     return prepared, quantize, options
+
+
+def _float_inputs_for_excluded(path: Path, excluded: list[str]) -> None:
+    """Make the nodes kept in float read the float activation, not its Q/DQ copy.
+
+    ORT's quantizer puts one Q/DQ pair on a tensor that quantized and excluded nodes share (the
+    LayerNorm output feeding Q, K and V), and the excluded node then reads the dequantized copy:
+    it loses the precision it was kept in float for, and TensorRT sees a MatMul quantized on one
+    input only. Rewired here, in place; Q/DQ pairs nobody reads any more are removed."""
+    import onnx
+
+    if not excluded:
+        return
+    model = onnx.load(str(path))
+    producer = {o: n for n in model.graph.node for o in n.output}
+    names = set(excluded)
+    for node in model.graph.node:
+        if node.name not in names:
+            continue
+        for i, tensor in enumerate(node.input):
+            dq = producer.get(tensor)
+            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+            if q is not None and q.op_type == "QuantizeLinear":
+                node.input[i] = q.input[0]
+    while True:
+        read = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
+        dead = [n for n in model.graph.node
+                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read]
+        if not dead:
+            break
+        for node in dead:
+            model.graph.node.remove(node)
+    read = {t for n in model.graph.node for t in n.input}
+    for init in [i for i in model.graph.initializer if i.name not in read]:
+        model.graph.initializer.remove(init)
+    onnx.save(model, str(path))
 
 
 def _cpu_quantizer(src: Path, work: Path):
@@ -150,6 +188,7 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec,
             spec.fallback.min_agreement, spec.fallback.max_nodes,
         )
         chosen.replace(tmp)
+        prove_runs(tmp, f"quantize {out}")
     return {
         "format": fmt, **options, "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)),
         "float_nodes": excluded,

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.graph_io import prove_runs
 from pipeline.recipe import TargetSpec
 
 FLOAT32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"]
@@ -75,6 +76,7 @@ def to_float16(src: Path, out: Path, output_fp16: bool) -> dict:
     onnx.checker.check_model(wrapped.model)
     with atomic_file(out) as tmp:
         onnx.save(wrapped.model, str(tmp))
+        prove_runs(tmp, f"typed ONNX {out}")
     return {
         "conversion": "onnxruntime.transformers float16", "float32_ops": FLOAT32_OPS,
         "opset": max(opset, QDQ_FLOAT16_OPSET) if has_qdq else opset, "output_dtype": "fp16" if output_fp16 else "fp32",

@@ -1,0 +1,102 @@
+"""Every family Shipyard lists goes through export, prune (where allowed), both INT8 forms,
+trt-check and validate from the CLI, on small random-weight models the tests make themselves."""
+
+import json
+import shutil
+
+import numpy as np
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.runners import OrtRunner
+from pipeline.stages.export import export_onnx
+from zoo import FAMILIES, make_model
+
+pytestmark = pytest.mark.slow
+PRUNABLE = [f for f in FAMILIES if f != "albert"]
+HEADS = {0: [1], 1: [0, 2]}
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def family_models(tmp_path_factory):
+    """family -> (model folder, exported ONNX), made once for the module."""
+    root = tmp_path_factory.mktemp("families")
+    made = {}
+    for family in FAMILIES:
+        folder = make_model(root / family, family)
+        made[family] = (folder, root / f"{family}.onnx")
+    return made
+
+
+def _token_batches(folder):
+    from calibration.encode import Encoder, load_tokenizer
+    from calibration.sampling import Columns
+
+    encoder = Encoder(load_tokenizer(folder), Columns(), 48, "longest")
+    rows = [{"text": t} for t in ("hello there", "a rather longer sentence about trains and snow", "ok")]
+    return [encoder.encode(rows), encoder.encode(rows[1:2] * 5)]
+
+
+@pytest.mark.parametrize("family", FAMILIES)
+def test_family_exports_quantizes_checks_and_validates(family, family_models, tiny_holdout_small, tmp_path):
+    folder, exported = family_models[family]
+    result = invoke("export", "--model", folder, "--out", exported, "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["max_abs_diff"] <= 1e-4
+
+    result = invoke("validate", "--reference", folder, "--artifact", exported, "--data", tiny_holdout_small,
+                    "--samples", "96", "--max-length", "48", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["agreement"] == 1.0
+
+    for fmt in ("qdq", "cpu"):
+        out = tmp_path / f"int8.{fmt}.onnx"
+        result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, "--calibration",
+                        tiny_holdout_small, "--tokenizer", folder, "--samples", "64", "--max-length", "48", "--quiet")
+        assert result.exit_code == 0, result.output
+        result = invoke("validate", "--reference", folder, "--artifact", out, "--data", tiny_holdout_small,
+                        "--samples", "96", "--max-length", "48", "--min-agreement", "0.8", "--json")
+        assert result.exit_code == 0, result.output
+    result = invoke("trt-check", tmp_path / "int8.qdq.onnx")
+    assert result.exit_code == 0, result.output
+
+
+@pytest.mark.parametrize("family", PRUNABLE)
+def test_head_pruning_matches_pytorch_prune_heads_for_each_family(family, family_models, tmp_path):
+    import transformers
+
+    folder, exported = family_models[family]
+    if not exported.exists():
+        export_onnx(folder, exported, 17)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    model.prune_heads(HEADS)
+    model.save_pretrained(str(tmp_path / "pt"))
+    for item in folder.iterdir():
+        if "token" in item.name or item.name == "vocab.txt":
+            shutil.copy(item, tmp_path / "pt" / item.name)
+    export_onnx(tmp_path / "pt", tmp_path / "reference.onnx", 17)
+
+    ours = tmp_path / "ours.onnx"
+    result = invoke("prune", "--model", exported, "--out", ours, "--tokenizer", folder, "--quiet",
+                    "--prune-heads", json.dumps({str(k): v for k, v in HEADS.items()}))
+    assert result.exit_code == 0, result.output
+    for batch in _token_batches(folder):
+        expected = OrtRunner(tmp_path / "reference.onnx").infer(batch)["logits"]
+        got = OrtRunner(ours).infer(batch)["logits"]
+        assert np.abs(expected - got).max() <= 1e-4
+
+
+def test_albert_is_refused_for_pruning_with_its_reason(family_models, tmp_path):
+    folder, exported = family_models["albert"]
+    if not exported.exists():
+        export_onnx(folder, exported, 17)
+    out = tmp_path / "p.onnx"
+    result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", folder, "--prune-heads", '{"1": [0]}')
+    assert result.exit_code == 2, result.output
+    assert "ALBERT shares one set of layer weights" in result.output and "Traceback" not in result.output
+    assert not out.exists()

@@ -1,0 +1,70 @@
+"""Small random-weight models of every family and task Shipyard supports, made by the tests.
+
+Every weight is drawn at random (no zero biases, no identical tensors), so exactness tests see
+real arithmetic and exporters cannot deduplicate tensors. The tokenizer is all-MiniLM-L6-v2's
+WordPiece vocabulary, saved under the family's own tokenizer class where transformers has a
+WordPiece one (BERT, DistilBERT, ELECTRA); RoBERTa-style families get the same vocabulary through
+BertTokenizerFast, which their models accept: only token ids reach the graph.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
+TASK_HEADS = {
+    "text-classification": "ForSequenceClassification",
+    "token-classification": "ForTokenClassification",
+    "question-answering": "ForQuestionAnswering",
+    "feature-extraction": "Model",
+}
+PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
+          "distilbert": "DistilBert", "electra": "Electra", "albert": "Albert"}
+TOKEN_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+
+
+def _config(family: str, layers: int, hidden: int, heads: int, intermediate: int, vocab: int):
+    import transformers
+
+    common = dict(vocab_size=vocab, max_position_embeddings=256)
+    if family == "distilbert":
+        return transformers.DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=intermediate,
+                                             **common)
+    sizes = dict(hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+                 intermediate_size=intermediate, **common)
+    if family == "electra":
+        return transformers.ElectraConfig(embedding_size=hidden // 2, **sizes)
+    if family == "albert":
+        return transformers.AlbertConfig(embedding_size=hidden // 2, **sizes)
+    cls = getattr(transformers, f"{PREFIX[family]}Config")
+    return cls(**sizes)
+
+
+def make_model(folder: Path, family: str = "bert", task: str = "text-classification", layers: int = 2,
+               hidden: int = 64, heads: int = 4, intermediate: int = 128, seed: int = 0) -> Path:
+    """Save a random-weight `family` model for `task`, with a tokenizer, in `folder`."""
+    import torch
+    import transformers
+    from transformers import AutoTokenizer
+
+    from pipeline.demo import minilm_dir
+
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    config = _config(family, layers, hidden, heads, intermediate, tokenizer.vocab_size)
+    if task == "token-classification":
+        config.id2label = dict(enumerate(TOKEN_LABELS))
+        config.label2id = {name: i for i, name in enumerate(TOKEN_LABELS)}
+    elif task == "text-classification":
+        config.id2label = {0: "negative", 1: "neutral", 2: "positive"}
+        config.label2id = {name: i for i, name in config.id2label.items()}
+    torch.manual_seed(seed)
+    model = getattr(transformers, f"{PREFIX[family]}{TASK_HEADS[task]}")(config).eval()
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(torch.randn_like(param) * 0.02)  # no zero biases, no equal tensors
+    model.save_pretrained(str(folder))
+    if family in ("distilbert", "electra"):
+        cls = getattr(transformers, f"{PREFIX[family]}TokenizerFast")
+        tokenizer = cls(vocab_file=str(minilm_dir() / "vocab.txt"))
+    tokenizer.save_pretrained(str(folder))
+    return Path(folder)
