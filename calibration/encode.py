@@ -1,4 +1,11 @@
-"""Rows -> tokenized batches (`dict[str, np.ndarray]` of int64), with the model's own tokenizer."""
+"""Rows -> tokenized batches (`dict[str, np.ndarray]` of int64), with the model's own tokenizer.
+
+Besides the model inputs, a batch may carry arrays whose names start with "_" that runners never
+feed (they pass only the inputs a graph or `forward` declares) and the comparator reads:
+`_word_index` (token classification: the word index at each word's first sub-token, -1 elsewhere)
+and `_context_offsets` (question answering: each context token's character span in the context,
+-1 for question, special and padding tokens).
+"""
 
 from __future__ import annotations
 
@@ -14,6 +21,19 @@ from calibration.sampling import Columns
 from calibration.sources import Row
 
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json", "spiece.model")
+WORD_INDEX = "_word_index"
+CONTEXT_OFFSETS = "_context_offsets"
+
+
+def split_words(value: Any) -> list[str]:
+    """A row's words: a list as given (pre-tokenized data), or a string split on white space."""
+    if isinstance(value, (list, tuple)):
+        return [str(w) for w in value]
+    return str(value).split()
+
+
+def as_text(value: Any) -> str:
+    return " ".join(split_words(value)) if isinstance(value, (list, tuple)) else str(value)
 
 
 def load_tokenizer(folder: Path) -> Any:
@@ -39,10 +59,15 @@ class Encoder:
     columns: Columns
     max_length: int = 128
     padding: Literal["max_length", "longest"] = "max_length"
+    task: str = "text-classification"
 
     def encode(self, rows: list[Row]) -> dict[str, np.ndarray]:
-        texts = [str(r[self.columns.text]) for r in rows]
-        pairs = [str(r[self.columns.text_pair]) for r in rows] if self.columns.text_pair else None
+        if self.task == "token-classification":
+            return self._encode_words(rows)
+        if self.task == "question-answering":
+            return self._encode_question_context(rows)
+        texts = [as_text(r[self.columns.text]) for r in rows]
+        pairs = [as_text(r[self.columns.text_pair]) for r in rows] if self.columns.text_pair else None
         enc = self.tokenizer(
             texts,
             pairs,
@@ -52,6 +77,51 @@ class Encoder:
             return_tensors="np",
         )
         return {name: np.asarray(value, dtype=np.int64) for name, value in enc.items()}
+
+    def _require_fast(self) -> None:
+        if not getattr(self.tokenizer, "is_fast", False):
+            raise DataError(f"{self.task} needs a fast tokenizer (tokenizer.json) to map tokens to words and "
+                            "characters; save one with tokenizer.save_pretrained from a *TokenizerFast")
+
+    def _encode_words(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        """Words -> tokens; `_word_index` marks each word's first sub-token, the one that is scored."""
+        self._require_fast()
+        words = [split_words(r[self.columns.text]) for r in rows]
+        enc = self.tokenizer(words, is_split_into_words=True, padding=self.padding, truncation=True,
+                             max_length=self.max_length, return_tensors="np")
+        first = np.full(enc["input_ids"].shape, -1, dtype=np.int64)
+        for i in range(len(rows)):
+            previous = None
+            for position, word in enumerate(enc.word_ids(i)):
+                if word is not None and word != previous:
+                    first[i, position] = word
+                previous = word
+        batch = {name: np.asarray(value, dtype=np.int64) for name, value in enc.items()}
+        batch[WORD_INDEX] = first
+        return batch
+
+    def _encode_question_context(self, rows: list[Row]) -> dict[str, np.ndarray]:
+        """(question, context) pairs, the context truncated; `_context_offsets` maps context tokens
+        back to characters of the context."""
+        self._require_fast()
+        if not self.columns.text_pair:
+            raise DataError("question-answering needs question and context columns: set text_column (the "
+                            "question) and text_pair_column (the context)")
+        questions = [str(r[self.columns.text]) for r in rows]
+        contexts = [str(r[self.columns.text_pair]) for r in rows]
+        try:
+            enc = self.tokenizer(questions, contexts, padding=self.padding, truncation="only_second",
+                                 max_length=self.max_length, return_offsets_mapping=True, return_tensors="np")
+        except Exception as err:  # tokenizers raises a plain Exception when a question alone is too long
+            raise DataError(f"a question is longer than max_length {self.max_length} tokens ({str(err)[:80]}); "
+                            "raise data.max_length or shorten the questions") from None
+        offsets = np.asarray(enc.pop("offset_mapping"), dtype=np.int64)
+        for i in range(len(rows)):
+            in_context = np.array([sid == 1 for sid in enc.sequence_ids(i)])
+            offsets[i][~in_context] = -1
+        batch = {name: np.asarray(value, dtype=np.int64) for name, value in enc.items()}
+        batch[CONTEXT_OFFSETS] = offsets
+        return batch
 
     def batches(self, rows: list[Row], batch_size: int) -> Iterator[dict[str, np.ndarray]]:
         for start in range(0, len(rows), batch_size):

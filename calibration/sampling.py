@@ -63,7 +63,9 @@ def sample_rows(
             f"lower {purpose} samples or supply more data"
         )
     rng = random.Random(seed)
-    if strategy == "random" or columns.label is None:
+    # Per-word tags and answer lists are no classes to stratify on: sample those rows at random.
+    scalar = columns.label is not None and not any(isinstance(r[columns.label], (list, tuple, dict)) for r in rows)
+    if strategy == "random" or not scalar:
         return rng.sample(rows, n)
     by_label: dict[str, list[Row]] = {}
     for row in rows:

@@ -17,6 +17,9 @@ from pipeline.errors import ShipyardError
 
 GATE_FAILED = 1
 BAD_INPUT = 2
+# Kept here, not imported from pipeline.tasks, so `shipyard --help` stays instant (no numpy).
+TASK_CHOICES = ["text-classification", "token-classification", "question-answering", "feature-extraction"]
+METRIC_CHOICES = ["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 
 
 class ShipyardGroup(click.Group):
@@ -138,8 +141,8 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tupl
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Fine-tuned Hugging Face model folder.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
-@click.option("--task", type=click.Choice(["text-classification"]), default="text-classification",
-              show_default=True)
+@click.option("--task", type=click.Choice(TASK_CHOICES), default=None,
+              help="As Optimum names it [default: from config.json's architectures].")
 @click.option("--opset", type=click.IntRange(14, 21), default=17, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="Max |logit difference| vs PyTorch; beyond it the export fails (exit 1).")
@@ -231,7 +234,8 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation data.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--text-pair-column", default=None)
-@click.option("--label-column", default=None, help="Labels enable accuracy / macro-F1 and their drop.")
+@click.option("--label-column", default=None,
+              help="Gold labels (class, per-word IOB2 tags, or answer texts) enable the metric and its drop.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Evaluate a seeded sample of this many rows [default: all].")
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
@@ -241,22 +245,30 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
               help="[default: 1e-3 for FP32, unchecked for INT8]")
 @click.option("--max-metric-drop", type=click.FloatRange(0, 1), default=None,
               help="Fraction, 0.01 = one point [default: 0.01 for INT8 when labels are given].")
-@click.option("--metric", type=click.Choice(["accuracy", "macro_f1"]), default="accuracy", show_default=True)
+@click.option("--metric", type=click.Choice(METRIC_CHOICES), default=None,
+              help="Gated label metric [default: accuracy, entity_f1 for tokens, f1 for QA].")
+@click.option("--task", type=click.Choice(TASK_CHOICES), default=None,
+              help="[default: from the reference's config.json]")
+@click.option("--max-answer-tokens", type=click.IntRange(1, 512), default=30, show_default=True,
+              help="question-answering: longest answer span.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
+              help="feature-extraction: an embedding agrees at this cosine with PyTorch's.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the parity report as JSON here.")
 @output_options
 def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
                  text_pair_column: str | None, label_column: str | None, samples: int | None,
                  max_length: int, min_agreement: float | None, max_abs_diff: float | None,
-                 max_metric_drop: float | None, metric: str, report_path: Path | None,
-                 quiet: bool, as_json: bool) -> None:
-    """Gate an ONNX artifact's parity with its PyTorch reference: exit 0 pass, 1 fail."""
+                 max_metric_drop: float | None, metric: str | None, task: str | None, max_answer_tokens: int,
+                 min_cosine: float, report_path: Path | None, quiet: bool, as_json: bool) -> None:
+    """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail."""
     from pipeline.standalone import validate_file
 
     report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
                            samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
-                           metric, report_path, _progress(quiet, as_json))
-    line = (f"validate {artifact}: {'PASS' if report else 'FAIL'} agreement {report.agreement:.4f}, "
+                           metric, report_path, _progress(quiet, as_json), task, max_answer_tokens, min_cosine)
+    line = (f"validate {artifact}: {'PASS' if report else 'FAIL'} {report.task} agreement {report.agreement:.4f} "
+            f"over {report.units} {report.unit}, "
             f"max |diff| {report.max_abs_diff:.3g}" + ("" if report else "; " + "; ".join(report.failures)))
     _finish(report.passed, report.to_dict(), line, quiet, as_json)
 
@@ -382,8 +394,9 @@ def demo_prepare(home: Path | None, layers: int, train_rows: int, force: bool, q
 
     with _progress(quiet, as_json).task("fine-tune MiniLM on tweets", total=train_rows) as advance:
         paths = prepare_demo(home or DEFAULT_HOME, layers, train_rows, force=force, progress=advance)
-    _finish(True, {"model": str(paths.model), "holdout": str(paths.holdout)},
-            f"demo model: {paths.model}\nhold-out data: {paths.holdout}", quiet, as_json)
+    _finish(True, {"model": str(paths.model), "holdout": str(paths.holdout), "embeddings": str(paths.embeddings)},
+            f"demo model: {paths.model}\nhold-out data: {paths.holdout}\nembeddings model: {paths.embeddings}",
+            quiet, as_json)
 
 
 def main() -> None:

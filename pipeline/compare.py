@@ -1,8 +1,9 @@
 """Outputs of two runners -> a `ParityReport` whose truth value is the gate's verdict.
 
-Written here rather than borrowed: Polygraphy compares tensors, but a release gate for a
-classifier needs prediction agreement and label-metric drop on real rows, with the flipped
-examples named, and it must fail the run rather than warn.
+Written here rather than borrowed: Polygraphy compares tensors, but a release gate needs
+prediction agreement and label-metric drop on real rows, per task (classes, entity tags, answer
+spans, embeddings; see `pipeline.tasks`), with the flipped examples named, and it must fail the
+run rather than warn.
 """
 
 from __future__ import annotations
@@ -12,24 +13,12 @@ from typing import Any
 
 import numpy as np
 
+from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX, split_words
+from pipeline.metrics import accuracy, entity_scores, macro_f1, squad_scores
 from pipeline.recipe import Gate
+from pipeline.tasks import Task, cosine, max_abs_diff
 
-
-def accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
-    return float((pred == labels).mean())
-
-
-def macro_f1(pred: np.ndarray, labels: np.ndarray, num_classes: int) -> float:
-    """Unweighted mean of per-class F1 over the classes present in labels or predictions."""
-    scores = []
-    for c in range(num_classes):
-        tp = int(((pred == c) & (labels == c)).sum())
-        fp = int(((pred == c) & (labels != c)).sum())
-        fn = int(((pred != c) & (labels == c)).sum())
-        if tp + fp + fn == 0:
-            continue
-        scores.append(2 * tp / (2 * tp + fp + fn))
-    return float(np.mean(scores)) if scores else 0.0
+Batch = dict[str, np.ndarray]
 
 
 @dataclass
@@ -51,7 +40,11 @@ class ParityReport:
     max_abs_diff: float
     mean_abs_diff: float
     gate: dict[str, Any]
-    metric: str
+    metric: str | None
+    task: str = "text-classification"
+    units: int = 0  # how many predictions agreement counts over
+    unit: str = "rows"  # rows, or scored tokens for token classification
+    details: dict[str, Any] = field(default_factory=dict)
     reference_metrics: dict[str, float] = field(default_factory=dict)
     artifact_metrics: dict[str, float] = field(default_factory=dict)
     metric_drop: float | None = None
@@ -96,6 +89,7 @@ def compare_logits(
         mean_abs_diff=float(diff.mean()),
         gate=gate.model_dump(),
         metric=metric,
+        units=int(reference.shape[0]),
     )
     if labels is not None:
         num_classes = reference.shape[-1]
@@ -106,19 +100,7 @@ def compare_logits(
             })
         report.metric_drop = report.reference_metrics[metric] - report.artifact_metrics[metric]
 
-    # Agreement and metric drops are ratios of counts: compare them with a tolerance so that
-    # 8 rows of 400 (a drop of 0.02) meets a 0.02 limit despite float subtraction.
-    eps = 1e-9
-    if gate.min_agreement is not None and report.agreement < gate.min_agreement - eps:
-        report.failures.append(f"agreement {report.agreement:.4f} < {gate.min_agreement}")
-    if gate.max_abs_diff is not None and report.max_abs_diff > gate.max_abs_diff:
-        report.failures.append(f"max |logit diff| {report.max_abs_diff:.3g} > {gate.max_abs_diff}")
-    if gate.max_metric_drop is not None:
-        if report.metric_drop is None:
-            report.failures.append(f"{metric} drop is gated but the evaluation data has no labels")
-        elif report.metric_drop > gate.max_metric_drop + eps:
-            report.failures.append(f"{metric} drop {report.metric_drop:.4f} > {gate.max_metric_drop}")
-
+    apply_gate(report, gate)
     for i in np.flatnonzero(ref_pred != cand_pred)[:max_flips]:
         report.flips.append(Flip(
             index=int(i),
@@ -128,3 +110,118 @@ def compare_logits(
             label=names.get(int(labels[i]), str(labels[i])) if labels is not None else None,
         ))
     return report
+
+
+def apply_gate(report: ParityReport, gate: Gate) -> None:
+    """Record every threshold of `gate` the report misses in `report.failures`."""
+    # Agreement and metric drops are ratios of counts: compare them with a tolerance so that
+    # 8 rows of 400 (a drop of 0.02) meets a 0.02 limit despite float subtraction.
+    eps = 1e-9
+    if gate.min_agreement is not None and report.agreement < gate.min_agreement - eps:
+        report.failures.append(f"agreement {report.agreement:.4f} < {gate.min_agreement}")
+    if gate.max_abs_diff is not None and report.max_abs_diff > gate.max_abs_diff:
+        report.failures.append(f"max |output diff| {report.max_abs_diff:.3g} > {gate.max_abs_diff}")
+    if gate.max_metric_drop is not None:
+        if report.metric_drop is None:
+            report.failures.append(f"{report.metric} drop is gated but the evaluation data has no labels")
+        elif report.metric_drop > gate.max_metric_drop + eps:
+            report.failures.append(f"{report.metric} drop {report.metric_drop:.4f} > {gate.max_metric_drop}")
+
+
+def compare(task: Task, artifact: str, reference: list[Batch], candidate: list[Batch], batches: list[Batch],
+            gate: Gate, metric: str | None, gold: Any, id2label: dict[int, str], rows: list[dict],
+            text_column: str, pair_column: str | None, max_flips: int = 20) -> ParityReport:
+    """Compare two runs of one task on the evaluation batches and apply `gate`."""
+    if task.name == "text-classification":
+        texts = [str(r[text_column]) for r in rows]
+        return compare_logits(artifact, np.concatenate([r["logits"] for r in reference]),
+                              np.concatenate([c["logits"] for c in candidate]), gate, metric or "accuracy",
+                              gold, id2label, texts, max_flips)
+    largest, mean = max_abs_diff(reference, candidate, batches)
+    ref_pred, cand_pred = task.predictions(reference, batches), task.predictions(candidate, batches)
+    agree = task.agreement(ref_pred, cand_pred)
+    report = ParityReport(
+        artifact=artifact, samples=len(rows), agreement=float(agree.mean()) if agree.size else 1.0,
+        max_abs_diff=largest, mean_abs_diff=mean, gate=gate.model_dump(), metric=metric, task=task.name,
+        units=int(agree.size), unit="tokens" if task.name == "token-classification" else "rows",
+    )
+    if task.name == "token-classification":
+        _token_details(report, reference, candidate, batches, gold, id2label, rows, text_column, max_flips)
+    elif task.name == "question-answering":
+        _span_details(report, ref_pred, cand_pred, batches, gold, rows, text_column, pair_column, max_flips)
+    else:
+        _embedding_details(report, ref_pred, cand_pred, task, rows, text_column, max_flips)
+    if report.reference_metrics and metric is not None:
+        report.metric_drop = report.reference_metrics[metric] - report.artifact_metrics[metric]
+    apply_gate(report, gate)
+    return report
+
+
+def _row_tags(reduced: list[Batch], batches: list[Batch], id2label: dict[int, str]) -> list[list[str]]:
+    """Per row, the predicted tag of each scored word, in word order."""
+    tags = []
+    for out, batch in zip(reduced, batches):
+        words = batch[WORD_INDEX]
+        predicted = out["logits"].argmax(-1)
+        for r in range(len(words)):
+            order = np.flatnonzero(words[r] >= 0)
+            tags.append([id2label.get(int(t), str(t)) for t in predicted[r, order]])
+    return tags
+
+
+def _token_details(report, reference, candidate, batches, gold, id2label, rows, text_column, max_flips) -> None:
+    ref_tags, cand_tags = _row_tags(reference, batches, id2label), _row_tags(candidate, batches, id2label)
+    if gold is not None:
+        scored_gold = [g[: len(t)] for g, t in zip(gold, ref_tags)]  # words cut by max_length are not scored
+        report.reference_metrics = entity_scores(scored_gold, ref_tags)
+        report.artifact_metrics = entity_scores(scored_gold, cand_tags)
+    for i, (r, c) in enumerate(zip(ref_tags, cand_tags)):
+        if r != c and len(report.flips) < max_flips:
+            words = split_words(rows[i][text_column])[: len(r)]
+            report.flips.append(Flip(index=i, text=" ".join(words), reference=" ".join(r), artifact=" ".join(c),
+                                     label=" ".join(gold[i][: len(r)]) if gold is not None else None))
+
+
+def _answers(spans: np.ndarray, batches: list[Batch], rows: list[dict], pair_column: str) -> list[str]:
+    """The context text each (start, end) token span covers."""
+    answers, i = [], 0
+    for batch in batches:
+        offsets = batch[CONTEXT_OFFSETS]
+        for r in range(len(offsets)):
+            start, end = spans[i]
+            context = str(rows[i][pair_column])
+            answers.append("" if start < 0 else context[offsets[r, start, 0]: offsets[r, end, 1]])
+            i += 1
+    return answers
+
+
+def _span_details(report, ref_spans, cand_spans, batches, gold, rows, text_column, pair_column, max_flips) -> None:
+    ref_answers = _answers(ref_spans, batches, rows, pair_column)
+    cand_answers = _answers(cand_spans, batches, rows, pair_column)
+    if gold is not None:
+        report.reference_metrics = squad_scores(ref_answers, gold)
+        report.artifact_metrics = squad_scores(cand_answers, gold)
+    for i in np.flatnonzero((ref_spans != cand_spans).any(axis=-1))[:max_flips]:
+        report.flips.append(Flip(index=int(i), text=str(rows[i][text_column]), reference=ref_answers[i],
+                                 artifact=cand_answers[i], label=" | ".join(gold[i]) if gold is not None else None))
+
+
+def _embedding_details(report, reference, candidate, task, rows, text_column, max_flips) -> None:
+    similarity = cosine(reference, candidate)
+
+    def nearest(embeddings: np.ndarray) -> np.ndarray:
+        unit = embeddings / np.maximum(np.linalg.norm(embeddings, axis=-1, keepdims=True), 1e-12)
+        scores = unit @ unit.T
+        np.fill_diagonal(scores, -np.inf)
+        return scores.argmax(-1)
+
+    report.details = {
+        "min_cosine": task.min_cosine, "mean_cosine": float(similarity.mean()),
+        "lowest_cosine": float(similarity.min()) if similarity.size else 1.0,
+        "nearest_neighbour_unchanged": float((nearest(reference) == nearest(candidate)).mean())
+        if len(reference) > 1 else 1.0,
+    }
+    for i in np.argsort(similarity)[:max_flips]:
+        if similarity[i] < task.min_cosine:
+            report.flips.append(Flip(index=int(i), text=str(rows[i][text_column]), reference="",
+                                     artifact=f"cosine {similarity[i]:.4f}", label=None))

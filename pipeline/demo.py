@@ -4,6 +4,10 @@
 labelled tweets. `prepare_demo` fine-tunes the MiniLM for sentiment on a seeded slice of the
 tweets and writes the rest, untouched by training, as the hold-out CSV that the demo recipe
 draws its calibration and evaluation rows from. The tests use the same code with 2 layers.
+
+The second demo ships the MiniLM itself, as its authors did: a sentence-embedding encoder
+(feature-extraction, mean pooling then L2 normalisation per its modules.json). `prepare_demo`
+links the packaged folder beside the fine-tuned model, so both recipes name stable paths.
 """
 
 from __future__ import annotations
@@ -11,6 +15,7 @@ from __future__ import annotations
 import csv
 import importlib.util
 import json
+import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -52,10 +57,24 @@ def read_tweets() -> list[dict[str, str]]:
 class DemoPaths:
     model: Path
     holdout: Path
+    embeddings: Path  # a link to all-MiniLM-L6-v2 as shipped, for the embeddings demo
 
 
 def demo_paths(home: Path) -> DemoPaths:
-    return DemoPaths(model=home / "minilm-tweets", holdout=home / "tweets-holdout.csv")
+    return DemoPaths(model=home / "minilm-tweets", holdout=home / "tweets-holdout.csv",
+                     embeddings=home / "minilm-embeddings")
+
+
+def link_embedding_model(link: Path) -> None:
+    """Point `link` at the packaged all-MiniLM-L6-v2 folder (replaced atomically if it differs)."""
+    target = minilm_dir()
+    if link.is_symlink() and link.resolve() == target.resolve():
+        return
+    link.parent.mkdir(parents=True, exist_ok=True)
+    tmp = link.with_name(f".{link.name}.partial")
+    tmp.unlink(missing_ok=True)
+    tmp.symlink_to(target, target_is_directory=True)
+    os.replace(tmp, link)
 
 
 def fine_tune(
@@ -121,6 +140,7 @@ def prepare_demo(
 ) -> DemoPaths:
     """Fine-tune once and cache: a second call returns the cached folder unless `force`."""
     paths = demo_paths(Path(home))
+    link_embedding_model(paths.embeddings)
     stamp = {"layers": layers, "train_rows": train_rows, "seed": seed, "batch_size": batch_size,
              "learning_rate": learning_rate}
     stamp_file = paths.model / "shipyard-demo.json"

@@ -9,7 +9,7 @@ from typing import Any
 
 from calibration.encode import TOKENIZER_FILES
 from pipeline.errors import ModelError
-from pipeline.recipe import SUPPORTED_TASKS
+from pipeline.tasks import Pooling, Task, resolve_task
 
 # Encoder-only models with BERT's embedding/attention/FFN layout, which Optimum exports for
 # sequence classification and ONNX Runtime's transformer optimizer fuses as model_type="bert".
@@ -24,13 +24,22 @@ class ModelInfo:
     num_labels: int
     label2id: dict[str, int]
     config: dict[str, Any]
+    task_name: str = "text-classification"
+
+    @property
+    def id2label(self) -> dict[int, str]:
+        return {i: name for name, i in self.label2id.items()}
+
+    def task(self, max_answer_tokens: int = 30, min_cosine: float = 0.99) -> Task:
+        """The task with its options; pooling comes from the folder's sentence-transformers config."""
+        pooling = Pooling.of(self.path) if self.task_name == "feature-extraction" else Pooling()
+        return Task(self.task_name, pooling, max_answer_tokens, min_cosine)
 
 
-def inspect_model(folder: Path, task: str = "text-classification") -> ModelInfo:
-    """Validate a fine-tuned model folder and read what the pipeline needs from its config."""
+def inspect_model(folder: Path, task: str | None = None) -> ModelInfo:
+    """Validate a fine-tuned model folder and read what the pipeline needs from its config; the task
+    is `task` (checked against the model's head) or the head's own."""
     folder = Path(folder)
-    if task not in SUPPORTED_TASKS:
-        raise ModelError(f"task {task!r} is not supported; use one of: {', '.join(SUPPORTED_TASKS)}")
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} not found; pass a local Hugging Face model folder")
     config_path = folder / "config.json"
@@ -53,6 +62,7 @@ def inspect_model(folder: Path, task: str = "text-classification") -> ModelInfo:
             f"model folder {folder} has no tokenizer (no tokenizer.json or vocab.txt); "
             "save it there with tokenizer.save_pretrained(folder)"
         )
+    task_name = resolve_task(config, folder, task)
     id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
     label2id = {str(name): int(i) for i, name in id2label.items()}
-    return ModelInfo(folder, model_type, len(id2label), label2id, config)
+    return ModelInfo(folder, model_type, len(id2label), label2id, config, task_name)

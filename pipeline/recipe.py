@@ -16,7 +16,9 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from pipeline.errors import RecipeError
 
-SUPPORTED_TASKS = ("text-classification",)
+SUPPORTED_TASKS = ("text-classification", "token-classification", "question-answering", "feature-extraction")
+TaskName = Literal["text-classification", "token-classification", "question-answering", "feature-extraction"]
+MetricName = Literal["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 QuantFormat = Literal["qdq", "cpu"]
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 TRT_VERSION = "10.15"  # the TensorRT in the Dockerfile's base image; its operator list ships as data
@@ -30,7 +32,10 @@ class ModelSpec(_Strict):
     """The fine-tuned model: a local Hugging Face folder with config, weights and tokenizer."""
 
     path: Path
-    task: Literal["text-classification"] = "text-classification"
+    task: TaskName | None = Field(None, description="as Optimum names it; default: read from config.json's "
+                                  "architectures (…ForTokenClassification -> token-classification, …Model -> "
+                                  "feature-extraction)")
+    max_answer_tokens: int = Field(30, ge=1, le=512, description="question-answering: longest answer span")
 
 
 class SourceSpec(_Strict):
@@ -45,9 +50,12 @@ class DataSpec(_Strict):
 
     calibration: SourceSpec
     evaluation: SourceSpec
-    text_column: str = "text"
-    text_pair_column: str | None = None
-    label_column: str | None = Field(None, description="labels enable accuracy/macro-F1 gates")
+    text_column: str = Field("text", description="the text; a list of words for token classification, the "
+                             "question for question answering")
+    text_pair_column: str | None = Field(None, description="second text; the context for question answering")
+    label_column: str | None = Field(
+        None, description="gold labels enable the metric gates: a class per row, a list of IOB2 tags per word "
+        "(token classification) or the answer text(s) (question answering)")
     max_length: int = Field(128, ge=8, le=512)
     padding: Literal["max_length", "longest"] = Field(
         "max_length", description="evaluation batches; calibration batches are always max_length"
@@ -221,7 +229,11 @@ class Gate(_Strict):
 class Thresholds(_Strict):
     """Gates per artifact kind; `metric` is the label metric whose drop is gated."""
 
-    metric: Literal["accuracy", "macro_f1"] = "accuracy"
+    metric: MetricName | None = Field(
+        None, description="the label metric whose drop is gated; default per task: accuracy, entity_f1 "
+        "(token classification), f1 (question answering)")
+    min_cosine: float = Field(0.99, gt=0, le=1, description="feature-extraction: a row agrees when the cosine "
+                              "of its embedding with PyTorch's is at least this")
     fp32: Gate = Field(default_factory=lambda: Gate(min_agreement=1.0, max_abs_diff=1e-3))
     pruned: Gate = Field(default_factory=lambda: Gate(min_agreement=0.95, max_metric_drop=0.02))
     fp16: Gate = Field(default_factory=lambda: Gate(min_agreement=0.995, max_metric_drop=0.005))
@@ -237,6 +249,17 @@ class Recipe(_Strict):
     stages: StagesSpec = Field(default_factory=StagesSpec)
     targets: list[TargetSpec] = Field(default_factory=list)
     thresholds: Thresholds = Field(default_factory=Thresholds)
+
+    @model_validator(mode="after")
+    def _labels_for_metric_gates(self) -> "Recipe":
+        if self.data.label_column is None:
+            for kind in ("fp32", "pruned", "fp16", "int8"):
+                gate = getattr(self.thresholds, kind)
+                written = kind in self.thresholds.model_fields_set and "max_metric_drop" in gate.model_fields_set
+                if written and gate.max_metric_drop is not None:
+                    raise ValueError(f"thresholds.{kind}.max_metric_drop needs gold labels; set data.label_column "
+                                     "or remove the threshold")
+        return self
 
     @model_validator(mode="after")
     def _targets_consistent(self) -> "Recipe":
@@ -260,7 +283,12 @@ class Recipe(_Strict):
         raise RecipeError(f"target {name!r} is not in recipe {self.name!r} (targets: {known})")
 
     def gate_for(self, kind: str) -> Gate:
-        return getattr(self.thresholds, kind)
+        """The gate for an artifact kind. Without a label column no label metric can be gated, so
+        the default metric-drop threshold is left out (one set explicitly is refused on load)."""
+        gate = getattr(self.thresholds, kind)
+        if self.data.label_column is None:
+            return gate.model_copy(update={"max_metric_drop": None})
+        return gate
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

@@ -9,6 +9,13 @@ from pipeline.manifest import Manifest
 from pipeline.stages.build import NEEDS_GPU_HOST
 
 
+AGREEMENT_MEANS = {
+    "text-classification": "the predicted class equals PyTorch's",
+    "token-classification": "the tag of each word's first sub-token equals PyTorch's (special and padding tokens excluded)",
+    "question-answering": "the best answer span equals PyTorch's",
+    "feature-extraction": "the embedding's cosine with PyTorch's reaches thresholds.min_cosine",
+}
+
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
@@ -37,17 +44,21 @@ def render_markdown(manifest: Manifest) -> str:
     lines += ["", "## Stages", "", "| stage | result | seconds | detail |", "|---|---|---|---|"]
     for stage in manifest.stages:
         lines.append(f"| {stage.stage} | {'pass' if stage.passed else 'FAIL'} | {stage.seconds:.1f} | {_cell(stage.message)} |")
-    metric = manifest.recipe.get("thresholds", {}).get("metric", "accuracy")
+    metric = next((a.parity.get("metric") for a in manifest.artifacts if a.parity and a.parity.get("metric")), None)
+    task = manifest.model.task
+    unit = next((a.parity.get("unit") for a in manifest.artifacts if a.parity), "rows")
     lines += [
         "", "## Artifacts", "",
-        f"| artifact | precision | size MB | agreement | max abs diff | PyTorch {metric} "
-        f"| artifact {metric} | drop | verdict |",
+        f"Task: {task}. Agreement is over {unit}: {AGREEMENT_MEANS.get(task, '')}.",
+        "",
+        f"| artifact | precision | size MB | agreement | max abs diff | PyTorch {metric or 'metric'} "
+        f"| artifact {metric or 'metric'} | drop | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for art in manifest.artifacts:
         p = art.parity or {}
-        ref = (p.get("reference_metrics") or {}).get(metric)
-        got = (p.get("artifact_metrics") or {}).get(metric)
+        ref = (p.get("reference_metrics") or {}).get(metric) if metric else None
+        got = (p.get("artifact_metrics") or {}).get(metric) if metric else None
         lines.append(
             f"| `{art.path}` | {art.precision} | {art.size_bytes / 1e6:.1f} | {_fmt(p.get('agreement'))} "
             f"| {_fmt(p.get('max_abs_diff'), '.3g')} | {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
@@ -57,11 +68,13 @@ def render_markdown(manifest: Manifest) -> str:
         p = art.parity or {}
         if p.get("failures"):
             lines += ["", f"### {art.name}: gate failed", ""] + [f"- {f}" for f in p["failures"]]
+        if p.get("details"):
+            lines += ["", f"{art.name}: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in p["details"].items())]
         if p.get("flips"):
             lines += ["", f"### {art.name}: predictions that flipped vs PyTorch", "",
                       "| row | label | PyTorch | artifact | text |", "|---|---|---|---|---|"]
             for flip in p["flips"]:
-                text = _cell(flip["text"])[:120]
+                text = _cell(flip["text"])[:200]
                 lines.append(f"| {flip['index']} | {flip['label'] or ''} | {flip['reference']} | {flip['artifact']} | {text} |")
     if manifest.targets:
         lines += [

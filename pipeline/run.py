@@ -17,6 +17,7 @@ from pipeline import data as datamod
 from pipeline import targets
 from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir
 from pipeline.compare import ParityReport
+from pipeline.errors import RecipeError
 from pipeline.manifest import (
     ArtifactRecord, DataRecord, Manifest, ModelRecord, StageRecord, TargetRecord, folder_sha256,
     tool_versions, write_json,
@@ -25,9 +26,10 @@ from pipeline.model import inspect_model
 from pipeline.progress import Progress
 from pipeline.recipe import Recipe
 from pipeline.report import write_reports
-from pipeline.runners import OrtRunner, TorchRunner, collect_logits
+from pipeline.runners import OrtRunner, TorchRunner
 from pipeline.stages import export, prune, quantize, validate
 from pipeline.stages.build import BuildUnavailable
+from pipeline.tasks import METRICS, collect
 
 
 @dataclass
@@ -57,23 +59,25 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
             raise BuildUnavailable(f"{missing} (stages.build.require_engines is set; --set "
                                    "stages.build.require_engines=false makes the rest without engines)") from None
     info = inspect_model(recipe.model.path, recipe.model.task)
+    task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
+    metric = gated_metric(recipe, task.name)
     tokenizer = load_tokenizer(recipe.model.path)
-    prepared = datamod.prepare(recipe.data, tokenizer, info.label2id)
-    id2label = {i: name for name, i in info.label2id.items()}
+    prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name)
+    id2label = info.id2label
     evaluation = prepared.evaluation
     results: list[StageResult] = []
     parity: dict[str, ParityReport] = {}
 
     with atomic_dir(out, overwrite) as work:
-        reference = TorchRunner(recipe.model.path)
+        reference = TorchRunner(recipe.model.path, task=task.name)
         with progress.task("PyTorch reference", total=len(evaluation.rows)) as advance:
-            reference_logits = collect_logits(reference, evaluation.batches, advance)
+            reference_outputs = collect(reference, evaluation.batches, task, advance)
 
         spec = recipe.stages.export
         gate_rows = max(1, spec.validation_samples // recipe.data.batch_size)
         with progress.task("export (Optimum) + check vs PyTorch"):
             exported = export.run(recipe.model.path, work / "model.onnx", spec,
-                                  evaluation.batches[:gate_rows], reference, recipe.model.task)
+                                  evaluation.batches[:gate_rows], reference, task)
         results.append(exported)
         fp32 = exported.artifacts[0]
         artifacts: list[Artifact] = [fp32]
@@ -81,8 +85,8 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
         dense = fp32
         if recipe.stages.prune.enabled:
             def agreement_of(path: Path) -> float:
-                logits = collect_logits(OrtRunner(path), evaluation.batches)
-                return float((logits.argmax(-1) == reference_logits.argmax(-1)).mean())
+                outputs = collect(OrtRunner(path), evaluation.batches, task)
+                return task.agreement_rate(reference_outputs, outputs, evaluation.batches)
 
             with progress.task("prune (FFN neurons, attention heads)"):
                 result = prune.run(fp32, recipe.stages.prune, work / "model.pruned.onnx",
@@ -96,7 +100,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
             for fmt in recipe.stages.quantize.formats:
                 with progress.task(f"quantize INT8 ({fmt})"):
                     result = quantize.run(dense, recipe.stages.quantize, fmt,
-                                          work / f"model.int8.{fmt}.onnx", prepared.calibration_batches)
+                                          work / f"model.int8.{fmt}.onnx", prepared.calibration_batches, task)
                 results.append(result)
                 artifacts.extend(result.artifacts)
                 qdq = result.artifacts[0] if fmt == "qdq" else qdq
@@ -109,8 +113,8 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
         def validate_artifact(artifact: Artifact) -> None:
             with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
                 result, report = validate.run(
-                    artifact, reference_logits, evaluation.batches, recipe.gate_for(gate_kind(artifact)),
-                    recipe.thresholds.metric, evaluation.labels, id2label, evaluation.texts, advance,
+                    artifact, reference_outputs, evaluation, recipe.gate_for(gate_kind(artifact)),
+                    metric, id2label, task, advance,
                 )
             results.append(result)
             parity[artifact.name] = report
@@ -144,6 +148,19 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
 
 
+def gated_metric(recipe: Recipe, task: str) -> str | None:
+    """The label metric whose drop is gated: the recipe's, which must fit the task, or the task's
+    default; None without labels or for embeddings."""
+    allowed = METRICS[task]
+    chosen = recipe.thresholds.metric
+    if chosen is not None and chosen not in allowed:
+        raise RecipeError(f"thresholds.metric {chosen!r} does not apply to {task}; use one of: "
+                          f"{', '.join(allowed) or 'none (remove it)'}")
+    if recipe.data.label_column is None or not allowed:
+        return None
+    return chosen or allowed[0]
+
+
 def gate_kind(artifact: Artifact) -> str:
     """Which recipe thresholds apply: float models made from the pruned one take the pruned gate
     (pruning, not precision, dominates their error); INT8 ones always take the INT8 gate."""
@@ -169,7 +186,7 @@ def _manifest(recipe, info, prepared, results, artifacts, parity, work: Path, ta
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         passed=all(r.passed for r in results),
         model=ModelRecord(path=str(info.path), sha256=folder_sha256(info.path),
-                          model_type=info.model_type, num_labels=info.num_labels),
+                          model_type=info.model_type, num_labels=info.num_labels, task=info.task_name),
         data={
             "calibration": DataRecord(source=str(prepared.calibration_source),
                                       rows=len(prepared.calibration_rows),

@@ -22,9 +22,10 @@ class TorchRunner:
     Only the inputs its `forward` takes are passed: DistilBERT and RoBERTa have no
     `token_type_ids`, whatever the tokenizer returned."""
 
-    def __init__(self, model_dir: Path, threads: int = 0) -> None:
+    def __init__(self, model_dir: Path, threads: int = 0, task: str = "text-classification") -> None:
         self.model_dir = Path(model_dir)
         self.threads = threads
+        self.task = task
         self._model = None
         self._accepts: set[str] = set()
 
@@ -33,11 +34,14 @@ class TorchRunner:
             import inspect
 
             import torch
-            from transformers import AutoModelForSequenceClassification
+            import transformers
+
+            from pipeline.tasks import AUTO_CLASSES
 
             if self.threads:
                 torch.set_num_threads(self.threads)
-            self._model = AutoModelForSequenceClassification.from_pretrained(
+            auto_class = getattr(transformers, AUTO_CLASSES[self.task])
+            self._model = auto_class.from_pretrained(
                 str(self.model_dir), local_files_only=True, dtype=torch.float32, trust_remote_code=False,
             ).eval()
             self._accepts = set(inspect.signature(self._model.forward).parameters)
@@ -51,9 +55,11 @@ class TorchRunner:
         import torch
 
         model = self._load()
+        from pipeline.tasks import OUTPUTS
+
         with torch.inference_mode():
             out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self._accepts})
-        return {"logits": out.logits.float().numpy()}
+        return {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.task]}
 
 
 def check_onnx_file(path: Path) -> None:

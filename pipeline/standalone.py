@@ -19,8 +19,9 @@ from pipeline.recipe import (
     ARCHITECTURES, TRT_VERSION, ExportSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, TargetSpec,
     Thresholds, load_recipe,
 )
-from pipeline.runners import ENGINE_SUFFIXES, TorchRunner, check_onnx_file, collect_logits
+from pipeline.runners import ENGINE_SUFFIXES, TorchRunner, check_onnx_file
 from pipeline.stages import build, export, prune, quantize, validate
+from pipeline.tasks import METRICS, Pooling, Task, collect, graph_task
 
 # Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
 # given: they exercise the dynamic batch and sequence axes the way production traffic does.
@@ -38,9 +39,10 @@ PROBE_TEXTS = [
 ]
 
 
-def export_and_check(model_dir: Path, out: Path, task: str, opset: int, atol: float,
+def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, atol: float,
                      progress: Progress = Progress()) -> StageResult:
-    inspect_model(model_dir, task)
+    """Export for `task` (default: the model head's task) and gate the outputs on probe sentences."""
+    info = inspect_model(model_dir, task)
     tokenizer = load_tokenizer(model_dir)
     check_writable_parent(out)
     encoder = Encoder(tokenizer, Columns(), max_length=128, padding="longest")
@@ -48,16 +50,29 @@ def export_and_check(model_dir: Path, out: Path, task: str, opset: int, atol: fl
     batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
     with progress.task("export (Optimum) + check vs PyTorch"):
         return export.run(model_dir, out, ExportSpec(opset=opset, atol=atol), batches,
-                          TorchRunner(model_dir), task)
+                          TorchRunner(model_dir, task=info.task_name), info.task())
 
 
 def calibration_batches(calibration: Path, tokenizer_dir: Path, text_column: str,
-                        text_pair_column: str | None, samples: int, max_length: int) -> list:
-    """A seeded sample of calibration rows, tokenized to max_length, in batches of 32."""
+                        text_pair_column: str | None, samples: int, max_length: int,
+                        task: str = "text-classification") -> list:
+    """A seeded sample of calibration rows, tokenized to max_length for `task`, in batches of 32."""
     columns = Columns(text_column, text_pair_column)
     rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
-    encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length")
+    encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length", task)
     return list(encoder.batches(rows, 32))
+
+
+def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
+    """The task of an exported graph (from its outputs), with the pooling of its model folder."""
+    import onnx
+
+    name = graph_task(onnx.load(str(model_path), load_external_data=False))
+    if name is None:
+        raise ShipyardError(f"ONNX file {model_path}: outputs are not Optimum's (logits, start_logits/end_logits or "
+                            "last_hidden_state); export it with shipyard export")
+    pooling = Pooling.of(tokenizer_dir) if name == "feature-extraction" and tokenizer_dir else Pooling()
+    return Task(name, pooling)
 
 
 def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
@@ -70,10 +85,12 @@ def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibratio
             "quantize needs --calibration DATA and --tokenizer DIR (activation scales and the "
             "float-fallback check are measured on them)"
         )
-    batches = calibration_batches(calibration, tokenizer_dir, text_column, text_pair_column, samples, max_length)
+    task = graph_task_of(model_path, tokenizer_dir)
+    batches = calibration_batches(calibration, tokenizer_dir, text_column, text_pair_column, samples, max_length,
+                                  task.name)
     source = Artifact(name="model.fp32", path=model_path, format="onnx", precision="fp32", stage="input")
     with progress.task(f"quantize INT8 ({fmt})"):
-        return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches)
+        return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches, task)
 
 
 def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
@@ -177,34 +194,38 @@ def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path |
 def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   text_pair_column: str | None, label_column: str | None, samples: int | None,
                   max_length: int, min_agreement: float | None, max_abs_diff: float | None,
-                  max_metric_drop: float | None, metric: str, report_path: Path | None,
-                  progress: Progress = Progress()) -> ParityReport:
-    info = inspect_model(reference)
+                  max_metric_drop: float | None, metric: str | None, report_path: Path | None,
+                  progress: Progress = Progress(), task: str | None = None, max_answer_tokens: int = 30,
+                  min_cosine: float = 0.99) -> ParityReport:
+    info = inspect_model(reference, task)
+    spec = info.task(max_answer_tokens, min_cosine)
+    allowed = METRICS[spec.name]
+    if metric is not None and metric not in allowed:
+        raise ShipyardError(f"--metric {metric} does not apply to {spec.name}; use one of: "
+                            f"{', '.join(allowed) or 'none (embeddings have no labels)'}")
     if Path(artifact).suffix not in ENGINE_SUFFIXES:
         check_onnx_file(artifact)
     if report_path is not None:
         check_writable_parent(report_path)
     columns = Columns(text_column, text_pair_column, label_column)
     rows = datamod.load_sample(data, columns, samples, 0, "evaluation")
-    encoder = Encoder(load_tokenizer(reference), columns, max_length, "max_length")
+    encoder = Encoder(load_tokenizer(reference), columns, max_length, "max_length", spec.name)
     evaluation = datamod.make_eval_set(data, rows, encoder, 32, info.label2id)
     precision, kind = artifact_kind(artifact)
     default = getattr(Thresholds(), kind)
+    labelled = label_column is not None and bool(allowed)
     gate = Gate(
         min_agreement=default.min_agreement if min_agreement is None else min_agreement,
         max_abs_diff=default.max_abs_diff if max_abs_diff is None else max_abs_diff,
-        max_metric_drop=(default.max_metric_drop if label_column else None)
+        max_metric_drop=(default.max_metric_drop if labelled else None)
         if max_metric_drop is None else max_metric_drop,
     )
     with progress.task("PyTorch reference", total=len(rows)) as advance:
-        reference_logits = collect_logits(TorchRunner(reference), evaluation.batches, advance)
+        reference_outputs = collect(TorchRunner(reference, task=spec.name), evaluation.batches, spec, advance)
     target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input")
-    id2label = {i: name for name, i in info.label2id.items()}
     with progress.task(f"validate {artifact.name}", total=len(rows)) as advance:
-        _, report = validate.run(target, reference_logits, evaluation.batches, gate, metric,
-                                 evaluation.labels, id2label, evaluation.texts, advance)
+        _, report = validate.run(target, reference_outputs, evaluation, gate,
+                                 (metric or allowed[0]) if labelled else None, info.id2label, spec, advance)
     if report_path is not None:
         write_json(report_path, report.to_dict())
     return report
-
-

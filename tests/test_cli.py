@@ -78,7 +78,7 @@ def test_perturbed_weights_fail_the_gate_with_exit_1(tiny, tiny_holdout_small, e
                                       "--data", str(tiny_holdout_small), "--label-column", "sentiment",
                                       "--samples", "200", "--max-length", "64"])
     assert result.exit_code == 1, result.output
-    assert "FAIL" in result.output and "max |logit diff|" in result.output
+    assert "FAIL" in result.output and "max |output diff|" in result.output
 
 
 def test_impossible_int8_threshold_fails_run_with_exit_1_and_keeps_artifacts(tiny, tiny_holdout_small, tmp_path):

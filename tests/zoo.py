@@ -40,9 +40,16 @@ def _config(family: str, layers: int, hidden: int, heads: int, intermediate: int
     return cls(**sizes)
 
 
+HEAD_MODULES = ("classifier", "qa_outputs")
+
+
 def make_model(folder: Path, family: str = "bert", task: str = "text-classification", layers: int = 2,
-               hidden: int = 64, heads: int = 4, intermediate: int = 128, seed: int = 0) -> Path:
-    """Save a random-weight `family` model for `task`, with a tokenizer, in `folder`."""
+               hidden: int = 64, heads: int = 4, intermediate: int = 128, seed: int = 0,
+               head_scale: float = 1.0) -> Path:
+    """Save a random-weight `family` model for `task`, with a tokenizer, in `folder`.
+
+    `head_scale` multiplies the output head's weights: a random head gives near-tied logits, and
+    then any rounding flips a prediction, which says nothing about a quantizer."""
     import torch
     import transformers
     from transformers import AutoTokenizer
@@ -60,8 +67,10 @@ def make_model(folder: Path, family: str = "bert", task: str = "text-classificat
     torch.manual_seed(seed)
     model = getattr(transformers, f"{PREFIX[family]}{TASK_HEADS[task]}")(config).eval()
     with torch.no_grad():
-        for param in model.parameters():
+        for name, param in model.named_parameters():
             param.add_(torch.randn_like(param) * 0.02)  # no zero biases, no equal tensors
+            if name.startswith(HEAD_MODULES):
+                param.mul_(head_scale)
     model.save_pretrained(str(folder))
     if family in ("distilbert", "electra"):
         cls = getattr(transformers, f"{PREFIX[family]}TokenizerFast")

@@ -13,7 +13,8 @@ import numpy as np
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.recipe import ExportSpec
-from pipeline.runners import OrtRunner, TorchRunner, collect_logits
+from pipeline.runners import OrtRunner, TorchRunner
+from pipeline.tasks import Task, collect, max_abs_diff
 
 Batch = dict[str, np.ndarray]
 
@@ -51,28 +52,30 @@ def run(
     spec: ExportSpec,
     validation_batches: list[Batch],
     reference: TorchRunner,
-    task: str = "text-classification",
+    task: Task = Task(),
 ) -> StageResult:
-    """Export, then compare logits with PyTorch on `validation_batches`; fail beyond `spec.atol`."""
+    """Export for `task`, then compare its outputs with PyTorch on `validation_batches` (non-padding
+    positions; embeddings after pooling); fail beyond `spec.atol`."""
     started = time.perf_counter()
     # The file is renamed into place only once the gate has run (pass or fail): a crash on the
     # way leaves no unchecked ONNX behind.
     with atomic_file(out_path) as tmp_file:
-        _export_into(model_dir, tmp_file, spec.opset, task)
-        expected = collect_logits(reference, validation_batches)
-        got = collect_logits(OrtRunner(tmp_file), validation_batches)
+        _export_into(model_dir, tmp_file, spec.opset, task.name)
+        expected = collect(reference, validation_batches, task)
+        got = collect(OrtRunner(tmp_file), validation_batches, task)
     artifact = Artifact(
         name="model.fp32", path=out_path, format="onnx", precision="fp32", stage="export",
-        options={"opset": spec.opset, "task": task, "exporter": "optimum"},
+        options={"opset": spec.opset, "task": task.name, "exporter": "optimum"},
     )
-    max_diff = float(np.abs(expected - got).max())
+    max_diff, _ = max_abs_diff(expected, got, validation_batches)
+    rows = sum(len(b["input_ids"]) for b in validation_batches)
     passed = max_diff <= spec.atol
     message = (
-        f"max |logit diff| vs PyTorch {max_diff:.3g} {'<=' if passed else '>'} atol {spec.atol} "
-        f"on {len(expected)} rows"
+        f"max |{'/'.join(task.outputs)} diff| vs PyTorch {max_diff:.3g} {'<=' if passed else '>'} atol "
+        f"{spec.atol} on {rows} rows"
     )
     return StageResult(
         stage="export", artifacts=[artifact], passed=passed, message=message,
         seconds=time.perf_counter() - started,
-        details={"max_abs_diff": max_diff, "atol": spec.atol, "rows": int(len(expected))},
+        details={"max_abs_diff": max_diff, "atol": spec.atol, "rows": int(rows), "task": task.name},
     )

@@ -33,8 +33,9 @@ from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.graph_io import prove_runs
 from pipeline.recipe import QuantFormat, QuantizeSpec
-from pipeline.runners import OrtRunner, collect_logits
+from pipeline.runners import OrtRunner
 from pipeline.stages import sensitivity
+from pipeline.tasks import Task, collect, max_abs_diff
 
 Batch = dict[str, np.ndarray]
 QUANTIZED_OPS = ["MatMul", "Gemm"]
@@ -173,7 +174,7 @@ def _cpu_quantizer(src: Path, work: Path):
 
 
 def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec,
-                batches: list[Batch]) -> dict[str, Any]:
+                batches: list[Batch], task: Task = Task()) -> dict[str, Any]:
     """Quantize `src` into `out` (atomically); returns the options and fallback trials used."""
     with atomic_file(out) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as work_dir, _quiet_quantizer():
         work = Path(work_dir)
@@ -181,11 +182,15 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec,
             graph, quantize, options = _qdq_quantizer(src, work, batches, spec)
         else:
             graph, quantize, options = _cpu_quantizer(src, work)
-        reference = collect_logits(OrtRunner(graph), batches)
+        reference = collect(OrtRunner(graph), batches, task)
+
+        def evaluate(path: Path) -> tuple[float, float]:
+            got = collect(OrtRunner(path), batches, task)
+            return task.agreement_rate(reference, got, batches), max_abs_diff(reference, got, batches)[0]
+
         ranking = sensitivity.rank_nodes(graph, batches) if spec.fallback.max_nodes else []
         chosen, excluded, trials = sensitivity.search(
-            quantize, lambda path: collect_logits(OrtRunner(path), batches), reference, ranking,
-            spec.fallback.min_agreement, spec.fallback.max_nodes,
+            quantize, evaluate, ranking, spec.fallback.min_agreement, spec.fallback.max_nodes,
         )
         chosen.replace(tmp)
         prove_runs(tmp, f"quantize {out}")
@@ -198,10 +203,11 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec,
 
 
 def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path,
-        calibration_batches: list[Batch]) -> StageResult:
-    """Quantize the FP32 artifact `src` into `out_path` in form `fmt`; `src` is not modified."""
+        calibration_batches: list[Batch], task: Task = Task()) -> StageResult:
+    """Quantize the FP32 artifact `src` into `out_path` in form `fmt`; `src` is not modified. The
+    float fallback measures `task`'s agreement on the calibration rows."""
     started = time.perf_counter()
-    options = quantize_to(src.path, out_path, fmt, spec, calibration_batches)
+    options = quantize_to(src.path, out_path, fmt, spec, calibration_batches, task)
     artifact = Artifact(
         name=f"model.int8.{fmt}", path=out_path, format="onnx", precision="int8",
         stage="quantize", options={"source_sha256": src.sha256, **options},

@@ -92,15 +92,15 @@ class Trial:
 
 def search(
     quantize: Callable[[list[str]], Path],
-    infer: Callable[[Path], np.ndarray],
-    reference: np.ndarray,
+    evaluate: Callable[[Path], tuple[float, float]],
     ranking: list[tuple[str, float]],
     min_agreement: float,
     max_nodes: int,
 ) -> tuple[Path, list[str], list[Trial]]:
     """Quantize with more and more of the worst nodes excluded until agreement reaches the target.
 
-    Returns the chosen model, its excluded nodes and every trial. Agreement on a few hundred
+    `evaluate(path)` gives (agreement with the FP32 graph, max |output diff|) on the calibration
+    rows. Returns the chosen model, its excluded nodes and every trial. Agreement on a few hundred
     rows is not monotone in k (borderline rows flip either way), so if no try reaches the target
     the best one (fewest nodes among equals) is returned and the parity gate decides.
     """
@@ -109,12 +109,8 @@ def search(
     names = [name for name, _ in ranking]
     for k in schedule(min(max_nodes, len(names))):
         paths.append(quantize(names[:k]))
-        logits = infer(paths[-1])
-        trials.append(Trial(
-            excluded=k,
-            agreement=float((logits.argmax(-1) == reference.argmax(-1)).mean()),
-            max_abs_diff=float(np.abs(logits - reference).max()),
-        ))
+        agreement, largest = evaluate(paths[-1])
+        trials.append(Trial(excluded=k, agreement=agreement, max_abs_diff=largest))
         if trials[-1].agreement >= min_agreement:
             break
     best = max(range(len(trials)), key=lambda i: (trials[i].agreement, -trials[i].excluded))

@@ -8,32 +8,33 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.artifacts import Artifact, StageResult
-from pipeline.compare import ParityReport, compare_logits
+from pipeline.compare import ParityReport, compare
 from pipeline.recipe import Gate
-from pipeline.runners import collect_logits, runner_for
+from pipeline.runners import runner_for
+from pipeline.tasks import Task, collect
 
 Batch = dict[str, np.ndarray]
 
 
 def run(
     artifact: Artifact,
-    reference_logits: np.ndarray,
-    batches: list[Batch],
+    reference: list[Batch],
+    evaluation,
     gate: Gate,
-    metric: str,
-    labels: np.ndarray | None,
+    metric: str | None,
     id2label: dict[int, str],
-    texts: list[str],
+    task: Task,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[StageResult, ParityReport]:
-    """Run the artifact on every evaluation batch and apply `gate` to its parity."""
+    """Run the artifact on every evaluation batch (`evaluation` is a `pipeline.data.EvalSet`) and
+    apply `gate` to its parity with the `reference` outputs."""
     started = time.perf_counter()
-    logits = collect_logits(runner_for(artifact.path), batches, progress)
-    report = compare_logits(
-        artifact.name, reference_logits, logits, gate, metric, labels, id2label, texts
-    )
+    outputs = collect(runner_for(artifact.path), evaluation.batches, task, progress)
+    report = compare(task, artifact.name, reference, outputs, evaluation.batches, gate, metric,
+                     evaluation.labels, id2label, evaluation.rows, evaluation.columns.text,
+                     evaluation.columns.text_pair)
     message = "; ".join(report.failures) if report.failures else (
-        f"agreement {report.agreement:.4f}, max |diff| {report.max_abs_diff:.3g}"
+        f"agreement {report.agreement:.4f} over {report.units} {report.unit}, max |diff| {report.max_abs_diff:.3g}"
     )
     result = StageResult(
         stage=f"validate[{artifact.name}]", passed=report.passed, message=message,

@@ -1,0 +1,239 @@
+"""Tasks: what a model's head outputs, and what "the same prediction" means for each.
+
+Tasks are named as Optimum names them. A task is read from the model folder's `config.json`
+(`architectures`) unless the recipe or `--task` names one, and a named task must match the head.
+
+| task | outputs | agreement (the headline figure) |
+|---|---|---|
+| text-classification | logits [B, C] | rows whose argmax class equals PyTorch's |
+| token-classification | logits [B, S, C] | scored tokens (first sub-token of each word) whose argmax tag equals PyTorch's |
+| question-answering | start/end logits [B, S] | rows whose best answer span equals PyTorch's |
+| feature-extraction | last_hidden_state, pooled | rows whose embedding has cosine >= min_cosine with PyTorch's |
+
+Runners return raw outputs; `reduce` keeps what the task compares (and pools embeddings right
+away, so 2,000 rows of hidden states are never held at once).
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX
+from pipeline.errors import ModelError
+
+Batch = dict[str, np.ndarray]
+TASKS = ("text-classification", "token-classification", "question-answering", "feature-extraction")
+HEADS = {
+    "ForSequenceClassification": "text-classification",
+    "ForTokenClassification": "token-classification",
+    "ForQuestionAnswering": "question-answering",
+}
+AUTO_CLASSES = {
+    "text-classification": "AutoModelForSequenceClassification",
+    "token-classification": "AutoModelForTokenClassification",
+    "question-answering": "AutoModelForQuestionAnswering",
+    "feature-extraction": "AutoModel",
+}
+OUTPUTS = {
+    "text-classification": ("logits",),
+    "token-classification": ("logits",),
+    "question-answering": ("start_logits", "end_logits"),
+    "feature-extraction": ("last_hidden_state",),
+}
+# Label metrics each task reports (the first is the default gated one); embeddings have none.
+METRICS = {
+    "text-classification": ("accuracy", "macro_f1"),
+    "token-classification": ("entity_f1", "token_accuracy"),
+    "question-answering": ("f1", "exact_match"),
+    "feature-extraction": (),
+}
+UNITS = {"text-classification": "rows", "token-classification": "tokens", "question-answering": "rows",
+         "feature-extraction": "rows"}
+
+
+def head_task(architectures: list[str]) -> str | None:
+    """The task of a HF architecture name (BertForTokenClassification -> token-classification)."""
+    for arch in architectures:
+        for suffix, task in HEADS.items():
+            if arch.endswith(suffix):
+                return task
+        if arch.endswith("Model") and "For" not in arch:
+            return "feature-extraction"
+    return None
+
+
+def resolve_task(config: dict[str, Any], folder: Path, asked: str | None) -> str:
+    """The task to ship: the one asked for, which must match the head, or the head's own."""
+    architectures = list(config.get("architectures") or [])
+    found = head_task(architectures)
+    if architectures and found is None:
+        raise ModelError(
+            f"model {folder}: head {architectures[0]} is not a task Shipyard supports; it ships "
+            f"{', '.join(TASKS)} (the ...ForSequenceClassification, ...ForTokenClassification, "
+            "...ForQuestionAnswering and base ...Model heads)"
+        )
+    if asked is None:
+        if found is None:
+            raise ModelError(f"model {folder}: config.json names no architectures; pass --task or set model.task "
+                             f"({', '.join(TASKS)})")
+        return found
+    if asked not in TASKS:
+        raise ModelError(f"task {asked!r} is not supported; use one of: {', '.join(TASKS)}")
+    if found is not None and asked != found and asked != "feature-extraction":
+        raise ModelError(f"model {folder}: task {asked} does not match its head {architectures[0]} ({found}); "
+                         f"use task {found}")
+    return asked
+
+
+def graph_task(model) -> str | None:
+    """The task an exported graph serves, from Optimum's output names (and the logits' rank)."""
+    outputs = {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output}
+    if {"start_logits", "end_logits"} <= set(outputs):
+        return "question-answering"
+    if "logits" in outputs:
+        return "token-classification" if outputs["logits"] == 3 else "text-classification"
+    if "last_hidden_state" in outputs:
+        return "feature-extraction"
+    return None
+
+
+@dataclass(frozen=True)
+class Pooling:
+    """How token states become one sentence embedding (sentence-transformers' Pooling module)."""
+
+    mode: str = "mean"  # mean | cls | max
+    normalize: bool = False
+
+    @classmethod
+    def of(cls, folder: Path) -> "Pooling":
+        """Read `modules.json` and the Pooling module's config; mean, unnormalised without them."""
+        modules_file = Path(folder) / "modules.json"
+        if not modules_file.is_file():
+            return cls()
+        try:
+            modules = json.loads(modules_file.read_text())
+            pooling = next((m for m in modules if m.get("type", "").endswith(".Pooling")), None)
+            normalize = any(m.get("type", "").endswith(".Normalize") for m in modules)
+            mode = "mean"
+            if pooling is not None:
+                config = json.loads((Path(folder) / pooling["path"] / "config.json").read_text())
+                if config.get("pooling_mode_cls_token"):
+                    mode = "cls"
+                elif config.get("pooling_mode_max_tokens"):
+                    mode = "max"
+        except (ValueError, KeyError, OSError, TypeError):
+            raise ModelError(f"model {folder}: modules.json or its Pooling config is unreadable; fix or remove it") from None
+        return cls(mode, normalize)
+
+    def __call__(self, hidden: np.ndarray, mask: np.ndarray) -> np.ndarray:
+        hidden = hidden.astype(np.float32)
+        m = mask[..., None].astype(np.float32)
+        if self.mode == "cls":
+            pooled = hidden[:, 0]
+        elif self.mode == "max":
+            pooled = np.where(m > 0, hidden, -np.inf).max(axis=1)
+        else:
+            pooled = (hidden * m).sum(axis=1) / np.maximum(m.sum(axis=1), 1e-9)
+        if self.normalize:
+            pooled = pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
+        return pooled
+
+
+@dataclass(frozen=True)
+class Task:
+    """A task with the options that decide its predictions."""
+
+    name: str = "text-classification"
+    pooling: Pooling = Pooling()
+    max_answer_tokens: int = 30
+    min_cosine: float = 0.99
+
+    @property
+    def outputs(self) -> tuple[str, ...]:
+        return OUTPUTS[self.name]
+
+    def reduce(self, outputs: Batch, batch: Batch) -> Batch:
+        """What this task compares, from one batch's raw outputs."""
+        if self.name == "feature-extraction":
+            return {"embedding": self.pooling(outputs["last_hidden_state"], batch["attention_mask"])}
+        return {name: np.asarray(outputs[name], dtype=np.float32) for name in self.outputs}
+
+    def predictions(self, reduced: list[Batch], batches: list[Batch]) -> np.ndarray:
+        """One prediction per unit: class ids, tag ids of scored tokens, (start, end) spans, or
+        embeddings."""
+        if self.name == "text-classification":
+            return np.concatenate([r["logits"] for r in reduced]).argmax(-1)
+        if self.name == "token-classification":
+            return np.concatenate([r["logits"][b[WORD_INDEX] >= 0].argmax(-1) for r, b in zip(reduced, batches)])
+        if self.name == "question-answering":
+            return np.concatenate([best_spans(r["start_logits"], r["end_logits"], b[CONTEXT_OFFSETS][..., 0] >= 0,
+                                              self.max_answer_tokens) for r, b in zip(reduced, batches)])
+        return np.concatenate([r["embedding"] for r in reduced])
+
+    def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
+        """Per unit, whether the candidate's prediction counts as the reference's."""
+        if self.name == "question-answering":
+            return (reference == candidate).all(axis=-1)
+        if self.name == "feature-extraction":
+            return cosine(reference, candidate) >= self.min_cosine
+        return reference == candidate
+
+    def agreement_rate(self, reference: list[Batch], candidate: list[Batch], batches: list[Batch]) -> float:
+        agree = self.agreement(self.predictions(reference, batches), self.predictions(candidate, batches))
+        return float(agree.mean()) if agree.size else 1.0
+
+
+def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    a64, b64 = a.astype(np.float64), b.astype(np.float64)
+    norms = np.linalg.norm(a64, axis=-1) * np.linalg.norm(b64, axis=-1)
+    return (a64 * b64).sum(-1) / np.maximum(norms, 1e-12)
+
+
+def best_spans(start: np.ndarray, end: np.ndarray, context: np.ndarray, max_tokens: int) -> np.ndarray:
+    """Per row, the (start, end) inside the context with start <= end < start + max_tokens that
+    maximises start_logit + end_logit; (-1, -1) for a row without context tokens."""
+    rows, length = start.shape
+    best = np.full(rows, -np.inf)
+    spans = np.full((rows, 2), -1, dtype=np.int64)
+    s = np.where(context, start, -np.inf)
+    e = np.where(context, end, -np.inf)
+    for width in range(min(max_tokens, length)):
+        score = s[:, : length - width] + e[:, width:]
+        pos = score.argmax(axis=1)
+        value = score[np.arange(rows), pos]
+        better = value > best
+        best[better] = value[better]
+        spans[better, 0] = pos[better]
+        spans[better, 1] = pos[better] + width
+    return spans
+
+
+def collect(runner, batches: list[Batch], task: Task, progress=None) -> list[Batch]:
+    """Run every batch and keep what `task` compares; `progress(n)` is called per batch."""
+    reduced = []
+    for batch in batches:
+        reduced.append(task.reduce(runner.infer(batch), batch))
+        if progress is not None:
+            progress(len(batch["input_ids"]))
+    return reduced
+
+
+def max_abs_diff(reference: list[Batch], candidate: list[Batch], batches: list[Batch]) -> tuple[float, float]:
+    """Largest and mean |difference| over every compared output, at non-padding positions."""
+    largest, total, count = 0.0, 0.0, 0
+    for ref, cand, batch in zip(reference, candidate, batches):
+        mask = batch["attention_mask"].astype(bool)
+        for name, value in ref.items():
+            diff = np.abs(value.astype(np.float64) - cand[name].astype(np.float64))
+            if diff.ndim >= 2 and diff.shape[:2] == mask.shape:
+                diff = diff[mask]  # token outputs: padding positions are not predictions
+            if diff.size:
+                largest = max(largest, float(diff.max()))
+                total += float(diff.sum())
+                count += diff.size
+    return largest, (total / count if count else 0.0)
