@@ -39,3 +39,5 @@ def test_demo_prepare_cli_reports_paths(tmp_path):
     assert result.exit_code == 0, result.output
     assert str(tmp_path / "tweets-holdout.csv") in result.output
     assert (tmp_path / "minilm-tweets" / "config.json").is_file()
+    # The embeddings demo's model: the packaged MiniLM with its sentence-transformers pooling.
+    assert (tmp_path / "minilm-embeddings" / "modules.json").is_file()
