@@ -36,8 +36,12 @@ def as_text(value: Any) -> str:
     return " ".join(split_words(value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def load_tokenizer(folder: Path) -> Any:
-    """The tokenizer saved in a model folder; never downloads."""
+def load_tokenizer(folder: Path, task: str = "text-classification") -> Any:
+    """The tokenizer saved in a model folder; never downloads.
+
+    For token classification it is loaded with `add_prefix_space=True`: byte-level BPE tokenizers
+    (RoBERTa's) refuse pre-split words without it and tag every word as if it began the text;
+    WordPiece and SentencePiece tokenizers ignore the flag."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ShipyardError(f"tokenizer folder {folder} not found; pass the fine-tuned model's folder")
@@ -48,7 +52,8 @@ def load_tokenizer(folder: Path) -> Any:
         )
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True)
+    options = {"add_prefix_space": True} if task == "token-classification" else {}
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **options)
 
 
 @dataclass

@@ -59,7 +59,7 @@ def calibration_batches(calibration: Path, tokenizer_dir: Path, text_column: str
     """A seeded sample of calibration rows, tokenized to max_length for `task`, in batches of 32."""
     columns = Columns(text_column, text_pair_column)
     rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
-    encoder = Encoder(load_tokenizer(tokenizer_dir), columns, max_length, "max_length", task)
+    encoder = Encoder(load_tokenizer(tokenizer_dir, task), columns, max_length, "max_length", task)
     return list(encoder.batches(rows, 32))
 
 
@@ -209,7 +209,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
         check_writable_parent(report_path)
     columns = Columns(text_column, text_pair_column, label_column)
     rows = datamod.load_sample(data, columns, samples, 0, "evaluation")
-    encoder = Encoder(load_tokenizer(reference), columns, max_length, "max_length", spec.name)
+    encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, "max_length", spec.name)
     evaluation = datamod.make_eval_set(data, rows, encoder, 32, info.label2id)
     precision, kind = artifact_kind(artifact)
     default = getattr(Thresholds(), kind)

@@ -1,14 +1,16 @@
 """Small random-weight models of every family and task Shipyard supports, made by the tests.
 
 Every weight is drawn at random (no zero biases, no identical tensors), so exactness tests see
-real arithmetic and exporters cannot deduplicate tensors. The tokenizer is all-MiniLM-L6-v2's
-WordPiece vocabulary, saved under the family's own tokenizer class where transformers has a
-WordPiece one (BERT, DistilBERT, ELECTRA); RoBERTa-style families get the same vocabulary through
-BertTokenizerFast, which their models accept: only token ids reach the graph.
+real arithmetic and exporters cannot deduplicate tensors. RoBERTa gets a real byte-level BPE
+tokenizer (trained on tweets in a second, with RoBERTa's special tokens and no token_type_ids);
+the others use all-MiniLM-L6-v2's WordPiece vocabulary, under the family's own tokenizer class
+where transformers has a WordPiece one (BERT, DistilBERT, ELECTRA), else BertTokenizerFast, which
+their models accept: only token ids reach the graph.
 """
 
 from __future__ import annotations
 
+from functools import lru_cache
 from pathlib import Path
 
 FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
@@ -21,6 +23,23 @@ TASK_HEADS = {
 PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
           "distilbert": "DistilBert", "electra": "Electra", "albert": "Albert"}
 TOKEN_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
+
+
+@lru_cache(maxsize=1)
+def _byte_level_bpe():
+    """A RoBERTa-style tokenizer: byte-level BPE with <s> ... </s>, trained on 3,000 tweets."""
+    from tokenizers import ByteLevelBPETokenizer
+    from tokenizers.processors import RobertaProcessing
+    from transformers import RobertaTokenizerFast
+
+    from pipeline.demo import read_tweets
+
+    bpe = ByteLevelBPETokenizer()
+    bpe.train_from_iterator([t["text"] for t in read_tweets()[:3000]], vocab_size=2000, show_progress=False,
+                            special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"])
+    bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
+    return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
+                                cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
 
 
 def _config(family: str, layers: int, hidden: int, heads: int, intermediate: int, vocab: int):
@@ -56,8 +75,11 @@ def make_model(folder: Path, family: str = "bert", task: str = "text-classificat
 
     from pipeline.demo import minilm_dir
 
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
-    config = _config(family, layers, hidden, heads, intermediate, tokenizer.vocab_size)
+    if family == "roberta":
+        tokenizer = _byte_level_bpe()
+    else:
+        tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    config = _config(family, layers, hidden, heads, intermediate, len(tokenizer))
     if task == "token-classification":
         config.id2label = dict(enumerate(TOKEN_LABELS))
         config.label2id = {name: i for i, name in enumerate(TOKEN_LABELS)}
