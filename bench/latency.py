@@ -28,7 +28,8 @@ from calibration.sampling import Columns  # noqa: E402
 from pipeline import data as datamod  # noqa: E402
 from pipeline.model import inspect_model  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
-from pipeline.runners import OrtRunner, TorchRunner, collect_logits  # noqa: E402
+from pipeline.runners import OrtRunner, TorchRunner  # noqa: E402
+from pipeline.tasks import collect  # noqa: E402
 
 THREADS = 2
 SEQ = 64
@@ -93,15 +94,18 @@ def main() -> None:
     manifest = json.loads((args.release / "manifest.json").read_text())
     recipe = Recipe.model_validate(manifest["recipe"])
     model_dir = recipe.model.path
-    tokenizer = load_tokenizer(model_dir)
-    evaluation = datamod.prepare(recipe.data, tokenizer, inspect_model(model_dir).label2id).evaluation
+    info = inspect_model(model_dir, recipe.model.task)
+    task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
+    tokenizer = load_tokenizer(model_dir, task.name)
+    evaluation = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name).evaluation
     if evaluation.fingerprint != manifest["data"]["evaluation"]["fingerprint"]:
         sys.exit("the evaluation rows differ from the release's (data changed?); rerun shipyard run")
-    encoder = Encoder(tokenizer, Columns(recipe.data.text_column, recipe.data.text_pair_column), SEQ, "max_length")
+    encoder = Encoder(tokenizer, Columns(recipe.data.text_column, recipe.data.text_pair_column), SEQ, "max_length",
+                      task.name)
     batch32 = encoder.encode(evaluation.rows[:32])
     batch1 = {k: v[:1] for k, v in batch32.items()}
 
-    entries = [("PyTorch FP32", TorchRunner(model_dir, THREADS), None)]
+    entries = [("PyTorch FP32", TorchRunner(model_dir, THREADS, task.name), None)]
     for art in manifest["artifacts"]:
         entries.append((art["path"], OrtRunner(args.release / art["path"], THREADS), art["size_bytes"]))
     with tempfile.TemporaryDirectory() as tmp:
@@ -120,10 +124,12 @@ def main() -> None:
         timings = measure_all([runner for _, runner, _ in entries], batch1, batch32)
         for (name, runner, size), (latency, throughput) in zip(entries, timings):
             base = base or (latency, throughput)
-            logits = collect_logits(runner, evaluation.batches)
-            reference = logits if reference is None else reference
-            accuracy = float((logits.argmax(-1) == evaluation.labels).mean()) if evaluation.labels is not None else float("nan")
-            agreement = float((logits.argmax(-1) == reference.argmax(-1)).mean())
+            outputs = collect(runner, evaluation.batches, task)
+            reference = outputs if reference is None else reference
+            labelled = evaluation.labels is not None and task.name == "text-classification"
+            predicted = task.predictions(outputs, evaluation.batches)
+            accuracy = float((predicted == evaluation.labels).mean()) if labelled else float("nan")
+            agreement = task.agreement_rate(reference, outputs, evaluation.batches)
             size_text = f"{size / 1e6:.1f}" if size else "-"
             print(f"{name:40s} {size_text:>6s} {latency:7.2f} {base[0] / latency:5.2f} "
                   f"{throughput:9.1f} {throughput / base[1]:5.2f} {accuracy:8.4f} {agreement:6.4f}")

@@ -252,6 +252,9 @@ class Recipe(_Strict):
 
     @model_validator(mode="after")
     def _labels_for_metric_gates(self) -> "Recipe":
+        """Without a label column no label metric can be gated: a metric-drop threshold the recipe
+        writes is refused, and the defaults become null, so the resolved recipe (as a manifest
+        records it) says they were not checked and loads again."""
         if self.data.label_column is None:
             for kind in ("fp32", "pruned", "fp16", "int8"):
                 gate = getattr(self.thresholds, kind)
@@ -259,6 +262,7 @@ class Recipe(_Strict):
                 if written and gate.max_metric_drop is not None:
                     raise ValueError(f"thresholds.{kind}.max_metric_drop needs gold labels; set data.label_column "
                                      "or remove the threshold")
+                setattr(self.thresholds, kind, gate.model_copy(update={"max_metric_drop": None}))
         return self
 
     @model_validator(mode="after")
@@ -283,12 +287,7 @@ class Recipe(_Strict):
         raise RecipeError(f"target {name!r} is not in recipe {self.name!r} (targets: {known})")
 
     def gate_for(self, kind: str) -> Gate:
-        """The gate for an artifact kind. Without a label column no label metric can be gated, so
-        the default metric-drop threshold is left out (one set explicitly is refused on load)."""
-        gate = getattr(self.thresholds, kind)
-        if self.data.label_column is None:
-            return gate.model_copy(update={"max_metric_drop": None})
-        return gate
+        return getattr(self.thresholds, kind)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

@@ -6,7 +6,6 @@ arrays, so `compare.py` never needs to know which backend produced an output.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
 from pathlib import Path
 
 import numpy as np
@@ -204,13 +203,3 @@ def session_with_outputs(model, tensors: list[str]):
     options.log_severity_level = 3
     options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])
-
-
-def collect_logits(runner, batches: Iterable[Batch], progress=None) -> np.ndarray:
-    """Run every batch and stack the logits; `progress(n)` is called with each batch's size."""
-    chunks = []
-    for batch in batches:
-        chunks.append(runner.infer(batch)["logits"])
-        if progress is not None:
-            progress(len(next(iter(batch.values()))))
-    return np.concatenate(chunks, axis=0)

@@ -9,7 +9,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.errors import RecipeError
 from pipeline.manifest import manifest_json_schema
-from pipeline.recipe import load_recipe, recipe_json_schema
+from pipeline.recipe import load_recipe, parse_recipe, recipe_json_schema
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 
@@ -80,3 +80,18 @@ def test_cli_validate_exit_codes(tmp_path):
     assert result.exit_code == 2
     assert "stages.quantise: unknown key" in result.output
     assert "Traceback" not in result.output
+
+
+def test_unlabeled_recipe_gates_no_metric_and_its_resolved_form_loads_again(tmp_path):
+    """Without labels the default metric-drop gates are null (not checked, and recorded so), a
+    written one is refused, and the resolved recipe a manifest records loads again."""
+    raw = {"name": "emb", "model": {"path": "m"},
+           "data": {"calibration": {"path": "d.csv", "samples": 8}, "evaluation": {"path": "d.csv", "samples": 8}}}
+    recipe = parse_recipe(raw, "r.yaml", tmp_path)
+    assert all(recipe.gate_for(kind).max_metric_drop is None for kind in ("fp32", "pruned", "fp16", "int8"))
+    assert recipe.gate_for("int8").min_agreement == 0.98
+    again = parse_recipe(json.loads(recipe.model_dump_json()), "manifest", tmp_path)
+    assert again == recipe
+    raw["thresholds"] = {"int8": {"max_metric_drop": 0.01}}
+    with pytest.raises(RecipeError, match="thresholds.int8.max_metric_drop needs gold labels"):
+        parse_recipe(raw, "r.yaml", tmp_path)
