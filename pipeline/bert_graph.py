@@ -16,6 +16,8 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
+from pipeline.graph_io import drop_dead
+
 # Elementwise ops of the activations exporters emit: erf GELU, tanh GELU, the Gelu op, ReLU.
 GELU_OPS = {"Div", "Erf", "Add", "Mul", "Gelu", "FastGelu", "BiasGelu", "Pow", "Tanh", "Sigmoid", "Sub", "Relu", "Cast"}
 # An FFN path passes one of these; a decomposed LayerNorm (opset < 17) is elementwise too, but
@@ -382,7 +384,7 @@ def unfold_gemms(model: onnx.ModelProto) -> int:
         g.graph.node.remove(unflatten)
         rewritten += 1
     if rewritten:
-        _drop_dead(model)
+        drop_dead(model)
     return rewritten
 
 
@@ -402,19 +404,3 @@ def _restores_leading_dims(g: Graph, shape: str, source: str, columns: int) -> b
     start = g.constant_value(leading.input[1])
     return (origin is not None and origin.op_type == "Shape" and origin.input[0] == source
             and start is not None and start.size == 1 and int(start.reshape(-1)[0]) == 0)
-
-
-def _drop_dead(model: onnx.ModelProto) -> None:
-    """Remove nodes whose outputs nothing reads (repeatedly), then unread initializers."""
-    graph = model.graph
-    outputs = {o.name for o in graph.output}
-    while True:
-        read = {i for n in graph.node for i in n.input} | outputs
-        dead = [n for n in graph.node if not any(o in read for o in n.output)]
-        if not dead:
-            break
-        for node in dead:
-            graph.node.remove(node)
-    read = {i for n in graph.node for i in n.input}
-    for init in [i for i in graph.initializer if i.name not in read]:
-        graph.initializer.remove(init)

@@ -32,6 +32,24 @@ def drop_shape_annotations(model: onnx.ModelProto) -> None:
     del model.graph.value_info[:]
 
 
+def drop_dead(model: onnx.ModelProto) -> None:
+    """In place: remove nodes none of whose outputs is read (repeatedly, so whole dead chains go),
+    then initializers nothing reads. Surgery leaves such nodes behind: the patched originals of
+    cloned shape constants, Q/DQ pairs nobody reads, the Reshapes around an unfolded Gemm."""
+    graph = model.graph
+    outputs = {o.name for o in graph.output}
+    while True:
+        read = {i for n in graph.node for i in n.input} | outputs
+        dead = [n for n in graph.node if not any(o in read for o in n.output)]
+        if not dead:
+            break
+        for node in dead:
+            graph.node.remove(node)
+    read = {i for n in graph.node for i in n.input}
+    for init in [i for i in graph.initializer if i.name not in read]:
+        graph.initializer.remove(init)
+
+
 def probe_batches(model: onnx.ModelProto) -> list[Batch]:
     """Token inputs for the graph's own input names: real-looking ids, a padded row, no data."""
     initializers = {i.name for i in model.graph.initializer}

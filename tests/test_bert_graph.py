@@ -14,7 +14,7 @@ from pipeline.cli import cli
 from pipeline.graph_io import GraphCheckError, prove_runs
 from pipeline.runners import OrtRunner
 from pipeline.stages.export import export_onnx
-from zoo import make_model
+from zoo import make_model, reference_pruned_export
 
 pytestmark = pytest.mark.slow
 HEADS = {0: [0, 2], 1: [3]}
@@ -32,17 +32,7 @@ def tiny_export(tiny, tmp_path_factory):
 
 
 def _reference_prune(folder, tmp_path, opset=17):
-    """PyTorch's prune_heads + a fresh export: the independent reference for head removal."""
-    import transformers
-
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
-    model.prune_heads(HEADS)
-    model.save_pretrained(str(tmp_path / "pt"))
-    for item in folder.iterdir():
-        if "token" in item.name or item.name == "vocab.txt":
-            shutil.copy(item, tmp_path / "pt" / item.name)
-    export_onnx(tmp_path / "pt", tmp_path / "reference.onnx", opset)
-    return tmp_path / "reference.onnx"
+    return reference_pruned_export(folder, tmp_path, HEADS, opset)
 
 
 def _assert_same_logits(a, b, folder):

@@ -2,7 +2,6 @@
 trt-check and validate from the CLI, on small random-weight models the tests make themselves."""
 
 import json
-import shutil
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.runners import OrtRunner
 from pipeline.stages.export import export_onnx
-from zoo import FAMILIES, make_model
+from zoo import FAMILIES, make_model, reference_pruned_export
 
 pytestmark = pytest.mark.slow
 PRUNABLE = [f for f in FAMILIES if f != "albert"]
@@ -68,25 +67,17 @@ def test_family_exports_quantizes_checks_and_validates(family, family_models, ti
 
 @pytest.mark.parametrize("family", PRUNABLE)
 def test_head_pruning_matches_pytorch_prune_heads_for_each_family(family, family_models, tmp_path):
-    import transformers
-
     folder, exported = family_models[family]
     if not exported.exists():
         export_onnx(folder, exported, 17)
-    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
-    model.prune_heads(HEADS)
-    model.save_pretrained(str(tmp_path / "pt"))
-    for item in folder.iterdir():
-        if "token" in item.name or item.name == "vocab.txt":
-            shutil.copy(item, tmp_path / "pt" / item.name)
-    export_onnx(tmp_path / "pt", tmp_path / "reference.onnx", 17)
+    reference = reference_pruned_export(folder, tmp_path, HEADS)
 
     ours = tmp_path / "ours.onnx"
     result = invoke("prune", "--model", exported, "--out", ours, "--tokenizer", folder, "--quiet",
                     "--prune-heads", json.dumps({str(k): v for k, v in HEADS.items()}))
     assert result.exit_code == 0, result.output
     for batch in _token_batches(folder):
-        expected = OrtRunner(tmp_path / "reference.onnx").infer(batch)["logits"]
+        expected = OrtRunner(reference).infer(batch)["logits"]
         got = OrtRunner(ours).infer(batch)["logits"]
         assert np.abs(expected - got).max() <= 1e-4
 

@@ -99,3 +99,22 @@ def make_model(folder: Path, family: str = "bert", task: str = "text-classificat
         tokenizer = cls(vocab_file=str(minilm_dir() / "vocab.txt"))
     tokenizer.save_pretrained(str(folder))
     return Path(folder)
+
+
+def reference_pruned_export(folder: Path, out_dir: Path, heads: dict[int, list[int]], opset: int = 17) -> Path:
+    """PyTorch's `prune_heads` on the classifier in `folder`, saved and freshly exported: the
+    independent reference every ONNX head-removal test compares against."""
+    import shutil
+
+    import transformers
+
+    from pipeline.stages.export import export_onnx
+
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    model.prune_heads(heads)
+    model.save_pretrained(str(out_dir / "pt"))
+    for item in Path(folder).iterdir():
+        if "token" in item.name or item.name == "vocab.txt":
+            shutil.copy(item, out_dir / "pt" / item.name)
+    export_onnx(out_dir / "pt", out_dir / "reference.onnx", opset)
+    return out_dir / "reference.onnx"

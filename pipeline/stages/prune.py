@@ -32,7 +32,7 @@ from pipeline.bert_graph import (
     unfold_gemms, untie_identities,
 )
 from pipeline.errors import ShipyardError
-from pipeline.graph_io import drop_shape_annotations, prove_runs
+from pipeline.graph_io import drop_dead, drop_shape_annotations, prove_runs
 from pipeline.recipe import PruneSpec
 from pipeline.runners import session_with_outputs
 
@@ -224,20 +224,6 @@ def sparsify_24(g: Graph, weights: list[str]) -> list[str]:
     return done
 
 
-def _drop_unused(model: onnx.ModelProto) -> None:
-    """Remove Constant nodes and initializers nothing reads any more (the patched originals)."""
-    while True:
-        used = {i for n in model.graph.node for i in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node if n.op_type in ("Constant", "Concat") and n.output[0] not in used]
-        if not dead:
-            break
-        for node in dead:
-            model.graph.node.remove(node)
-    used = {i for n in model.graph.node for i in n.input}
-    for init in [i for i in model.graph.initializer if i.name not in used]:
-        model.graph.initializer.remove(init)
-
-
 # --- the stage -----------------------------------------------------------------------------
 
 def blocks_of(model: onnx.ModelProto, source: Path,
@@ -289,7 +275,7 @@ def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[Attention
                "attention": [w for b in attention for w in (b.q[0], b.k[0], b.v[0], b.out)]}
     targets["all"] = targets["ffn"] + targets["attention"]
     sparse = sparsify_24(g, targets[sparsity])
-    _drop_unused(pruned)
+    drop_dead(pruned)
     # Marks the graph as pruned so `shipyard validate` applies the pruned thresholds to it.
     onnx.helper.set_model_props(pruned, {**{p.key: p.value for p in pruned.metadata_props},
                                          PRUNED_MARK: json.dumps({"heads_removed": {str(k): v for k, v in heads_remove.items()},

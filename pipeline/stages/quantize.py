@@ -31,7 +31,7 @@ import numpy as np
 
 from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file
-from pipeline.graph_io import prove_runs
+from pipeline.graph_io import drop_dead, prove_runs
 from pipeline.recipe import QuantFormat, QuantizeSpec
 from pipeline.runners import OrtRunner
 from pipeline.stages import sensitivity
@@ -132,17 +132,7 @@ def _float_inputs_for_excluded(path: Path, excluded: list[str]) -> None:
             q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
             if q is not None and q.op_type == "QuantizeLinear":
                 node.input[i] = q.input[0]
-    while True:
-        read = {t for n in model.graph.node for t in n.input} | {o.name for o in model.graph.output}
-        dead = [n for n in model.graph.node
-                if n.op_type in ("QuantizeLinear", "DequantizeLinear") and n.output[0] not in read]
-        if not dead:
-            break
-        for node in dead:
-            model.graph.node.remove(node)
-    read = {t for n in model.graph.node for t in n.input}
-    for init in [i for i in model.graph.initializer if i.name not in read]:
-        model.graph.initializer.remove(init)
+    drop_dead(model)
     onnx.save(model, str(path))
 
 
