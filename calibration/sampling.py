@@ -60,7 +60,7 @@ def sample_rows(
     if len(rows) < n:
         raise DataError(
             f"data {source}: {purpose} asks for {n} rows but only {len(rows)} usable rows are left; "
-            f"lower {purpose} samples or supply more data"
+            f"lower the {purpose.split()[0]} samples or supply more data"
         )
     rng = random.Random(seed)
     # Per-word tags and answer lists are no classes to stratify on: sample those rows at random.
@@ -82,33 +82,50 @@ def sample_rows(
 
 
 @dataclass(frozen=True)
+class Side:
+    """One data source as a split draws from it: its usable rows, columns and how many to draw."""
+
+    rows: list[Row]
+    columns: Columns
+    source: Path
+
+
+@dataclass(frozen=True)
 class Splits:
     calibration: list[Row]
+    tuning: list[Row]
     evaluation: list[Row]
 
 
 def disjoint_splits(
-    calibration_rows: list[Row],
-    evaluation_rows: list[Row],
+    calibration: Side,
+    evaluation: Side,
     calibration_samples: int,
+    tuning_samples: int,
     evaluation_samples: int,
-    columns: Columns,
     seed: int,
     strategy: Literal["random", "stratified"],
-    calibration_source: Path,
-    evaluation_source: Path,
 ) -> Splits:
-    """Calibration first, then evaluation from what is left: no row is in both."""
-    calibration = sample_rows(
-        usable_rows(calibration_rows, columns), calibration_samples, columns, seed, strategy,
-        calibration_source, "calibration",
-    )
-    taken = {columns.key(r) for r in calibration}
-    remaining = [r for r in usable_rows(evaluation_rows, columns) if columns.key(r) not in taken]
-    evaluation = sample_rows(
-        remaining, evaluation_samples, columns, seed + 1, strategy, evaluation_source, "evaluation"
-    )
-    return Splits(calibration, evaluation)
+    """Calibration rows, then tuning rows from the rest of the calibration source, then evaluation
+    rows from what neither took (by content key, so one file or two overlapping files both work)."""
+    usable = usable_rows(calibration.rows, calibration.columns)
+    cal = sample_rows(usable, calibration_samples, calibration.columns, seed, strategy, calibration.source,
+                      "calibration")
+    taken = {calibration.columns.key(r) for r in cal}
+    rest = [r for r in usable if calibration.columns.key(r) not in taken]
+    tuning = sample_rows(rest, tuning_samples, calibration.columns, seed + 2, strategy, calibration.source,
+                         "tuning (drawn after the calibration rows)") if tuning_samples else []
+    taken |= {calibration.columns.key(r) for r in tuning}
+    remaining = [r for r in usable_rows(evaluation.rows, evaluation.columns) if evaluation.columns.key(r) not in taken]
+    evaluation_rows = sample_rows(remaining, evaluation_samples, evaluation.columns, seed + 1, strategy,
+                                  evaluation.source, "evaluation (after the calibration and tuning rows)")
+    return Splits(cal, tuning, evaluation_rows)
+
+
+def row_digest(columns: Columns, row: Row) -> str:
+    """A short content digest of a row's key, recorded in artifacts so that a later standalone
+    `validate` can leave out the rows an artifact was calibrated or tuned on."""
+    return hashlib.sha256(columns.key(row).encode()).hexdigest()[:16]
 
 
 def fingerprint(rows: list[Row]) -> str:

@@ -1,8 +1,10 @@
 """Load rows (dicts) from the data formats release engineers keep evaluation text in.
 
-Supported: `.csv` (UTF-8, falling back to latin-1), `.jsonl`, `.txt` (one text a line, column
-`text`), `.parquet`, and a Hugging Face dataset folder written by `save_to_disk`. Nothing is
-fetched from a hub: a path that does not exist is an error.
+Supported: `.csv` and `.txt` (one text a line, column `text`) in UTF-8 or the encoding the source
+names, `.jsonl` (UTF-8), `.parquet`, and a Hugging Face dataset folder written by `save_to_disk`.
+Text that is not valid in its encoding is an error naming the byte and the fix, never a silent
+guess: a latin-1 guess turns UTF-8 mojibake into plausible, wrong tokens. Nothing is fetched
+from a hub: a path that does not exist is an error.
 """
 
 from __future__ import annotations
@@ -18,38 +20,48 @@ Row = dict[str, Any]
 SUPPORTED = ".csv, .jsonl, .txt, .parquet, or a folder saved with datasets' save_to_disk"
 
 
-def _read_csv(path: Path) -> list[Row]:
-    for encoding in ("utf-8-sig", "latin-1"):
-        try:
-            with path.open(newline="", encoding=encoding) as f:
-                return list(csv.DictReader(f))
-        except UnicodeDecodeError:
-            continue
-    raise DataError(f"data {path}: cannot decode as UTF-8 or latin-1; re-save it as UTF-8")
+def _decoded(path: Path, encoding: str | None, read):
+    """`read(file)` over `path` opened as text in `encoding` (default UTF-8, BOM allowed)."""
+    name = encoding or "utf-8-sig"
+    try:
+        with path.open(newline="", encoding=name) as f:
+            return read(f)
+    except LookupError:
+        raise DataError(f"data {path}: unknown encoding {encoding!r}; use a Python codec name such as "
+                        "utf-8, latin-1 or cp1252") from None
+    except UnicodeDecodeError as err:
+        byte = err.object[err.start:err.start + 1].hex()
+        raise DataError(f"data {path}: byte 0x{byte} at offset {err.start} is not valid {encoding or 'UTF-8'}; "
+                        "name the file's encoding (encoding: latin-1 in the recipe's source, or --encoding) "
+                        "or re-save it as UTF-8") from None
 
 
-def _read_jsonl(path: Path) -> list[Row]:
+def _read_csv(path: Path, encoding: str | None) -> list[Row]:
+    return _decoded(path, encoding, lambda f: list(csv.DictReader(f)))
+
+
+def _read_jsonl(path: Path, encoding: str | None) -> list[Row]:
     rows = []
-    with path.open(encoding="utf-8") as f:
-        for number, line in enumerate(f, 1):
-            if not line.strip():
-                continue
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                raise DataError(f"data {path} line {number}: not valid JSON; fix or remove it") from None
-            if not isinstance(row, dict):
-                raise DataError(f"data {path} line {number}: expected a JSON object per line")
-            rows.append(row)
+    # split("\n"), not splitlines(): a JSON string may hold U+2028, which splitlines breaks on.
+    lines = _decoded(path, encoding, lambda f: f.read().split("\n"))
+    for number, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except json.JSONDecodeError:
+            raise DataError(f"data {path} line {number}: not valid JSON; fix or remove it") from None
+        if not isinstance(row, dict):
+            raise DataError(f"data {path} line {number}: expected a JSON object per line")
+        rows.append(row)
     return rows
 
 
-def _read_txt(path: Path) -> list[Row]:
-    with path.open(encoding="utf-8", errors="replace") as f:
-        return [{"text": line.rstrip("\n")} for line in f if line.strip()]
+def _read_txt(path: Path, encoding: str | None) -> list[Row]:
+    return _decoded(path, encoding, lambda f: [{"text": line} for line in f.read().splitlines() if line.strip()])
 
 
-def _read_parquet(path: Path) -> list[Row]:
+def _read_parquet(path: Path, encoding: str | None) -> list[Row]:
     import pyarrow.parquet as pq
 
     try:
@@ -73,8 +85,8 @@ def _read_saved_dataset(path: Path) -> list[Row]:
     return dataset.to_list()
 
 
-def load_rows(path: Path) -> list[Row]:
-    """All rows of a data source, as dicts keyed by column name."""
+def load_rows(path: Path, encoding: str | None = None) -> list[Row]:
+    """All rows of a data source, as dicts keyed by column name; `encoding` applies to text files."""
     path = Path(path)
     if not path.exists():
         raise DataError(f"data {path} not found; pass an existing {SUPPORTED}")
@@ -85,7 +97,7 @@ def load_rows(path: Path) -> list[Row]:
         reader = readers.get(path.suffix.lower())
         if reader is None:
             raise DataError(f"data {path}: unsupported format {path.suffix!r}; use {SUPPORTED}")
-        rows = reader(path)
+        rows = reader(path, encoding)
     if not rows:
         raise DataError(f"data {path} is empty; it needs at least one row")
     return rows

@@ -27,7 +27,8 @@ def sha256_file(path: Path) -> str:
 
 @dataclass
 class Artifact:
-    """A file a stage wrote, identified by its content."""
+    """A file a stage wrote, identified by its content. `kind` (fp32, pruned, fp16, int8) picks
+    the gate that judges it; the stage that makes the artifact decides it (`pipeline.policy`)."""
 
     name: str
     path: Path
@@ -37,9 +38,11 @@ class Artifact:
     options: dict[str, Any] = field(default_factory=dict)
     sha256: str = ""
     size_bytes: int = 0
+    kind: str = ""
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
+        self.kind = self.kind or self.precision
         if not self.sha256 and self.path.exists():
             self.refresh()
 
@@ -59,6 +62,8 @@ class StageResult:
     message: str = ""
     seconds: float = 0.0
     details: dict[str, Any] = field(default_factory=dict)
+    files: list[Path] = field(default_factory=list)  # written beside the artifacts (a config.json)
+    cached: bool = False  # reused from the stage cache, not recomputed
 
 
 def check_writable_parent(path: Path) -> None:
@@ -67,8 +72,12 @@ def check_writable_parent(path: Path) -> None:
     existing = parent
     while not existing.exists():
         existing = existing.parent
-    if not existing.is_dir() or not os.access(existing, os.W_OK | os.X_OK):
-        raise OutputError(f"output {path}: folder {existing} is not writable; choose another --out")
+    try:  # a real probe: os.access says yes to root on /proc and read-only mounts
+        if not existing.is_dir():
+            raise NotADirectoryError
+        tempfile.TemporaryFile(dir=existing).close()
+    except OSError:
+        raise OutputError(f"output {path}: folder {existing} is not writable; choose another --out") from None
 
 
 def _umask() -> int:

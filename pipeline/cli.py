@@ -1,13 +1,21 @@
 """The `shipyard` command: builds or overrides a recipe and calls the pipeline, nothing more.
 
-Exit codes: 0 every gate passed, 1 a gate failed (artifacts still written), 2 bad input or
-usage. Errors a user can fix are printed as one line, without a traceback.
+Exit codes, one meaning each (EXIT_CODES, printed by --help):
+  0    every gate passed
+  1    a gate failed; artifacts, manifest and reports were still written
+  2    bad input, usage or environment (a full disk, an unwritable or locked folder): one line
+       naming the thing and the fix, without a traceback
+  3    an internal error: one line saying so and where the full traceback was written
+  130  interrupted (Ctrl-C or SIGTERM); partial outputs were removed
 """
 
 from __future__ import annotations
 
+import errno
 import functools
 import json
+import os
+import signal
 import sys
 from pathlib import Path
 
@@ -15,22 +23,52 @@ import click
 
 from pipeline.errors import ShipyardError
 
-GATE_FAILED = 1
-BAD_INPUT = 2
+PASSED, GATE_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = 0, 1, 2, 3, 130
+EXIT_CODES = ("Exit codes: 0 every gate passed; 1 a gate failed (artifacts, manifest and reports written); "
+              "2 bad input, usage or environment (one line naming the thing and the fix); 3 internal error "
+              "(the traceback is written to a log file the message names); 130 interrupted (partial outputs removed).")
+# Environment failures a user fixes (space, permissions), not bugs: exit 2 with the path named.
+USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some quota or choose "
+                  "another --out", errno.EROFS: "choose a writable --out", errno.EACCES: "choose a writable --out"}
 # Kept here, not imported from pipeline.tasks, so `shipyard --help` stays instant (no numpy).
 TASK_CHOICES = ["text-classification", "token-classification", "question-answering", "feature-extraction"]
 METRIC_CHOICES = ["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 
 
 class ShipyardGroup(click.Group):
-    """Turns `ShipyardError` into a one-line message and exit code 2."""
+    """Maps every way a command can end to its exit code and a one-line message (module docstring)."""
 
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
         except ShipyardError as err:
-            click.echo(f"error: {err}", err=True)
-            ctx.exit(BAD_INPUT)
+            _fail(ctx, BAD_INPUT, str(err))
+        except KeyboardInterrupt:
+            _fail(ctx, INTERRUPTED, "interrupted; partial outputs were removed and nothing was recorded")
+        except (click.exceptions.Exit, click.ClickException, click.Abort):
+            raise
+        except OSError as err:
+            if err.errno not in USER_OS_ERRORS:
+                _internal_error(ctx, err)
+            where = f" writing {err.filename}" if err.filename else ""
+            _fail(ctx, BAD_INPUT, f"{err.strerror or os.strerror(err.errno)}{where}; {USER_OS_ERRORS[err.errno]} "
+                  "(partial outputs were removed)")
+        except Exception as err:  # a bug, or a library failing in a way we did not foresee
+            _internal_error(ctx, err)
+
+
+def _fail(ctx: click.Context, code: int, message: str) -> None:
+    click.echo(f"error: {' '.join(message.split())}", err=True)
+    ctx.exit(code)
+
+
+def _internal_error(ctx: click.Context, err: Exception) -> None:
+    from pipeline.cache import write_crash_log
+
+    log = write_crash_log(err, sys.argv)
+    first = (str(err).strip().splitlines() or [""])[0][:200]
+    _fail(ctx, INTERNAL_ERROR, f"internal error ({type(err).__name__}: {first}); this is a Shipyard bug or a "
+          f"broken installation, not a gate result; full traceback in {log}")
 
 
 def _console(quiet: bool, as_json: bool):
@@ -57,7 +95,19 @@ def output_options(func):
     return wrapper
 
 
-@click.group(cls=ShipyardGroup, context_settings={"help_option_names": ["-h", "--help"]})
+class ShipyardCommand(click.Command):
+    """Every command's --help ends with the exit codes."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        kwargs.setdefault("epilog", EXIT_CODES)
+        super().__init__(*args, **kwargs)
+
+
+ShipyardGroup.command_class = ShipyardCommand
+ShipyardGroup.group_class = type  # subgroups are ShipyardGroups too
+
+
+@click.group(cls=ShipyardGroup, context_settings={"help_option_names": ["-h", "--help"]}, epilog=EXIT_CODES)
 @click.version_option(package_name="bert-shipyard")
 def cli() -> None:
     """Export, quantize and parity-gate fine-tuned BERT models into release artifacts."""
@@ -108,6 +158,13 @@ def recipe_schema(manifest: bool) -> None:
 
 # --- the whole pipeline -------------------------------------------------------------------
 
+allow_pickle_option = click.option(
+    "--allow-pickle", is_flag=True,
+    help="Accept pytorch_model.bin (pickle) weights, loaded with torch.load(weights_only=True) [default: safetensors only].")
+encoding_option = click.option("--encoding", default=None, metavar="CODEC",
+                               help="Text encoding of a .csv/.txt data file [default: UTF-8].")
+
+
 @cli.command()
 @click.argument("recipe_file", metavar="RECIPE", type=click.Path(path_type=Path))
 @click.option("--out", type=click.Path(path_type=Path), default=None,
@@ -115,18 +172,32 @@ def recipe_schema(manifest: bool) -> None:
 @click.option("--overwrite", is_flag=True, help="Replace the release folder if it exists.")
 @click.option("--target", "target_names", multiple=True, metavar="NAME",
               help="Only these recipe targets (repeatable); one job per target when fanned out.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Stage cache folder [default: $SHIPYARD_CACHE_DIR, else ~/.cache/shipyard].")
+@click.option("--no-cache", is_flag=True, help="Recompute every stage; neither read nor write the cache.")
+@click.option("--wait", is_flag=True, help="If another run holds --out, wait for it instead of exiting 2.")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (PEM): sign manifest.json into manifest.json.sig.")
+@allow_pickle_option
 @set_option
 @output_options
-def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tuple[str, ...],
-        overrides: tuple[str, ...], quiet: bool, as_json: bool) -> None:
-    """Run every stage of RECIPE and gate each artifact's parity against PyTorch."""
+def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tuple[str, ...], cache_dir: Path | None,
+        no_cache: bool, wait: bool, sign_key: Path | None, allow_pickle: bool, overrides: tuple[str, ...],
+        quiet: bool, as_json: bool) -> None:
+    """Run every stage of RECIPE and gate each artifact's parity against PyTorch.
+
+    Finished stages are reused from the stage cache when their inputs are unchanged; the
+    summary and the manifest say which."""
+    from pipeline.cache import StageCache
     from pipeline.recipe import load_recipe
-    from pipeline.run import run_recipe
+    from pipeline.run import RunOptions, run_recipe
     from pipeline.summary import print_run_summary
 
-    loaded = load_recipe(recipe_file, overrides)
+    loaded = load_recipe(recipe_file, overrides + (("model.allow_pickle=true",) if allow_pickle else ()))
     out = out or Path("release") / loaded.name
-    outcome = run_recipe(loaded, out, _progress(quiet, as_json), overwrite=overwrite, target_names=target_names)
+    options = RunOptions(overwrite=overwrite, target_names=target_names, wait=wait, sign_key=sign_key,
+                         cache=StageCache.at(cache_dir, enabled=not no_cache))
+    outcome = run_recipe(loaded, out, _progress(quiet, as_json), options)
     if as_json:
         click.echo(json.dumps({"out": str(out), "passed": outcome.passed,
                                "manifest": json.loads(outcome.manifest.model_dump_json())}))
@@ -146,13 +217,14 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tupl
 @click.option("--opset", type=click.IntRange(14, 21), default=17, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True,
               help="Max |logit difference| vs PyTorch; beyond it the export fails (exit 1).")
+@allow_pickle_option
 @output_options
-def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, quiet: bool,
+def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, allow_pickle: bool, quiet: bool,
                as_json: bool) -> None:
     """Export to ONNX with Optimum and check the logits against PyTorch on real inputs."""
     from pipeline.standalone import export_and_check
 
-    result = export_and_check(model_dir, out, task, opset, atol, _progress(quiet, as_json))
+    result = export_and_check(model_dir, out, task, opset, atol, _progress(quiet, as_json), allow_pickle)
     _finish(result.passed, {"out": str(out), "passed": result.passed, "message": result.message,
                             **result.details}, f"export {out}: {result.message}", quiet, as_json)
 
@@ -171,18 +243,25 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, q
               show_default=True)
 @click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration rows to draw (seeded).")
+@click.option("--tuning-samples", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Rows drawn after the calibration rows that choose the float fallback; 0 quantizes every node.")
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["qdq", "cpu"]), default="qdq", show_default=True,
               help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
+@encoding_option
 @output_options
 def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
-                 text_column: str, text_pair_column: str | None, method: str, samples: int,
-                 max_length: int, fmt: str, quiet: bool, as_json: bool) -> None:
-    """Post-training INT8 quantization of an ONNX model."""
+                 text_column: str, text_pair_column: str | None, method: str, samples: int, tuning_samples: int,
+                 max_length: int, fmt: str, encoding: str | None, quiet: bool, as_json: bool) -> None:
+    """Post-training INT8 quantization of an ONNX model.
+
+    The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
+    same file leaves them out."""
     from pipeline.standalone import quantize_file
 
     result = quantize_file(model_path, out, fmt, method, calibration, tokenizer, text_column,
-                           text_pair_column, samples, max_length, _progress(quiet, as_json))
+                           text_pair_column, samples, max_length, _progress(quiet, as_json), tuning_samples,
+                           encoding)
     art = result.artifacts[0]
     _finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)
@@ -211,17 +290,18 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
               show_default=True, help="2:4 semi-structured sparsity on these MatMul weights.")
 @click.option("--compensate/--no-compensate", default=True, show_default=True,
               help="Fold removed units' mean output into the next bias (scored pruning only).")
+@encoding_option
 @output_options
 def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
               text_column: str, text_pair_column: str | None, samples: int, max_length: int,
               ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-              sparsity_24: str, compensate: bool, quiet: bool, as_json: bool) -> None:
+              sparsity_24: str, compensate: bool, encoding: str | None, quiet: bool, as_json: bool) -> None:
     """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
     from pipeline.standalone import prune_file
 
     result = prune_file(model_path, out, calibration, tokenizer, text_column, text_pair_column,
                         samples, max_length, ffn_fraction, ffn_scope, heads_per_layer, heads_json,
-                        sparsity_24, compensate, _progress(quiet, as_json))
+                        sparsity_24, compensate, _progress(quiet, as_json), encoding)
     art = result.artifacts[0]
     _finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)
@@ -255,18 +335,25 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
               help="feature-extraction: an embedding agrees at this cosine with PyTorch's.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the parity report as JSON here.")
+@encoding_option
+@allow_pickle_option
 @output_options
 def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
                  text_pair_column: str | None, label_column: str | None, samples: int | None,
                  max_length: int, min_agreement: float | None, max_abs_diff: float | None,
                  max_metric_drop: float | None, metric: str | None, task: str | None, max_answer_tokens: int,
-                 min_cosine: float, report_path: Path | None, quiet: bool, as_json: bool) -> None:
-    """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail."""
+                 min_cosine: float, report_path: Path | None, encoding: str | None, allow_pickle: bool,
+                 quiet: bool, as_json: bool) -> None:
+    """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail.
+
+    Rows the artifact was calibrated or tuned on (recorded inside it by shipyard quantize,
+    prune and run) are left out of the evaluation rows."""
     from pipeline.standalone import validate_file
 
     report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
                            samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
-                           metric, report_path, _progress(quiet, as_json), task, max_answer_tokens, min_cosine)
+                           metric, report_path, _progress(quiet, as_json), task, max_answer_tokens, min_cosine,
+                           encoding, allow_pickle)
     line = (f"validate {artifact}: {'PASS' if report else 'FAIL'} {report.task} agreement {report.agreement:.4f} "
             f"over {report.units} {report.unit}, "
             f"max |diff| {report.max_abs_diff:.3g}" + ("" if report else "; " + "; ".join(report.failures)))
@@ -279,6 +366,22 @@ def _finish(passed: bool, payload: dict, line: str, quiet: bool, as_json: bool) 
     elif not quiet:
         click.echo(line)
     sys.exit(0 if passed else GATE_FAILED)
+
+
+@cli.command("verify")
+@click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 public key (PEM): also check manifest.json.sig.")
+@output_options
+def verify_cmd(folder: Path, public_key: Path | None, quiet: bool, as_json: bool) -> None:
+    """Check a release folder: every artifact's sha256 against the manifest, each ONNX file
+    loads, the manifest's schema and (with --public-key) its signature. Exit 0 intact, 1 not."""
+    from pipeline.signing import verify_folder
+
+    problems = verify_folder(folder, public_key)
+    verdict = "intact" if not problems else f"{len(problems)} problem(s)"
+    _finish(not problems, {"folder": str(folder), "intact": not problems, "problems": problems},
+            "\n".join([f"verify {folder}: {verdict}"] + [f"  {p}" for p in problems]), quiet, as_json)
 
 
 # --- TensorRT ------------------------------------------------------------------------------
@@ -399,7 +502,13 @@ def demo_prepare(home: Path | None, layers: int, train_rows: int, force: bool, q
             quiet, as_json)
 
 
+def _interrupt_on_sigterm(signum, frame) -> None:
+    # A cancelled CI job sends SIGTERM: unwind like Ctrl-C, so temporary outputs are removed.
+    raise KeyboardInterrupt
+
+
 def main() -> None:
+    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
     cli(prog_name="shipyard")
 
 

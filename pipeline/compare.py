@@ -131,7 +131,26 @@ def apply_gate(report: ParityReport, gate: Gate) -> None:
 def compare(task: Task, artifact: str, reference: list[Batch], candidate: list[Batch], batches: list[Batch],
             gate: Gate, metric: str | None, gold: Any, id2label: dict[int, str], rows: list[dict],
             text_column: str, pair_column: str | None, max_flips: int = 20) -> ParityReport:
-    """Compare two runs of one task on the evaluation batches and apply `gate`."""
+    """Compare two runs of one task on the evaluation batches and apply `gate`; NaN or Inf in the
+    candidate's outputs fails it, whatever the agreement says (an argmax of NaN is still a class)."""
+    report = _compare(task, artifact, reference, candidate, batches, gate, metric, gold, id2label, rows,
+                      text_column, pair_column, max_flips)
+    bad = [i for i, row in enumerate(r for out in candidate for r in _rows_finite(out)) if not row]
+    if bad:
+        report.failures.insert(0, f"{len(bad)} of {report.samples} rows have NaN or Inf outputs (first: row {bad[0] + 1})")
+    return report
+
+
+def _rows_finite(outputs: Batch) -> list[bool]:
+    """Per row of a batch: are all its outputs finite?"""
+    arrays = [np.asarray(v) for v in outputs.values()]
+    rows = len(arrays[0]) if arrays else 0
+    return [all(np.isfinite(a[i]).all() for a in arrays) for i in range(rows)]
+
+
+def _compare(task: Task, artifact: str, reference: list[Batch], candidate: list[Batch], batches: list[Batch],
+             gate: Gate, metric: str | None, gold: Any, id2label: dict[int, str], rows: list[dict],
+             text_column: str, pair_column: str | None, max_flips: int) -> ParityReport:
     if task.name == "text-classification":
         texts = [str(r[text_column]) for r in rows]
         return compare_logits(artifact, np.concatenate([r["logits"] for r in reference]),

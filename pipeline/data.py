@@ -9,10 +9,10 @@ from typing import Any
 import numpy as np
 
 from calibration.encode import Encoder, label_ids, split_words
-from calibration.sampling import Columns, disjoint_splits, fingerprint, sample_rows, usable_rows
+from calibration.sampling import Columns, Side, disjoint_splits, fingerprint, row_digest, sample_rows, usable_rows
 from calibration.sources import Row, load_rows, require_columns
 from pipeline.errors import DataError
-from pipeline.recipe import DataSpec
+from pipeline.recipe import DataSpec, SourceSpec
 
 Batch = dict[str, np.ndarray]
 
@@ -31,20 +31,48 @@ class EvalSet:
 
 
 @dataclass
+class Split:
+    """Rows drawn from one source for one purpose, tokenized, with their fingerprint and the
+    content digests artifacts record (`row_digest`)."""
+
+    source: Path
+    rows: list[Row]
+    batches: list[Batch]
+    fingerprint: str
+    digests: list[str]
+
+    @classmethod
+    def of(cls, source: Path, rows: list[Row], encoder: Encoder, batch_size: int) -> "Split":
+        return cls(source, rows, list(encoder.batches(rows, batch_size)), fingerprint(rows),
+                   [row_digest(encoder.columns, r) for r in rows])
+
+
+@dataclass
 class PreparedData:
-    calibration_source: Path
-    calibration_rows: list[Row]
-    calibration_batches: list[Batch]
-    calibration_fingerprint: str
+    """Calibration rows set activation scales and pruning scores; tuning rows choose (prune
+    budget, INT8 float fallback); evaluation rows only judge. No row is in two of them."""
+
+    calibration: Split
+    tuning: Split
     evaluation: EvalSet
 
+    @property
+    def seen_digests(self) -> list[str]:
+        """Digests of every row a stage may have fitted or chosen on."""
+        return sorted(set(self.calibration.digests) | set(self.tuning.digests))
 
-def columns_of(spec: DataSpec) -> Columns:
-    return Columns(spec.text_column, spec.text_pair_column, spec.label_column)
+
+def source_columns(spec: DataSpec, source: SourceSpec, header: list[str] | None = None) -> Columns:
+    """The columns of one source: its own names, else the data section's. For calibration
+    (`header` given) the label column is used only when the source names it or has it."""
+    label = source.label_column or spec.label_column
+    if header is not None and source.label_column is None and label not in header:
+        label = None
+    return Columns(source.text_column or spec.text_column, source.text_pair_column or spec.text_pair_column, label)
 
 
-def _load(path: Path, columns: Columns) -> list[Row]:
-    rows = load_rows(path)
+def _load(path: Path, columns: Columns, encoding: str | None = None) -> list[Row]:
+    rows = load_rows(path, encoding)
     require_columns(rows, columns.needed(), path)
     return rows
 
@@ -101,7 +129,11 @@ def _gold_answers(rows: list[Row], columns: Columns, source: Path) -> list[list[
 
 def make_eval_set(source: Path, rows: list[Row], encoder: Encoder, batch_size: int,
                   label2id: dict[str, int]) -> EvalSet:
+    """Evaluation rows in batches; with `padding: longest` the rows are ordered by length first,
+    so each batch is padded only as far as its own rows need."""
     columns = encoder.columns
+    if encoder.padding == "longest":
+        rows = encoder.by_length(rows)
     return EvalSet(
         source=source, rows=rows, batches=list(encoder.batches(rows, batch_size)),
         labels=gold_labels(rows, columns, label2id, encoder.task, source), columns=columns,
@@ -110,33 +142,39 @@ def make_eval_set(source: Path, rows: list[Row], encoder: Encoder, batch_size: i
 
 
 def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "text-classification") -> PreparedData:
-    """Load both sources, draw disjoint seeded splits, check labels and tokenize for `task`."""
-    columns = columns_of(spec)
-    cal_path, eval_path = spec.calibration.path, spec.evaluation.path
-    cal_rows = _load(cal_path, columns)
-    eval_rows = cal_rows if eval_path == cal_path else _load(eval_path, columns)
+    """Load both sources, draw disjoint seeded calibration, tuning and evaluation rows, check
+    labels and tokenize for `task`."""
+    cal_spec, eval_spec = spec.calibration, spec.evaluation
+    cal_raw = load_rows(cal_spec.path, cal_spec.encoding)
+    cal_columns = source_columns(spec, cal_spec, list(cal_raw[0].keys()))
+    require_columns(cal_raw, cal_columns.needed(), cal_spec.path)
+    eval_columns = source_columns(spec, eval_spec)
+    eval_raw = _load(eval_spec.path, eval_columns, eval_spec.encoding)
     splits = disjoint_splits(
-        cal_rows, eval_rows, spec.calibration.samples, spec.evaluation.samples, columns,
-        spec.seed, spec.sampling, cal_path, eval_path,
+        Side(cal_raw, cal_columns, cal_spec.path), Side(eval_raw, eval_columns, eval_spec.path),
+        cal_spec.samples, spec.tuning_samples, eval_spec.samples, spec.seed, spec.sampling,
     )
-    encoder = Encoder(tokenizer, columns, spec.max_length, spec.padding, task)
     # ORT's entropy and percentile calibrators stack all batches into one array, so calibration
     # batches are always padded to max_length; `padding` shapes the evaluation batches only.
-    calibration_encoder = Encoder(tokenizer, columns, spec.max_length, "max_length", task)
+    calibration_encoder = Encoder(tokenizer, cal_columns, spec.max_length, "max_length", task)
     # Wrong labels in calibration rows are as wrong as in evaluation rows.
-    gold_labels(splits.calibration, columns, label2id, task, cal_path)
+    gold_labels(splits.calibration, cal_columns, label2id, task, cal_spec.path)
+    encoder = Encoder(tokenizer, eval_columns, spec.max_length, spec.padding, task)
+    # Tuning rows are compared per row, like evaluation rows, so they are padded (and ordered) alike.
+    tuning_encoder = Encoder(tokenizer, cal_columns, spec.max_length, spec.padding, task)
+    tuning_rows = tuning_encoder.by_length(splits.tuning) if spec.padding == "longest" else splits.tuning
     return PreparedData(
-        calibration_source=cal_path,
-        calibration_rows=splits.calibration,
-        calibration_batches=list(calibration_encoder.batches(splits.calibration, spec.batch_size)),
-        calibration_fingerprint=fingerprint(splits.calibration),
-        evaluation=make_eval_set(eval_path, splits.evaluation, encoder, spec.batch_size, label2id),
+        calibration=Split.of(cal_spec.path, splits.calibration, calibration_encoder, spec.batch_size),
+        tuning=Split.of(cal_spec.path, tuning_rows, tuning_encoder, spec.batch_size),
+        evaluation=make_eval_set(eval_spec.path, splits.evaluation, encoder, spec.batch_size, label2id),
     )
 
 
-def load_sample(path: Path, columns: Columns, samples: int | None, seed: int, what: str) -> list[Row]:
-    """Rows of one source for a standalone command: all usable rows, or a seeded sample."""
-    rows = usable_rows(_load(path, columns), columns)
+def load_sample(path: Path, columns: Columns, samples: int | None, seed: int, what: str,
+                encoding: str | None = None, exclude: frozenset[str] = frozenset()) -> list[Row]:
+    """Rows of one source for a standalone command: all usable rows, or a seeded sample, leaving
+    out rows whose `row_digest` is in `exclude`."""
+    rows = [r for r in usable_rows(_load(path, columns, encoding), columns) if row_digest(columns, r) not in exclude]
     if samples is None:
         return rows
     return sample_rows(rows, samples, columns, seed, "stratified", path, what)

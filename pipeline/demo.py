@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from pipeline.artifacts import atomic_dir, atomic_file
+from pipeline.artifacts import atomic_dir, atomic_file, sha256_file
 from pipeline.errors import ShipyardError
 
 LABELS = ("negative", "neutral", "positive")
@@ -145,7 +145,9 @@ def prepare_demo(
              "learning_rate": learning_rate}
     stamp_file = paths.model / "shipyard-demo.json"
     if not force and paths.holdout.is_file() and stamp_file.is_file():
-        if json.loads(stamp_file.read_text()) == stamp:
+        recorded = json.loads(stamp_file.read_text())
+        # A damaged cache (a truncated weights file, an edited hold-out CSV) is made again.
+        if recorded.get("settings") == stamp and recorded.get("files") == _file_hashes(paths):
             return paths
     rows = read_tweets()
     random.Random(seed).shuffle(rows)
@@ -155,9 +157,16 @@ def prepare_demo(
     with atomic_dir(paths.model, overwrite=True) as tmp:
         fine_tune(tmp, train, layers=layers, batch_size=batch_size, learning_rate=learning_rate,
                   seed=seed, progress=progress)
-        (tmp / "shipyard-demo.json").write_text(json.dumps(stamp))
     with atomic_file(paths.holdout) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
         writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])
         writer.writeheader()
         writer.writerows(holdout)
+    record = json.dumps({"settings": stamp, "files": _file_hashes(paths)})
+    with atomic_file(stamp_file) as tmp:  # written last: it vouches for everything above
+        tmp.write_text(record)
     return paths
+
+
+def _file_hashes(paths: DemoPaths) -> dict[str, str]:
+    files = [p for p in sorted(paths.model.iterdir()) if p.is_file() and p.name != "shipyard-demo.json"]
+    return {p.name: sha256_file(p) for p in files + [paths.holdout]}

@@ -17,9 +17,10 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, check_output_dir
 from pipeline.errors import ShipyardError
-from pipeline.manifest import Manifest, verify_release, write_json
+from pipeline.manifest import Manifest, write_json
 from pipeline.recipe import ARCHITECTURES, JETSON_ARCHS, Recipe
 from pipeline.report import write_reports
+from pipeline.signing import verify_folder
 
 GENERATED = ("manifest.json", "report.md", "junit.xml")
 
@@ -64,7 +65,7 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
     check_output_dir(out, overwrite)
     manifests = [_load(f) for f in folders]
     for folder in folders:
-        problems = verify_release(folder)
+        problems = verify_folder(folder)
         if problems:
             raise ShipyardError(f"{folder}: {problems[0]}; the folder changed after shipyard run wrote it")
     first = manifests[0]

@@ -1,7 +1,7 @@
 """The release manifest: what was made, from what, with which tools, and whether it passed.
 
 The pydantic models below are the manifest's schema (committed as recipes/manifest.schema.json).
-Every artifact path is relative to the release folder and `verify_release` re-hashes them: a
+Every artifact path is relative to the release folder and `shipyard verify` re-hashes them: a
 manifest never lists a file that is not there with that hash.
 """
 
@@ -18,8 +18,10 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.artifacts import sha256_file
 
-MANIFEST_VERSION = 1
-TOOLS = ("bert-shipyard", "torch", "transformers", "optimum", "optimum-onnx", "onnx", "onnxruntime", "tensorrt")
+MANIFEST_VERSION = 2
+# Every library that shapes an artifact's bytes or a figure in the manifest.
+TOOLS = ("bert-shipyard", "torch", "transformers", "tokenizers", "safetensors", "optimum", "optimum-onnx", "onnx",
+         "onnxruntime", "onnxslim", "numpy", "pyarrow", "datasets", "tensorrt")
 
 
 class _Strict(BaseModel):
@@ -46,6 +48,7 @@ class StageRecord(_Strict):
     message: str
     seconds: float
     details: dict[str, Any] = Field(default_factory=dict)
+    cached: bool = Field(False, description="reused from the stage cache; seconds are the original run's")
 
 
 class ArtifactRecord(_Strict):
@@ -56,6 +59,7 @@ class ArtifactRecord(_Strict):
     sha256: str
     size_bytes: int
     stage: str
+    kind: str = Field(description="fp32, pruned, fp16 or int8: which thresholds gate it")
     options: dict[str, Any]
     parity: dict[str, Any] | None = Field(None, description="ParityReport against PyTorch")
     passed: bool
@@ -74,6 +78,21 @@ class TargetRecord(_Strict):
     target: dict[str, Any] = Field(description="the target as the recipe gave it")
 
 
+class MachineRecord(_Strict):
+    platform: str
+    cpu: str
+    cores: int
+    gpu: str | None = None
+    gpu_driver: str | None = None
+
+
+class InvocationRecord(_Strict):
+    command: list[str] = Field(description="the exact command line")
+    cwd: str
+    machine: MachineRecord
+    cache: dict[str, Any] = Field(description="enabled, folder, stages reused, entries found damaged")
+
+
 class Manifest(_Strict):
     manifest_version: int = MANIFEST_VERSION
     recipe_name: str
@@ -87,6 +106,7 @@ class Manifest(_Strict):
     targets: list[TargetRecord] = Field(default_factory=list)
     collected_from: list[str] = Field(default_factory=list, description="folders merged by shipyard collect")
     recipe: dict[str, Any] = Field(description="the resolved recipe; rerun it with shipyard run")
+    invocation: InvocationRecord | None = None
 
 
 def tool_versions() -> dict[str, str]:
@@ -97,6 +117,33 @@ def tool_versions() -> dict[str, str]:
         except metadata.PackageNotFoundError:
             versions[dist] = "not installed"
     return versions
+
+
+def machine() -> MachineRecord:
+    """CPU model and cores, and the GPU and driver where one is present (without importing torch)."""
+    import os
+    import shutil
+    import subprocess
+
+    cpu = platform.processor() or platform.machine()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    except OSError:
+        pass
+    gpu = driver = None
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+            if out:
+                gpu, driver = (part.strip() for part in out[0].split(",", 1))
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    return MachineRecord(platform=platform.platform(), cpu=cpu, cores=os.cpu_count() or 0, gpu=gpu, gpu_driver=driver)
 
 
 def folder_sha256(folder: Path) -> str:
@@ -113,20 +160,6 @@ def manifest_json_schema() -> dict[str, Any]:
     schema["$schema"] = "https://json-schema.org/draft/2020-12/schema"
     schema["title"] = "Shipyard release manifest"
     return schema
-
-
-def verify_release(folder: Path) -> list[str]:
-    """Problems with a release folder: missing files or hashes that differ from the manifest."""
-    folder = Path(folder)
-    manifest = Manifest.model_validate_json((folder / "manifest.json").read_text())
-    problems = []
-    for record in manifest.artifacts:
-        path = folder / record.path
-        if not path.is_file():
-            problems.append(f"{record.path}: listed in the manifest but missing")
-        elif sha256_file(path) != record.sha256:
-            problems.append(f"{record.path}: sha256 differs from the manifest")
-    return problems
 
 
 def write_json(path: Path, data: Any) -> None:

@@ -14,7 +14,10 @@ from pipeline.tasks import Pooling, Task, resolve_task
 # Encoder-only models with BERT's embedding/attention/FFN layout, which Optimum exports for
 # sequence classification and ONNX Runtime's transformer optimizer fuses as model_type="bert".
 BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
-WEIGHT_FILES = ("model.safetensors", "pytorch_model.bin", "model.safetensors.index.json")
+SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
+# Pickle checkpoints can run code when unpickled: refused unless the user allows them, and then
+# loaded by transformers with torch.load(weights_only=True).
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
 
 
 @dataclass(frozen=True)
@@ -36,9 +39,38 @@ class ModelInfo:
         return Task(self.task_name, pooling, max_answer_tokens, min_cosine)
 
 
-def inspect_model(folder: Path, task: str | None = None) -> ModelInfo:
+def _check_safetensors(folder: Path) -> None:
+    """A truncated or overwritten weights file fails here, by name, not deep inside transformers.
+    safetensors checks that the header's tensors exactly cover the file; the header is all it reads."""
+    from safetensors import SafetensorError, safe_open
+
+    for path in sorted(folder.glob("*.safetensors")):
+        try:
+            with safe_open(str(path), framework="np") as weights:
+                weights.keys()
+        except (SafetensorError, OSError) as err:
+            raise ModelError(f"model weights {path} are truncated or corrupt ({str(err).strip()[:80]}); "
+                             "re-save the model (shipyard demo prepare --force for the demo)") from None
+
+
+def max_positions(info: "ModelInfo") -> int:
+    """The longest input the model's position embeddings allow (RoBERTa-style models reserve the
+    first two positions for padding)."""
+    total = int(info.config.get("max_position_embeddings", 512))
+    return total - 2 if info.model_type in ("roberta", "xlm-roberta", "camembert") else total
+
+
+def check_max_length(info: "ModelInfo", max_length: int, where: str) -> None:
+    limit = max_positions(info)
+    if max_length > limit:
+        raise ModelError(f"{where} {max_length} is longer than model {info.path}'s {limit} positions "
+                         f"(max_position_embeddings); set it to {limit} or less")
+
+
+def inspect_model(folder: Path, task: str | None = None, allow_pickle: bool = False) -> ModelInfo:
     """Validate a fine-tuned model folder and read what the pipeline needs from its config; the task
-    is `task` (checked against the model's head) or the head's own."""
+    is `task` (checked against the model's head) or the head's own. Weights must be safetensors
+    unless `allow_pickle`."""
     folder = Path(folder)
     if not folder.is_dir():
         raise ModelError(f"model folder {folder} not found; pass a local Hugging Face model folder")
@@ -55,13 +87,19 @@ def inspect_model(folder: Path, task: str | None = None) -> ModelInfo:
             f"model {folder} is {model_type or 'of unknown type'!r}, not BERT-family; "
             f"Shipyard supports {', '.join(BERT_FAMILY)}"
         )
-    if not any((folder / name).exists() for name in WEIGHT_FILES):
-        raise ModelError(f"model folder {folder} has no weights (model.safetensors); save them there")
+    if not any((folder / name).exists() for name in SAFE_WEIGHTS):
+        if not any((folder / name).exists() for name in PICKLE_WEIGHTS):
+            raise ModelError(f"model folder {folder} has no weights (model.safetensors); save them there")
+        if not allow_pickle:
+            raise ModelError(f"model folder {folder} has only pickle weights (pytorch_model.bin), which can run code "
+                             "when loaded; re-save them as safetensors (model.save_pretrained) or pass --allow-pickle "
+                             "(model.allow_pickle: true) to load them with torch.load(weights_only=True)")
     if not any((folder / name).exists() for name in TOKENIZER_FILES):
         raise ModelError(
             f"model folder {folder} has no tokenizer (no tokenizer.json or vocab.txt); "
             "save it there with tokenizer.save_pretrained(folder)"
         )
+    _check_safetensors(folder)
     task_name = resolve_task(config, folder, task)
     id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
     label2id = {str(name): int(i) for i, name in id2label.items()}

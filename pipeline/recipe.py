@@ -36,13 +36,21 @@ class ModelSpec(_Strict):
                                   "architectures (…ForTokenClassification -> token-classification, …Model -> "
                                   "feature-extraction)")
     max_answer_tokens: int = Field(30, ge=1, le=512, description="question-answering: longest answer span")
+    allow_pickle: bool = Field(False, description="accept pytorch_model.bin (pickle) weights, loaded with "
+                               "torch.load(weights_only=True); default: safetensors only")
 
 
 class SourceSpec(_Strict):
-    """One data file or saved dataset folder and how many rows to draw from it."""
+    """One data file or saved dataset folder, how many rows to draw from it and, where they differ
+    from the data section's, its own column names."""
 
     path: Path
     samples: int = Field(gt=0, description="rows to draw; fewer available is an error")
+    text_column: str | None = Field(None, description="default: data.text_column")
+    text_pair_column: str | None = Field(None, description="default: data.text_pair_column")
+    label_column: str | None = Field(None, description="default: data.label_column (calibration: only if the "
+                                     "source has that column; calibration needs no labels)")
+    encoding: str | None = Field(None, description=".csv/.txt text encoding (a Python codec name); default UTF-8")
 
 
 class DataSpec(_Strict):
@@ -58,11 +66,20 @@ class DataSpec(_Strict):
         "(token classification) or the answer text(s) (question answering)")
     max_length: int = Field(128, ge=8, le=512)
     padding: Literal["max_length", "longest"] = Field(
-        "max_length", description="evaluation batches; calibration batches are always max_length"
+        "max_length", description="evaluation and tuning batches (longest: rows ordered by length, each batch "
+        "padded to its longest row); calibration batches are always max_length"
     )
     sampling: Literal["random", "stratified"] = "stratified"
     seed: int = 0
     batch_size: int = Field(32, gt=0)
+    tuning_samples: int = Field(
+        256, ge=0, description="rows drawn from the calibration source after the calibration rows; they choose "
+        "the prune budget and the INT8 float fallback, so the evaluation rows only ever judge")
+
+    @property
+    def evaluation_label(self) -> str | None:
+        """The evaluation source's gold-label column, if any: what the metric gates need."""
+        return self.evaluation.label_column or self.label_column
 
 
 class ExportSpec(_Strict):
@@ -77,7 +94,7 @@ class FallbackSpec(_Strict):
     """Keep the most INT8-sensitive nodes in float until calibration-row agreement is reached."""
 
     min_agreement: float = Field(
-        0.985, ge=0, le=1, description="agreement with the FP32 graph on the calibration rows"
+        0.985, ge=0, le=1, description="agreement with the FP32 graph on the tuning rows"
     )
     max_nodes: int = Field(8, ge=0, description="most nodes kept in float; 0 quantizes all")
 
@@ -102,7 +119,7 @@ class QuantizeSpec(_Strict):
 class BudgetSpec(_Strict):
     """Search the largest FFN fraction whose agreement with PyTorch stays within budget."""
 
-    min_agreement: float = Field(0.97, ge=0, le=1, description="on the evaluation rows")
+    min_agreement: float = Field(0.97, ge=0, le=1, description="agreement with the FP32 graph on the tuning rows")
     max_fraction: float = Field(0.6, gt=0, lt=1)
     steps: int = Field(5, ge=1, le=12, description="bisection steps after the end points")
 
@@ -255,7 +272,7 @@ class Recipe(_Strict):
         """Without a label column no label metric can be gated: a metric-drop threshold the recipe
         writes is refused, and the defaults become null, so the resolved recipe (as a manifest
         records it) says they were not checked and loads again."""
-        if self.data.label_column is None:
+        if self.data.evaluation_label is None:
             for kind in ("fp32", "pruned", "fp16", "int8"):
                 gate = getattr(self.thresholds, kind)
                 written = kind in self.thresholds.model_fields_set and "max_metric_drop" in gate.model_fields_set
@@ -285,9 +302,6 @@ class Recipe(_Strict):
                 return target
         known = ", ".join(t.name for t in self.targets) or "none"
         raise RecipeError(f"target {name!r} is not in recipe {self.name!r} (targets: {known})")
-
-    def gate_for(self, kind: str) -> Gate:
-        return getattr(self.thresholds, kind)
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)

@@ -1,33 +1,44 @@
 """run_recipe: every stage of a recipe, in order, into one release folder.
 
 The folder is built under a temporary name beside `out` and renamed into place at the end, so
-a crash or a bad input never leaves a half-written release. A failed gate does not stop the run:
-every artifact is still written, validated and recorded, and `RunOutcome.passed` is False.
+a crash, a kill or a bad input never leaves a half-written release; a lock (`pipeline.lock`)
+keeps a second run out meanwhile. A failed gate does not stop the run: every artifact is still
+written, validated and recorded, and `RunOutcome.passed` is False. Stages whose inputs are
+unchanged are copied from the content-addressed cache (`pipeline.cache`), and the manifest says
+which.
 """
 
 from __future__ import annotations
 
 import json
-from dataclasses import dataclass
+import os
+import sys
+import tempfile
+from collections.abc import Callable
+from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import Any
 
 from calibration.encode import load_tokenizer
 from pipeline import data as datamod
 from pipeline import targets
 from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir
-from pipeline.compare import ParityReport
+from pipeline.cache import StageCache, batches_digest
 from pipeline.errors import RecipeError
+from pipeline.lock import release_lock
 from pipeline.manifest import (
-    ArtifactRecord, DataRecord, Manifest, ModelRecord, StageRecord, TargetRecord, folder_sha256,
-    tool_versions, write_json,
+    ArtifactRecord, DataRecord, InvocationRecord, Manifest, ModelRecord, StageRecord, TargetRecord, folder_sha256,
+    machine, tool_versions, write_json,
 )
-from pipeline.model import inspect_model
+from pipeline.model import check_max_length, inspect_model
+from pipeline.policy import gate_for
 from pipeline.progress import Progress
 from pipeline.recipe import Recipe
 from pipeline.report import write_reports
 from pipeline.runners import OrtRunner, TorchRunner
-from pipeline.stages import export, prune, quantize, validate
+from pipeline.signing import load_signing_key, sign_manifest
+from pipeline.stages import export, prune, quantize, trt_onnx, validate
 from pipeline.stages.build import BuildUnavailable
 from pipeline.tasks import METRICS, collect
 
@@ -43,54 +54,123 @@ class RunOutcome:
         return self.manifest.passed
 
 
-def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overwrite: bool = False,
-               target_names: tuple[str, ...] = ()) -> RunOutcome:
+@dataclass
+class RunOptions:
+    """How a run behaves, as opposed to what it makes (the recipe)."""
+
+    overwrite: bool = False
+    target_names: tuple[str, ...] = ()
+    cache: StageCache = field(default_factory=lambda: StageCache(None))
+    wait: bool = False  # for a live run holding the release folder
+    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    sign_key: Path | None = None
+
+
+class CachedStages:
+    """Runs a stage, or copies its outputs from the cache when its inputs are unchanged."""
+
+    def __init__(self, cache: StageCache, work: Path) -> None:
+        self.cache, self.work = cache, work
+
+    def run(self, stage: str, inputs: dict[str, Any], produce: Callable[[], StageResult],
+            extra: Callable[[StageResult], dict] = lambda result: {}) -> tuple[StageResult, dict]:
+        key = self.cache.key(stage, inputs)
+        record = self.cache.load(stage, key, self.work)
+        if record is not None:
+            return self._result(record), record["extra"]
+        result = produce()
+        files = {str(p.relative_to(self.work)): p for p in [a.path for a in result.artifacts] + result.files}
+        record = {"result": {k: getattr(result, k) for k in ("stage", "passed", "message", "seconds", "details")},
+                  "artifacts": [{**{k: getattr(a, k) for k in ("name", "format", "precision", "stage", "options",
+                                                                   "kind")}, "path": str(a.path.relative_to(self.work))}
+                                for a in result.artifacts],
+                  "files": [str(p.relative_to(self.work)) for p in result.files], "extra": extra(result)}
+        self.cache.store(key, files, json.loads(json.dumps(record, default=str)))
+        return result, record["extra"]
+
+    def _result(self, record: dict) -> StageResult:
+        artifacts = [Artifact(**{**a, "path": self.work / a["path"]}) for a in record["artifacts"]]
+        return StageResult(**record["result"], artifacts=artifacts, files=[self.work / f for f in record["files"]],
+                           cached=True)
+
+
+def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), options: RunOptions = RunOptions()
+               ) -> RunOutcome:
     """Export, quantize, make TensorRT-ready ONNX and validate as the recipe says; build engines
     where this machine can; write artifacts, manifest and reports.
 
-    `target_names` restricts the run to those targets (one job per target when fanned out).
+    `options.target_names` restricts the run to those targets (one job per target when fanned
+    out). The release folder is locked for the run; finished stages come from `options.cache`.
     """
-    check_output_dir(out, overwrite)
-    selected = targets.select_targets(recipe, target_names)
+    check_output_dir(out, options.overwrite)
+    selected = targets.select_targets(recipe, options.target_names)
     if recipe.stages.build.require_engines:
         try:
             targets.engines_possible(selected)  # fail before any work, not after ten minutes
         except BuildUnavailable as missing:
             raise BuildUnavailable(f"{missing} (stages.build.require_engines is set; --set "
                                    "stages.build.require_engines=false makes the rest without engines)") from None
-    info = inspect_model(recipe.model.path, recipe.model.task)
+    if options.sign_key is not None:
+        load_signing_key(options.sign_key)  # a bad key fails now, not after the run
+    with release_lock(out, options.wait):
+        return _run_locked(recipe, Path(out), progress, options, selected)
+
+
+def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptions,
+                selected: list) -> RunOutcome:
+    check_output_dir(out, options.overwrite)  # again: a run we waited for may have written it
+    info = inspect_model(recipe.model.path, recipe.model.task, recipe.model.allow_pickle)
+    check_max_length(info, recipe.data.max_length, "data.max_length")
+    model_sha = folder_sha256(info.path)
     task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
     metric = gated_metric(recipe, task.name)
+    labelled = recipe.data.evaluation_label is not None
     tokenizer = load_tokenizer(recipe.model.path, task.name)
     prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name)
     id2label = info.id2label
     evaluation = prepared.evaluation
+    seen = prepared.seen_digests
+    digests = {"calibration": batches_digest(prepared.calibration.batches),
+               "tuning": batches_digest(prepared.tuning.batches),
+               "evaluation": batches_digest(evaluation.batches)}
     results: list[StageResult] = []
-    parity: dict[str, ParityReport] = {}
+    parity: dict[str, dict] = {}
+    cache = options.cache
 
-    with atomic_dir(out, overwrite) as work:
-        reference = TorchRunner(recipe.model.path, task=task.name)
-        with progress.task("PyTorch reference", total=len(evaluation.rows)) as advance:
-            reference_outputs = collect(reference, evaluation.batches, task, advance)
+    with atomic_dir(out, options.overwrite) as work:
+        stages = CachedStages(cache, work)
+        torch_reference = TorchRunner(recipe.model.path, task=task.name, allow_pickle=recipe.model.allow_pickle)
+        reference_outputs = ReferenceOutputs(cache, torch_reference, evaluation.batches, task, progress,
+                                             {"model": model_sha, "batches": digests["evaluation"], "task": repr(task)})
 
         spec = recipe.stages.export
-        gate_rows = max(1, spec.validation_samples // recipe.data.batch_size)
+        gate_batches = evaluation.batches[:max(1, spec.validation_samples // recipe.data.batch_size)]
         with progress.task("export (Optimum) + check vs PyTorch"):
-            exported = export.run(recipe.model.path, work / "model.onnx", spec,
-                                  evaluation.batches[:gate_rows], reference, task)
+            exported, _ = stages.run("export", {
+                "model": model_sha, "spec": spec.model_dump(mode="json"), "task": repr(task),
+                "gate_batches": batches_digest(gate_batches)},
+                lambda: export.run(recipe.model.path, work / "model.onnx", spec, gate_batches, torch_reference, task))
         results.append(exported)
         fp32 = exported.artifacts[0]
         artifacts: list[Artifact] = [fp32]
 
         dense = fp32
         if recipe.stages.prune.enabled:
-            def agreement_of(path: Path) -> float:
-                outputs = collect(OrtRunner(path), evaluation.batches, task)
-                return task.agreement_rate(reference_outputs, outputs, evaluation.batches)
+            def prune_fp32() -> StageResult:
+                tuning = prepared.tuning.batches
+                fp32_on_tuning = collect(OrtRunner(fp32.path), tuning, task)
+
+                def agreement_of(path: Path) -> float:  # on tuning rows, never evaluation rows
+                    return task.agreement_rate(fp32_on_tuning, collect(OrtRunner(path), tuning, task), tuning)
+
+                return prune.run(fp32, recipe.stages.prune, work / "model.pruned.onnx", prepared.calibration.batches,
+                                 info.config, agreement_of if tuning else None, seen)
 
             with progress.task("prune (FFN neurons, attention heads)"):
-                result = prune.run(fp32, recipe.stages.prune, work / "model.pruned.onnx",
-                                   prepared.calibration_batches, info.config, agreement_of)
+                result, _ = stages.run("prune", {
+                    "source": fp32.sha256, "spec": recipe.stages.prune.model_dump(mode="json"),
+                    "calibration": digests["calibration"], "tuning": digests["tuning"], "seen": seen,
+                    "config": info.config, "task": repr(task)}, prune_fp32)
             results.append(result)
             artifacts.extend(result.artifacts)
             dense = result.artifacts[0]
@@ -99,25 +179,45 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
         if recipe.stages.quantize.enabled:
             for fmt in recipe.stages.quantize.formats:
                 with progress.task(f"quantize INT8 ({fmt})"):
-                    result = quantize.run(dense, recipe.stages.quantize, fmt,
-                                          work / f"model.int8.{fmt}.onnx", prepared.calibration_batches, task)
+                    result, _ = stages.run(f"quantize[{fmt}]", {
+                        "source": dense.sha256, "source_kind": dense.kind,
+                        "spec": recipe.stages.quantize.model_dump(mode="json"), "calibration": digests["calibration"],
+                        "tuning": digests["tuning"], "seen": seen, "task": repr(task)},
+                        lambda fmt=fmt: quantize.run(dense, recipe.stages.quantize, fmt, work / f"model.int8.{fmt}.onnx",
+                                                     prepared.calibration.batches, prepared.tuning.batches, task, seen))
                 results.append(result)
                 artifacts.extend(result.artifacts)
                 qdq = result.artifacts[0] if fmt == "qdq" else qdq
 
+        def typed(variant, source: Artifact, names: list[str]) -> StageResult:
+            result, _ = stages.run(f"trt-onnx[{variant.name}]", {
+                "source": source.sha256, "kind": source.kind, "variant": repr(variant)},
+                lambda: trt_onnx.run(variant, source, work, names))
+            return result
+
         with progress.task("TensorRT-ready ONNX per target"):
-            target_onnx, typed_results = targets.typed_artifacts(selected, dense, qdq, work)
+            target_onnx, typed_results = targets.typed_artifacts(selected, dense, qdq, typed)
         results.extend(typed_results)
         artifacts.extend(a for r in typed_results for a in r.artifacts)
 
         def validate_artifact(artifact: Artifact) -> None:
-            with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
-                result, report = validate.run(
-                    artifact, reference_outputs, evaluation, recipe.gate_for(gate_kind(artifact)),
-                    metric, id2label, task, advance,
-                )
+            gate = gate_for(recipe.thresholds, artifact.kind, labelled)
+
+            reports: dict[str, dict] = {}
+
+            def check() -> StageResult:
+                with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
+                    result, report = validate.run(artifact, reference_outputs.get(), evaluation, gate, metric,
+                                                  id2label, task, advance)
+                reports["report"] = report.to_dict()
+                return result
+
+            result, extra = stages.run(f"validate[{artifact.name}]", {
+                "artifact": artifact.sha256, "reference": reference_outputs.inputs, "rows": evaluation.fingerprint,
+                "gate": gate.model_dump(mode="json"), "metric": metric, "labels": id2label},
+                check, extra=lambda result: reports)
             results.append(result)
-            parity[artifact.name] = report
+            parity[artifact.name] = extra["report"]
 
         for artifact in artifacts:
             validate_artifact(artifact)
@@ -129,7 +229,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
                 readiness, result = targets.check_readiness(target, onnx, recipe.stages.build.trt_version)
             results.append(result)
             with progress.task(f"engine ({target.name}, {target.arch})"):
-                engine, record, result = targets.try_build(target, onnx, work)
+                engine, record, result = targets.try_build(target, onnx, work, readiness)
             results.append(result)
             if engine is not None:
                 artifacts.append(engine)
@@ -142,10 +242,48 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), overw
                 target=json.loads(target.model_dump_json()),
             ))
 
-        manifest = _manifest(recipe, info, prepared, results, artifacts, parity, work, target_records)
+        invocation = InvocationRecord(command=options.command, cwd=os.getcwd(), machine=machine(), cache={
+            "enabled": cache.enabled, "folder": str(cache.root) if cache.root else None,
+            "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged)})
+        manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, work, target_records,
+                             invocation)
         write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
         write_reports(manifest, work)
+        if options.sign_key is not None:
+            sign_manifest(work, options.sign_key)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
+
+
+class ReferenceOutputs:
+    """PyTorch's outputs on the evaluation batches: computed on first use, cached by model and rows."""
+
+    def __init__(self, cache: StageCache, runner: TorchRunner, batches: list, task, progress: Progress,
+                 inputs: dict[str, str]) -> None:
+        self.cache, self.runner, self.batches, self.task, self.progress = cache, runner, batches, task, progress
+        self.inputs = inputs
+        self._outputs = None
+
+    def get(self) -> list[dict]:
+        if self._outputs is None:
+            self._outputs = self._load_or_compute()
+        return self._outputs
+
+    def _load_or_compute(self) -> list[dict]:
+        import numpy as np
+
+        key = self.cache.key("pytorch-reference", self.inputs)
+        with tempfile.TemporaryDirectory() as tmp:
+            if self.cache.load("pytorch-reference", key, Path(tmp)) is not None:
+                with np.load(Path(tmp) / "outputs.npz") as data:
+                    count = int(data["count"])
+                    return [{k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}
+                            for i in range(count)]
+            with self.progress.task("PyTorch reference", total=sum(len(b["input_ids"]) for b in self.batches)) as advance:
+                outputs = collect(self.runner, self.batches, self.task, advance)
+            arrays = {f"{i}/{name}": value for i, batch in enumerate(outputs) for name, value in batch.items()}
+            np.savez(Path(tmp) / "outputs.npz", count=len(outputs), **arrays)
+            self.cache.store(key, {"outputs.npz": Path(tmp) / "outputs.npz"}, {"extra": {}})
+        return outputs
 
 
 def gated_metric(recipe: Recipe, task: str) -> str | None:
@@ -156,49 +294,44 @@ def gated_metric(recipe: Recipe, task: str) -> str | None:
     if chosen is not None and chosen not in allowed:
         raise RecipeError(f"thresholds.metric {chosen!r} does not apply to {task}; use one of: "
                           f"{', '.join(allowed) or 'none (remove it)'}")
-    if recipe.data.label_column is None or not allowed:
+    if recipe.data.evaluation_label is None or not allowed:
         return None
     return chosen or allowed[0]
 
 
-def gate_kind(artifact: Artifact) -> str:
-    """Which recipe thresholds apply: float models made from the pruned one take the pruned gate
-    (pruning, not precision, dominates their error); INT8 ones always take the INT8 gate."""
-    pruned = artifact.stage == "prune" or artifact.options.get("pruned", False)
-    return "pruned" if pruned and artifact.precision != "int8" else artifact.precision
-
-
-def _manifest(recipe, info, prepared, results, artifacts, parity, work: Path, target_records) -> Manifest:
+def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, work: Path, target_records,
+              invocation) -> Manifest:
     export_ok = {r.stage: r.passed for r in results}
     records = []
     for artifact in artifacts:
         report = parity.get(artifact.name)
-        passed = report is not None and report.passed and (artifact.stage != "export" or export_ok.get("export", False))
+        passed = report is not None and report["passed"] and (artifact.stage != "export" or export_ok.get("export", False))
         records.append(ArtifactRecord(
             name=artifact.name, path=str(artifact.path.relative_to(work)), format=artifact.format,
             precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
-            stage=artifact.stage, options=artifact.options,
-            parity=report.to_dict() if report is not None else None, passed=passed,
+            stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=report, passed=passed,
         ))
     evaluation = prepared.evaluation
     return Manifest(
         recipe_name=recipe.name,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         passed=all(r.passed for r in results),
-        model=ModelRecord(path=str(info.path), sha256=folder_sha256(info.path),
+        model=ModelRecord(path=str(info.path), sha256=model_sha,
                           model_type=info.model_type, num_labels=info.num_labels, task=info.task_name),
         data={
-            "calibration": DataRecord(source=str(prepared.calibration_source),
-                                      rows=len(prepared.calibration_rows),
-                                      fingerprint=prepared.calibration_fingerprint),
+            "calibration": DataRecord(source=str(prepared.calibration.source), rows=len(prepared.calibration.rows),
+                                      fingerprint=prepared.calibration.fingerprint),
+            "tuning": DataRecord(source=str(prepared.tuning.source), rows=len(prepared.tuning.rows),
+                                 fingerprint=prepared.tuning.fingerprint),
             "evaluation": DataRecord(source=str(evaluation.source), rows=len(evaluation.rows),
                                      fingerprint=evaluation.fingerprint),
         },
         tools=tool_versions(),
-        stages=[StageRecord(stage=r.stage, passed=r.passed, message=r.message,
-                            seconds=round(r.seconds, 3), details=r.details) for r in results],
+        stages=[StageRecord(stage=r.stage, passed=r.passed, message=r.message, seconds=round(r.seconds, 3),
+                            details=r.details, cached=r.cached) for r in results],
         artifacts=records,
         targets=target_records,
         recipe=json.loads(recipe.model_dump_json()),
+        invocation=invocation,
     )
 

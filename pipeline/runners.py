@@ -10,7 +10,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, ModelError
 
 Batch = dict[str, np.ndarray]
 
@@ -21,10 +21,12 @@ class TorchRunner:
     Only the inputs its `forward` takes are passed: DistilBERT and RoBERTa have no
     `token_type_ids`, whatever the tokenizer returned."""
 
-    def __init__(self, model_dir: Path, threads: int = 0, task: str = "text-classification") -> None:
+    def __init__(self, model_dir: Path, threads: int = 0, task: str = "text-classification",
+                 allow_pickle: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.threads = threads
         self.task = task
+        self.allow_pickle = allow_pickle
         self._model = None
         self._accepts: set[str] = set()
 
@@ -42,6 +44,7 @@ class TorchRunner:
             auto_class = getattr(transformers, AUTO_CLASSES[self.task])
             self._model = auto_class.from_pretrained(
                 str(self.model_dir), local_files_only=True, dtype=torch.float32, trust_remote_code=False,
+                use_safetensors=None if self.allow_pickle else True, weights_only=True,
             ).eval()
             self._accepts = set(inspect.signature(self._model.forward).parameters)
         return self._model
@@ -58,7 +61,12 @@ class TorchRunner:
 
         with torch.inference_mode():
             out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self._accepts})
-        return {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.task]}
+        outputs = {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.task]}
+        if not all(np.isfinite(v).all() for v in outputs.values()):
+            # The reference must be trustworthy: a NaN would make every comparison meaningless.
+            raise ModelError(f"model {self.model_dir} gives NaN or Inf outputs on a batch of {len(batch['input_ids'])} "
+                             "rows; its weights are damaged or overflow in float32; fix the model")
+        return outputs
 
 
 def check_onnx_file(path: Path) -> None:

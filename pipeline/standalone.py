@@ -1,4 +1,8 @@
-"""The stages on plain paths, for `shipyard export|quantize|validate` and release scripts."""
+"""The stages on plain paths, for `shipyard export|quantize|prune|validate|build` and release scripts.
+
+They apply `pipeline.policy`, as `run` does: the same gates per kind of artifact, the same
+seeded sampling, and rows an artifact was calibrated or tuned on (recorded inside it) are left
+out of a later `validate` sample, so one file can serve both commands without leaking."""
 
 from __future__ import annotations
 
@@ -6,13 +10,14 @@ import json
 from pathlib import Path
 
 from calibration.encode import Encoder, load_tokenizer
-from calibration.sampling import Columns
+from calibration.sampling import Columns, Side, disjoint_splits, row_digest
 from pipeline import data as datamod
-from pipeline.artifacts import Artifact, StageResult, check_writable_parent
+from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent
 from pipeline.compare import ParityReport
 from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.manifest import write_json
-from pipeline.model import inspect_model
+from pipeline.model import check_max_length, inspect_model
+from pipeline.policy import STANDALONE_BATCH, STANDALONE_SEED, gate_for, graph_kind, kind_of, recorded_kind, seen_rows
 from pipeline.progress import Progress
 from pipeline.readiness import check_model_file
 from pipeline.recipe import (
@@ -40,9 +45,9 @@ PROBE_TEXTS = [
 
 
 def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, atol: float,
-                     progress: Progress = Progress()) -> StageResult:
+                     progress: Progress = Progress(), allow_pickle: bool = False) -> StageResult:
     """Export for `task` (default: the model head's task) and gate the outputs on probe sentences."""
-    info = inspect_model(model_dir, task)
+    info = inspect_model(model_dir, task, allow_pickle)
     tokenizer = load_tokenizer(model_dir)
     check_writable_parent(out)
     encoder = Encoder(tokenizer, Columns(), max_length=128, padding="longest")
@@ -50,17 +55,24 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
     batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
     with progress.task("export (Optimum) + check vs PyTorch"):
         return export.run(model_dir, out, ExportSpec(opset=opset, atol=atol), batches,
-                          TorchRunner(model_dir, task=info.task_name), info.task())
+                          TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle), info.task())
 
 
-def calibration_batches(calibration: Path, tokenizer_dir: Path, text_column: str,
-                        text_pair_column: str | None, samples: int, max_length: int,
-                        task: str = "text-classification") -> list:
-    """A seeded sample of calibration rows, tokenized to max_length for `task`, in batches of 32."""
-    columns = Columns(text_column, text_pair_column)
-    rows = datamod.load_sample(calibration, columns, samples, 0, "calibration")
+def calibration_batches(calibration: Path, tokenizer_dir: Path, columns: Columns, samples: int,
+                        tuning_samples: int, max_length: int, task: str = "text-classification",
+                        encoding: str | None = None) -> tuple[list, list, list[str]]:
+    """Seeded calibration rows and tuning rows after them (as `run` draws them), tokenized to
+    max_length for `task`, in batches; and the digests of every row used."""
+    raw = datamod.load_rows(calibration, encoding)
+    datamod.require_columns(raw, columns.needed(), calibration)
+    side = Side(raw, columns, calibration)
+    # Evaluation gets nothing here: it is drawn by `validate`, which leaves these rows out.
+    splits = disjoint_splits(side, Side([], columns, calibration), samples, tuning_samples, 0, STANDALONE_SEED,
+                             "stratified")
     encoder = Encoder(load_tokenizer(tokenizer_dir, task), columns, max_length, "max_length", task)
-    return list(encoder.batches(rows, 32))
+    used = [row_digest(columns, r) for r in splits.calibration + splits.tuning]
+    return (list(encoder.batches(splits.calibration, STANDALONE_BATCH)),
+            list(encoder.batches(splits.tuning, STANDALONE_BATCH)), used)
 
 
 def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
@@ -77,7 +89,8 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
 
 def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
-                  samples: int, max_length: int, progress: Progress = Progress()) -> StageResult:
+                  samples: int, max_length: int, progress: Progress = Progress(), tuning_samples: int = 128,
+                  encoding: str | None = None) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
     if calibration is None or tokenizer_dir is None:
@@ -86,11 +99,17 @@ def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibratio
             "float-fallback check are measured on them)"
         )
     task = graph_task_of(model_path, tokenizer_dir)
-    batches = calibration_batches(calibration, tokenizer_dir, text_column, text_pair_column, samples, max_length,
-                                  task.name)
-    source = Artifact(name="model.fp32", path=model_path, format="onnx", precision="fp32", stage="input")
+    batches, tuning, used = calibration_batches(calibration, tokenizer_dir, Columns(text_column, text_pair_column),
+                                                samples, tuning_samples, max_length, task.name, encoding)
+    source = input_artifact(model_path)
     with progress.task(f"quantize INT8 ({fmt})"):
-        return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches, task)
+        return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches, tuning, task, used)
+
+
+def input_artifact(path: Path) -> Artifact:
+    """An ONNX file given on the command line, with the kind its record (or its graph) says."""
+    precision, kind = artifact_kind(path)
+    return Artifact(name=Path(path).stem, path=path, format="onnx", precision=precision, stage="input", kind=kind)
 
 
 def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
@@ -108,42 +127,40 @@ def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
 def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_dir: Path | None,
                text_column: str, text_pair_column: str | None, samples: int, max_length: int,
                ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-               sparsity_24: str, compensate: bool = True, progress: Progress = Progress()) -> StageResult:
+               sparsity_24: str, compensate: bool = True, progress: Progress = Progress(),
+               encoding: str | None = None) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
     spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope,
                      heads_per_layer=heads_per_layer, heads=_parse_heads(heads_json), sparsity_24=sparsity_24,
                      compensate=compensate)
-    batches = []
+    batches, used = [], []
     if ffn_fraction > 0 or heads_per_layer > 0:
         if calibration is None or tokenizer_dir is None:
             raise ShipyardError("--ffn and --heads-per-layer score on data: pass --calibration DATA --tokenizer DIR")
-        batches = calibration_batches(calibration, tokenizer_dir, text_column, text_pair_column,
-                                      samples, max_length)
+        batches, _, used = calibration_batches(calibration, tokenizer_dir, Columns(text_column, text_pair_column),
+                                               samples, 0, max_length, encoding=encoding)
     config_file = tokenizer_dir / "config.json" if tokenizer_dir else None
     config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
-    source = Artifact(name="model.fp32", path=model_path, format="onnx", precision="fp32", stage="input")
     with progress.task("prune (FFN neurons, attention heads)"):
-        return prune.run(source, spec, out, batches, config)
+        return prune.run(input_artifact(model_path), spec, out, batches, config, seen_rows=used)
 
 
 def artifact_kind(path: Path) -> tuple[str, str]:
-    """(precision, threshold kind) of an artifact: 'int8' when the graph quantizes anything,
-    'fp16' when its weights are float16, 'pruned' for a float graph the prune stage marked,
-    else 'fp32'. An engine's come from the build record `shipyard build` wrote beside it."""
+    """(precision, kind) of an artifact, as the stage that made it recorded it (`pipeline.policy`);
+    an engine's come from the build record `shipyard build` wrote beside it, and an ONNX file
+    Shipyard did not write is classified from its graph."""
     import onnx
 
     if Path(path).suffix in ENGINE_SUFFIXES:
         record = _engine_record(path)
         precision = record["precision"]
-        return precision, "pruned" if record.get("pruned") and precision != "int8" else precision
-    quantized = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QAttention"}
+        return precision, record.get("kind") or kind_of(precision, record.get("pruned", False))
     model = onnx.load(str(path), load_external_data=False)
-    if any(n.op_type in quantized for n in model.graph.node):
-        return "int8", "int8"
-    precision = "fp16" if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer) else "fp32"
-    pruned = any(p.key == prune.PRUNED_MARK for p in model.metadata_props)
-    return precision, "pruned" if pruned else precision
+    kind = recorded_kind(model) or graph_kind(model)
+    fp16 = any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    precision = "int8" if kind == "int8" else "fp16" if fp16 else "fp32"
+    return precision, kind
 
 
 def _engine_record(engine: Path) -> dict:
@@ -185,7 +202,7 @@ def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path |
         return None, readiness
     record = build.build_engine(build.plan_build(target, model_path), out, env)
     precision, kind = artifact_kind(model_path)
-    write_json(Path(f"{out}.json"), {**vars(record), "precision": precision, "pruned": kind == "pruned",
+    write_json(Path(f"{out}.json"), {**vars(record), "precision": precision, "kind": kind, "pruned": kind == "pruned",
                                      "target": json.loads(target.model_dump_json()),
                                      "readiness": readiness.to_dict()})
     return record, None
@@ -196,8 +213,11 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   max_length: int, min_agreement: float | None, max_abs_diff: float | None,
                   max_metric_drop: float | None, metric: str | None, report_path: Path | None,
                   progress: Progress = Progress(), task: str | None = None, max_answer_tokens: int = 30,
-                  min_cosine: float = 0.99) -> ParityReport:
-    info = inspect_model(reference, task)
+                  min_cosine: float = 0.99, encoding: str | None = None, allow_pickle: bool = False) -> ParityReport:
+    """Gate `artifact` against the PyTorch `reference` on rows of `data` it was not calibrated
+    or tuned on (the digests recorded inside it), with the policy's gate for its kind."""
+    info = inspect_model(reference, task, allow_pickle)
+    check_max_length(info, max_length, "--max-length")
     spec = info.task(max_answer_tokens, min_cosine)
     allowed = METRICS[spec.name]
     if metric is not None and metric not in allowed:
@@ -208,24 +228,36 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     if report_path is not None:
         check_writable_parent(report_path)
     columns = Columns(text_column, text_pair_column, label_column)
-    rows = datamod.load_sample(data, columns, samples, 0, "evaluation")
+    seen = frozenset(_seen_rows(artifact))
+    rows = datamod.load_sample(data, columns, samples, STANDALONE_SEED, "evaluation", encoding, exclude=seen)
     encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, "max_length", spec.name)
-    evaluation = datamod.make_eval_set(data, rows, encoder, 32, info.label2id)
+    evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
     precision, kind = artifact_kind(artifact)
-    default = getattr(Thresholds(), kind)
     labelled = label_column is not None and bool(allowed)
+    default = gate_for(Thresholds(), kind, labelled)
     gate = Gate(
         min_agreement=default.min_agreement if min_agreement is None else min_agreement,
         max_abs_diff=default.max_abs_diff if max_abs_diff is None else max_abs_diff,
-        max_metric_drop=(default.max_metric_drop if labelled else None)
-        if max_metric_drop is None else max_metric_drop,
+        max_metric_drop=default.max_metric_drop if max_metric_drop is None else max_metric_drop,
     )
     with progress.task("PyTorch reference", total=len(rows)) as advance:
-        reference_outputs = collect(TorchRunner(reference, task=spec.name), evaluation.batches, spec, advance)
-    target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input")
+        runner = TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle)
+        reference_outputs = collect(runner, evaluation.batches, spec, advance)
+    target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input", kind=kind)
     with progress.task(f"validate {artifact.name}", total=len(rows)) as advance:
         _, report = validate.run(target, reference_outputs, evaluation, gate,
                                  (metric or allowed[0]) if labelled else None, info.id2label, spec, advance)
+    report.details["left_out_rows_the_artifact_saw"] = len(seen)
     if report_path is not None:
-        write_json(report_path, report.to_dict())
+        with atomic_file(report_path) as tmp:
+            write_json(tmp, report.to_dict())
     return report
+
+
+def _seen_rows(artifact: Path) -> list[str]:
+    """Digests of the rows an ONNX artifact was calibrated or tuned on (none for engines)."""
+    import onnx
+
+    if Path(artifact).suffix in ENGINE_SUFFIXES:
+        return []
+    return seen_rows(onnx.load(str(artifact), load_external_data=False))

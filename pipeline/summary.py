@@ -31,4 +31,9 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
         ready = "ready" if target.readiness.get("ready") else "[red]NOT READY[/]"
         console.print(f"target {escape(target.name)} ({target.arch}, {target.precision}): {escape(target.onnx)} "
                       f"{ready}; {escape(engine)}")
+    cache = manifest.invocation.cache if manifest.invocation else {}
+    if cache.get("reused"):
+        console.print(f"reused from the stage cache: {escape(', '.join(cache['reused']))}")
+    if cache.get("damaged_and_recomputed"):
+        console.print(f"[yellow]damaged cache entries recomputed[/]: {escape(', '.join(cache['damaged_and_recomputed']))}")
     console.print(f"release: {outcome.out} (manifest.json, report.md, junit.xml)")

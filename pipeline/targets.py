@@ -8,6 +8,7 @@ as "needs a GPU host" and the CPU gates decide the verdict; a recipe with
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult
@@ -32,8 +33,10 @@ def engines_possible(targets: list[TargetSpec]) -> None:
 
 
 def typed_artifacts(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | None,
-                    work: Path) -> tuple[dict[str, Artifact], list[StageResult]]:
-    """The ONNX each target builds from: existing artifacts where they fit, converted ones else."""
+                    convert: Callable[[trt_onnx.TypedVariant, Artifact, list[str]], StageResult]
+                    ) -> tuple[dict[str, Artifact], list[StageResult]]:
+    """The ONNX each target builds from: existing artifacts where they fit, else what
+    `convert(variant, source, target names)` makes (`trt_onnx.run`, through the cache)."""
     by_variant: dict[trt_onnx.TypedVariant, list[str]] = {}
     for target in targets:
         by_variant.setdefault(trt_onnx.TypedVariant.of(target), []).append(target.name)
@@ -42,7 +45,7 @@ def typed_artifacts(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | 
     for variant, names in by_variant.items():
         source = qdq if variant.precision == "int8" else dense
         if variant.converts:
-            result = trt_onnx.run(variant, source, work, names)
+            result = convert(variant, source, names)
             results.append(result)
             artifact = result.artifacts[0]
         else:
@@ -63,9 +66,20 @@ def check_readiness(target: TargetSpec, onnx: Artifact, trt_version: str) -> tup
                                details={"target": target.name, "onnx": onnx.name})
 
 
-def try_build(target: TargetSpec, onnx: Artifact, work: Path) -> tuple[Artifact | None, dict | None, StageResult]:
-    """Build the target's engine if this machine can; else say what is needed, without failing."""
+NOT_READY = "not built: the ONNX is not TensorRT-ready"
+
+
+def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: ReadinessReport
+              ) -> tuple[Artifact | None, dict | None, StageResult]:
+    """Build the target's engine if its ONNX is ready and this machine can; else say why, without
+    failing here (a graph that is not ready already failed its readiness stage)."""
     started = time.perf_counter()
+    if not readiness.ready:  # the policy shared with `shipyard build`: readiness before any build
+        return None, None, StageResult(
+            stage=f"build[{target.name}]", passed=True, seconds=0.0,
+            message=f"skipped: {NOT_READY} ({readiness.findings[0]})",
+            details={"target": target.name, "status": NOT_READY, "reason": str(readiness.findings[0])},
+        )
     try:
         env = build.build_environment()
         build.check_target_arch(target, env)
@@ -80,9 +94,9 @@ def try_build(target: TargetSpec, onnx: Artifact, work: Path) -> tuple[Artifact 
     out.parent.mkdir(exist_ok=True)
     record = build.build_engine(plan, out, env)
     artifact = Artifact(name=f"engine.{target.name}", path=out, format="tensorrt-engine",
-                        precision=onnx.precision, stage="build",
+                        precision=onnx.precision, stage="build", kind=onnx.kind,
                         options={"target": target.name, "arch": target.arch, "source": onnx.name,
-                                 "pruned": bool(onnx.options.get("pruned") or onnx.stage == "prune"),
+                                 "pruned": onnx.kind == "pruned" or bool(onnx.options.get("pruned")),
                                  "trt_version": record.trt_version, "gpu": record.gpu_name,
                                  "compute_capability": record.compute_capability})
     return artifact, vars(record), StageResult(

@@ -25,6 +25,14 @@ def _has_cuda() -> bool:
         return False
 
 
+def pytest_configure(config):
+    # The stage cache of a test session is its own: never the user's, never shared between runs.
+    import os
+    import tempfile
+
+    os.environ["SHIPYARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="shipyard-test-cache-")
+
+
 def pytest_collection_modifyitems(config, items):
     no_trt = importlib.util.find_spec("tensorrt") is None
     no_gpu = not _has_cuda()
@@ -49,14 +57,14 @@ def tiny(tmp_path_factory):
 
 @pytest.fixture(scope="session")
 def tiny_holdout_small(tiny, tmp_path_factory) -> Path:
-    """The first 600 hold-out rows, so data loading stays fast in tests."""
-    out = tmp_path_factory.mktemp("data") / "holdout-600.csv"
+    """The first 700 hold-out rows, so data loading stays fast in tests."""
+    out = tmp_path_factory.mktemp("data") / "holdout-700.csv"
     with tiny.holdout.open(encoding="utf-8") as src, out.open("w", encoding="utf-8", newline="") as dst:
         reader = csv.DictReader(src)
         writer = csv.DictWriter(dst, fieldnames=reader.fieldnames)
         writer.writeheader()
         for i, row in enumerate(reader):
-            if i >= 600:
+            if i >= 700:
                 break
             writer.writerow(row)
     return out
@@ -73,6 +81,7 @@ def write_recipe(folder: Path, model: Path, data: Path, **sections) -> Path:
             "text_column": "text",
             "label_column": "sentiment",
             "max_length": 64,
+            "tuning_samples": 64,
         },
         # The 2-layer test model has many low-margin rows and 400 evaluation rows make each one
         # 0.25 points, so its INT8 gate is looser than the defaults the demo model meets.

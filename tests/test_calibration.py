@@ -6,7 +6,7 @@ import pytest
 from calibration.encode import Encoder, label_ids, load_tokenizer
 from calibration.errors import DataError
 from calibration.readers import ort_calibration_reader
-from calibration.sampling import Columns, disjoint_splits, fingerprint, sample_rows
+from calibration.sampling import Columns, Side, disjoint_splits, fingerprint, sample_rows
 from calibration.sources import load_rows, require_columns
 
 ROWS = [{"text": f"tweet number {i}", "label": ["neg", "neu", "pos"][i % 3]} for i in range(90)]
@@ -46,10 +46,14 @@ def test_txt_is_one_text_a_line(tmp_path):
     assert load_rows(path) == [{"text": "first line"}, {"text": "second line"}]
 
 
-def test_latin1_csv_loads(tmp_path):
+def test_latin1_csv_needs_its_encoding_named(tmp_path):
     path = tmp_path / "l.csv"
     path.write_bytes("text,label\ncaf\xe9 au lait,pos\n".encode("latin-1"))
-    assert load_rows(path)[0]["text"] == "café au lait"
+    with pytest.raises(DataError, match=r"byte 0xe9 at offset 14 is not valid UTF-8; name the file's encoding"):
+        load_rows(path)
+    assert load_rows(path, "latin-1")[0]["text"] == "café au lait"
+    with pytest.raises(DataError, match="unknown encoding 'latin-9000'"):
+        load_rows(path, "latin-9000")
 
 
 def test_missing_empty_and_columnless_sources_fail_clearly(tmp_path):
@@ -63,22 +67,28 @@ def test_missing_empty_and_columnless_sources_fail_clearly(tmp_path):
 
 
 def test_splits_are_disjoint_seeded_and_stratified(tmp_path):
-    columns = Columns("text", None, "label")
-    a = disjoint_splits(ROWS, ROWS, 30, 45, columns, 7, "stratified", tmp_path, tmp_path)
-    b = disjoint_splits(ROWS, ROWS, 30, 45, columns, 7, "stratified", tmp_path, tmp_path)
+    side = Side(ROWS, Columns("text", None, "label"), tmp_path)
+    a = disjoint_splits(side, side, 30, 15, 45, 7, "stratified")
+    b = disjoint_splits(side, side, 30, 15, 45, 7, "stratified")
     assert a == b
-    assert not {r["text"] for r in a.calibration} & {r["text"] for r in a.evaluation}
+    texts = [{r["text"] for r in split} for split in (a.calibration, a.tuning, a.evaluation)]
+    assert [len(t) for t in texts] == [30, 15, 45]
+    assert not texts[0] & texts[1] and not texts[0] & texts[2] and not texts[1] & texts[2]
     assert sorted(r["label"] for r in a.calibration).count("neg") == 10
-    c = disjoint_splits(ROWS, ROWS, 30, 45, columns, 8, "stratified", tmp_path, tmp_path)
+    c = disjoint_splits(side, side, 30, 15, 45, 8, "stratified")
     assert fingerprint(c.calibration) != fingerprint(a.calibration)
 
 
-def test_splits_stay_disjoint_across_overlapping_files(tmp_path):
-    columns = Columns("text")
-    other = ROWS[:40] + [{"text": "only in eval", "label": "neg"}]
-    splits = disjoint_splits(ROWS, other, 89, 1, columns, 0, "random", tmp_path, tmp_path)
-    calibrated = {r["text"] for r in splits.calibration}
-    assert all(r["text"] not in calibrated for r in splits.evaluation)
+def test_splits_stay_disjoint_across_overlapping_files_with_other_column_names(tmp_path):
+    """Calibration has no labels; evaluation names its columns differently: keys still match."""
+    calibration = Side([{"text": r["text"]} for r in ROWS], Columns("text"), tmp_path / "cal.csv")
+    other = [{"sentence": r["text"], "gold": r["label"]} for r in ROWS] + [{"sentence": "only in eval", "gold": "neg"}]
+    evaluation = Side(other, Columns("sentence", None, "gold"), tmp_path / "eval.csv")
+    splits = disjoint_splits(calibration, evaluation, 40, 45, 6, 0, "stratified")
+    seen = {r["text"] for r in splits.calibration + splits.tuning}
+    assert len(seen) == 85 and all(r["sentence"] not in seen for r in splits.evaluation)
+    with pytest.raises(DataError, match=r"evaluation \(after the calibration and tuning rows\) asks for 7 rows but only 6"):
+        disjoint_splits(calibration, evaluation, 40, 45, 7, 0, "stratified")
 
 
 def test_too_few_rows_names_the_split(tmp_path):

@@ -88,8 +88,8 @@ def test_unlabeled_recipe_gates_no_metric_and_its_resolved_form_loads_again(tmp_
     raw = {"name": "emb", "model": {"path": "m"},
            "data": {"calibration": {"path": "d.csv", "samples": 8}, "evaluation": {"path": "d.csv", "samples": 8}}}
     recipe = parse_recipe(raw, "r.yaml", tmp_path)
-    assert all(recipe.gate_for(kind).max_metric_drop is None for kind in ("fp32", "pruned", "fp16", "int8"))
-    assert recipe.gate_for("int8").min_agreement == 0.98
+    assert all(getattr(recipe.thresholds, kind).max_metric_drop is None for kind in ("fp32", "pruned", "fp16", "int8"))
+    assert recipe.thresholds.int8.min_agreement == 0.98
     again = parse_recipe(json.loads(recipe.model_dump_json()), "manifest", tmp_path)
     assert again == recipe
     raw["thresholds"] = {"int8": {"max_metric_drop": 0.01}}

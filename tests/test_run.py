@@ -9,7 +9,8 @@ import onnx
 import pytest
 
 from pipeline.artifacts import sha256_file
-from pipeline.manifest import manifest_json_schema, verify_release
+from pipeline.manifest import manifest_json_schema
+from pipeline.signing import verify_folder
 
 pytestmark = pytest.mark.slow
 
@@ -26,7 +27,7 @@ def test_release_folder_has_every_artifact_and_report(tiny_release):
 def test_manifest_matches_schema_and_files(tiny_release):
     manifest = json.loads((tiny_release.out / "manifest.json").read_text())
     jsonschema.validate(manifest, manifest_json_schema())
-    assert verify_release(tiny_release.out) == []
+    assert verify_folder(tiny_release.out) == []
     for art in manifest["artifacts"]:
         assert sha256_file(tiny_release.out / art["path"]) == art["sha256"]
         assert art["parity"]["samples"] == 400

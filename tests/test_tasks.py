@@ -90,7 +90,8 @@ def test_each_task_goes_through_every_stage_from_the_cli(task, task_models, task
     for fmt in ("qdq", "cpu"):
         out = tmp_path / f"int8.{fmt}.onnx"
         result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, "--calibration", data,
-                        "--tokenizer", model, "--samples", "32", "--max-length", "48", "--quiet", *calibration)
+                        "--tokenizer", model, "--samples", "32", "--tuning-samples", "32", "--max-length", "48",
+                        "--quiet", *calibration)
         assert result.exit_code == 0, result.output
         report = validate(out, "--min-agreement", "0.8")
         assert report["passed"], report["failures"]
@@ -105,6 +106,7 @@ def test_recipe_runs_each_task_end_to_end(task, task_models, task_data, tmp_path
     columns = dict(zip(COLUMNS[task][::2], COLUMNS[task][1::2]))
     data = {"calibration": {"path": str(task_data[task]), "samples": 32},
             "evaluation": {"path": str(task_data[task]), "samples": 96},
+            "tuning_samples": 32,
             "text_column": columns["--text-column"], "max_length": 48,
             "text_pair_column": columns.get("--text-pair-column"), "label_column": columns.get("--label-column")}
     recipe = {

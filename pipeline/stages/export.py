@@ -42,6 +42,7 @@ def _export_into(model_dir: Path, tmp_file: Path, opset: int, task: str) -> None
                 device="cpu",
                 do_validation=False,  # our own gate below runs on real rows, and fails hard
                 local_files_only=True,
+                trust_remote_code=False,  # never run code shipped in a model folder
             )
         shutil.move(str(Path(work) / "model.onnx"), tmp_file)
 

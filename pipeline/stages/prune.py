@@ -33,11 +33,11 @@ from pipeline.bert_graph import (
 )
 from pipeline.errors import ShipyardError
 from pipeline.graph_io import drop_dead, drop_shape_annotations, prove_runs
+from pipeline.policy import PRUNED_MARK, pruned_mark, stamp
 from pipeline.recipe import PruneSpec
 from pipeline.runners import session_with_outputs
 
 Batch = dict[str, np.ndarray]
-PRUNED_MARK = "shipyard.pruned"
 
 
 class PruneError(ShipyardError):
@@ -278,8 +278,7 @@ def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[Attention
     drop_dead(pruned)
     # Marks the graph as pruned so `shipyard validate` applies the pruned thresholds to it.
     onnx.helper.set_model_props(pruned, {**{p.key: p.value for p in pruned.metadata_props},
-                                         PRUNED_MARK: json.dumps({"heads_removed": {str(k): v for k, v in heads_remove.items()},
-                                                                  "sparse_24_weights": len(sparse)})})
+                                         PRUNED_MARK: pruned_mark({str(k): v for k, v in heads_remove.items()}, len(sparse))})
     onnx.checker.check_model(pruned)
     return pruned, sparse
 
@@ -303,8 +302,12 @@ def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
 
 
 def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: list[Batch],
-        model_config: dict[str, Any], agreement_of: Callable[[Path], float] | None = None) -> StageResult:
-    """Prune `src` into `out_path` (+ config.json and sparsity record beside it)."""
+        model_config: dict[str, Any], agreement_of: Callable[[Path], float] | None = None,
+        seen_rows: list[str] = ()) -> StageResult:
+    """Prune `src` into `out_path` (+ config.json and sparsity record beside it).
+
+    `agreement_of(path)` measures a candidate on the tuning rows for the budget search;
+    `seen_rows` (digests of the calibration and tuning rows) are recorded in the pruned graph."""
     started = time.perf_counter()
     model = onnx.load(str(src.path))
     ffn, attention = blocks_of(model, src.path, model_config)
@@ -326,9 +329,10 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
     with atomic_file(out_path) as tmp:
         if spec.budget is not None:
             if agreement_of is None:
-                raise PruneError("a prune budget needs evaluation data to measure agreement against")
+                raise PruneError("a prune budget chooses on tuning rows; set data.tuning_samples above 0")
             fraction = _search_fraction(build, tmp, agreement_of, spec, trials)
         keep, pruned, sparse = build(fraction)
+        stamp(pruned, "pruned", seen_rows)
         onnx.save(pruned, str(tmp))
         prove_runs(tmp, f"prune {out_path}")
     config = pruned_config(model_config, keep, heads_remove, sparse)
@@ -336,7 +340,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
     with atomic_file(config_path) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
     artifact = Artifact(
-        name="model.pruned", path=out_path, format="onnx", precision="fp32", stage="prune",
+        name="model.pruned", path=out_path, format="onnx", precision="fp32", stage="prune", kind="pruned",
         options={
             "source_sha256": src.sha256, "ffn_fraction": fraction, "ffn_scope": spec.ffn_scope,
             "intermediate_sizes": config["shipyard_pruning"]["intermediate_sizes"],
@@ -352,7 +356,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
         stage="prune", artifacts=[artifact], seconds=time.perf_counter() - started,
         message=(f"FFN {kept}/{total} neurons, heads removed {sum(map(len, heads_remove.values()))}, "
                  f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB"),
-        details={"config": config_path.name},
+        details={"config": config_path.name}, files=[config_path],
     )
 
 

@@ -13,7 +13,8 @@
   same speed, and the unfused dynamic graph was as fast and as accurate within noise.
 
 Both forms then keep the nodes most sensitive to INT8 in float until agreement with the FP32
-graph on the calibration rows reaches the recipe's target (see `sensitivity.py`).
+graph on the tuning rows (drawn from the calibration source, disjoint from the rows that set the
+scales and from the evaluation rows) reaches the recipe's target (see `sensitivity.py`).
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ import numpy as np
 
 from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.errors import ShipyardError
 from pipeline.graph_io import drop_dead, prove_runs
+from pipeline.policy import stamp
 from pipeline.recipe import QuantFormat, QuantizeSpec
 from pipeline.runners import OrtRunner
 from pipeline.stages import sensitivity
@@ -163,48 +166,59 @@ def _cpu_quantizer(src: Path, work: Path):
     return fused, quantize, options
 
 
-def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec,
-                batches: list[Batch], task: Task = Task()) -> dict[str, Any]:
-    """Quantize `src` into `out` (atomically); returns the options and fallback trials used."""
+def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batches: list[Batch],
+                tuning: list[Batch], task: Task = Task(), seen_rows: list[str] = ()) -> dict[str, Any]:
+    """Quantize `src` into `out` (atomically), scales from `batches`, the float fallback chosen on
+    `tuning`; returns the options and fallback trials used."""
+    if spec.fallback.max_nodes and not tuning:
+        raise ShipyardError("the INT8 float fallback chooses on tuning rows; set data.tuning_samples (or "
+                            "--tuning-samples) above 0, or stages.quantize.fallback.max_nodes to 0")
     with atomic_file(out) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as work_dir, _quiet_quantizer():
         work = Path(work_dir)
         if fmt == "qdq":
             graph, quantize, options = _qdq_quantizer(src, work, batches, spec)
         else:
             graph, quantize, options = _cpu_quantizer(src, work)
-        reference = collect(OrtRunner(graph), batches, task)
+        reference = collect(OrtRunner(graph), tuning, task) if tuning else []
 
         def evaluate(path: Path) -> tuple[float, float]:
-            got = collect(OrtRunner(path), batches, task)
-            return task.agreement_rate(reference, got, batches), max_abs_diff(reference, got, batches)[0]
+            if not tuning:
+                return float("nan"), float("nan")
+            got = collect(OrtRunner(path), tuning, task)
+            return task.agreement_rate(reference, got, tuning), max_abs_diff(reference, got, tuning)[0]
 
         ranking = sensitivity.rank_nodes(graph, batches) if spec.fallback.max_nodes else []
         chosen, excluded, trials = sensitivity.search(
             quantize, evaluate, ranking, spec.fallback.min_agreement, spec.fallback.max_nodes,
         )
-        chosen.replace(tmp)
+        import onnx
+
+        model = onnx.load(str(chosen))
+        stamp(model, "int8", seen_rows)
+        onnx.save(model, str(tmp))
         prove_runs(tmp, f"quantize {out}")
     return {
         "format": fmt, **options, "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)),
         "float_nodes": excluded,
-        "fallback": {"target_agreement": spec.fallback.min_agreement, "on": "calibration rows vs FP32 graph",
+        "fallback": {"target_agreement": spec.fallback.min_agreement, "on": "tuning rows vs FP32 graph",
+                     "tuning_rows": int(sum(len(b["input_ids"]) for b in tuning)),
                      "trials": [vars(t) for t in trials]},
     }
 
 
-def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path,
-        calibration_batches: list[Batch], task: Task = Task()) -> StageResult:
+def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, calibration_batches: list[Batch],
+        tuning_batches: list[Batch], task: Task = Task(), seen_rows: list[str] = ()) -> StageResult:
     """Quantize the FP32 artifact `src` into `out_path` in form `fmt`; `src` is not modified. The
-    float fallback measures `task`'s agreement on the calibration rows."""
+    float fallback measures `task`'s agreement on the tuning rows."""
     started = time.perf_counter()
-    options = quantize_to(src.path, out_path, fmt, spec, calibration_batches, task)
+    options = quantize_to(src.path, out_path, fmt, spec, calibration_batches, tuning_batches, task, seen_rows)
     artifact = Artifact(
-        name=f"model.int8.{fmt}", path=out_path, format="onnx", precision="int8",
-        stage="quantize", options={"source_sha256": src.sha256, **options},
+        name=f"model.int8.{fmt}", path=out_path, format="onnx", precision="int8", kind="int8",
+        stage="quantize", options={"source_sha256": src.sha256, "pruned": src.kind == "pruned", **options},
     )
     chosen = next(t for t in options["fallback"]["trials"] if t["excluded"] == len(options["float_nodes"]))
     return StageResult(
         stage=f"quantize[{fmt}]", artifacts=[artifact], seconds=time.perf_counter() - started,
         message=(f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB; "
-                 f"{chosen['excluded']} nodes kept in float, calibration-row agreement {chosen['agreement']:.4f}"),
+                 f"{chosen['excluded']} nodes kept in float, tuning-row agreement {chosen['agreement']:.4f}"),
     )

@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.graph_io import prove_runs
+from pipeline.policy import kind_of, stamp
 from pipeline.recipe import TargetSpec
 
 FLOAT32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"]
@@ -57,7 +58,7 @@ class TypedVariant:
         return "".join(parts)
 
 
-def to_float16(src: Path, out: Path, output_fp16: bool) -> dict:
+def to_float16(src: Path, out: Path, output_fp16: bool, kind: str = "fp16") -> dict:
     """Write `src` with float tensors in float16 (sensitive ops kept float32) to `out`, atomically."""
     import onnx
     from onnx import version_converter
@@ -73,6 +74,7 @@ def to_float16(src: Path, out: Path, output_fp16: bool) -> dict:
         use_symbolic_shape_infer=False, keep_io_types=not output_fp16, op_block_list=FLOAT32_OPS,
     )
     wrapped.topological_sort()  # the converter appends its Cast nodes at the end of the graph
+    stamp(wrapped.model, kind)
     onnx.checker.check_model(wrapped.model)
     with atomic_file(out) as tmp:
         onnx.save(wrapped.model, str(tmp))
@@ -88,12 +90,13 @@ def run(variant: TypedVariant, source: Artifact, out_dir: Path, targets: list[st
     """Make the typed graph for `variant` from `source` (the dense or Q/DQ artifact)."""
     started = time.perf_counter()
     out = Path(out_dir) / f"{variant.name}.onnx"
-    options = to_float16(source.path, out, variant.output_dtype == "fp16")
     precision = "int8" if variant.precision == "int8" else "fp16"
+    pruned = source.kind == "pruned" or bool(source.options.get("pruned"))
+    kind = kind_of(precision, pruned)
+    options = to_float16(source.path, out, variant.output_dtype == "fp16", kind)
     artifact = Artifact(
-        name=variant.name, path=out, format="onnx", precision=precision, stage="trt-onnx",
-        options={"source": source.name, "source_sha256": source.sha256, "targets": targets,
-                 "pruned": bool(source.options.get("pruned") or source.stage == "prune"),
+        name=variant.name, path=out, format="onnx", precision=precision, stage="trt-onnx", kind=kind,
+        options={"source": source.name, "source_sha256": source.sha256, "targets": targets, "pruned": pruned,
                  "non_quantized": variant.non_quantized, **options},
     )
     return StageResult(

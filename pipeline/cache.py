@@ -1,0 +1,196 @@
+"""The content-addressed stage cache, and where Shipyard keeps what outlives a run (crash logs).
+
+Olive's cache and Bazel's action cache, reduced to what a release run needs: a stage's outputs
+are stored under a key made of everything that shapes their bytes (the input artifact's
+sha256, the stage's resolved options, a digest of the tokenized rows it reads, and the versions
+of the tools that write them, Shipyard's own source included). A rerun with nothing changed
+copies the entries into the release instead of recomputing them; changing one option changes
+only the keys of the stages that read it.
+
+Entries are written to a temporary folder and renamed into place, so a killed run never leaves
+an entry half-written, and every file is checked against its recorded sha256 before reuse: a
+damaged entry is deleted and recomputed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+import time
+import traceback
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.artifacts import sha256_file
+from pipeline.errors import OutputError
+
+CACHE_FORMAT = 1
+
+
+def shipyard_home() -> Path:
+    """SHIPYARD_CACHE_DIR, else $XDG_CACHE_HOME/shipyard, else ~/.cache/shipyard."""
+    configured = os.environ.get("SHIPYARD_CACHE_DIR")
+    if configured:
+        return Path(configured).expanduser()
+    return Path(os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache") / "shipyard"
+
+
+def write_crash_log(err: BaseException, argv: list[str]) -> Path:
+    """Write the traceback of an unexpected error where the user can find it; returns the path."""
+    text = f"shipyard {' '.join(argv[1:])}\n\n" + "".join(traceback.format_exception(err))
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for folder in (shipyard_home() / "logs", Path(tempfile.gettempdir())):
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+            path = folder / f"shipyard-crash-{stamp}-{os.getpid()}.log"
+            path.write_text(text)
+            return path
+        except OSError:
+            continue
+    return Path("<no writable log folder>")
+
+
+@cache
+def source_digest() -> str:
+    """sha256 of Shipyard's own source: an edited checkout must not reuse entries of the old code."""
+    digest = hashlib.sha256()
+    root = Path(__file__).resolve().parent.parent
+    for package in ("pipeline", "calibration"):
+        for path in sorted((root / package).rglob("*")):
+            if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
+                digest.update(str(path.relative_to(root)).encode())
+                digest.update(path.read_bytes())
+    return digest.hexdigest()
+
+
+@cache
+def keyed_versions() -> dict[str, str]:
+    """The manifest's tool versions (every library that shapes an artifact), Shipyard's source
+    digest and the cache layout's version."""
+    from pipeline.manifest import tool_versions
+
+    return {**tool_versions(), "shipyard-source": source_digest(), "cache-format": str(CACHE_FORMAT)}
+
+
+def digest_of(value: Any) -> str:
+    """sha256 of a JSON-able value (options, specs, fingerprints), keys sorted."""
+    return hashlib.sha256(json.dumps(value, sort_keys=True, default=str).encode()).hexdigest()
+
+
+def batches_digest(batches: Iterable[dict[str, np.ndarray]]) -> str:
+    """sha256 of tokenized batches: names, dtypes, shapes and bytes, in order."""
+    digest = hashlib.sha256()
+    for batch in batches:
+        for name in sorted(batch):
+            array = np.ascontiguousarray(batch[name])
+            digest.update(f"{name}:{array.dtype.str}:{array.shape};".encode())
+            digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+@dataclass
+class StageCache:
+    """Stage outputs by key, under `root/stages/<key>/`: the files and an `entry.json` recording
+    each file's sha256 and the stage's record (its result, artifacts and figures)."""
+
+    root: Path | None  # None: caching off (--no-cache)
+    hits: list[str] = field(default_factory=list)
+    damaged: list[str] = field(default_factory=list)
+
+    @classmethod
+    def at(cls, folder: Path | None, enabled: bool = True) -> "StageCache":
+        """The cache in `folder` (default: shipyard_home()), entries under its `stages/`; checked
+        writable up front."""
+        if not enabled:
+            return cls(None)
+        root = (Path(folder).expanduser() if folder is not None else shipyard_home()) / "stages"
+        try:
+            root.mkdir(parents=True, exist_ok=True)
+            probe = tempfile.NamedTemporaryFile(dir=root, prefix=".probe-")
+            probe.close()
+        except OSError as err:
+            raise OutputError(f"cache folder {root} is not writable ({err.strerror}); set SHIPYARD_CACHE_DIR, "
+                              "pass --cache-dir DIR, or --no-cache") from None
+        cache = cls(root)
+        cache._remove_stale_partials()
+        return cache
+
+    @property
+    def enabled(self) -> bool:
+        return self.root is not None
+
+    def key(self, stage: str, inputs: dict[str, Any]) -> str:
+        return digest_of({"stage": stage, "inputs": inputs, "tools": keyed_versions()})
+
+    def load(self, stage: str, key: str, dest: Path) -> dict[str, Any] | None:
+        """Copy a verified entry's files into `dest` and return its record, or None (a miss).
+
+        An entry whose files do not match their recorded sha256 is deleted and reported as a miss."""
+        if self.root is None:
+            return None
+        entry = self.root / key
+        try:
+            meta = json.loads((entry / "entry.json").read_text())
+            files = meta["files"]
+            if any(sha256_file(entry / name) != sha for name, sha in files.items()):
+                raise ValueError("a file differs from its recorded sha256")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError, KeyError, TypeError):
+            self.damaged.append(stage)
+            shutil.rmtree(entry, ignore_errors=True)
+            return None
+        for name in files:
+            (dest / name).parent.mkdir(parents=True, exist_ok=True)
+            shutil.copyfile(entry / name, dest / name)
+        self.hits.append(stage)
+        return meta["record"]
+
+    def store(self, key: str, files: dict[str, Path], record: dict[str, Any]) -> None:
+        """Store `files` (name in the entry -> path) and `record` under `key`, atomically."""
+        if self.root is None:
+            return
+        final = self.root / key
+        if final.exists():
+            return
+        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.{os.getpid()}.", suffix=".partial", dir=self.root))
+        try:
+            hashes = {}
+            for name, path in files.items():
+                (tmp / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(path, tmp / name)
+                hashes[name] = sha256_file(tmp / name)
+            (tmp / "entry.json").write_text(json.dumps({"files": hashes, "record": record}, default=str))
+            try:
+                os.replace(tmp, final)
+            except OSError:
+                if not final.exists():  # not a concurrent writer that finished first
+                    raise
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+
+    def _remove_stale_partials(self) -> None:
+        """Remove partial entries of runs that died (their pid is no longer alive)."""
+        for tmp in self.root.glob(".*.partial"):
+            parts = tmp.name.split(".")
+            pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
+            if pid is None or not _alive(pid):
+                shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True

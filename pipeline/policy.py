@@ -1,0 +1,77 @@
+"""The release policy that `run` and the standalone commands share, decided in one place.
+
+- An artifact's *kind* (fp32, pruned, fp16, int8) picks the gate that judges it. The stage that
+  makes an artifact decides its kind once and records it in the ONNX file's metadata
+  (`shipyard.kind`) and in the manifest; everything downstream reads the record. Only an ONNX
+  file Shipyard did not write is classified from its graph.
+- Which thresholds apply: the recipe's (or the defaults) for that kind, without the metric drop
+  when there are no gold labels.
+- The rows an artifact was fitted or chosen on (`shipyard.seen_rows`, content digests) travel
+  inside it, so a standalone `validate` leaves them out of its evaluation sample.
+- Seeds and batch sizes of the standalone commands.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable
+from typing import Literal
+
+from pipeline.recipe import Gate, Thresholds
+
+Kind = Literal["fp32", "pruned", "fp16", "int8"]
+KIND_KEY = "shipyard.kind"
+SEEN_KEY = "shipyard.seen_rows"
+PRUNED_MARK = "shipyard.pruned"
+QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QAttention"}
+STANDALONE_SEED = 0
+STANDALONE_BATCH = 32
+
+
+def kind_of(precision: str, pruned: bool) -> Kind:
+    """Float models made from a pruned one take the pruned gate (pruning, not precision,
+    dominates their error); INT8 ones always take the INT8 gate."""
+    return "pruned" if pruned and precision != "int8" else precision  # type: ignore[return-value]
+
+
+def gate_for(thresholds: Thresholds, kind: str, labelled: bool) -> Gate:
+    """The gate for one kind of artifact; without gold labels no metric drop is checked."""
+    gate = getattr(thresholds, kind)
+    return gate if labelled else gate.model_copy(update={"max_metric_drop": None})
+
+
+def stamp(model, kind: str, seen: Iterable[str] = ()) -> None:
+    """Record the artifact's kind and the rows it saw (merged with those its source saw)."""
+    import onnx
+
+    props = {p.key: p.value for p in model.metadata_props}
+    props[KIND_KEY] = kind
+    rows = set(seen_rows(model)) | set(seen)
+    if rows:
+        props[SEEN_KEY] = ",".join(sorted(rows))
+    onnx.helper.set_model_props(model, props)
+
+
+def seen_rows(model) -> list[str]:
+    value = next((p.value for p in model.metadata_props if p.key == SEEN_KEY), "")
+    return [d for d in value.split(",") if d]
+
+
+def recorded_kind(model) -> str | None:
+    return next((p.value for p in model.metadata_props if p.key == KIND_KEY), None)
+
+
+def graph_kind(model) -> Kind:
+    """The kind of an ONNX file Shipyard did not stamp: int8 when it quantizes anything, fp16
+    when its weights are float16, pruned when the prune stage marked it, else fp32."""
+    import onnx
+
+    if any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
+        return "int8"
+    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+        return "fp16"
+    return "pruned" if any(p.key == PRUNED_MARK for p in model.metadata_props) else "fp32"
+
+
+def pruned_mark(heads_removed: dict, sparse: int) -> str:
+    return json.dumps({"heads_removed": heads_removed, "sparse_24_weights": sparse})

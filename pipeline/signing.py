@@ -1,0 +1,121 @@
+"""Manifest signatures (Ed25519, through `cryptography`) and `shipyard verify`.
+
+A release is trustworthy when its manifest is the one Shipyard wrote and every file it lists is
+unchanged. The manifest holds each artifact's sha256, so signing the manifest's bytes covers
+them all; `verify_folder` re-hashes the artifacts, loads each ONNX file, checks the manifest
+against its schema and, given the public key, the signature in `manifest.json.sig`.
+
+Keys are PEM files, e.g. from `openssl genpkey -algorithm ed25519 -out release.key` and
+`openssl pkey -in release.key -pubout -out release.pub`.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+from pathlib import Path
+
+from pipeline.artifacts import atomic_file, sha256_file
+from pipeline.errors import ShipyardError
+
+SIGNATURE = "manifest.json.sig"
+
+
+def load_signing_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+    key = _load_pem(path, lambda data: load_pem_private_key(data, password=None), "private")
+    if not isinstance(key, Ed25519PrivateKey):
+        raise ShipyardError(f"signing key {path} is not an Ed25519 key; make one with openssl genpkey -algorithm ed25519")
+    return key
+
+
+def load_public_key(path: Path):
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+    from cryptography.hazmat.primitives.serialization import load_pem_public_key
+
+    key = _load_pem(path, load_pem_public_key, "public")
+    if not isinstance(key, Ed25519PublicKey):
+        raise ShipyardError(f"public key {path} is not an Ed25519 key; export it with openssl pkey -pubout")
+    return key
+
+
+def _load_pem(path: Path, loader, what: str):
+    path = Path(path)
+    if not path.is_file():
+        raise ShipyardError(f"{what} key {path} not found; pass a PEM file")
+    try:
+        return loader(path.read_bytes())
+    except (ValueError, TypeError):
+        raise ShipyardError(f"{what} key {path} is not a PEM {what} key (or it is encrypted); pass an unencrypted "
+                            "Ed25519 PEM file") from None
+
+
+def sign_manifest(folder: Path, key_path: Path) -> Path:
+    """Write `manifest.json.sig`: the base64 Ed25519 signature of manifest.json's bytes."""
+    key = load_signing_key(key_path)
+    signature = base64.b64encode(key.sign((Path(folder) / "manifest.json").read_bytes())).decode()
+    with atomic_file(Path(folder) / SIGNATURE) as tmp:
+        tmp.write_text(signature + "\n")
+    return Path(folder) / SIGNATURE
+
+
+def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
+    """Every problem with a release folder, one line each naming the file; [] when it is intact."""
+    from pydantic import ValidationError
+
+    from pipeline.manifest import Manifest
+    from pipeline.runners import check_onnx_file
+
+    folder = Path(folder)
+    manifest_path = folder / "manifest.json"
+    if not folder.is_dir():
+        raise ShipyardError(f"release folder {folder} not found; pass a folder written by shipyard run")
+    if not manifest_path.is_file():
+        return [f"manifest.json: missing; {folder} is not a release folder written by shipyard run"]
+    raw = manifest_path.read_bytes()
+    problems = []
+    if public_key is not None:
+        problems += _check_signature(folder, raw, public_key)
+    try:
+        manifest = Manifest.model_validate_json(raw)
+    except ValidationError as err:
+        first = err.errors()[0]
+        where = ".".join(str(p) for p in first["loc"]) or "manifest"
+        return problems + [f"manifest.json: {where}: {first['msg']} (schema recipes/manifest.schema.json)"]
+    except ValueError:
+        return problems + ["manifest.json: not valid JSON"]
+    for record in manifest.artifacts:
+        path = folder / record.path
+        if not path.is_file():
+            problems.append(f"{record.path}: listed in the manifest but missing")
+        elif sha256_file(path) != record.sha256:
+            problems.append(f"{record.path}: sha256 differs from the manifest")
+        elif record.format == "onnx":
+            try:
+                check_onnx_file(path)
+            except ShipyardError as err:
+                problems.append(f"{record.path}: {err}")
+    return problems
+
+
+def _check_signature(folder: Path, raw: bytes, public_key: Path) -> list[str]:
+    from cryptography.exceptions import InvalidSignature
+
+    key = load_public_key(public_key)
+    sig_path = folder / SIGNATURE
+    if not sig_path.is_file():
+        return [f"{SIGNATURE}: missing; the release is not signed (shipyard run --sign-key KEY signs it)"]
+    try:
+        key.verify(base64.b64decode(sig_path.read_text().strip(), validate=True), raw)
+    except (InvalidSignature, ValueError):
+        return [f"{SIGNATURE}: does not match manifest.json under {public_key}; the manifest was changed after "
+                "signing or signed with another key"]
+    return []
+
+
+def manifest_summary(folder: Path) -> dict:
+    data = json.loads((Path(folder) / "manifest.json").read_text())
+    return {"recipe": data.get("recipe_name"), "artifacts": len(data.get("artifacts", [])),
+            "passed": data.get("passed")}

@@ -1,0 +1,159 @@
+"""A build release engineers can trust: the held-out gate, the stage cache, determinism, and
+a run killed with SIGKILL that the next run finishes with the same bytes."""
+
+import json
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import yaml
+from click.testing import CliRunner
+
+from conftest import write_recipe
+from pipeline.cli import cli
+
+
+def run_cli(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def recipe_for(folder: Path, tiny, data: Path, **data_section) -> Path:
+    """INT8 (Q/DQ, with its float fallback) and light pruning on few rows: every choosing stage."""
+    path = write_recipe(folder, tiny.model, data, stages={
+        "prune": {"enabled": True, "ffn_fraction": 0.1},
+        "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 2, "min_agreement": 0.999}}},
+        thresholds={"int8": {"min_agreement": 0.5, "max_metric_drop": 0.5},
+                    "pruned": {"min_agreement": 0.5, "max_metric_drop": 0.5}})
+    recipe = yaml.safe_load(path.read_text())
+    recipe["data"].update({"calibration": {"path": str(data), "samples": 48}, "tuning_samples": 48,
+                           "evaluation": {"path": str(data), "samples": 96}, "max_length": 32, **data_section})
+    path.write_text(yaml.safe_dump(recipe))
+    return path
+
+
+def hashes(folder: Path) -> dict[str, str]:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return {a["path"]: a["sha256"] for a in manifest["artifacts"]}
+
+
+def figures(folder: Path) -> list:
+    manifest = json.loads((folder / "manifest.json").read_text())
+    return [(a["path"], a["parity"]["agreement"], a["parity"]["max_abs_diff"], a["parity"]["metric_drop"],
+             a["options"]) for a in manifest["artifacts"]]
+
+
+def test_tuning_rows_are_held_out_and_recorded(tiny_release, tiny, tiny_holdout_small):
+    """The rows that choose (fallback) never overlap the rows that judge, nor the calibration rows."""
+    from calibration.encode import load_tokenizer
+    from calibration.sampling import Columns
+    from pipeline import data as datamod
+    from pipeline.model import inspect_model
+    from pipeline.recipe import Recipe
+
+    manifest = tiny_release.manifest
+    assert set(manifest.data) == {"calibration", "tuning", "evaluation"}
+    assert len({r.fingerprint for r in manifest.data.values()}) == 3
+    recipe = Recipe.model_validate(manifest.recipe)
+    label2id = inspect_model(tiny.model).label2id
+    prepared = datamod.prepare(recipe.data, load_tokenizer(tiny.model), label2id)
+    key = Columns("text").key
+    splits = [{key(r) for r in rows} for rows in
+              (prepared.calibration.rows, prepared.tuning.rows, prepared.evaluation.rows)]
+    assert [len(s) for s in splits] == [128, 64, 400]
+    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
+    assert prepared.tuning.fingerprint == manifest.data["tuning"].fingerprint
+    qdq = next(a for a in manifest.artifacts if a.name == "model.int8.qdq")
+    assert qdq.options["fallback"]["on"] == "tuning rows vs FP32 graph"
+    assert qdq.options["fallback"]["tuning_rows"] == 64
+
+
+def test_calibration_without_labels_and_evaluation_with_its_own_column_names(tiny, tiny_holdout_small, tmp_path):
+    import csv
+
+    with tiny_holdout_small.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    calibration = tmp_path / "calibration.jsonl"  # unlabeled, as calibration data usually is
+    calibration.write_text("".join(json.dumps({"text": r["text"]}) + "\n" for r in rows[:300]))
+    evaluation = tmp_path / "evaluation.csv"
+    with evaluation.open("w", encoding="utf-8", newline="") as f:
+        writer = csv.writer(f)
+        writer.writerow(["sentence", "gold"])
+        writer.writerows([r["text"], r["sentiment"]] for r in rows)
+    recipe = recipe_for(tmp_path, tiny, tiny_holdout_small, label_column=None)
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["calibration"]["path"] = str(calibration)
+    raw["data"]["evaluation"] = {"path": str(evaluation), "samples": 96, "text_column": "sentence",
+                                 "label_column": "gold"}
+    recipe.write_text(yaml.safe_dump(raw))
+    result = run_cli("run", recipe, "--out", tmp_path / "out", "--quiet")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
+    fp32 = next(a for a in manifest["artifacts"] if a["name"] == "model.fp32")
+    assert fp32["parity"]["metric"] == "accuracy" and fp32["parity"]["reference_metrics"]["accuracy"] > 0.4
+    assert manifest["data"]["calibration"]["source"] == str(calibration)
+
+
+def test_standalone_quantize_then_validate_on_one_file_use_disjoint_rows(tiny, tiny_holdout_small, tmp_path):
+    exported = tmp_path / "m.onnx"
+    assert run_cli("export", "--model", tiny.model, "--out", exported, "--quiet").exit_code == 0
+    int8 = tmp_path / "q.onnx"
+    result = run_cli("quantize", "--model", exported, "--out", int8, "--calibration", tiny_holdout_small,
+                     "--tokenizer", tiny.model, "--samples", 100, "--tuning-samples", 50, "--max-length", 32,
+                     "--format", "cpu", "--quiet")
+    assert result.exit_code == 0, result.output
+    report = tmp_path / "report.json"
+    result = run_cli("validate", "--reference", tiny.model, "--artifact", int8, "--data", tiny_holdout_small,
+                     "--max-length", 32, "--report", report, "--min-agreement", 0, "--quiet")
+    assert result.exit_code == 0, result.output
+    parity = json.loads(report.read_text())
+    assert parity["details"]["left_out_rows_the_artifact_saw"] == 150
+    assert parity["samples"] <= 700 - 150
+
+
+def test_rerun_reuses_every_stage_and_one_changed_option_reruns_only_its_dependents(tiny, tiny_holdout_small, tmp_path):
+    recipe = recipe_for(tmp_path, tiny, tiny_holdout_small)
+    cache = tmp_path / "cache"
+    first = run_cli("run", recipe, "--out", tmp_path / "a", "--cache-dir", cache, "--quiet")
+    assert first.exit_code == 0, first.output
+    again = run_cli("run", recipe, "--out", tmp_path / "b", "--cache-dir", cache, "--quiet")
+    assert again.exit_code == 0, again.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    assert all(s["cached"] for s in manifest["stages"] if not s["stage"].startswith(("trt-check", "build")))
+    assert hashes(tmp_path / "a") == hashes(tmp_path / "b") and figures(tmp_path / "a") == figures(tmp_path / "b")
+    changed = run_cli("run", recipe, "--out", tmp_path / "c", "--cache-dir", cache, "--quiet",
+                      "--set", "thresholds.int8.min_agreement=0.6")
+    assert changed.exit_code == 0, changed.output
+    stages = {s["stage"]: s["cached"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["stages"]}
+    assert stages["export"] and stages["prune"] and stages["quantize[qdq]"] and stages["validate[model.pruned]"]
+    assert not stages["validate[model.int8.qdq]"]  # its gate changed: judged again
+
+
+def test_sigkill_then_rerun_gives_the_same_bytes_as_an_uninterrupted_run(tiny, tiny_holdout_small, tmp_path):
+    """Also the determinism check: two uncached runs, and a cached rerun, agree byte for byte."""
+    recipe = recipe_for(tmp_path, tiny, tiny_holdout_small)
+    clean = tmp_path / "clean"
+    assert run_cli("run", recipe, "--out", clean, "--no-cache", "--quiet").exit_code == 0
+    again = tmp_path / "again"
+    assert run_cli("run", recipe, "--out", again, "--no-cache", "--quiet").exit_code == 0
+    assert hashes(clean) == hashes(again) and figures(clean) == figures(again)
+
+    out, cache = tmp_path / "killed", tmp_path / "cache"
+    exe = Path(sys.executable).with_name("shipyard")
+    proc = subprocess.Popen([str(exe), "run", str(recipe), "--out", str(out), "--cache-dir", str(cache), "--quiet"],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.monotonic() + 300
+    # Kill it mid-run: after the export has reached the cache, while later stages are at work.
+    while not list((cache / "stages").glob("*/model.onnx")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the run ended before it could be killed"
+        time.sleep(0.2)
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGKILL)
+    proc.wait()
+    assert not out.exists() and list(tmp_path.glob(".killed.????????.partial"))  # what a kill leaves
+    rerun = run_cli("run", recipe, "--out", out, "--cache-dir", cache, "--quiet")
+    assert rerun.exit_code == 0, rerun.output
+    assert not list(tmp_path.glob(".killed.*.partial")) and not list((cache / "stages").glob(".*.partial"))
+    assert hashes(out) == hashes(clean) and figures(out) == figures(clean)
+    assert run_cli("verify", out).exit_code == 0
