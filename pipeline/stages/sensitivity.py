@@ -7,9 +7,10 @@ Runtime's quantizer takes an exclusion list but does not choose one, so this mod
 
 1. rank nodes by the relative error that symmetric INT8 (max-abs scale) puts on their float
    activation inputs, measured on the calibration batches, streaming (two passes, no tensors kept);
-2. quantize with the worst k excluded, for k on a growing schedule, until prediction agreement
-   with the FP32 graph on the calibration rows reaches the target. Evaluation rows are never
-   used here, so the parity gate afterwards stays an honest held-out check.
+2. quantize with the worst k excluded, for k on a growing schedule searched by bisection, until
+   prediction agreement with the FP32 graph on the tuning rows reaches the target. The tuning rows come from the
+   calibration source but set no scale, and evaluation rows are never used here, so the parity
+   gate afterwards stays an honest held-out check.
 """
 
 from __future__ import annotations
@@ -97,21 +98,38 @@ def search(
     min_agreement: float,
     max_nodes: int,
 ) -> tuple[Path, list[str], list[Trial]]:
-    """Quantize with more and more of the worst nodes excluded until agreement reaches the target.
+    """The fewest of the worst nodes to keep in float for agreement to reach the target.
 
-    `evaluate(path)` gives (agreement with the FP32 graph, max |output diff|) on the calibration
-    rows. Returns the chosen model, its excluded nodes and every trial. Agreement on a few hundred
-    rows is not monotone in k (borderline rows flip either way), so if no try reaches the target
-    the best one (fewest nodes among equals) is returned and the parity gate decides.
+    `evaluate(path)` gives (agreement with the FP32 graph, max |output diff|) on the tuning rows.
+    Each try costs a quantization and a pass over the tuning rows, so the schedule is bisected:
+    none kept, then all `max_nodes`, then halves between the last failing and first passing try
+    (about log2 of the schedule's length). If even `max_nodes` misses the target, the best try
+    (fewest nodes among equals) is returned and the parity gate decides. Agreement on a few
+    hundred rows is only roughly monotone in k, so the pick is always among measured tries.
+    Returns the chosen model, its excluded nodes and every trial.
     """
-    trials: list[Trial] = []
-    paths: list[Path] = []
     names = [name for name, _ in ranking]
-    for k in schedule(min(max_nodes, len(names))):
-        paths.append(quantize(names[:k]))
-        agreement, largest = evaluate(paths[-1])
-        trials.append(Trial(excluded=k, agreement=agreement, max_abs_diff=largest))
-        if trials[-1].agreement >= min_agreement:
-            break
-    best = max(range(len(trials)), key=lambda i: (trials[i].agreement, -trials[i].excluded))
-    return paths[best], names[: trials[best].excluded], trials
+    steps = schedule(min(max_nodes, len(names)))
+    trials: dict[int, Trial] = {}
+    paths: dict[int, Path] = {}
+
+    def passes(index: int) -> bool:
+        k = steps[index]
+        paths[k] = quantize(names[:k])
+        agreement, largest = evaluate(paths[k])
+        trials[k] = Trial(excluded=k, agreement=agreement, max_abs_diff=largest)
+        return agreement >= min_agreement
+
+    if not passes(0) and len(steps) > 1 and passes(len(steps) - 1):
+        failing, passing = 0, len(steps) - 1
+        while passing - failing > 1:
+            middle = (failing + passing) // 2
+            if passes(middle):
+                passing = middle
+            else:
+                failing = middle
+    met = [t for t in trials.values() if t.agreement >= min_agreement]
+    best = min(met, key=lambda t: t.excluded) if met else max(
+        trials.values(), key=lambda t: (t.agreement, -t.excluded))
+    ordered = [trials[k] for k in sorted(trials)]
+    return paths[best.excluded], names[: best.excluded], ordered
