@@ -27,13 +27,15 @@ def uniform_batches(batches: list[Batch]) -> list[Batch]:
     return [{k: v[i : i + 1] for k, v in b.items()} for b in batches for i in range(len(next(iter(b.values()))))]
 
 
-def ort_calibration_reader(batches: Iterable[Batch], input_names: Sequence[str]) -> Any:
-    """An ONNX Runtime `CalibrationDataReader` over the batches (made uniform), rewindable."""
+def ort_calibration_reader(batches: Iterable[Batch], input_names: Sequence[str], uniform: bool = True) -> Any:
+    """An ONNX Runtime `CalibrationDataReader` over the batches (made uniform unless the
+    calibrator takes any shapes, as MinMax does), rewindable."""
     from onnxruntime.quantization import CalibrationDataReader
 
     class _BatchReader(CalibrationDataReader):
         def __init__(self) -> None:
-            self._batches = uniform_batches(restrict_inputs(batches, input_names))
+            kept = restrict_inputs(batches, input_names)
+            self._batches = uniform_batches(kept) if uniform else kept
             self._next = 0
 
         def get_next(self) -> Batch | None:

@@ -141,7 +141,8 @@ def make_eval_set(source: Path, rows: list[Row], encoder: Encoder, batch_size: i
     )
 
 
-def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "text-classification") -> PreparedData:
+def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "text-classification",
+            calibration_padding: str = "max_length") -> PreparedData:
     """Load both sources, draw disjoint seeded calibration, tuning and evaluation rows, check
     labels and tokenize for `task`."""
     cal_spec, eval_spec = spec.calibration, spec.evaluation
@@ -154,9 +155,11 @@ def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "te
         Side(cal_raw, cal_columns, cal_spec.path), Side(eval_raw, eval_columns, eval_spec.path),
         cal_spec.samples, spec.tuning_samples, eval_spec.samples, spec.seed, spec.sampling,
     )
-    # ORT's entropy and percentile calibrators stack all batches into one array, so calibration
-    # batches are always padded to max_length; `padding` shapes the evaluation batches only.
-    calibration_encoder = Encoder(tokenizer, cal_columns, spec.max_length, "max_length", task)
+    # `calibration_padding` is the policy's (`pipeline.policy.calibration_padding`): max_length
+    # unless the calibrator can take batches of different lengths.
+    calibration_encoder = Encoder(tokenizer, cal_columns, spec.max_length, calibration_padding, task)
+    calibration_rows = (calibration_encoder.by_length(splits.calibration) if calibration_padding == "longest"
+                        else splits.calibration)
     # Wrong labels in calibration rows are as wrong as in evaluation rows.
     gold_labels(splits.calibration, cal_columns, label2id, task, cal_spec.path)
     encoder = Encoder(tokenizer, eval_columns, spec.max_length, spec.padding, task)
@@ -164,7 +167,7 @@ def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "te
     tuning_encoder = Encoder(tokenizer, cal_columns, spec.max_length, spec.padding, task)
     tuning_rows = tuning_encoder.by_length(splits.tuning) if spec.padding == "longest" else splits.tuning
     return PreparedData(
-        calibration=Split.of(cal_spec.path, splits.calibration, calibration_encoder, spec.batch_size),
+        calibration=Split.of(cal_spec.path, calibration_rows, calibration_encoder, spec.batch_size),
         tuning=Split.of(cal_spec.path, tuning_rows, tuning_encoder, spec.batch_size),
         evaluation=make_eval_set(eval_spec.path, splits.evaluation, encoder, spec.batch_size, label2id),
     )

@@ -28,6 +28,15 @@ STANDALONE_SEED = 0
 STANDALONE_BATCH = 32
 
 
+def calibration_padding(method: str, padding: str) -> str:
+    """How calibration batches are padded. ORT's entropy and percentile calibrators stack every
+    batch's activations into one array, so their batches must all be max_length; MinMax reduces
+    each batch to a min and a max, so it takes the recipe's padding (rows ordered by length with
+    `longest`), which spares the calibration, the sensitivity ranking and the pruning scores
+    most of their work on padding."""
+    return padding if method == "minmax" else "max_length"
+
+
 def kind_of(precision: str, pruned: bool) -> Kind:
     """Float models made from a pruned one take the pruned gate (pruning, not precision,
     dominates their error); INT8 ones always take the INT8 gate."""

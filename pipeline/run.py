@@ -32,7 +32,7 @@ from pipeline.manifest import (
     machine, tool_versions, write_json,
 )
 from pipeline.model import check_max_length, inspect_model
-from pipeline.policy import gate_for
+from pipeline.policy import calibration_padding, gate_for
 from pipeline.progress import Progress
 from pipeline.recipe import Recipe
 from pipeline.report import write_reports
@@ -126,7 +126,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
     metric = gated_metric(recipe, task.name)
     labelled = recipe.data.evaluation_label is not None
     tokenizer = load_tokenizer(recipe.model.path, task.name)
-    prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name)
+    prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
+                               calibration_padding(recipe.stages.quantize.method, recipe.data.padding))
     id2label = info.id2label
     evaluation = prepared.evaluation
     seen = prepared.seen_digests

@@ -97,7 +97,7 @@ def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSp
 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"qdq-{len(excluded)}.onnx"
-        reader = ort_calibration_reader(batches, _input_names(prepared))
+        reader = ort_calibration_reader(batches, _input_names(prepared), uniform=spec.method != "minmax")
         quantize_static(
             str(prepared), str(out), reader,
             quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
