@@ -53,7 +53,7 @@ def load_tokenizer(folder: Path, task: str = "text-classification") -> Any:
     from transformers import AutoTokenizer
 
     options = {"add_prefix_space": True} if task == "token-classification" else {}
-    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, **options)
+    return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **options)
 
 
 @dataclass

@@ -94,7 +94,7 @@ def fine_tune(
 
     transformers.logging.set_verbosity_error()  # "classifier newly initialized" is the point here
     torch.manual_seed(seed)
-    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
+    tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True, trust_remote_code=False)
     model = AutoModelForSequenceClassification.from_pretrained(
         str(minilm_dir()),
         local_files_only=True,
@@ -103,6 +103,8 @@ def fine_tune(
         label2id={name: i for i, name in enumerate(LABELS)},
         num_hidden_layers=layers,
         architectures=["BertForSequenceClassification"],
+        trust_remote_code=False,
+        use_safetensors=True,
     )
     steps = (len(rows) + batch_size - 1) // batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
