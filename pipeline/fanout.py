@@ -22,7 +22,7 @@ from pipeline.recipe import ARCHITECTURES, JETSON_ARCHS, Recipe
 from pipeline.report import write_reports
 from pipeline.signing import verify_folder
 
-GENERATED = ("manifest.json", "report.md", "junit.xml")
+GENERATED = ("manifest.json", "manifest.json.sig", "report.md", "junit.xml")  # made anew for the merge
 
 
 def plan_jobs(recipe: Recipe, recipe_path: str) -> list[dict[str, Any]]:
