@@ -41,8 +41,8 @@ class ShipyardGroup(click.Group):
     def invoke(self, ctx: click.Context):
         try:
             return super().invoke(ctx)
-        except ShipyardError as err:
-            _fail(ctx, BAD_INPUT, str(err))
+        except ShipyardError as err:  # bad input, unless the error says otherwise (an engine build failed: 1)
+            _fail(ctx, getattr(err, "exit_code", BAD_INPUT), str(err))
         except KeyboardInterrupt:
             _fail(ctx, INTERRUPTED, "interrupted; partial outputs were removed and nothing was recorded")
         except (click.exceptions.Exit, click.ClickException, click.Abort):
@@ -389,23 +389,28 @@ def verify_cmd(folder: Path, public_key: Path | None, quiet: bool, as_json: bool
 @cli.command("trt-check")
 @click.argument("onnx_file", metavar="FILE.onnx", type=click.Path(path_type=Path))
 @click.option("--trt-version", default=None, metavar="X.Y",
-              help="TensorRT version whose operator list to check against [default: the pinned one].")
+              help="TensorRT version whose operator list to check against [default: the target's, else the "
+                   "image's].")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="Recipe whose --target profiles the graph's dynamic axes must match.")
 @click.option("--target", "target_name", default=None, metavar="NAME", help="Target in --recipe.")
 @output_options
 def trt_check(onnx_file: Path, trt_version: str | None, recipe_file: Path | None, target_name: str | None,
               quiet: bool, as_json: bool) -> None:
-    """Static TensorRT-readiness check: exit 0 ready, 1 not ready (node and rule named), 2 bad input."""
+    """Static TensorRT-readiness check: exit 0 ready (warnings printed), 1 not ready (errors name the node
+    and rule), 2 bad input."""
     from pipeline.readiness import check_model_file
     from pipeline.recipe import TRT_VERSION
 
     profiles = None
     if recipe_file is not None or target_name is not None:
-        profiles = _recipe_target(recipe_file, target_name).profiles
+        target = _recipe_target(recipe_file, target_name)
+        profiles, trt_version = target.profiles, trt_version or target.tensorrt
     report = check_model_file(onnx_file, trt_version or TRT_VERSION, profiles)
+    counts = f"{len(report.errors)} errors, {len(report.warnings)} warnings"
     lines = [f"{onnx_file}: {'ready' if report else 'NOT READY'} for TensorRT {report.trt_version} "
-             f"(opset {report.opset}, {report.counts['nodes']} nodes)"] + [f"  {f}" for f in report.findings]
+             f"(opset {report.opset}, {report.counts['nodes']} nodes; {counts})"]
+    lines += [f"  {f}" for f in report.errors + report.warnings]
     _finish(report.ready, report.to_dict(), "\n".join(lines), quiet, as_json)
 
 
@@ -435,26 +440,63 @@ def build_cmd(model_path: Path, target_ref: str, out: Path, recipe_file: Path | 
     record, readiness = build_file(model_path, target_ref, out, recipe_file)
     if readiness is not None:
         _finish(False, readiness.to_dict(), f"build {out}: {model_path} is not TensorRT-ready: "
-                f"{readiness.findings[0]} (shipyard trt-check {model_path} lists all)", quiet, as_json)
+                f"{readiness.errors[0]} (shipyard trt-check {model_path} lists all)", quiet, as_json)
     _finish(True, vars(record), f"build {out}: {record.size_bytes / 1e6:.1f} MB on {record.gpu_name} "
             f"({record.compute_capability}), TensorRT {record.trt_version}, {record.build_seconds:.0f} s", quiet, as_json)
 
 
+@cli.command("engines")
+@click.argument("release", metavar="RELEASE_DIR", type=click.Path(path_type=Path))
+@click.option("--target", "target_name", required=True, metavar="NAME", help="The recipe target to build.")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Folder for the engine and its manifest (merge with: shipyard collect RELEASE_DIR OUT...).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+              help="Stage cache for the PyTorch reference outputs [default: $SHIPYARD_CACHE_DIR or ~/.cache/shipyard].")
+@click.option("--sign-key", type=click.Path(path_type=Path), default=None,
+              help="Ed25519 private key (PEM): sign the engine folder's manifest.json.")
+@click.option("--set", "overrides", multiple=True, metavar="KEY=VALUE",
+              help="Where the model and data are on this host: model.path, data.calibration.path, "
+                   "data.evaluation.path (checked by hash against the release).")
+@output_options
+def engines_cmd(release: Path, target_name: str, out: Path, overwrite: bool, cache_dir: Path | None,
+                sign_key: Path | None, overrides: tuple[str, ...], quiet: bool, as_json: bool) -> None:
+    """Build one target's TensorRT engine from a finished release folder, on a host of that GPU.
+
+    Verifies RELEASE_DIR against its manifest, builds from the target's typed ONNX in it (no
+    re-export, no re-quantization), gates the engine against PyTorch on the recipe's evaluation
+    rows and writes --out with the engine and a manifest naming the release."""
+    from pipeline.cache import StageCache
+    from pipeline.engines import build_from_release
+
+    manifest = build_from_release(release, target_name, out, overwrite, StageCache.at(cache_dir),
+                                  _progress(quiet, as_json), sign_key, overrides)
+    target = manifest.targets[0]
+    engine = manifest.artifacts[0] if manifest.artifacts else None
+    line = (f"engines {out}: {target.name} ({target.arch}) {target.engine_status}"
+            + (f", agreement {engine.parity['agreement']:.4f}" if engine is not None else f": {target.engine_reason}")
+            + f", {'PASSED' if manifest.passed else 'FAILED'}")
+    _finish(manifest.passed, json.loads(manifest.model_dump_json()), line, quiet, as_json)
+
+
 @cli.command("plan")
 @click.argument("recipe_file", metavar="RECIPE", type=click.Path(path_type=Path))
-@click.option("--format", "fmt", type=click.Choice(["json", "github-matrix"]), default="json", show_default=True)
+@click.option("--format", "fmt", type=click.Choice(["json", "github-matrix"]), default="json", show_default=True,
+              help="json: both phases and the collect step; github-matrix: the engine jobs only.")
 @set_option
 def plan_cmd(recipe_file: Path, fmt: str, overrides: tuple[str, ...]) -> None:
-    """Print one job per target: the GPU runner it needs and the command it runs."""
-    from pipeline.fanout import github_matrix, plan_jobs
+    """Print the jobs of a release: one CPU job makes the release (shipyard run), then one job per
+    target on a runner of its GPU builds its engine from it (shipyard engines), then collect."""
+    from pipeline.fanout import github_matrix, plan_collect, plan_jobs, plan_release
     from pipeline.recipe import load_recipe
 
     loaded = load_recipe(recipe_file, overrides)
-    jobs = plan_jobs(loaded, str(recipe_file))
+    jobs = plan_jobs(loaded)
     if not jobs:
         raise ShipyardError(f"recipe {recipe_file} has no targets; add a targets: list to plan engine jobs")
-    click.echo(github_matrix(jobs) if fmt == "github-matrix" else
-               json.dumps({"recipe": loaded.name, "jobs": jobs}, indent=2))
+    click.echo(github_matrix(jobs) if fmt == "github-matrix" else json.dumps(
+        {"recipe": loaded.name, "release": plan_release(str(recipe_file)), "jobs": jobs, "collect": plan_collect()},
+        indent=2))
 
 
 @cli.command("collect")
@@ -465,7 +507,8 @@ def plan_cmd(recipe_file: Path, fmt: str, overrides: tuple[str, ...]) -> None:
 @output_options
 def collect_cmd(folders: tuple[Path, ...], out: Path, overwrite: bool, require_engines: bool, quiet: bool,
                 as_json: bool) -> None:
-    """Merge per-target release folders into one manifest; shared artifacts must have equal hashes."""
+    """Merge a release with its engine folders (shipyard engines), or per-target run folders, into one
+    manifest; shared artifacts must have equal hashes."""
     from pipeline.fanout import collect
 
     merged = collect(list(folders), out, overwrite, require_engines)

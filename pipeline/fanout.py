@@ -1,10 +1,16 @@
-"""Releases past one machine: one job per target (`plan`) and one manifest from their folders (`collect`).
+"""Releases past one machine: the jobs of a release (`plan`) and one manifest from their folders (`collect`).
 
-An engine runs only on the GPU architecture it was built on, so a release pipeline runs one job
-per target on a runner of that architecture (`shipyard run RECIPE --target NAME`), then merges
-the per-target folders. Every job also rebuilds the shared artifacts (ONNX, INT8, typed ONNX);
-`collect` refuses to merge when their hashes differ, because then the jobs did not ship the same
-model.
+An engine runs only on the GPU architecture (and TensorRT) it was built with, so a release runs
+in two phases (`plan_release`, `plan_jobs`):
+
+1. one CPU job, `shipyard run RECIPE --out release`, makes every shared artifact once (ONNX, INT8,
+   the typed ONNX of every target) and gates them;
+2. one job per target, on a runner of its GPU, `shipyard engines release --target NAME --out
+   engines/NAME` (`pipeline.engines`), builds and gates that target's engine from the release.
+
+`collect release engines/*` merges them. The single-machine path, `run --target`, still works:
+`collect` also merges per-target run folders, and refuses when their shared artifacts' hashes
+differ, because then the jobs did not ship the same model.
 """
 
 from __future__ import annotations
@@ -15,7 +21,7 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from pipeline.artifacts import atomic_dir, check_output_dir
+from pipeline.artifacts import atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
 from pipeline.manifest import Manifest, write_json
 from pipeline.recipe import ARCHITECTURES, JETSON_ARCHS, Recipe
@@ -25,22 +31,39 @@ from pipeline.signing import verify_folder
 GENERATED = ("manifest.json", "manifest.json.sig", "report.md", "junit.xml")  # made anew for the merge
 
 
-def plan_jobs(recipe: Recipe, recipe_path: str) -> list[dict[str, Any]]:
-    """One job per target: where it must run and the command that builds and gates it there."""
+RELEASE_DIR = "release"
+ENGINES_DIR = "engines"
+
+
+def plan_release(recipe_path: str, release_dir: str = RELEASE_DIR) -> dict[str, Any]:
+    """Phase one: the CPU job that makes and gates every shared artifact once."""
+    return {"phase": "release", "runs_on": ["ubuntu-latest"], "out": release_dir,
+            "command": shlex.join(["shipyard", "run", recipe_path, "--out", release_dir])}
+
+
+def plan_jobs(recipe: Recipe, release_dir: str = RELEASE_DIR) -> list[dict[str, Any]]:
+    """Phase two: one job per target, where it must run and the command that builds and gates its
+    engine from the release folder."""
     jobs = []
     for target in recipe.targets:
         jetson = target.arch in JETSON_ARCHS
-        command = ["shipyard", "run", recipe_path, "--target", target.name, "--out", f"out/{target.name}",
-                   "--set", "stages.build.require_engines=true"]
+        out = f"{ENGINES_DIR}/{target.name}"
         jobs.append({
-            "target": target.name, "arch": target.arch, "gpu": ARCHITECTURES[target.arch],
-            "precision": target.precision,
+            "phase": "engines", "target": target.name, "arch": target.arch, "gpu": ARCHITECTURES[target.arch],
+            "precision": target.precision, "trt_version": target.tensorrt,
             "runs_on": ["self-hosted", "jetson" if jetson else "gpu", target.arch],
             # Jetson runs JetPack's own TensorRT (aarch64); the x86 image serves every other target.
             "container": "" if jetson else "shipyard-trt",
-            "command": shlex.join(command),
+            "out": out,
+            "command": shlex.join(["shipyard", "engines", release_dir, "--target", target.name, "--out", out]),
         })
     return jobs
+
+
+def plan_collect(release_dir: str = RELEASE_DIR, out: str = "shipped") -> dict[str, Any]:
+    """After both phases: one folder, one manifest, every target with its engine."""
+    return {"phase": "collect", "out": out,
+            "command": f"shipyard collect {release_dir} {ENGINES_DIR}/* --out {out} --require-engines"}
 
 
 def github_matrix(jobs: list[dict[str, Any]]) -> str:
@@ -58,6 +81,18 @@ def _load(folder: Path) -> Manifest:
         raise ShipyardError(f"{path}: not a Shipyard manifest (schema recipes/manifest.schema.json)") from None
 
 
+def _check_engine_folders(folders: list[Path], manifests: list[Manifest]) -> None:
+    """Engine folders (`shipyard engines`) merge only with the release they were built from."""
+    releases = {sha256_file(Path(f) / "manifest.json"): f for f, m in zip(folders, manifests) if m.release is None}
+    for folder, manifest in zip(folders, manifests):
+        if manifest.release is None:
+            continue
+        if manifest.release["manifest_sha256"] not in releases:
+            raise ShipyardError(f"{folder}: built from release {manifest.release['path']} (manifest sha256 "
+                                f"{manifest.release['manifest_sha256'][:12]}), which is not among the folders given; "
+                                "pass that release folder first")
+
+
 def collect(folders: list[Path], out: Path, overwrite: bool = False, require_engines: bool = False) -> Manifest:
     """Merge per-target release folders into `out`; shared artifacts must have equal hashes."""
     if not folders:
@@ -68,14 +103,16 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
         problems = verify_folder(folder)
         if problems:
             raise ShipyardError(f"{folder}: {problems[0]}; the folder changed after shipyard run wrote it")
-    first = manifests[0]
-    for folder, manifest in zip(folders[1:], manifests[1:]):
+    _check_engine_folders(folders, manifests)
+    base = next((i for i, m in enumerate(manifests) if m.release is None), 0)
+    first, first_folder = manifests[base], folders[base]
+    for folder, manifest in zip(folders, manifests):
         if (manifest.recipe_name, manifest.model.sha256) != (first.recipe_name, first.model.sha256):
             raise ShipyardError(f"{folder}: recipe {manifest.recipe_name!r} / model {manifest.model.sha256[:12]} "
-                                f"differ from {folders[0]}'s; collect folders of one release only")
+                                f"differ from {first_folder}'s; collect folders of one release only")
         for split, record in manifest.data.items():
             if record.fingerprint != first.data[split].fingerprint:
-                raise ShipyardError(f"{folder}: {split} rows differ from {folders[0]}'s (fingerprint); "
+                raise ShipyardError(f"{folder}: {split} rows differ from {first_folder}'s (fingerprint); "
                                     "every job must use the same recipe and data")
 
     artifacts, owner = {}, {}
@@ -110,7 +147,7 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
     merged = first.model_copy(update={
         "passed": all(m.passed for m in manifests), "stages": stages,
         "artifacts": list(artifacts.values()), "targets": list(targets.values()),
-        "collected_from": [str(Path(f).resolve()) for f in folders],
+        "collected_from": [str(Path(f).resolve()) for f in folders], "release": None,
     })
     with atomic_dir(out, overwrite) as work:
         for folder in folders:

@@ -105,6 +105,9 @@ class Manifest(_Strict):
     artifacts: list[ArtifactRecord]
     targets: list[TargetRecord] = Field(default_factory=list)
     collected_from: list[str] = Field(default_factory=list, description="folders merged by shipyard collect")
+    release: dict[str, str] | None = Field(
+        None, description="an engine folder (shipyard engines): the release folder it was built from and the "
+        "sha256 of that release's manifest.json")
     recipe: dict[str, Any] = Field(description="the resolved recipe; rerun it with shipyard run")
     invocation: InvocationRecord | None = None
 

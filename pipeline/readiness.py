@@ -1,19 +1,13 @@
 """Static TensorRT-readiness check of an ONNX file, on CPU, before any GPU is involved.
 
 Written here because no library does it without TensorRT itself: Polygraphy and trtexec need the
-`tensorrt` package to parse. The rules are what TensorRT's ONNX parser and its explicit
-quantization documentation require, checked on the graph:
-
-- `opset`: the default-domain opset is inside the pinned TensorRT version's range;
-- `operator`: every node is in that version's supported ONNX operator list (shipped as data in
-  `pipeline/trt_ops/<version>.json`); custom-domain ops (ONNX Runtime's fused ops) are refused;
-- `qdq-*`: Q/DQ placement as TensorRT expects: INT8 with zero points 0, constant positive scales,
-  per-tensor activations, weights per-channel on the output-channel axis, each Q feeding only DQ,
-  each MatMul/Gemm quantized on both inputs or neither, Q only on float tensors;
-- `fp16-safe`: in a graph with float16 tensors, LayerNormalization and Softmax compute in float32;
-- `dynamic-axes`: graph inputs are [batch, sequence] and their static dims agree with the profiles.
-
-A finding names the node (or input) and the rule; an empty list means ready.
+`tensorrt` package to parse. Each finding has a severity: an `error` is something TensorRT's ONNX
+parser or builder refuses, or builds with a meaning other than the ONNX graph's (which the CPU
+parity gate would then not have tested); a `warning` builds and runs but may cost precision or
+speed. A graph is ready when it has no errors. `RULES` names each rule's severity and its source:
+the ONNX-TensorRT importers (onnxOpImporters.cpp, ModelImporter.cpp), its operator support matrix
+(docs/operators.md, shipped as data in `pipeline/trt_ops/<version>.json`), the ONNX operator spec,
+or TensorRT's developer guide on explicit quantization. The README lists them.
 """
 
 from __future__ import annotations
@@ -26,14 +20,48 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ArtifactError, ShipyardError
-from pipeline.recipe import ProfileSpec
+from pipeline.recipe import ProfileSpec, _shipped_trt_versions
 
 OPS_DIR = Path(__file__).parent / "trt_ops"
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
 INT8 = 3
 QUANTIZED_CONSUMERS = ("MatMul", "Gemm")
-FP16_SENSITIVE = ("LayerNormalization", "Softmax")
+# Ops whose float16 arithmetic loses what a BERT needs: an exponent sum, a mean over 384+ values, a square.
+FP16_SENSITIVE = {"Softmax": "its exponent sum loses precision", "ReduceMean": "its sum over the hidden size "
+                  "loses precision", "Pow": "squares above 256 overflow float16"}
+FLOAT32_STASH = 1  # LayerNormalization's stash_type default: the parser computes the layer in float32
+
+ERROR, WARNING = "error", "warning"
+IMPORTERS = "onnx-tensorrt onnxOpImporters.cpp"
+# rule -> (severity, where the rule comes from)
+RULES: dict[str, tuple[str, str]] = {
+    "opset": (ERROR, "onnx-tensorrt ModelImporter.cpp (opset < 7 refused) and docs/operators.md (documented range)"),
+    "opset-newer": (WARNING, "docs/operators.md: the parser imports newer opsets with the documented importers"),
+    "operator": (ERROR, "docs/operators.md support matrix; ModelImporter.cpp: an op with no importer must be a "
+                        "registered plugin"),
+    "qdq-scale": (ERROR, f"{IMPORTERS} QuantDequantLinearHelper: scales must be positive; developer guide: "
+                         "INT8 scales are build-time constants"),
+    "qdq-zero-point": (ERROR, f"{IMPORTERS} QuantDequantLinearHelper: zero points must be all zeros"),
+    "qdq-zero-point-dynamic": (WARNING, f"{IMPORTERS} QuantDequantLinearHelper: a computed zero point is "
+                                        "passed to the builder, which checks it"),
+    "qdq-int8": (ERROR, f"{IMPORTERS} QuantDequantLinearHelper (UINT8 refused or built as INT8) and the ONNX "
+                        "spec (no zero point means UINT8): the engine would compute something else than the "
+                        "graph the CPU gate checked"),
+    "qdq-float-input": (ERROR, "docs/operators.md: QuantizeLinear takes FP32/FP16/BF16"),
+    "qdq-activation-per-tensor": (ERROR, "developer guide, explicit quantization: activations per tensor; "
+                                         f"{IMPORTERS}: per-axis scales are taken as weight scales"),
+    "qdq-pair": (ERROR, "developer guide, explicit quantization: quantized tensors reach compute layers "
+                        "only through DequantizeLinear"),
+    "qdq-weight-axis": (ERROR, "developer guide, explicit quantization: weights per channel on the output "
+                               "channel axis"),
+    "qdq-matmul-both-inputs": (WARNING, "developer guide, Q/DQ layer placement: a GEMM runs in INT8 only when "
+                                        "both inputs are dequantized; otherwise it runs in float"),
+    "fp16-safe": (WARNING, f"{IMPORTERS}: LayerNormalization computes in its stash_type (default float32); "
+                           "Softmax and reductions compute in their input type"),
+    "dynamic-axes": (ERROR, "TensorRT optimization profiles: a static input dimension must equal every "
+                            "profile's min = opt = max"),
+}
 
 
 @dataclass(frozen=True)
@@ -42,13 +70,24 @@ class Finding:
     node: str
     message: str
 
+    @property
+    def severity(self) -> str:
+        return RULES[self.rule][0]
+
+    @property
+    def source(self) -> str:
+        return RULES[self.rule][1]
+
     def __str__(self) -> str:
-        return f"{self.node}: {self.message} [{self.rule}]"
+        return f"{self.severity}: {self.node}: {self.message} [{self.rule}]"
+
+    def to_dict(self) -> dict[str, str]:
+        return {**asdict(self), "severity": self.severity}
 
 
 @dataclass
 class ReadinessReport:
-    """Findings of one check; true when the graph is ready for the TensorRT version checked."""
+    """Findings of one check; true when the graph has no error for the TensorRT version checked."""
 
     path: str
     trt_version: str
@@ -57,19 +96,28 @@ class ReadinessReport:
     counts: dict[str, int] = field(default_factory=dict)
 
     def __bool__(self) -> bool:
-        return not self.findings
+        return not self.errors
 
     @property
     def ready(self) -> bool:
         return bool(self)
 
+    @property
+    def errors(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == ERROR]
+
+    @property
+    def warnings(self) -> list[Finding]:
+        return [f for f in self.findings if f.severity == WARNING]
+
     def to_dict(self) -> dict[str, Any]:
-        return {"path": self.path, "trt_version": self.trt_version, "opset": self.opset,
-                "ready": self.ready, "findings": [asdict(f) for f in self.findings], "counts": self.counts}
+        return {"path": self.path, "trt_version": self.trt_version, "opset": self.opset, "ready": self.ready,
+                "errors": len(self.errors), "warnings": len(self.warnings),
+                "findings": [f.to_dict() for f in self.findings], "counts": self.counts}
 
 
 def shipped_versions() -> list[str]:
-    return sorted(p.stem for p in OPS_DIR.glob("*.json"))
+    return _shipped_trt_versions()
 
 
 def operator_support(trt_version: str) -> dict[str, Any]:
@@ -166,10 +214,13 @@ def _name(node) -> str:
 
 def _opset_rule(graph: _GraphIndex, support: dict) -> list[Finding]:
     low, high = support["opset_min"], support["opset_max"]
-    if low <= graph.opset <= high:
-        return []
-    return [Finding("opset", "(model)", f"opset {graph.opset} is outside TensorRT {support['trt_version']}'s "
-                    f"range {low}-{high}; re-export with an opset in that range")]
+    if graph.opset < low:
+        return [Finding("opset", "(model)", f"opset {graph.opset} is older than TensorRT {support['trt_version']}'s "
+                        f"range {low}-{high}; re-export with an opset in that range")]
+    if graph.opset > high:
+        return [Finding("opset-newer", "(model)", f"opset {graph.opset} is newer than TensorRT "
+                        f"{support['trt_version']} documents ({low}-{high}); re-export at opset {high} to be sure")]
+    return []
 
 
 def _operator_rule(graph: _GraphIndex, support: dict) -> list[Finding]:
@@ -199,7 +250,8 @@ def _qdq_rules(graph: _GraphIndex) -> list[Finding]:
             findings.append(Finding("qdq-scale", where, "scale has zero, negative or non-finite values"))
         zero_point = graph.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
         if len(node.input) > 2 and node.input[2] and zero_point is None:
-            findings.append(Finding("qdq-zero-point", where, "zero point is not a constant"))
+            findings.append(Finding("qdq-zero-point-dynamic", where, "zero point is computed, not a constant; "
+                                    "TensorRT checks at build time that it is all zeros"))
         elif zero_point is not None and np.any(zero_point != 0):
             findings.append(Finding("qdq-zero-point", where, "zero point is not 0; TensorRT takes symmetric "
                                     "quantization only (quantize with symmetric activations and weights)"))
@@ -214,10 +266,15 @@ def _qdq_rules(graph: _GraphIndex) -> list[Finding]:
 def _quantize_rules(graph: _GraphIndex, node, scale, zero_point) -> list[Finding]:
     where = _name(node)
     findings = []
-    quantized_type = zero_point.dtype if zero_point is not None else None
-    if quantized_type is not None and quantized_type != np.int8:
-        findings.append(Finding("qdq-int8", where, f"quantizes to {quantized_type}, TensorRT takes INT8 "
-                                "(UINT8 only as a network input or output)"))
+    has_zero_point = len(node.input) > 2 and bool(node.input[2])
+    output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
+    if zero_point is not None and zero_point.dtype != np.int8:
+        findings.append(Finding("qdq-int8", where, f"quantizes to {zero_point.dtype}; TensorRT quantizes to INT8 "
+                                "(it would build this as INT8, unlike ONNX Runtime): give an int8 zero point"))
+    elif not has_zero_point and output_dtype != INT8:
+        findings.append(Finding("qdq-int8", where, "has no zero point, so ONNX makes it UINT8 (negative values "
+                                "clip to 0 on ONNX Runtime) while TensorRT builds it as INT8; add an int8 zero "
+                                "point of 0"))
     source_type = graph.dtypes.get(node.input[0])
     if source_type and source_type not in FLOAT_TYPES:
         findings.append(Finding("qdq-float-input", where, f"quantizes a non-float tensor {node.input[0]!r}; "
@@ -286,9 +343,16 @@ def _fp16_rule(graph: _GraphIndex) -> list[Finding]:
         return []
     findings = []
     for node in graph.nodes:
-        if node.op_type in FP16_SENSITIVE and graph.dtypes.get(node.input[0]) == 10:
-            findings.append(Finding("fp16-safe", _name(node), f"{node.op_type} computes in float16; keep it in "
-                                    "float32 (its accumulation overflows or loses precision in float16)"))
+        if node.op_type not in (*FP16_SENSITIVE, "LayerNormalization") or graph.dtypes.get(node.input[0]) != 10:
+            continue
+        if node.op_type == "LayerNormalization":
+            stash = next((a.i for a in node.attribute if a.name == "stash_type"), FLOAT32_STASH)
+            if stash != FLOAT32_STASH:
+                findings.append(Finding("fp16-safe", _name(node), f"LayerNormalization with stash_type {stash} "
+                                        "computes in float16; leave stash_type at 1 (float32)"))
+        elif node.op_type in FP16_SENSITIVE:
+            findings.append(Finding("fp16-safe", _name(node), f"{node.op_type} computes in float16: "
+                                    f"{FP16_SENSITIVE[node.op_type]}; keep it in float32 if the fp16 gate fails"))
     return findings
 
 

@@ -148,7 +148,8 @@ class BuildSpec(_Strict):
     )
     trt_version: str = Field(
         TRT_VERSION, pattern=r"^\d+\.\d+$",
-        description="TensorRT version whose ONNX operator list the readiness check uses",
+        description="TensorRT version of targets that name none and whose architecture has no default "
+        "(sm_87: JetPack 6's 10.3): its ONNX operator list checks their graphs",
     )
 
 
@@ -163,9 +164,13 @@ class StagesSpec(_Strict):
 ARCHITECTURES = {
     "sm_75": "Turing (T4)", "sm_80": "Ampere (A100, A30)", "sm_86": "Ampere (A10, A40, RTX 30)",
     "sm_87": "Ampere embedded (Jetson AGX/NX Orin)", "sm_89": "Ada (L4, L40, RTX 40)",
-    "sm_90": "Hopper (H100, H200)",
+    "sm_90": "Hopper (H100, H200)", "sm_100": "Blackwell (B200, GB200)", "sm_103": "Blackwell Ultra (B300, GB300)",
+    "sm_120": "Blackwell (RTX PRO 6000, RTX 50)",
 }
-Arch = Literal["sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90"]
+Arch = Literal["sm_75", "sm_80", "sm_86", "sm_87", "sm_89", "sm_90", "sm_100", "sm_103", "sm_120"]
+# The TensorRT a target's engine is built with and runs on, where it is not the image's: Jetson Orin
+# runs JetPack 6, whose TensorRT is 10.3 (engines do not load across TensorRT versions).
+TRT_BY_ARCH = {"sm_87": "10.3"}
 JETSON_ARCHS = ("sm_87",)
 
 
@@ -212,7 +217,17 @@ class TargetSpec(_Strict):
     hardware_compatibility: Literal["none", "ampere_plus"] = "none"
     version_compatible: bool = False
     sparse_weights: bool = Field(False, description="needs stages.prune.sparsity_24 != none")
-    dla_core: int | None = Field(None, ge=0, description="Jetson DLA core; other layers fall back to the GPU")
+    dla_core: int | None = Field(None, ge=0, description="Jetson DLA core; other layers fall back to the GPU; "
+                                 "every profile must be static (min = opt = max)")
+    trt_version: str | None = Field(
+        None, pattern=r"^\d+\.\d+$", description="TensorRT (major.minor) the engine is built with and runs on: "
+        "its ONNX operator list checks the graph, and a build under another TensorRT is refused; default: "
+        "JetPack 6's 10.3 for sm_87, else stages.build.trt_version")
+
+    @property
+    def tensorrt(self) -> str:
+        """The TensorRT version (major.minor) this target's engine is built with and runs on."""
+        return self.trt_version or TRT_BY_ARCH.get(self.arch, TRT_VERSION)
 
     @model_validator(mode="after")
     def _consistent(self) -> "TargetSpec":
@@ -230,6 +245,13 @@ class TargetSpec(_Strict):
                 raise ValueError("dla_core: DLA runs fp16 or int8, not fp32; change precision")
             if self.hardware_compatibility != "none":
                 raise ValueError("dla_core: DLA engines cannot be hardware-compatible; set hardware_compatibility: none")
+            for i, profile in enumerate(self.profiles):
+                for label in ("batch", "sequence"):
+                    axis = getattr(profile, label)
+                    if not axis.min == axis.opt == axis.max:
+                        raise ValueError(f"dla_core: the DLA runs static shapes only; profile {i} {label} is "
+                                         f"{axis.min}/{axis.opt}/{axis.max}: set min = opt = max (the runner pads "
+                                         "shorter batches and splits longer ones)")
         return self
 
 
@@ -291,6 +313,17 @@ class Recipe(_Strict):
             if target.precision == "int8" and not (self.stages.quantize.enabled and "qdq" in self.stages.quantize.formats):
                 raise ValueError(f"target {target.name}: int8 engines are built from the Q/DQ artifact; "
                                  "enable stages.quantize with format qdq")
+            longest = max(p.sequence.max for p in target.profiles)
+            if self.data.max_length > longest:
+                raise ValueError(f"target {target.name}: data.max_length {self.data.max_length} is longer than "
+                                 f"every profile's sequence.max (at most {longest}); raise a profile's "
+                                 "sequence.max or lower data.max_length")
+            if target.trt_version is None:
+                target.trt_version = TRT_BY_ARCH.get(target.arch, self.stages.build.trt_version)
+            shipped = _shipped_trt_versions()
+            if target.trt_version not in shipped:
+                raise ValueError(f"target {target.name}: no ONNX operator list for TensorRT {target.trt_version}; "
+                                 f"set trt_version to one of {', '.join(shipped)}")
             if target.sparse_weights and not (self.stages.prune.enabled and self.stages.prune.sparsity_24 != "none"):
                 raise ValueError(f"target {target.name}: sparse_weights needs 2:4 weights; set "
                                  "stages.prune.enabled and stages.prune.sparsity_24")
@@ -305,6 +338,12 @@ class Recipe(_Strict):
 
     def to_yaml(self) -> str:
         return yaml.safe_dump(json.loads(self.model_dump_json()), sort_keys=False)
+
+
+def _shipped_trt_versions() -> list[str]:
+    """TensorRT versions whose ONNX operator list ships in pipeline/trt_ops/."""
+    folder = Path(__file__).parent / "trt_ops"
+    return sorted((p.stem for p in folder.glob("*.json")), key=lambda v: tuple(int(x) for x in v.split(".")))
 
 
 def _apply_override(raw: dict[str, Any], assignment: str) -> None:

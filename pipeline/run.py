@@ -119,30 +119,19 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), optio
 def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptions,
                 selected: list) -> RunOutcome:
     check_output_dir(out, options.overwrite)  # again: a run we waited for may have written it
-    info = inspect_model(recipe.model.path, recipe.model.task, recipe.model.allow_pickle)
-    check_max_length(info, recipe.data.max_length, "data.max_length")
-    model_sha = folder_sha256(info.path)
-    task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
-    metric = gated_metric(recipe, task.name)
-    labelled = recipe.data.evaluation_label is not None
-    tokenizer = load_tokenizer(recipe.model.path, task.name)
-    prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
-                               calibration_padding(recipe.stages.quantize.method, recipe.data.padding))
-    id2label = info.id2label
+    inputs = RunInputs.of(recipe)
+    info, model_sha, task = inputs.info, inputs.model_sha, inputs.task
+    prepared, digests = inputs.prepared, inputs.digests
     evaluation = prepared.evaluation
     seen = prepared.seen_digests
-    digests = {"calibration": batches_digest(prepared.calibration.batches),
-               "tuning": batches_digest(prepared.tuning.batches),
-               "evaluation": batches_digest(evaluation.batches)}
     results: list[StageResult] = []
     parity: dict[str, dict] = {}
     cache = options.cache
 
     with atomic_dir(out, options.overwrite) as work:
         stages = CachedStages(cache, work)
-        torch_reference = TorchRunner(recipe.model.path, task=task.name, allow_pickle=recipe.model.allow_pickle)
-        reference_outputs = ReferenceOutputs(cache, torch_reference, evaluation.batches, task, progress,
-                                             {"model": model_sha, "batches": digests["evaluation"], "task": repr(task)})
+        torch_reference = inputs.torch_runner()
+        reference_outputs = inputs.reference_outputs(cache, progress)
 
         spec = recipe.stages.export
         gate_batches = evaluation.batches[:max(1, spec.validation_samples // recipe.data.batch_size)]
@@ -202,23 +191,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         artifacts.extend(a for r in typed_results for a in r.artifacts)
 
         def validate_artifact(artifact: Artifact) -> None:
-            gate = gate_for(recipe.thresholds, artifact.kind, labelled)
-
-            reports: dict[str, dict] = {}
-
-            def check() -> StageResult:
-                with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
-                    result, report = validate.run(artifact, reference_outputs.get(), evaluation, gate, metric,
-                                                  id2label, task, advance)
-                reports["report"] = report.to_dict()
-                return result
-
-            result, extra = stages.run(f"validate[{artifact.name}]", {
-                "artifact": artifact.sha256, "reference": reference_outputs.inputs, "rows": evaluation.fingerprint,
-                "gate": gate.model_dump(mode="json"), "metric": metric, "labels": id2label},
-                check, extra=lambda result: reports)
+            result, parity[artifact.name] = inputs.validate(artifact, stages, reference_outputs, progress)
             results.append(result)
-            parity[artifact.name] = extra["report"]
 
         for artifact in artifacts:
             validate_artifact(artifact)
@@ -226,22 +200,13 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         target_records = []
         for target in selected:
             onnx = target_onnx[target.name]
-            with progress.task(f"TensorRT readiness ({target.name})"):
-                readiness, result = targets.check_readiness(target, onnx, recipe.stages.build.trt_version)
-            results.append(result)
-            with progress.task(f"engine ({target.name}, {target.arch})"):
-                engine, record, result = targets.try_build(target, onnx, work, readiness)
-            results.append(result)
+            record, stage_results, engine = target_stages(target, onnx, str(onnx.path.relative_to(work)), work,
+                                                          progress)
+            results.extend(stage_results)
             if engine is not None:
                 artifacts.append(engine)
                 validate_artifact(engine)
-            target_records.append(TargetRecord(
-                name=target.name, arch=target.arch, precision=target.precision,
-                onnx=str(onnx.path.relative_to(work)), readiness=readiness.to_dict(),
-                engine_status=result.details["status"], engine_reason=result.details.get("reason", ""),
-                engine=record and {**record, "path": str(engine.path.relative_to(work))},
-                target=json.loads(target.model_dump_json()),
-            ))
+            target_records.append(record)
 
         invocation = InvocationRecord(command=options.command, cwd=os.getcwd(), machine=machine(), cache={
             "enabled": cache.enabled, "folder": str(cache.root) if cache.root else None,
@@ -253,6 +218,79 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         if options.sign_key is not None:
             sign_manifest(work, options.sign_key)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
+
+
+def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: Progress
+                  ) -> tuple[TargetRecord, list[StageResult], Artifact | None]:
+    """Readiness of the target's typed ONNX against its TensorRT, then its engine where this machine
+    can build it (`targets.try_build`); the record the manifest keeps of the target."""
+    with progress.task(f"TensorRT readiness ({target.name})"):
+        readiness, checked = targets.check_readiness(target, onnx)
+    with progress.task(f"engine ({target.name}, {target.arch})"):
+        engine, record, built = targets.try_build(target, onnx, work, readiness)
+    return TargetRecord(
+        name=target.name, arch=target.arch, precision=target.precision, onnx=onnx_path,
+        readiness=readiness.to_dict(), engine_status=built.details["status"],
+        engine_reason=built.details.get("reason", ""),
+        engine=record and {**record, "path": str(engine.path.relative_to(work))},
+        target=json.loads(target.model_dump_json()),
+    ), [checked, built], engine
+
+
+@dataclass
+class RunInputs:
+    """What every gate of a recipe needs, made once: the model's facts, the task, the data splits."""
+
+    recipe: Recipe
+    info: Any
+    model_sha: str
+    task: Any
+    metric: str | None
+    labelled: bool
+    prepared: Any
+    digests: dict[str, str]
+
+    @classmethod
+    def of(cls, recipe: Recipe) -> "RunInputs":
+        info = inspect_model(recipe.model.path, recipe.model.task, recipe.model.allow_pickle)
+        check_max_length(info, recipe.data.max_length, "data.max_length")
+        task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
+        tokenizer = load_tokenizer(recipe.model.path, task.name)
+        prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
+                                   calibration_padding(recipe.stages.quantize.method, recipe.data.padding))
+        digests = {"calibration": batches_digest(prepared.calibration.batches),
+                   "tuning": batches_digest(prepared.tuning.batches),
+                   "evaluation": batches_digest(prepared.evaluation.batches)}
+        return cls(recipe, info, folder_sha256(info.path), task, gated_metric(recipe, task.name),
+                   recipe.data.evaluation_label is not None, prepared, digests)
+
+    def torch_runner(self) -> TorchRunner:
+        return TorchRunner(self.recipe.model.path, task=self.task.name, allow_pickle=self.recipe.model.allow_pickle)
+
+    def reference_outputs(self, cache: StageCache, progress: Progress) -> "ReferenceOutputs":
+        return ReferenceOutputs(cache, self.torch_runner(), self.prepared.evaluation.batches, self.task, progress,
+                                {"model": self.model_sha, "batches": self.digests["evaluation"],
+                                 "task": repr(self.task)})
+
+    def validate(self, artifact: Artifact, stages: "CachedStages", reference: "ReferenceOutputs",
+                 progress: Progress) -> tuple[StageResult, dict]:
+        """Gate `artifact` against PyTorch on the evaluation rows with its kind's thresholds."""
+        gate = gate_for(self.recipe.thresholds, artifact.kind, self.labelled)
+        evaluation, id2label = self.prepared.evaluation, self.info.id2label
+        reports: dict[str, dict] = {}
+
+        def check() -> StageResult:
+            with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
+                result, report = validate.run(artifact, reference.get(), evaluation, gate, self.metric,
+                                              id2label, self.task, advance)
+            reports["report"] = report.to_dict()
+            return result
+
+        result, extra = stages.run(f"validate[{artifact.name}]", {
+            "artifact": artifact.sha256, "reference": reference.inputs, "rows": evaluation.fingerprint,
+            "gate": gate.model_dump(mode="json"), "metric": self.metric, "labels": id2label},
+            check, extra=lambda result: reports)
+        return result, extra["report"]
 
 
 class ReferenceOutputs:

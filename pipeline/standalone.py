@@ -21,7 +21,7 @@ from pipeline.policy import STANDALONE_BATCH, STANDALONE_SEED, gate_for, graph_k
 from pipeline.progress import Progress
 from pipeline.readiness import check_model_file
 from pipeline.recipe import (
-    ARCHITECTURES, TRT_VERSION, ExportSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, TargetSpec,
+    ARCHITECTURES, ExportSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, TargetSpec,
     Thresholds, load_recipe,
 )
 from pipeline.runners import ENGINE_SUFFIXES, TorchRunner, check_onnx_file
@@ -176,16 +176,16 @@ def _engine_record(engine: Path) -> dict:
 DEFAULT_PROFILE = ProfileSpec(batch=Range(min=1, opt=8, max=32), sequence=Range(min=1, opt=128, max=512))
 
 
-def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path) -> tuple[TargetSpec, str]:
-    """A recipe's target by name, or an architecture with the graph's precision and default profiles."""
+def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path) -> TargetSpec:
+    """A recipe's target by name, or an architecture with the graph's precision, default profiles and
+    the architecture's TensorRT."""
     if recipe_file is not None:
-        recipe = load_recipe(recipe_file)
-        return recipe.target(ref), recipe.stages.build.trt_version
+        return load_recipe(recipe_file).target(ref)
     if ref not in ARCHITECTURES:
         raise ShipyardError(f"--target {ref}: pass --recipe to use a recipe target, or an architecture "
                             f"({', '.join(ARCHITECTURES)})")
     precision, _ = artifact_kind(model_path)
-    return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE]), TRT_VERSION
+    return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE])
 
 
 def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None = None):
@@ -194,10 +194,10 @@ def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path |
     Bad input and a machine that cannot build raise `ShipyardError` before any work."""
     check_onnx_file(model_path)
     check_writable_parent(out)
-    target, trt_version = _resolve_target(target_ref, recipe_file, model_path)
+    target = _resolve_target(target_ref, recipe_file, model_path)
     env = build.build_environment()
     build.check_target_arch(target, env)
-    readiness = check_model_file(model_path, trt_version, target.profiles)
+    readiness = check_model_file(model_path, target.tensorrt, target.profiles)
     if not readiness:
         return None, readiness
     record = build.build_engine(build.plan_build(target, model_path), out, env)

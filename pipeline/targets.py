@@ -55,18 +55,21 @@ def typed_artifacts(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | 
     return chosen, results
 
 
-def check_readiness(target: TargetSpec, onnx: Artifact, trt_version: str) -> tuple[ReadinessReport, StageResult]:
+def check_readiness(target: TargetSpec, onnx: Artifact) -> tuple[ReadinessReport, StageResult]:
+    """The target's graph against the parser of the target's own TensorRT version."""
     started = time.perf_counter()
-    report = check_model_file(onnx.path, trt_version, target.profiles)
-    message = (f"{onnx.path.name} ready for TensorRT {trt_version} ({report.counts['nodes']} nodes, "
-               f"{len(target.profiles)} profiles)" if report.ready else
-               f"{len(report.findings)} findings; first: {report.findings[0]}")
+    report = check_model_file(onnx.path, target.tensorrt, target.profiles)
+    warned = f", {len(report.warnings)} warnings (first: {report.warnings[0]})" if report.warnings else ""
+    message = (f"{onnx.path.name} ready for TensorRT {target.tensorrt} ({report.counts['nodes']} nodes, "
+               f"{len(target.profiles)} profiles{warned})" if report.ready else
+               f"{len(report.errors)} errors; first: {report.errors[0]}")
     return report, StageResult(stage=f"trt-check[{target.name}]", passed=report.ready, message=message,
                                seconds=time.perf_counter() - started,
                                details={"target": target.name, "onnx": onnx.name})
 
 
 NOT_READY = "not built: the ONNX is not TensorRT-ready"
+BUILD_FAILED = "build failed"
 
 
 def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: ReadinessReport
@@ -77,8 +80,8 @@ def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: Readine
     if not readiness.ready:  # the policy shared with `shipyard build`: readiness before any build
         return None, None, StageResult(
             stage=f"build[{target.name}]", passed=True, seconds=0.0,
-            message=f"skipped: {NOT_READY} ({readiness.findings[0]})",
-            details={"target": target.name, "status": NOT_READY, "reason": str(readiness.findings[0])},
+            message=f"skipped: {NOT_READY} ({readiness.errors[0]})",
+            details={"target": target.name, "status": NOT_READY, "reason": str(readiness.errors[0])},
         )
     try:
         env = build.build_environment()
@@ -92,7 +95,13 @@ def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: Readine
     plan = build.plan_build(target, onnx.path)
     out = work / "engines" / f"{target.name}.engine"
     out.parent.mkdir(exist_ok=True)
-    record = build.build_engine(plan, out, env)
+    try:
+        record = build.build_engine(plan, out, env)
+    except build.EngineBuildFailed as failed:  # the engine failed its gate; the CPU artifacts stand
+        return None, None, StageResult(
+            stage=f"build[{target.name}]", passed=False, seconds=time.perf_counter() - started,
+            message=f"failed: {failed}", details={"target": target.name, "status": BUILD_FAILED, "reason": str(failed)},
+        )
     artifact = Artifact(name=f"engine.{target.name}", path=out, format="tensorrt-engine",
                         precision=onnx.precision, stage="build", kind=onnx.kind,
                         options={"target": target.name, "arch": target.arch, "source": onnx.name,

@@ -7,9 +7,11 @@ small enough that every stage runs in seconds.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import importlib.util
 import shutil
+import sys
 from pathlib import Path
 
 import pytest
@@ -105,16 +107,32 @@ TINY_TARGETS = [
 ]
 
 
+@contextlib.contextmanager
+def without_tensorrt():
+    """A machine without TensorRT, wherever the tests run (inside the TensorRT image too): the CPU
+    tests of "needs a GPU host" behaviour hold on every host."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setitem(sys.modules, "tensorrt", None)  # `import tensorrt` raises ImportError
+        yield
+
+
+@pytest.fixture
+def no_tensorrt():
+    with without_tensorrt():
+        yield
+
+
 @pytest.fixture(scope="session")
 def tiny_release(tiny, tiny_holdout_small, tmp_path_factory):
-    """One full `run_recipe` of the tiny model with two TensorRT targets, shared by the tests
-    that read its outputs."""
+    """One full `run_recipe` of the tiny model with two TensorRT targets, on a machine without
+    TensorRT, shared by the tests that read its outputs."""
     from pipeline.recipe import load_recipe
     from pipeline.run import run_recipe
 
     folder = tmp_path_factory.mktemp("release")
     recipe = load_recipe(write_recipe(folder, tiny.model, tiny_holdout_small, targets=TINY_TARGETS))
-    return run_recipe(recipe, folder / "out")
+    with without_tensorrt():
+        return run_recipe(recipe, folder / "out")
 
 
 @pytest.fixture

@@ -3,12 +3,19 @@
 Split so that everything but the build itself is checked on CPU:
 
 - `plan_build(target, onnx)`: what the builder will be told (profiles per graph input, memory pool,
-  optimization level, flags, hardware compatibility, DLA), a pure function of the recipe and graph;
+  optimization level, flags set and cleared, hardware compatibility, DLA), a pure function of the
+  recipe and graph: fp32 targets clear TF32 (on by default on sm_80+, it would miss the fp32 gate);
+  DLA targets have static profiles (the recipe refuses others) and ask the parser to adjust for DLA;
 - `build_environment()`: which TensorRT and which GPU this machine has, or a `BuildUnavailable`
   error saying what is missing and where builds run (the Docker image on a GPU host);
-- `check_target_arch(target, env)`: refuses a build whose engine would not run on the target;
-- `build_engine(plan, out)`: parse with `OnnxParser`, add the profiles, configure, load and save
-  the timing cache, `build_serialized_network`, then deserialize once as the postcondition.
+- `check_target_arch(target, env)`: refuses a build whose engine would not run on the target
+  (another architecture, or another TensorRT than the target's `trt_version`);
+- `build_engine(plan, out)`: parse with `OnnxParser`, add the profiles, configure, attach the
+  timing cache (`attach_timing_cache`: a cache from another device or TensorRT is replaced by an
+  empty one, not fatal), `build_serialized_network`, deserialize once as the postcondition, then
+  save the timing cache if the builder kept one (`save_timing_cache`). A parser or builder failure
+  raises `EngineBuildFailed`, which a run records as a failed stage (exit 1) while keeping every
+  CPU artifact.
 
 The network is created strongly typed (precision comes from the graph; see `trt_onnx.py`), so no
 FP16/INT8 builder flags are set: TensorRT 11 removed them.
@@ -36,6 +43,13 @@ class BuildUnavailable(ShipyardError):
     """This machine cannot build the engine (no TensorRT, no CUDA device, wrong architecture)."""
 
 
+class EngineBuildFailed(ShipyardError):
+    """TensorRT's parser or builder refused a graph the readiness check passed: the engine failed,
+    not the input, so a run records it as a failed stage and keeps its other artifacts."""
+
+    exit_code = 1
+
+
 @dataclass
 class BuildPlan:
     """Everything `build_engine` sets on the builder, decided before TensorRT is imported."""
@@ -48,8 +62,11 @@ class BuildPlan:
     optimization_level: int
     hardware_compatibility: str
     flags: list[str] = field(default_factory=list)
+    clear_flags: list[str] = field(default_factory=list)
+    parser_flags: list[str] = field(default_factory=list)
     dla_core: int | None = None
     timing_cache: str | None = None
+    trt_version: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -83,13 +100,24 @@ def plan_build(target: TargetSpec, onnx_path: Path) -> BuildPlan:
         flags.append("VERSION_COMPATIBLE")
     if target.sparse_weights:
         flags.append("SPARSE_WEIGHTS")
+    # TF32 is on by default for float32 layers on sm_80+; an fp32 target is gated at agreement 1.0
+    # and 1e-3 against PyTorch's float32, which TF32's 10-bit mantissa misses.
+    clear_flags = ["TF32"] if target.precision == "fp32" else []
+    parser_flags = []
     if target.dla_core is not None:
         flags.append("GPU_FALLBACK")  # BERT's Gather/Softmax/LayerNorm layers do not all run on the DLA
+        parser_flags.append("ADJUST_FOR_DLA")
+        dynamic = [i for i, p in enumerate(target.profiles)
+                   if not (p.batch.min == p.batch.max and p.sequence.min == p.sequence.max)]
+        if dynamic:  # the recipe refuses these; a hand-made TargetSpec must not slip through
+            raise ShipyardError(f"target {target.name}: DLA needs static profiles (min = opt = max); profile "
+                                f"{dynamic[0]} is dynamic, so every layer would fall back to the GPU")
     return BuildPlan(
         target=target.name, arch=target.arch, onnx=str(onnx_path), profiles=profiles,
         workspace_bytes=target.workspace_mb << 20, optimization_level=target.optimization_level,
-        hardware_compatibility=target.hardware_compatibility.upper(), flags=flags, dla_core=target.dla_core,
-        timing_cache=str(target.timing_cache) if target.timing_cache else None,
+        hardware_compatibility=target.hardware_compatibility.upper(), flags=flags, clear_flags=clear_flags,
+        parser_flags=parser_flags, dla_core=target.dla_core,
+        timing_cache=str(target.timing_cache) if target.timing_cache else None, trt_version=target.tensorrt,
     )
 
 
@@ -113,6 +141,13 @@ def build_environment() -> BuildEnvironment:
 
 def check_target_arch(target: TargetSpec, env: BuildEnvironment) -> None:
     """Refuse a build that would produce an engine the target GPU cannot run."""
+    local_trt = ".".join(env.trt_version.split(".")[:2])
+    if local_trt != target.tensorrt:
+        raise BuildUnavailable(
+            f"target {target.name} runs TensorRT {target.tensorrt} but this is TensorRT {env.trt_version}: "
+            f"engines do not load across TensorRT versions and the graph was checked against {target.tensorrt}'s "
+            f"parser; build where TensorRT {target.tensorrt} is installed or set the target's trt_version: "
+            f"{local_trt}")
     local = int(env.arch.removeprefix("sm_"))
     wanted = int(target.arch.removeprefix("sm_"))
     if target.hardware_compatibility == "ampere_plus":
@@ -146,6 +181,34 @@ class EngineRecord:
     compute_capability: str
     build_seconds: float
     plan: dict[str, Any]
+    timing_cache: str = "none"
+
+
+def attach_timing_cache(config, path: Path | None) -> str:
+    """Give the builder the timing cache at `path` (or an empty one); returns what happened.
+
+    `set_timing_cache` refuses a cache made on another device or TensorRT (it returns False with
+    ignore_mismatch=False); that costs build time, not correctness, so an empty cache replaces it
+    and the file is overwritten with this device's cache after the build."""
+    data = path.read_bytes() if path is not None and path.is_file() else b""
+    if config.set_timing_cache(config.create_timing_cache(data), ignore_mismatch=False):
+        return "loaded" if data else ("new" if path is not None else "none")
+    if not config.set_timing_cache(config.create_timing_cache(b""), ignore_mismatch=False):
+        return "unavailable: the builder refused an empty timing cache"
+    return "mismatch: the cache came from another device or TensorRT; started empty"
+
+
+def save_timing_cache(config, path: Path | None, status: str) -> str:
+    """Write the builder's timing cache to `path` atomically, if it kept one; returns the status."""
+    if path is None:
+        return status
+    cache = config.get_timing_cache()
+    data = cache.serialize() if cache is not None else None
+    if data is None or len(bytes(data)) == 0:
+        return f"{status}; not saved: the builder kept no timing cache"
+    with atomic_file(path) as tmp:
+        tmp.write_bytes(bytes(data))
+    return f"{status}; saved"
 
 
 def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRecord:
@@ -159,12 +222,16 @@ def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRec
         flags |= 1 << int(trt.NetworkDefinitionCreationFlag.STRONGLY_TYPED)
     network = builder.create_network(flags)
     parser = trt.OnnxParser(network, logger)
+    for flag in plan.parser_flags:
+        if hasattr(trt.OnnxParserFlag, flag):
+            parser.set_flag(getattr(trt.OnnxParserFlag, flag))
     if not parser.parse_from_file(plan.onnx):
         errors = [parser.get_error(i) for i in range(parser.num_errors)]
         first = errors[0] if errors else None
         where = f" at node {first.node_name()!r} ({first.node_operator()})" if first is not None else ""
-        raise ShipyardError(f"TensorRT could not parse {plan.onnx}{where}: "
-                            f"{first.desc() if first is not None else 'unknown error'}; run shipyard trt-check on it")
+        raise EngineBuildFailed(f"TensorRT {env.trt_version} could not parse {plan.onnx}{where}: "
+                                f"{first.desc() if first is not None else 'unknown error'}; the readiness check "
+                                "passed it, so please report the graph")
 
     config = builder.create_builder_config()
     config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
@@ -173,6 +240,9 @@ def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRec
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     for flag in plan.flags:
         config.set_flag(getattr(trt.BuilderFlag, flag))
+    for flag in plan.clear_flags:
+        if hasattr(trt.BuilderFlag, flag):
+            config.clear_flag(getattr(trt.BuilderFlag, flag))
     if plan.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
@@ -183,27 +253,25 @@ def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRec
         config.add_optimization_profile(profile)
 
     cache_path = Path(plan.timing_cache) if plan.timing_cache else None
-    cache = config.create_timing_cache(cache_path.read_bytes() if cache_path and cache_path.is_file() else b"")
-    config.set_timing_cache(cache, ignore_mismatch=False)
+    cache_status = attach_timing_cache(config, cache_path)
 
     started = time.perf_counter()
     serialized = builder.build_serialized_network(network, config)
     seconds = time.perf_counter() - started
     if serialized is None:
-        raise ShipyardError(f"TensorRT failed to build target {plan.target} from {plan.onnx}; see its log above")
+        raise EngineBuildFailed(f"TensorRT {env.trt_version} failed to build target {plan.target} from {plan.onnx}; "
+                                "its log above names the layer")
 
     runtime = trt.Runtime(logger)
     if "VERSION_COMPATIBLE" in plan.flags:
         runtime.engine_host_code_allowed = True
     if runtime.deserialize_cuda_engine(bytes(serialized)) is None:  # the postcondition: it loads
-        raise ShipyardError(f"the engine built for target {plan.target} does not deserialize; not writing it")
+        raise EngineBuildFailed(f"the engine built for target {plan.target} does not deserialize; not writing it")
     with atomic_file(out) as tmp:
         tmp.write_bytes(bytes(serialized))
-    if cache_path is not None:
-        with atomic_file(cache_path) as tmp:
-            tmp.write_bytes(bytes(config.get_timing_cache().serialize()))
+    cache_status = save_timing_cache(config, cache_path, cache_status)
     return EngineRecord(
         path=str(out), sha256=sha256_file(out), size_bytes=Path(out).stat().st_size,
         trt_version=env.trt_version, gpu_name=env.gpu_name, compute_capability=env.arch,
-        build_seconds=round(seconds, 3), plan=plan.to_dict(),
+        build_seconds=round(seconds, 3), plan=plan.to_dict(), timing_cache=cache_status,
     )

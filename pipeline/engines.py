@@ -1,0 +1,130 @@
+"""Phase two of a release: one target's engine, built from a finished release folder on a GPU host.
+
+`shipyard run` (phase one, on any CPU machine) makes the release once: ONNX, INT8, the typed ONNX
+of every target and their readiness. `shipyard engines RELEASE --target NAME --out DIR` then runs
+on a host of the target's GPU and TensorRT, and only:
+
+1. verifies the release against its manifest (hashes, ONNX loads, schema);
+2. checks that the recipe's model and data on this host are the ones the release was made from
+   (model folder hash, evaluation-row fingerprint), because the engine is gated against them;
+3. checks the target's typed ONNX from the release against the target's TensorRT, and builds the
+   engine from that file (no re-export, no re-quantization, so no CPU-dependent bytes change);
+4. gates the engine's parity against PyTorch on the recipe's evaluation rows;
+5. writes DIR with the engine and a small manifest naming the release it belongs to.
+
+`shipyard collect RELEASE DIR...` merges them. Every shared artifact then comes from one job, so
+its bytes cannot differ across x86 and aarch64 runners.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from datetime import datetime, timezone
+from pathlib import Path
+
+from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir, sha256_file
+from pipeline.cache import StageCache
+from pipeline.errors import ShipyardError
+from pipeline.manifest import ArtifactRecord, InvocationRecord, Manifest, StageRecord, machine, write_json
+from pipeline.progress import Progress
+from pipeline.recipe import Recipe, parse_recipe
+from pipeline.report import write_reports
+from pipeline.run import CachedStages, RunInputs, target_stages
+from pipeline.signing import load_signing_key, sign_manifest, verify_folder
+from pipeline.stages import build
+
+
+# The model and data may live elsewhere on the GPU host; they are checked by hash, so only their
+# paths may be changed (any other change would gate the engine differently from the release).
+PATH_KEYS = ("model.path", "data.calibration.path", "data.evaluation.path")
+
+
+def load_release(release: Path, overrides: tuple[str, ...] = ()) -> tuple[Manifest, Recipe]:
+    """The release's manifest and resolved recipe, after checking every file against the manifest."""
+    release = Path(release)
+    path = release / "manifest.json"
+    if not path.is_file():
+        raise ShipyardError(f"{release}: no manifest.json; pass a release folder written by shipyard run")
+    problems = verify_folder(release)
+    if problems:
+        raise ShipyardError(f"{release}: {problems[0]}; the release changed after shipyard run wrote it "
+                            "(shipyard verify lists every problem)")
+    manifest = Manifest.model_validate_json(path.read_text())
+    for assignment in overrides:
+        if assignment.partition("=")[0] not in PATH_KEYS:
+            raise ShipyardError(f"--set {assignment}: engines takes only the paths {', '.join(PATH_KEYS)} (the "
+                                "release fixes everything else)")
+    recipe = parse_recipe(manifest.recipe, f"{path} (recipe)", Path.cwd(), overrides)
+    return manifest, recipe
+
+
+def _typed_onnx(manifest: Manifest, release: Path, name: str) -> tuple[Artifact, str]:
+    record = next((t for t in manifest.targets if t.name == name), None)
+    if record is None:
+        made = ", ".join(t.name for t in manifest.targets) or "none"
+        raise ShipyardError(f"target {name!r} is not in release {release} (its targets: {made}); run the release "
+                            "without --target so that it has every target's ONNX")
+    artifact = next((a for a in manifest.artifacts if a.path == record.onnx), None)
+    if artifact is None:
+        raise ShipyardError(f"{release}: target {name}'s ONNX {record.onnx} is not a listed artifact; re-run the release")
+    typed = Artifact(name=artifact.name, path=release / artifact.path, format=artifact.format,
+                     precision=artifact.precision, stage=artifact.stage, options=artifact.options, kind=artifact.kind)
+    return typed, record.onnx
+
+
+def build_from_release(release: Path, target_name: str, out: Path, overwrite: bool = False,
+                       cache: StageCache | None = None, progress: Progress = Progress(),
+                       sign_key: Path | None = None, overrides: tuple[str, ...] = ()) -> Manifest:
+    """Build and gate one target's engine from `release` into `out` (module docstring)."""
+    release = Path(release)
+    check_output_dir(out, overwrite)
+    manifest, recipe = load_release(release, overrides)
+    target = recipe.target(target_name)
+    typed, onnx_path = _typed_onnx(manifest, release, target_name)
+    env = build.build_environment()  # before any work: this host must be able to build the engine
+    build.check_target_arch(target, env)
+    if sign_key is not None:
+        load_signing_key(sign_key)
+    inputs = RunInputs.of(recipe)
+    if inputs.model_sha != manifest.model.sha256:
+        raise ShipyardError(f"model {recipe.model.path} is not the model release {release} was made from (folder "
+                            f"sha256 {inputs.model_sha[:12]}, release {manifest.model.sha256[:12]}); copy that model here")
+    fingerprint = inputs.prepared.evaluation.fingerprint
+    if fingerprint != manifest.data["evaluation"].fingerprint:
+        raise ShipyardError(f"evaluation rows from {recipe.data.evaluation.path} differ from release {release}'s "
+                            "(fingerprint); the engine is gated on the same rows: copy that data file here")
+    cache = cache or StageCache(None)
+    with atomic_dir(out, overwrite) as work:
+        record, results, engine = target_stages(target, typed, onnx_path, work, progress)
+        artifacts = []
+        if engine is not None:
+            result, parity = inputs.validate(engine, CachedStages(StageCache(None), work),
+                                             inputs.reference_outputs(cache, progress), progress)
+            results.append(result)
+            artifacts.append(ArtifactRecord(
+                name=engine.name, path=str(engine.path.relative_to(work)), format=engine.format,
+                precision=engine.precision, sha256=engine.sha256, size_bytes=engine.size_bytes, stage=engine.stage,
+                kind=engine.kind, options=engine.options, parity=parity, passed=parity["passed"]))
+        small = manifest.model_copy(update={
+            "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+            "passed": engine is not None and all(r.passed for r in results),
+            "stages": [_stage(r) for r in results], "artifacts": artifacts, "targets": [record],
+            "collected_from": [],
+            "release": {"path": str(release.resolve()), "manifest_sha256": sha256_file(release / "manifest.json")},
+            "invocation": InvocationRecord(command=list(sys.argv), cwd=os.getcwd(), machine=machine(), cache={
+                "enabled": cache.enabled, "folder": str(cache.root) if cache.root else None,
+                "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged)}),
+        })
+        write_json(work / "manifest.json", json.loads(small.model_dump_json()))
+        write_reports(small, work)
+        if sign_key is not None:
+            sign_manifest(work, sign_key)
+    return small
+
+
+def _stage(result: StageResult) -> StageRecord:
+    return StageRecord(stage=result.stage, passed=result.passed, message=result.message,
+                       seconds=round(result.seconds, 3), details=result.details, cached=result.cached)
+
