@@ -259,6 +259,14 @@ class TrtRunner:
                           for n, v in outputs.items()})
         return {n: np.concatenate([p[n] for p in parts]) for n in parts[0]}
 
+    def profiles(self) -> list[ProfileRange]:
+        return self._load().profiles
+
+    def run_profile(self, profile: int, feed: Batch) -> Batch:
+        """One engine run on `profile`, for inputs it accepts as they are (benchmarks time each profile)."""
+        self._load()
+        return self._execute(profile, {n: feed[n] for n in self._io.inputs})
+
     def _execute(self, profile: int, feed: Batch) -> Batch:
         """One run of the engine on inputs that `profile` accepts, on the runner's own stream."""
         import tensorrt as trt

@@ -347,12 +347,15 @@ def test_dockerfile_lints_clean_and_pins_tensorrt():
     assert f"startswith('{TRT_VERSION}.')" in text  # the image's TensorRT is the one the op list is for
 
 
-def test_ci_example_fans_out_with_plan_and_collects():
+def test_ci_example_runs_two_phases_and_collects():
     workflow = yaml.safe_load((ROOT / "recipes" / "ci" / "release-engines.yml").read_text())
-    steps = json.dumps(workflow["jobs"])
-    assert "shipyard plan" in steps and "--format github-matrix" in steps
-    assert "shipyard collect" in steps and "--require-engines" in steps
-    assert workflow["jobs"]["engine"]["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
+    jobs = workflow["jobs"]
+    assert "shipyard plan" in json.dumps(jobs["plan"]) and "--format github-matrix" in json.dumps(jobs["plan"])
+    assert "shipyard run" in json.dumps(jobs["release"]) and "shipyard run" not in json.dumps(jobs["engine"])
+    assert jobs["engine"]["needs"] == ["plan", "release"]
+    assert jobs["engine"]["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
+    assert "${{ matrix.command }}" in json.dumps(jobs["engine"])  # the plan's `shipyard engines ...`
+    assert "shipyard collect release engines/" in json.dumps(jobs["collect"]) and "--require-engines" in json.dumps(jobs["collect"])
 
 
 # --- on GPU hosts ---------------------------------------------------------------------------------
