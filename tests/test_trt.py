@@ -514,3 +514,30 @@ def test_modelopt_int8_output_passes_trt_check(tiny_release, tmp_path, high_prec
     assert result.exit_code == 0, result.output
     if high_precision == "fp16":  # its LayerNormalization nodes run on float16 tensors, stash_type float32
         assert any(n.op_type == "LayerNormalization" for n in graph.graph.node)
+
+
+@pytest.mark.trt
+@pytest.mark.gpu
+@pytest.mark.slow
+def test_two_phase_release_on_this_gpu(tiny, tiny_holdout_small, tmp_path):
+    """Phase one (`run`) makes the release, phase two (`engines`) builds and gates this GPU's engine
+    from it with the engine runner's batch splitting (profile max batch 8, batches of 32), then
+    `collect` merges them and `verify` passes."""
+    env = build.build_environment()
+    target = {"name": "local", "arch": env.arch, "precision": "fp16",
+              "trt_version": ".".join(env.trt_version.split(".")[:2]),
+              "profiles": [{"batch": {"min": 1, "opt": 4, "max": 8}, "sequence": {"min": 16, "opt": 64, "max": 128}}]}
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=[target],
+                          stages={"quantize": {"formats": ["qdq"]}})
+    release, engines, shipped = tmp_path / "release", tmp_path / "engines" / "local", tmp_path / "shipped"
+    with without_tensorrt():  # phase one builds no engine
+        assert CliRunner().invoke(cli, ["run", str(recipe), "--out", str(release), "--quiet"]).exit_code == 0
+    result = CliRunner().invoke(cli, ["engines", str(release), "--target", "local", "--out", str(engines)])
+    assert result.exit_code == 0, result.output
+    small = json.loads((engines / "manifest.json").read_text())
+    assert small["artifacts"][0]["parity"]["agreement"] >= 0.99
+    assert small["targets"][0]["engine"]["trt_version"] == env.trt_version
+    merged = CliRunner().invoke(cli, ["collect", str(release), str(engines), "--out", str(shipped),
+                                      "--require-engines"])
+    assert merged.exit_code == 0, merged.output
+    assert CliRunner().invoke(cli, ["verify", str(shipped)]).exit_code == 0

@@ -34,7 +34,7 @@ from pipeline.recipe import TargetSpec
 
 NEEDS_GPU_HOST = "needs a GPU host"
 DOCKER_HINT = ("engine builds run on a GPU host: docker run --gpus all ... shipyard-trt (see the README, "
-               "'Building engines')")
+               "'TensorRT targets and engines')")
 # TensorRT releases that build for the DLA on Jetson (10.8-11.4.0 dropped it; 11.4.1 restored it on JetPack 7.2.2).
 DLA_TRT_VERSIONS = "TensorRT <= 10.7 (JetPack 6) or >= 11.4.1 (JetPack 7.2.2)"
 
