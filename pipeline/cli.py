@@ -176,13 +176,16 @@ encoding_option = click.option("--encoding", default=None, metavar="CODEC",
               help="Stage cache folder [default: $SHIPYARD_CACHE_DIR, else ~/.cache/shipyard].")
 @click.option("--no-cache", is_flag=True, help="Recompute every stage; neither read nor write the cache.")
 @click.option("--wait", is_flag=True, help="If another run holds --out, wait for it instead of exiting 2.")
+@click.option("--no-engines", is_flag=True,
+              help="Make and check every target's ONNX but build no engine: phase one of a two-phase release "
+                   "(shipyard engines builds each target's engine from the release on its GPU).")
 @click.option("--sign-key", type=click.Path(path_type=Path), default=None,
               help="Ed25519 private key (PEM): sign manifest.json into manifest.json.sig.")
 @allow_pickle_option
 @set_option
 @output_options
 def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tuple[str, ...], cache_dir: Path | None,
-        no_cache: bool, wait: bool, sign_key: Path | None, allow_pickle: bool, overrides: tuple[str, ...],
+        no_cache: bool, wait: bool, no_engines: bool, sign_key: Path | None, allow_pickle: bool, overrides: tuple[str, ...],
         quiet: bool, as_json: bool) -> None:
     """Run every stage of RECIPE and gate each artifact's parity against PyTorch.
 
@@ -196,7 +199,7 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tupl
     loaded = load_recipe(recipe_file, overrides + (("model.allow_pickle=true",) if allow_pickle else ()))
     out = out or Path("release") / loaded.name
     options = RunOptions(overwrite=overwrite, target_names=target_names, wait=wait, sign_key=sign_key,
-                         cache=StageCache.at(cache_dir, enabled=not no_cache))
+                         cache=StageCache.at(cache_dir, enabled=not no_cache), build_engines=not no_engines)
     outcome = run_recipe(loaded, out, _progress(quiet, as_json), options)
     if as_json:
         click.echo(json.dumps({"out": str(out), "passed": outcome.passed,

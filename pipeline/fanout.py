@@ -3,7 +3,7 @@
 An engine runs only on the GPU architecture (and TensorRT) it was built with, so a release runs
 in two phases (`plan_release`, `plan_jobs`):
 
-1. one CPU job, `shipyard run RECIPE --out release`, makes every shared artifact once (ONNX, INT8,
+1. one CPU job, `shipyard run RECIPE --out release --no-engines`, makes every shared artifact once (ONNX, INT8,
    the typed ONNX of every target) and gates them;
 2. one job per target, on a runner of its GPU, `shipyard engines release --target NAME --out
    engines/NAME` (`pipeline.engines`), builds and gates that target's engine from the release.
@@ -38,7 +38,7 @@ ENGINES_DIR = "engines"
 def plan_release(recipe_path: str, release_dir: str = RELEASE_DIR) -> dict[str, Any]:
     """Phase one: the CPU job that makes and gates every shared artifact once."""
     return {"phase": "release", "runs_on": ["ubuntu-latest"], "out": release_dir,
-            "command": shlex.join(["shipyard", "run", recipe_path, "--out", release_dir])}
+            "command": shlex.join(["shipyard", "run", recipe_path, "--out", release_dir, "--no-engines"])}
 
 
 def plan_jobs(recipe: Recipe, release_dir: str = RELEASE_DIR) -> list[dict[str, Any]]:

@@ -64,6 +64,7 @@ class RunOptions:
     wait: bool = False  # for a live run holding the release folder
     command: list[str] = field(default_factory=lambda: list(sys.argv))
     sign_key: Path | None = None
+    build_engines: bool = True  # False: phase one of a two-phase release (shipyard engines builds them)
 
 
 class CachedStages:
@@ -104,7 +105,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), optio
     """
     check_output_dir(out, options.overwrite)
     selected = targets.select_targets(recipe, options.target_names)
-    if recipe.stages.build.require_engines:
+    if recipe.stages.build.require_engines and options.build_engines:
         try:
             targets.engines_possible(selected)  # fail before any work, not after ten minutes
         except BuildUnavailable as missing:
@@ -201,7 +202,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         for target in selected:
             onnx = target_onnx[target.name]
             record, stage_results, engine = target_stages(target, onnx, str(onnx.path.relative_to(work)), work,
-                                                          progress)
+                                                          progress, options.build_engines)
             results.extend(stage_results)
             if engine is not None:
                 artifacts.append(engine)
@@ -220,14 +221,14 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
 
 
-def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: Progress
+def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: Progress, build_engines: bool = True
                   ) -> tuple[TargetRecord, list[StageResult], Artifact | None]:
     """Readiness of the target's typed ONNX against its TensorRT, then its engine where this machine
     can build it (`targets.try_build`); the record the manifest keeps of the target."""
     with progress.task(f"TensorRT readiness ({target.name})"):
         readiness, checked = targets.check_readiness(target, onnx)
     with progress.task(f"engine ({target.name}, {target.arch})"):
-        engine, record, built = targets.try_build(target, onnx, work, readiness)
+        engine, record, built = targets.try_build(target, onnx, work, readiness, build_engines)
     return TargetRecord(
         name=target.name, arch=target.arch, precision=target.precision, onnx=onnx_path,
         readiness=readiness.to_dict(), engine_status=built.details["status"],

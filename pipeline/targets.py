@@ -70,13 +70,21 @@ def check_readiness(target: TargetSpec, onnx: Artifact) -> tuple[ReadinessReport
 
 NOT_READY = "not built: the ONNX is not TensorRT-ready"
 BUILD_FAILED = "build failed"
+DEFERRED = "deferred to shipyard engines"
 
 
-def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: ReadinessReport
+def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: ReadinessReport, build_engines: bool = True
               ) -> tuple[Artifact | None, dict | None, StageResult]:
     """Build the target's engine if its ONNX is ready and this machine can; else say why, without
-    failing here (a graph that is not ready already failed its readiness stage)."""
+    failing here (a graph that is not ready already failed its readiness stage). With
+    `build_engines` False (phase one of a two-phase release) no engine is attempted."""
     started = time.perf_counter()
+    if not build_engines:
+        return None, None, StageResult(
+            stage=f"build[{target.name}]", passed=True, seconds=0.0,
+            message=f"skipped: {DEFERRED} (run --no-engines); shipyard engines RELEASE --target {target.name}",
+            details={"target": target.name, "status": DEFERRED, "reason": "run --no-engines"},
+        )
     if not readiness.ready:  # the policy shared with `shipyard build`: readiness before any build
         return None, None, StageResult(
             stage=f"build[{target.name}]", passed=True, seconds=0.0,

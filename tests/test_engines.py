@@ -240,7 +240,7 @@ def test_blackwell_targets_validate_and_plan(tmp_path):
     assert jobs["bw-sm_120"]["runs_on"] == ["self-hosted", "gpu", "sm_120"]
     assert jobs["bw-sm_100"]["gpu"].startswith("Blackwell") and jobs["bw-sm_100"]["trt_version"] == "10.15"
     assert jobs["bw-sm_100"]["command"] == "shipyard engines release --target bw-sm_100 --out engines/bw-sm_100"
-    assert plan["release"]["command"] == f"shipyard run {recipe} --out release"
+    assert plan["release"]["command"] == f"shipyard run {recipe} --out release --no-engines"
     assert plan["collect"]["command"].startswith("shipyard collect release engines/*")
 
 
@@ -305,6 +305,13 @@ def test_a_failed_engine_build_fails_the_run_with_exit_1_and_keeps_every_cpu_art
     kept = {a["path"] for a in manifest["artifacts"]}
     assert {"model.onnx", "model.int8.qdq.onnx", "model.trt.fp16.onnx"} <= kept
     assert all((out / p).is_file() for p in kept)
+
+    # Phase one of a two-phase release attempts no engine, even on a (fake) GPU host.
+    deferred = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(out), "--overwrite", "--quiet",
+                                        "--no-engines"])
+    assert deferred.exit_code == 0, deferred.output
+    target = json.loads((out / "manifest.json").read_text())["targets"][0]
+    assert target["engine_status"] == "deferred to shipyard engines" and target["engine"] is None
 
 
 # --- shipyard engines RELEASE_DIR -----------------------------------------------------------------
