@@ -310,6 +310,50 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
                    "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)
 
 
+@cli.command("recover")
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="The original fine-tuned model folder (the teacher; the pruned graph was exported from it).")
+@click.option("--pruned", "pruned_path", required=True, type=click.Path(path_type=Path),
+              help="Pruned ONNX from shipyard prune / run; its plan (PRUNED.plan.json) must be beside it.")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Training text: the fine-tuning set or unlabeled in-domain text (CSV, JSONL, Parquet, TXT).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Recovered ONNX to write (its model folder goes beside it, OUT without .onnx + .model).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--label-column", default=None, help="Gold labels (text classification): mixed into the loss.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=4000, show_default=True,
+              help="Training rows drawn from --data.")
+@click.option("--tuning-samples", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Rows of --data held out from training; early stopping watches agreement on them.")
+@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--task", type=click.Choice(TASK_CHOICES), default=None,
+              help="Default: the reference model head's task.")
+@encoding_option
+@output_options
+def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
+                text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
+                learning_rate: float, batch_size: int, samples: int, tuning_samples: int, max_length: int,
+                seed: int, task: str | None, encoding: str | None, quiet: bool, as_json: bool) -> None:
+    """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
+    with early stopping on held-out tuning rows, then export and gate it like the original."""
+    from calibration.sampling import Columns
+    from pipeline.recover import RecoverSpec, recover
+    from pipeline.runners import check_onnx_file
+
+    check_onnx_file(pruned_path)
+    spec = RecoverSpec(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
+                       seed=seed)
+    result, report = recover(reference, pruned_path, data, out, Columns(text_column, text_pair_column, label_column),
+                             spec, samples, tuning_samples, max_length, task, encoding, _progress(quiet, as_json))
+    _finish(result.passed, {"out": str(out), **report.to_dict()}, f"recover {out}: {result.message}", quiet, as_json)
+
+
 @cli.command("validate")
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="The fine-tuned PyTorch model folder (the reference).")

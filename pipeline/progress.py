@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
-Advance = Callable[[int], None]
+Advance = Callable[..., None]  # advance(n=1, description=None): n steps done, optionally a new label
 
 
 class Progress:
@@ -13,7 +13,7 @@ class Progress:
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
-        yield lambda n=1: None
+        yield lambda n=1, description=None: None
 
     def note(self, message: str) -> None:
         """A one-line status message."""
@@ -32,7 +32,12 @@ class RichProgress(Progress):
                    MofNCompleteColumn(), TimeElapsedColumn()]
         with Bars(*columns, console=self.console, transient=False) as bars:
             task_id = bars.add_task(description, total=total)
-            yield lambda n=1: bars.advance(task_id, n)
+            def advance(n: int = 1, description: str | None = None) -> None:
+                bars.advance(task_id, n)
+                if description is not None:
+                    bars.update(task_id, description=description)
+
+            yield advance
             if total is None:
                 bars.update(task_id, total=1, completed=1)
 

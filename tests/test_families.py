@@ -91,3 +91,29 @@ def test_albert_is_refused_for_pruning_with_its_reason(family_models, tmp_path):
     assert result.exit_code == 2, result.output
     assert "ALBERT shares one set of layer weights" in result.output and "Traceback" not in result.output
     assert not out.exists()
+
+
+@pytest.mark.parametrize("family", PRUNABLE)
+def test_pruning_plan_applies_to_each_familys_pytorch_model(family, family_models, tiny_holdout_small, tmp_path):
+    """FFN neurons, heads, compensation and 2:4 masks recorded by the prune stage make the family's
+    PyTorch model the same function as its pruned graph (what recovery trains from)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.pruning_plan import PruningPlan, apply_to_torch, plan_path
+
+    folder, exported = family_models[family]
+    if not exported.exists():
+        export_onnx(folder, exported, 17)
+    ours = tmp_path / "ours.onnx"
+    result = invoke("prune", "--model", exported, "--out", ours, "--calibration", tiny_holdout_small,
+                    "--tokenizer", folder, "--ffn", "0.5", "--sparsity-24", "ffn", "--samples", "32",
+                    "--max-length", "48", "--quiet", "--prune-heads", json.dumps({str(k): v for k, v in HEADS.items()}))
+    assert result.exit_code == 0, result.output
+    model = apply_to_torch(AutoModelForSequenceClassification.from_pretrained(str(folder)).eval(),
+                           PruningPlan.load(plan_path(ours)))
+    for batch in _token_batches(folder):
+        with torch.inference_mode():
+            accepts = set(model.forward.__code__.co_varnames)
+            got = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}).logits.numpy()
+        assert np.abs(OrtRunner(ours).infer(batch)["logits"] - got).max() <= 1e-4

@@ -76,7 +76,7 @@ def test_shared_shape_constants_are_cloned_not_patched(exported, tmp_path):
     shapes = [g.producer.get(n.input[1]) for n in g.graph.node if n.name in attention[0].split_reshapes]
     ffn = find_ffn_blocks(g)
     keep = {b.layer: np.arange(b.size) for b in ffn}
-    pruned, _ = prune.apply(slim, ffn, attention, keep, {0: [0, 1, 2]}, "none")
+    pruned, _, _ = prune.apply(slim, ffn, attention, keep, {0: [0, 1, 2]}, "none")
     onnx.save(pruned, str(tmp_path / "slim-pruned.onnx"))
     after = find_attention_blocks(Graph(pruned))
     assert [b.num_heads for b in after] == [9, 12], shapes
@@ -116,7 +116,7 @@ def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_s
     reference = np.concatenate([OrtRunner(exported).infer(b)["logits"] for b in batches])
 
     def error(keep, compensation=None):
-        pruned, _ = prune.apply(model, ffn, attention, keep, {}, "none", compensation)
+        pruned, _, _ = prune.apply(model, ffn, attention, keep, {}, "none", compensation)
         session_path = exported.with_name("scored-tmp.onnx")
         onnx.save(pruned, str(session_path))
         got = np.concatenate([OrtRunner(session_path).infer(b)["logits"] for b in batches])
@@ -135,7 +135,7 @@ def test_24_sparsity_keeps_two_of_every_four(exported, tmp_path):
     model = onnx.load(str(exported))
     ffn, attention = prune.blocks_of(model, exported)
     keep = {b.layer: np.arange(b.size) for b in ffn}
-    pruned, sparse = prune.apply(model, ffn, attention, keep, {}, "ffn")
+    pruned, sparse, _ = prune.apply(model, ffn, attention, keep, {}, "ffn")
     assert sorted(sparse) == sorted(w for b in ffn for w in (b.w1, b.w2))
     g = Graph(pruned)
     for name in sparse:
@@ -221,3 +221,33 @@ def test_non_uniform_head_pruning_quantizes_and_fuses(tiny, tiny_holdout_small, 
     heads = [next(a.i for a in n.attribute if a.name == "num_heads")
              for n in fused.graph.node if n.op_type in ("Attention", "QAttention")]
     assert sorted(heads) == [9, 11]
+
+
+@pytest.mark.parametrize("args", [
+    ["--ffn", "0.5", "--heads-per-layer", "4"],
+    ["--ffn", "0.75", "--ffn-scope", "global", "--prune-heads", '{"0": [0, 5, 6, 7, 8, 9, 10, 11], "1": [3]}',
+     "--sparsity-24", "all"],
+], ids=["compensated", "global-explicit-heads-24"])
+def test_pruning_plan_applies_to_pytorch_exactly(tiny, tiny_holdout_small, exported, tmp_path, args):
+    """The plan written beside a pruned graph makes the PyTorch model the same function, before
+    any training: what distillation recovery starts from (issue #11)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.pruning_plan import PruningPlan, apply_to_torch, plan_path
+
+    out = tmp_path / "pruned.onnx"
+    result = CliRunner().invoke(cli, [
+        "prune", "--model", str(exported), "--out", str(out), "--calibration", str(tiny_holdout_small),
+        "--tokenizer", str(tiny.model), "--samples", "64", "--max-length", "64", "--quiet", *args])
+    assert result.exit_code == 0, result.output
+    plan = PruningPlan.load(plan_path(out))
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny.model)).eval()
+    apply_to_torch(model, plan)
+    assert sum(p.numel() for p in model.parameters()) < 0.9 * sum(
+        p.numel() for p in AutoModelForSequenceClassification.from_pretrained(str(tiny.model)).parameters())
+    for batch in _batches(tiny):
+        with torch.inference_mode():
+            torch_logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
+        onnx_logits = OrtRunner(out).infer(batch)["logits"]
+        assert np.abs(torch_logits - onnx_logits).max() <= 1e-4

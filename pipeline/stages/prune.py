@@ -34,6 +34,7 @@ from pipeline.bert_graph import (
 from pipeline.errors import ShipyardError
 from pipeline.graph_io import drop_dead, drop_shape_annotations, prove_runs
 from pipeline.policy import PRUNED_MARK, pruned_mark, stamp
+from pipeline.pruning_plan import LayerPlan, PruningPlan, mask_24, plan_path
 from pipeline.recipe import PruneSpec
 from pipeline.runners import session_with_outputs
 
@@ -182,12 +183,15 @@ def _patch_shape(g: Graph, reshape: onnx.NodeProto, index: int, value: int) -> N
     reshape.input[1] = clone.output[0]
 
 
-def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean: np.ndarray | None) -> None:
+def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean: np.ndarray | None
+                 ) -> np.ndarray | None:
+    """Slice the heads out; returns what compensation added to the output bias (None: nothing)."""
     keep = [h for h in range(block.num_heads) if h not in heads]
     cols = np.concatenate([np.arange(h * block.head_dim, (h + 1) * block.head_dim) for h in keep])
+    folded = None
     if context_mean is not None and block.out_bias is not None:
         w_out = g.array(block.out).reshape(block.num_heads, block.head_dim, -1)
-        folded = sum(context_mean[h] @ w_out[h] for h in heads)
+        folded = sum(context_mean[h] @ w_out[h] for h in heads).astype(np.float32)
         g.set_array(block.out_bias, g.array(block.out_bias) + folded)
     for weight, bias in (block.q, block.k, block.v):
         g.set_array(weight, g.array(weight)[:, cols])
@@ -197,30 +201,33 @@ def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean
     for name in block.split_reshapes:
         _patch_shape(g, nodes[name], 2, len(keep))
     _patch_shape(g, nodes[block.merge_reshape], 2, len(keep) * block.head_dim)
+    return folded
 
 
-def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | None) -> None:
+def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | None) -> np.ndarray | None:
+    """Keep the `keep` neurons; returns what compensation added to the W2 bias (None: nothing)."""
+    delta = None
     if mean is not None and block.b2 is not None:
         dropped = np.setdiff1d(np.arange(block.size), keep)
-        g.set_array(block.b2, g.array(block.b2) + mean[dropped] @ g.array(block.w2)[dropped, :])
+        delta = (mean[dropped] @ g.array(block.w2)[dropped, :]).astype(np.float32)
+        g.set_array(block.b2, g.array(block.b2) + delta)
     g.set_array(block.w1, g.array(block.w1)[:, keep])
     g.set_array(block.b1, g.array(block.b1)[keep])
     g.set_array(block.w2, g.array(block.w2)[keep, :])
+    return delta
 
 
-def sparsify_24(g: Graph, weights: list[str]) -> list[str]:
-    """Keep the 2 largest |w| of every 4 consecutive weights along the reduction axis (rows)."""
+def sparsify_24(g: Graph, weights: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """Keep the 2 largest |w| of every 4 consecutive weights along the reduction axis (rows), by
+    the rule the PyTorch side applies too (`pruning_plan.mask_24`); `weights` are (layer, role,
+    initializer) and the ones made sparse are returned."""
     done = []
-    for name in weights:
+    for layer, role, name in weights:
         w = g.array(name)
         if w.shape[0] % 4:
             continue
-        groups = w.reshape(w.shape[0] // 4, 4, w.shape[1])
-        order = np.argsort(-np.abs(groups), axis=1)
-        mask = np.zeros_like(groups, dtype=bool)
-        np.put_along_axis(mask, order[:, :2, :], True, axis=1)
-        g.set_array(name, (groups * mask).reshape(w.shape))
-        done.append(name)
+        g.set_array(name, w * mask_24(w))
+        done.append((layer, role, name))
     return done
 
 
@@ -258,29 +265,39 @@ def blocks_of(model: onnx.ModelProto, source: Path,
 
 def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[AttentionBlock],
           ffn_keep: dict[int, np.ndarray], heads_remove: dict[int, list[int]],
-          sparsity: str, compensation: Scores | None = None) -> tuple[onnx.ModelProto, list[str]]:
-    """A pruned copy of `model`; the input is never modified. With `compensation`, removed units'
-    mean contributions are folded into the following bias."""
+          sparsity: str, compensation: Scores | None = None) -> tuple[onnx.ModelProto, list[str], PruningPlan]:
+    """A pruned copy of `model`, the 2:4 weights' names and the plan that does the same to the
+    PyTorch model; the input is never modified. With `compensation`, removed units' mean
+    contributions are folded into the following bias."""
     pruned = onnx.ModelProto()
     pruned.CopyFrom(model)
     g = Graph(pruned)
+    layers = {b.layer: LayerPlan(layer=b.layer, ffn_size=b.size, ffn_keep=[int(i) for i in ffn_keep[b.layer]],
+                                 heads_removed=sorted(int(h) for h in heads_remove.get(b.layer, [])))
+              for b in ffn}
     for block in ffn:
         if len(ffn_keep[block.layer]) < block.size:
-            slice_ffn(g, block, ffn_keep[block.layer], compensation.ffn_mean[block.layer] if compensation else None)
+            delta = slice_ffn(g, block, ffn_keep[block.layer],
+                              compensation.ffn_mean[block.layer] if compensation else None)
+            layers[block.layer].ffn_bias_delta = None if delta is None else delta.tolist()
     for block in attention:
         if heads_remove.get(block.layer):
-            remove_heads(g, block, heads_remove[block.layer],
-                         compensation.context_mean[block.layer] if compensation else None)
-    targets = {"none": [], "ffn": [w for b in ffn for w in (b.w1, b.w2)],
-               "attention": [w for b in attention for w in (b.q[0], b.k[0], b.v[0], b.out)]}
-    targets["all"] = targets["ffn"] + targets["attention"]
-    sparse = sparsify_24(g, targets[sparsity])
+            delta = remove_heads(g, block, heads_remove[block.layer],
+                                 compensation.context_mean[block.layer] if compensation else None)
+            layers[block.layer].attention_bias_delta = None if delta is None else delta.tolist()
+    ffn_weights = [w for b in ffn for w in ((b.layer, "ffn.w1", b.w1), (b.layer, "ffn.w2", b.w2))]
+    attention_weights = [w for b in attention for w in ((b.layer, "attention.q", b.q[0]), (b.layer, "attention.k", b.k[0]),
+                                                        (b.layer, "attention.v", b.v[0]), (b.layer, "attention.out", b.out))]
+    targets = {"none": [], "ffn": ffn_weights, "attention": attention_weights, "all": ffn_weights + attention_weights}
+    done = sparsify_24(g, targets[sparsity])
+    sparse = [name for _, _, name in done]
+    plan = PruningPlan(layers=[layers[k] for k in sorted(layers)], sparse_24=[(layer, role) for layer, role, _ in done])
     drop_dead(pruned)
     # Marks the graph as pruned so `shipyard validate` applies the pruned thresholds to it.
     onnx.helper.set_model_props(pruned, {**{p.key: p.value for p in pruned.metadata_props},
                                          PRUNED_MARK: pruned_mark({str(k): v for k, v in heads_remove.items()}, len(sparse))})
     onnx.checker.check_model(pruned)
-    return pruned, sparse
+    return pruned, sparse, plan
 
 
 def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
@@ -331,7 +348,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
             if agreement_of is None:
                 raise PruneError("a prune budget chooses on tuning rows; set data.tuning_samples above 0")
             fraction = _search_fraction(build, tmp, agreement_of, spec, trials)
-        keep, pruned, sparse = build(fraction)
+        keep, pruned, sparse, plan = build(fraction)
         stamp(pruned, "pruned", seen_rows)
         onnx.save(pruned, str(tmp))
         prove_runs(tmp, f"prune {out_path}")
@@ -339,6 +356,9 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
     config_path = out_path.with_name(out_path.stem + ".config.json")
     with atomic_file(config_path) as tmp:
         tmp.write_text(json.dumps(config, indent=2) + "\n")
+    plan_file = plan_path(out_path)
+    with atomic_file(plan_file) as tmp:
+        tmp.write_text(plan.to_json())
     artifact = Artifact(
         name="model.pruned", path=out_path, format="onnx", precision="fp32", stage="prune", kind="pruned",
         options={
@@ -347,7 +367,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
             "heads_removed": {str(k): v for k, v in heads_remove.items()},
             "sparsity_24": spec.sparsity_24, "sparse_24_weights": sparse,
             "bias_compensation": compensation is not None,
-            "config": config_path.name, "budget_trials": trials,
+            "config": config_path.name, "plan": plan_file.name, "budget_trials": trials,
         },
     )
     kept = sum(len(k) for k in keep.values())
@@ -356,7 +376,7 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
         stage="prune", artifacts=[artifact], seconds=time.perf_counter() - started,
         message=(f"FFN {kept}/{total} neurons, heads removed {sum(map(len, heads_remove.values()))}, "
                  f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB"),
-        details={"config": config_path.name}, files=[config_path],
+        details={"config": config_path.name, "plan": plan_file.name}, files=[config_path, plan_file],
     )
 
 
@@ -365,7 +385,7 @@ def _search_fraction(build, tmp: Path, agreement_of, spec: PruneSpec, trials: li
     budget = spec.budget
 
     def passes(fraction: float) -> bool:
-        _, pruned, _ = build(fraction)
+        _, pruned, _, _ = build(fraction)
         onnx.save(pruned, str(tmp))
         agreement = agreement_of(tmp)
         trials.append({"ffn_fraction": fraction, "agreement": agreement})

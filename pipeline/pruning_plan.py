@@ -1,0 +1,141 @@
+"""The pruning plan: what the graph-level pruning removed, recorded so that it applies to PyTorch exactly.
+
+`stages/prune.py` prunes the ONNX graph; recovery by distillation (issue #11) trains the same
+structure in PyTorch. So the prune stage writes `model.pruned.plan.json` beside the pruned graph:
+per layer the FFN neurons kept, the heads removed, and the bias deltas that compensation folded
+into the next bias; and which weights were made 2:4 sparse. `apply_to_torch` makes a Hugging Face
+model the same function as the pruned graph: slicing with transformers' own `prune_linear_layer`
+and `prune_heads`, adding the bias deltas, and masking 2:4 with the same rule on the same weights.
+Written here because no library maps ONNX-level pruning back to PyTorch modules.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from pipeline.errors import ArtifactError
+
+PLAN_VERSION = 1
+# 2:4 targets: which projection of a layer, as the graph side names them.
+ROLES = ("ffn.w1", "ffn.w2", "attention.q", "attention.k", "attention.v", "attention.out")
+
+
+@dataclass
+class LayerPlan:
+    layer: int
+    ffn_size: int  # before pruning
+    ffn_keep: list[int]
+    heads_removed: list[int]
+    ffn_bias_delta: list[float] | None = None  # added to the FFN output bias (compensation)
+    attention_bias_delta: list[float] | None = None  # added to the attention output bias
+
+
+@dataclass
+class PruningPlan:
+    layers: list[LayerPlan]
+    sparse_24: list[tuple[int, str]] = field(default_factory=list)  # (layer, role)
+    version: int = PLAN_VERSION
+
+    def to_json(self) -> str:
+        return json.dumps(asdict(self), indent=1) + "\n"
+
+    @classmethod
+    def load(cls, path: Path) -> "PruningPlan":
+        path = Path(path)
+        if not path.is_file():
+            raise ArtifactError(f"pruning plan {path} not found; it is written beside the pruned ONNX by "
+                                "shipyard prune / shipyard run (prune again to get one)")
+        try:
+            raw = json.loads(path.read_text())
+            if raw.get("version") != PLAN_VERSION:
+                raise ValueError(f"version {raw.get('version')}")
+            return cls(layers=[LayerPlan(**layer) for layer in raw["layers"]],
+                       sparse_24=[(int(layer), str(role)) for layer, role in raw["sparse_24"]])
+        except (ValueError, KeyError, TypeError) as err:
+            raise ArtifactError(f"pruning plan {path} is not a plan this Shipyard reads ({err}); prune again") from None
+
+
+def plan_path(pruned_onnx: Path) -> Path:
+    """Where the plan of a pruned graph lives: `model.pruned.onnx` -> `model.pruned.plan.json`."""
+    pruned_onnx = Path(pruned_onnx)
+    return pruned_onnx.with_name(pruned_onnx.stem + ".plan.json")
+
+
+def mask_24(weight: np.ndarray) -> np.ndarray:
+    """Keep the 2 largest |w| of every 4 consecutive weights along axis 0 of an ONNX [in, out]
+    weight (the reduction axis); rows not a multiple of 4 are left dense."""
+    if weight.shape[0] % 4:
+        return np.ones_like(weight, dtype=bool)
+    groups = weight.reshape(weight.shape[0] // 4, 4, weight.shape[1])
+    order = np.argsort(-np.abs(groups), axis=1, kind="stable")
+    mask = np.zeros_like(groups, dtype=bool)
+    np.put_along_axis(mask, order[:, :2, :], True, axis=1)
+    return mask.reshape(weight.shape)
+
+
+def _layers(model) -> list:
+    """The transformer layers of a Hugging Face encoder, whatever its task head."""
+    base = getattr(model, model.base_model_prefix, model)
+    if hasattr(base, "encoder") and hasattr(base.encoder, "layer"):
+        return list(base.encoder.layer)
+    if hasattr(base, "transformer") and hasattr(base.transformer, "layer"):  # DistilBERT
+        return list(base.transformer.layer)
+    raise ArtifactError(f"{type(model).__name__}: no encoder layers found; recovery supports BERT-family encoders")
+
+
+def _modules(layer) -> dict[str, tuple[Any, str]]:
+    """role -> (parent module, attribute) of each projection in one layer."""
+    if hasattr(layer, "attention") and hasattr(layer.attention, "self"):  # BERT, RoBERTa, ELECTRA, ...
+        att = layer.attention
+        return {"attention.q": (att.self, "query"), "attention.k": (att.self, "key"), "attention.v": (att.self, "value"),
+                "attention.out": (att.output, "dense"), "ffn.w1": (layer.intermediate, "dense"),
+                "ffn.w2": (layer.output, "dense")}
+    att, ffn = layer.attention, layer.ffn  # DistilBERT
+    return {"attention.q": (att, "q_lin"), "attention.k": (att, "k_lin"), "attention.v": (att, "v_lin"),
+            "attention.out": (att, "out_lin"), "ffn.w1": (ffn, "lin1"), "ffn.w2": (ffn, "lin2")}
+
+
+def apply_to_torch(model, plan: PruningPlan):
+    """Prune `model` (a Hugging Face encoder, in place) as the plan says; returns it."""
+    import torch
+    from transformers.pytorch_utils import prune_linear_layer
+
+    layers = _layers(model)
+    if len(layers) != len(plan.layers):
+        raise ArtifactError(f"the pruning plan has {len(plan.layers)} layers but the model has {len(layers)}; "
+                            "pass the model the pruned graph was exported from")
+    heads = {p.layer: p.heads_removed for p in plan.layers if p.heads_removed}
+    if heads:
+        model.prune_heads(heads)
+    with torch.no_grad():
+        for p in plan.layers:
+            modules = _modules(layers[p.layer])
+            if len(p.ffn_keep) < p.ffn_size:
+                index = torch.tensor(p.ffn_keep, dtype=torch.long)
+                for role, dim in (("ffn.w1", 0), ("ffn.w2", 1)):
+                    parent, name = modules[role]
+                    setattr(parent, name, prune_linear_layer(getattr(parent, name), index, dim=dim))
+                _set_intermediate_size(layers[p.layer], len(p.ffn_keep))
+            for role, delta in (("ffn.w2", p.ffn_bias_delta), ("attention.out", p.attention_bias_delta)):
+                if delta is not None:
+                    parent, name = modules[role]
+                    getattr(parent, name).bias += torch.tensor(delta, dtype=torch.float32)
+        for layer, role in plan.sparse_24:
+            parent, name = _modules(layers[layer])[role]
+            linear = getattr(parent, name)
+            mask = mask_24(linear.weight.detach().numpy().T).T  # ONNX keeps [in, out]; torch [out, in]
+            linear.weight *= torch.from_numpy(np.ascontiguousarray(mask)).to(linear.weight.dtype)
+    return model
+
+
+def _set_intermediate_size(layer, size: int) -> None:
+    """Keep the module's own record of its FFN width in step (used by nothing at inference, but
+    saved configs and repr should not lie)."""
+    for holder in (getattr(layer, "intermediate", None), getattr(layer, "ffn", None)):
+        if holder is not None and hasattr(holder, "intermediate_size"):
+            holder.intermediate_size = size

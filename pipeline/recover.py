@@ -1,0 +1,330 @@
+"""Recovery after pruning: knowledge distillation from the original PyTorch model into the pruned structure.
+
+The pruned graph's plan (`pipeline.pruning_plan`) is applied to a copy of the original model,
+which is checked to be the same function as the pruned ONNX before any training (outputs within
+1e-4). That student is then trained to match the teacher (the original model) on the user's text:
+
+- classification and token classification: temperature-scaled KL divergence on the logits (over
+  non-padding tokens for token classification), plus cross-entropy on gold labels for text
+  classification when the data has them;
+- question answering: the same KL on start and end logits;
+- feature extraction: 1 - cosine similarity of each non-padding token's hidden state.
+
+2:4-sparse weights are masked again after every optimizer step, so the sparsity the plan made
+survives training. Every `eval_every` steps the student's agreement with the teacher is measured
+on tuning rows drawn from the same data but disjoint from the training rows (never evaluation
+rows); the best state is kept and training stops after `patience` checks without improvement.
+The recovered model is saved as a Hugging Face folder (pruned heads in its config) and goes
+through the same Optimum export and export gate as the original; its ONNX is stamped as pruned,
+so it is gated like any pruned artifact.
+
+Written here because no library distils into an ONNX-pruned structure: transformers' Trainer
+knows neither the plan nor the parity measure the gates use.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import shutil
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from calibration.encode import Encoder, load_tokenizer
+from calibration.sampling import Columns, row_digest
+from pipeline import data as datamod
+from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent, sha256_file
+from pipeline.errors import ArtifactError, ShipyardError
+from pipeline.graph_io import prove_runs
+from pipeline.model import inspect_model
+from pipeline.policy import PRUNED_MARK, stamp
+from pipeline.progress import Progress
+from pipeline.pruning_plan import PruningPlan, apply_to_torch, mask_24, plan_path
+from pipeline.recipe import ExportSpec
+from pipeline.runners import OrtRunner, TorchRunner
+from pipeline.stages import export
+from pipeline.tasks import OUTPUTS, collect
+
+EXACT = 1e-4  # the plan applied to PyTorch must reproduce the pruned graph to this before training
+
+
+@dataclass
+class RecoverSpec:
+    """How long and how hard to distil."""
+
+    epochs: int = 1
+    max_steps: int | None = None
+    learning_rate: float = 5e-5
+    batch_size: int = 16
+    temperature: float = 2.0
+    label_weight: float = 0.5  # share of the loss from gold labels, when the data has them
+    eval_every: int = 50
+    patience: int = 4
+    seed: int = 0
+
+
+@dataclass
+class RecoverReport:
+    steps: int
+    seconds: float
+    training_rows: int
+    tuning_rows: int
+    training_fingerprint: str
+    agreement_before: float
+    agreement_after: float
+    best_step: int
+    stopped_early: bool
+    loss_first: float
+    loss_last: float
+    curve: list[dict[str, float]] = field(default_factory=list)  # per check: step, loss, tuning agreement
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def _student_outputs(model, batch, task: str):
+    import inspect
+
+    import torch
+
+    accepts = inspect.signature(model.forward).parameters
+    out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts})
+    return {name: getattr(out, name) for name in OUTPUTS[task]}
+
+
+def distillation_loss(student: dict, teacher: dict, batch: dict, task: str, temperature: float,
+                      labels=None, label_weight: float = 0.0):
+    """The loss the module docstring describes, for one batch."""
+    import torch
+    import torch.nn.functional as F
+
+    def kl(s, t, mask=None):
+        log_p = F.log_softmax(s / temperature, dim=-1)
+        q = F.softmax(t / temperature, dim=-1)
+        per = (q * (torch.log(q.clamp_min(1e-12)) - log_p)).sum(-1) * temperature ** 2
+        if mask is not None:
+            return (per * mask).sum() / mask.sum().clamp_min(1)
+        return per.mean()
+
+    mask = torch.from_numpy(batch["attention_mask"]).float()
+    if task == "text-classification":
+        loss = kl(student["logits"], teacher["logits"])
+        if labels is not None and label_weight > 0:
+            loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(student["logits"], labels)
+        return loss
+    if task == "token-classification":
+        return kl(student["logits"], teacher["logits"], mask)
+    if task == "question-answering":  # over the sequence: start and end positions are distributions
+        masked = (1 - mask) * -1e4
+        return (kl(student["start_logits"] + masked, teacher["start_logits"] + masked)
+                + kl(student["end_logits"] + masked, teacher["end_logits"] + masked)) / 2
+    cos = F.cosine_similarity(student["last_hidden_state"], teacher["last_hidden_state"], dim=-1)
+    return ((1 - cos) * mask).sum() / mask.sum().clamp_min(1)
+
+
+class _ModelRunner(TorchRunner):
+    """TorchRunner over a model object in memory (the student between steps)."""
+
+    def __init__(self, model, task: str) -> None:
+        super().__init__(Path("."), task=task)
+        import inspect
+
+        self._model = model
+        self._accepts = set(inspect.signature(model.forward).parameters)
+
+
+def _split_rows(data: Path, columns: Columns, samples: int, tuning_samples: int, seed: int,
+                encoding: str | None) -> tuple[list, list]:
+    rows = datamod.load_sample(data, columns, None, seed, "training", encoding)
+    if len(rows) < tuning_samples + 8:
+        raise ShipyardError(f"{data}: {len(rows)} usable rows; recovery needs at least {tuning_samples + 8} "
+                            f"({tuning_samples} tuning rows and some to train on); pass more data or lower "
+                            "--tuning-samples")
+    order = np.random.default_rng(seed).permutation(len(rows))
+    tuning = [rows[i] for i in order[:tuning_samples]]
+    training = [rows[i] for i in order[tuning_samples:tuning_samples + samples]]
+    return training, tuning
+
+
+def recover(reference: Path, pruned_onnx: Path, data: Path, out: Path, columns: Columns,
+            spec: RecoverSpec = RecoverSpec(), samples: int = 4000, tuning_samples: int = 256,
+            max_length: int = 128, task_name: str | None = None, encoding: str | None = None,
+            progress: Progress = Progress(), opset: int = 17) -> tuple[StageResult, RecoverReport]:
+    """Distil `reference` into the structure of `pruned_onnx` and export it to `out` (see module doc)."""
+    import torch
+    import transformers
+
+    from pipeline.tasks import AUTO_CLASSES
+
+    started = time.perf_counter()
+    check_writable_parent(out)
+    plan = PruningPlan.load(plan_path(pruned_onnx))
+    sizes = {len(layer.ffn_keep) for layer in plan.layers}
+    if len(sizes) > 1:
+        raise ShipyardError(f"{pruned_onnx}: FFN widths differ per layer ({sorted(sizes)}), which a Hugging Face "
+                            "config cannot express, so the recovered model could not be exported; prune with "
+                            "ffn_scope uniform to recover")
+    info = inspect_model(reference, task_name)
+    task = info.task()
+    tokenizer = load_tokenizer(reference, task.name)
+    training, tuning = _split_rows(data, columns, samples, tuning_samples, spec.seed, encoding)
+    encoder = Encoder(tokenizer, columns, max_length, "longest", task.name)
+    tuning_batches = list(encoder.batches(encoder.by_length(tuning), 32))
+    labelled = task.name == "text-classification" and columns.label is not None
+    label2id = info.label2id
+
+    torch.manual_seed(spec.seed)
+    auto = getattr(transformers, AUTO_CLASSES[task.name])
+
+    def load():
+        return auto.from_pretrained(str(reference), local_files_only=True, dtype=torch.float32,
+                                    trust_remote_code=False, use_safetensors=True)
+
+    teacher = load().eval()
+    student = apply_to_torch(load().eval(), plan)
+    check = tuning_batches[0]
+    got = collect(_ModelRunner(student, task.name), [check], task)
+    expected = collect(OrtRunner(pruned_onnx), [check], task)
+    worst = max(float(np.abs(got[0][k] - expected[0][k]).max()) for k in got[0])
+    if worst > EXACT:
+        raise ArtifactError(f"{pruned_onnx}: its pruning plan applied to {reference} differs from the graph by "
+                            f"{worst:.3g} (> {EXACT}); pass the model the pruned graph was made from")
+    teacher_tuning = collect(_ModelRunner(teacher, task.name), tuning_batches, task)
+
+    def agreement() -> float:
+        student.eval()
+        with torch.inference_mode():
+            outputs = collect(_ModelRunner(student, task.name), tuning_batches, task)
+        student.train()
+        return task.agreement_rate(teacher_tuning, outputs, tuning_batches)
+
+    sparse = [(layer, role) for layer, role in plan.sparse_24]
+    masks = _sparsity_masks(student, sparse)
+    steps_per_epoch = math.ceil(len(training) / spec.batch_size)
+    total = min(spec.max_steps or steps_per_epoch * spec.epochs, steps_per_epoch * spec.epochs)
+    optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.01)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, (total - s) / total))
+    before = agreement()
+    best, best_step, best_state, since_best = before, 0, _state(student), 0
+    curve = [{"step": 0, "loss": float("nan"), "agreement": before}]
+    losses: list[float] = []
+    step, stopped = 0, False
+    rng = np.random.default_rng(spec.seed)
+    student.train()
+    with progress.task("recover (distil from PyTorch)", total=total) as advance:
+        while step < total and not stopped:
+            order = rng.permutation(len(training))
+            for start in range(0, len(order), spec.batch_size):
+                if step >= total:
+                    break
+                rows = [training[i] for i in order[start:start + spec.batch_size]]
+                batch = encoder.encode(rows)
+                with torch.no_grad():
+                    target = _student_outputs(teacher, batch, task.name)
+                labels = None
+                if labelled:
+                    ids = [label2id.get(str(r.get(columns.label))) for r in rows]
+                    labels = torch.tensor(ids) if all(i is not None for i in ids) else None
+                loss = distillation_loss(_student_outputs(student, batch, task.name), target, batch, task.name,
+                                         spec.temperature, labels, spec.label_weight)
+                optimizer.zero_grad()
+                loss.backward()
+                torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)
+                optimizer.step()
+                scheduler.step()
+                _apply_masks(masks)
+                step += 1
+                losses.append(float(loss.detach()))
+                advance(1, description=f"recover (distil) loss {np.mean(losses[-20:]):.4f}")
+                if step % spec.eval_every == 0 or step == total:
+                    score = agreement()
+                    curve.append({"step": step, "loss": float(np.mean(losses[-spec.eval_every:])), "agreement": score})
+                    if score > best:
+                        best, best_step, best_state, since_best = score, step, _state(student), 0
+                    else:
+                        since_best += 1
+                        if since_best >= spec.patience:
+                            stopped = True
+                            break
+    student.load_state_dict(best_state)
+    student.eval()
+    report = RecoverReport(
+        steps=step, seconds=round(time.perf_counter() - started, 1), training_rows=len(training),
+        tuning_rows=len(tuning), training_fingerprint=datamod.fingerprint(training), agreement_before=before,
+        agreement_after=best, best_step=best_step, stopped_early=stopped,
+        loss_first=losses[0] if losses else float("nan"), loss_last=losses[-1] if losses else float("nan"),
+        curve=curve)
+    seen = [row_digest(columns, r) for r in training + tuning]
+    result = _export(student, tokenizer, out, task, tuning_batches, opset, plan, seen, report)
+    result.artifacts[0].options["source_sha256"] = sha256_file(pruned_onnx)
+    return result, report
+
+
+def _state(model) -> dict:
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+def _sparsity_masks(model, sparse: list[tuple[int, str]]) -> list[tuple[Any, Any]]:
+    import torch
+
+    from pipeline.pruning_plan import _layers, _modules
+
+    layers = _layers(model)
+    masks = []
+    for layer, role in sparse:
+        parent, name = _modules(layers[layer])[role]
+        linear = getattr(parent, name)
+        mask = mask_24(linear.weight.detach().numpy().T).T
+        masks.append((linear, torch.from_numpy(np.ascontiguousarray(mask)).to(linear.weight.dtype)))
+    return masks
+
+
+def _apply_masks(masks) -> None:
+    import torch
+
+    with torch.no_grad():
+        for linear, mask in masks:
+            linear.weight.mul_(mask)
+
+
+def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: PruningPlan,
+            seen: list[str], report: RecoverReport) -> StageResult:
+    """Save the student as a model folder beside `out`, export it through the export stage and its
+    gate, and stamp the ONNX as a pruned artifact."""
+    import onnx
+
+    folder = Path(out).with_suffix(".model")
+    with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=f".{Path(out).name}.") as tmp:
+        model_dir = Path(tmp) / "model"
+        student.config.intermediate_size = len(plan.layers[0].ffn_keep)
+        student.save_pretrained(str(model_dir), safe_serialization=True)
+        tokenizer.save_pretrained(str(model_dir))
+        (model_dir / "shipyard_recovery.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")
+        exported = export.run(model_dir, Path(tmp) / "model.onnx", ExportSpec(opset=opset), batches[:2],
+                              TorchRunner(model_dir, task=task.name), task)
+        if not exported.passed:
+            raise ArtifactError(f"the recovered model's export failed its gate ({exported.message}); not writing {out}")
+        model = onnx.load(str(Path(tmp) / "model.onnx"))
+        stamp(model, "pruned", seen)
+        props = {p.key: p.value for p in model.metadata_props}
+        onnx.helper.set_model_props(model, {**props, PRUNED_MARK: json.dumps({"recovered": True})})
+        with atomic_file(out) as out_tmp:
+            onnx.save(model, str(out_tmp))
+            prove_runs(out_tmp, f"recover {out}")
+        if folder.exists():
+            shutil.rmtree(folder)
+        shutil.move(str(model_dir), str(folder))
+    artifact = Artifact(name="model.recovered", path=Path(out), format="onnx", precision="fp32", stage="recover",
+                        kind="pruned", options={"model_folder": folder.name, "recovery": report.to_dict()})
+    return StageResult(
+        stage="recover", artifacts=[artifact], seconds=report.seconds,
+        message=(f"{report.steps} steps on {report.training_rows} rows in {report.seconds:.0f} s: tuning agreement "
+                 f"{report.agreement_before:.4f} -> {report.agreement_after:.4f}; export {exported.message}"),
+        details={"recovery": report.to_dict()},
+    )

@@ -1,0 +1,105 @@
+"""`shipyard recover`: distillation from the original PyTorch model into the pruned structure (issue #11).
+
+The plan's exactness (the pruned PyTorch model equals the pruned graph before training) is in
+tests/test_prune.py and tests/test_families.py; here: recovery wins agreement back on held-out
+rows, the recovered ONNX is gated as a pruned artifact, every task recovers, and bad requests are
+refused with one line.
+"""
+
+from __future__ import annotations
+
+import json
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.policy import recorded_kind, seen_rows
+from test_tasks import COLUMNS, TASKS, task_data, task_models  # noqa: F401 (fixtures)
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+@pytest.fixture(scope="module")
+def heavy(tiny, tiny_holdout_small, tmp_path_factory):
+    """The tiny model exported and pruned hard: 75% of FFN neurons and 8 of 12 heads per layer."""
+    folder = tmp_path_factory.mktemp("recover")
+    exported, pruned = folder / "model.onnx", folder / "heavy.onnx"
+    assert invoke("export", "--model", tiny.model, "--out", exported, "--quiet").exit_code == 0
+    result = invoke("prune", "--model", exported, "--out", pruned, "--calibration", tiny_holdout_small,
+                    "--tokenizer", tiny.model, "--ffn", "0.75", "--heads-per-layer", "8", "--samples", "128",
+                    "--max-length", "64", "--quiet")
+    assert result.exit_code == 0, result.output
+    return exported, pruned
+
+
+def _agreement(tiny, data, artifact) -> dict:
+    result = invoke("validate", "--reference", tiny.model, "--artifact", artifact, "--data", data,
+                    "--label-column", "sentiment", "--samples", "300", "--max-length", "64", "--min-agreement", "0",
+                    "--max-metric-drop", "1", "--json")
+    assert result.exit_code == 0, result.output
+    return json.loads(result.output)
+
+
+def test_recovery_wins_back_agreement_on_rows_it_never_saw(tiny, tiny_holdout_small, heavy, tmp_path):
+    _, pruned = heavy
+    out = tmp_path / "recovered.onnx"
+    result = invoke("recover", "--reference", tiny.model, "--pruned", pruned, "--data", tiny_holdout_small,
+                    "--label-column", "sentiment", "--samples", "320", "--tuning-samples", "64",
+                    "--max-steps", "40", "--learning-rate", "1e-4", "--max-length", "64", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["steps"] >= 10 and report["agreement_after"] > report["agreement_before"]
+    assert report["training_rows"] == 320 and report["tuning_rows"] == 64 and report["curve"][0]["step"] == 0
+    model = onnx.load(str(out))
+    seen = len(seen_rows(model))  # training and tuning rows, as digests (duplicate tweets share one)
+    assert recorded_kind(model) == "pruned" and 370 <= seen <= 384
+    folder = tmp_path / "recovered.model"
+    config = json.loads((folder / "config.json").read_text())
+    assert {int(k): len(v) for k, v in config["pruned_heads"].items()} == {0: 8, 1: 8}
+    assert config["intermediate_size"] == 384 and (folder / "shipyard_recovery.json").is_file()
+
+    before = _agreement(tiny, tiny_holdout_small, pruned)
+    after = _agreement(tiny, tiny_holdout_small, out)
+    assert after["gate"]["max_abs_diff"] is None  # gated with the pruned thresholds
+    assert after["details"]["left_out_rows_the_artifact_saw"] == seen
+    assert after["agreement"] > before["agreement"], (before["agreement"], after["agreement"])
+
+
+def test_recover_refuses_a_graph_without_a_plan_or_with_uneven_layers(tiny, tiny_holdout_small, heavy, tmp_path):
+    exported, _ = heavy
+    no_plan = invoke("recover", "--reference", tiny.model, "--pruned", exported, "--data", tiny_holdout_small,
+                     "--out", tmp_path / "r.onnx")
+    assert no_plan.exit_code == 2 and "model.plan.json not found" in no_plan.output
+    uneven = tmp_path / "global.onnx"
+    assert invoke("prune", "--model", exported, "--out", uneven, "--calibration", tiny_holdout_small, "--tokenizer",
+                  tiny.model, "--ffn", "0.5", "--ffn-scope", "global", "--samples", "64", "--max-length", "64",
+                  "--quiet").exit_code == 0
+    refused = invoke("recover", "--reference", tiny.model, "--pruned", uneven, "--data", tiny_holdout_small,
+                     "--out", tmp_path / "r.onnx")
+    assert refused.exit_code == 2 and "prune with ffn_scope uniform" in refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "r.onnx").exists()
+
+
+@pytest.mark.parametrize("task", TASKS)
+def test_every_task_recovers(task, task_models, task_data, tmp_path):  # noqa: F811 (fixtures)
+    model, data = task_models[task], task_data[task]
+    exported, pruned, out = tmp_path / "model.onnx", tmp_path / "pruned.onnx", tmp_path / "recovered.onnx"
+    assert invoke("export", "--model", model, "--out", exported, "--quiet").exit_code == 0
+    calibration = COLUMNS[task][:4] if task == "question-answering" else COLUMNS[task][:2]
+    result = invoke("prune", "--model", exported, "--out", pruned, "--calibration", data, "--tokenizer", model,
+                    "--ffn", "0.5", "--prune-heads", '{"0": [1]}', "--samples", "32", "--max-length", "48",
+                    "--quiet", *calibration)
+    assert result.exit_code == 0, result.output
+    result = invoke("recover", "--reference", model, "--pruned", pruned, "--data", data, "--samples", "96",
+                    "--tuning-samples", "32", "--max-steps", "6", "--batch-size", "16", "--max-length", "48",
+                    "--out", out, "--json", *calibration)
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert report["steps"] == 6 and report["agreement_after"] >= report["agreement_before"]
+    assert out.is_file() and (tmp_path / "recovered.model" / "config.json").is_file()
