@@ -2,10 +2,11 @@
 
 `stages/prune.py` prunes the ONNX graph; recovery by distillation (issue #11) trains the same
 structure in PyTorch. So the prune stage writes `model.pruned.plan.json` beside the pruned graph:
-per layer the FFN neurons kept, the heads removed, and the bias deltas that compensation folded
-into the next bias; and which weights were made 2:4 sparse. `apply_to_torch` makes a Hugging Face
-model the same function as the pruned graph: slicing with transformers' own `prune_linear_layer`
-and `prune_heads`, adding the bias deltas, and masking 2:4 with the same rule on the same weights.
+per layer the FFN neurons kept, the heads removed, and the output biases that compensation
+rewrote (the values themselves, so PyTorch gets the same float32 numbers); and which weights were
+made 2:4 sparse. `apply_to_torch` makes a Hugging Face model the same function as the pruned
+graph: slicing with transformers' own `prune_linear_layer` and `prune_heads`, setting those
+biases, and masking 2:4 with the same rule on the same weights.
 Written here because no library maps ONNX-level pruning back to PyTorch modules.
 """
 
@@ -31,8 +32,8 @@ class LayerPlan:
     ffn_size: int  # before pruning
     ffn_keep: list[int]
     heads_removed: list[int]
-    ffn_bias_delta: list[float] | None = None  # added to the FFN output bias (compensation)
-    attention_bias_delta: list[float] | None = None  # added to the attention output bias
+    ffn_bias: list[float] | None = None  # the FFN output bias compensation wrote
+    attention_bias: list[float] | None = None  # the attention output bias compensation wrote
 
 
 @dataclass
@@ -121,10 +122,10 @@ def apply_to_torch(model, plan: PruningPlan):
                     parent, name = modules[role]
                     setattr(parent, name, prune_linear_layer(getattr(parent, name), index, dim=dim))
                 _set_intermediate_size(layers[p.layer], len(p.ffn_keep))
-            for role, delta in (("ffn.w2", p.ffn_bias_delta), ("attention.out", p.attention_bias_delta)):
-                if delta is not None:
+            for role, bias in (("ffn.w2", p.ffn_bias), ("attention.out", p.attention_bias)):
+                if bias is not None:
                     parent, name = modules[role]
-                    getattr(parent, name).bias += torch.tensor(delta, dtype=torch.float32)
+                    getattr(parent, name).bias.copy_(torch.tensor(bias, dtype=torch.float32))
         for layer, role in plan.sparse_24:
             parent, name = _modules(layers[layer])[role]
             linear = getattr(parent, name)

@@ -185,14 +185,14 @@ def _patch_shape(g: Graph, reshape: onnx.NodeProto, index: int, value: int) -> N
 
 def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean: np.ndarray | None
                  ) -> np.ndarray | None:
-    """Slice the heads out; returns what compensation added to the output bias (None: nothing)."""
+    """Slice the heads out; returns the output bias compensation wrote (None: untouched)."""
     keep = [h for h in range(block.num_heads) if h not in heads]
     cols = np.concatenate([np.arange(h * block.head_dim, (h + 1) * block.head_dim) for h in keep])
     folded = None
     if context_mean is not None and block.out_bias is not None:
         w_out = g.array(block.out).reshape(block.num_heads, block.head_dim, -1)
-        folded = sum(context_mean[h] @ w_out[h] for h in heads).astype(np.float32)
-        g.set_array(block.out_bias, g.array(block.out_bias) + folded)
+        g.set_array(block.out_bias, g.array(block.out_bias) + sum(context_mean[h] @ w_out[h] for h in heads))
+        folded = g.array(block.out_bias)
     for weight, bias in (block.q, block.k, block.v):
         g.set_array(weight, g.array(weight)[:, cols])
         g.set_array(bias, g.array(bias)[cols])
@@ -205,16 +205,16 @@ def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean
 
 
 def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | None) -> np.ndarray | None:
-    """Keep the `keep` neurons; returns what compensation added to the W2 bias (None: nothing)."""
-    delta = None
+    """Keep the `keep` neurons; returns the W2 bias compensation wrote (None: untouched)."""
+    bias = None
     if mean is not None and block.b2 is not None:
         dropped = np.setdiff1d(np.arange(block.size), keep)
-        delta = (mean[dropped] @ g.array(block.w2)[dropped, :]).astype(np.float32)
-        g.set_array(block.b2, g.array(block.b2) + delta)
+        g.set_array(block.b2, g.array(block.b2) + mean[dropped] @ g.array(block.w2)[dropped, :])
+        bias = g.array(block.b2)
     g.set_array(block.w1, g.array(block.w1)[:, keep])
     g.set_array(block.b1, g.array(block.b1)[keep])
     g.set_array(block.w2, g.array(block.w2)[keep, :])
-    return delta
+    return bias
 
 
 def sparsify_24(g: Graph, weights: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
@@ -277,14 +277,14 @@ def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[Attention
               for b in ffn}
     for block in ffn:
         if len(ffn_keep[block.layer]) < block.size:
-            delta = slice_ffn(g, block, ffn_keep[block.layer],
-                              compensation.ffn_mean[block.layer] if compensation else None)
-            layers[block.layer].ffn_bias_delta = None if delta is None else delta.tolist()
+            bias = slice_ffn(g, block, ffn_keep[block.layer],
+                             compensation.ffn_mean[block.layer] if compensation else None)
+            layers[block.layer].ffn_bias = None if bias is None else bias.tolist()
     for block in attention:
         if heads_remove.get(block.layer):
-            delta = remove_heads(g, block, heads_remove[block.layer],
-                                 compensation.context_mean[block.layer] if compensation else None)
-            layers[block.layer].attention_bias_delta = None if delta is None else delta.tolist()
+            bias = remove_heads(g, block, heads_remove[block.layer],
+                                compensation.context_mean[block.layer] if compensation else None)
+            layers[block.layer].attention_bias = None if bias is None else bias.tolist()
     ffn_weights = [w for b in ffn for w in ((b.layer, "ffn.w1", b.w1), (b.layer, "ffn.w2", b.w2))]
     attention_weights = [w for b in attention for w in ((b.layer, "attention.q", b.q[0]), (b.layer, "attention.k", b.k[0]),
                                                         (b.layer, "attention.v", b.v[0]), (b.layer, "attention.out", b.out))]
