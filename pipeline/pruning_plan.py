@@ -126,12 +126,24 @@ def apply_to_torch(model, plan: PruningPlan):
                 if bias is not None:
                     parent, name = modules[role]
                     getattr(parent, name).bias.copy_(torch.tensor(bias, dtype=torch.float32))
-        for layer, role in plan.sparse_24:
-            parent, name = _modules(layers[layer])[role]
-            linear = getattr(parent, name)
-            mask = mask_24(linear.weight.detach().numpy().T).T  # ONNX keeps [in, out]; torch [out, in]
-            linear.weight *= torch.from_numpy(np.ascontiguousarray(mask)).to(linear.weight.dtype)
+        for linear, mask in sparse_masks(model, plan):
+            linear.weight *= mask
     return model
+
+
+def sparse_masks(model, plan: PruningPlan) -> list[tuple[Any, Any]]:
+    """(linear layer, 0/1 mask) for each weight the plan made 2:4, from the model's current weights
+    (recovery multiplies them in again after every optimizer step)."""
+    import torch
+
+    layers = _layers(model)
+    masks = []
+    for layer, role in plan.sparse_24:
+        parent, name = _modules(layers[layer])[role]
+        linear = getattr(parent, name)
+        mask = mask_24(linear.weight.detach().numpy().T).T  # ONNX keeps [in, out]; torch [out, in]
+        masks.append((linear, torch.from_numpy(np.ascontiguousarray(mask)).to(linear.weight.dtype)))
+    return masks
 
 
 def _set_intermediate_size(layer, size: int) -> None:

@@ -44,7 +44,7 @@ from pipeline.graph_io import prove_runs
 from pipeline.model import inspect_model
 from pipeline.policy import PRUNED_MARK, stamp
 from pipeline.progress import Progress
-from pipeline.pruning_plan import PruningPlan, apply_to_torch, mask_24, plan_path
+from pipeline.pruning_plan import PruningPlan, apply_to_torch, plan_path, sparse_masks
 from pipeline.recipe import ExportSpec
 from pipeline.runners import OrtRunner, TorchRunner
 from pipeline.stages import export
@@ -203,8 +203,7 @@ def recover(reference: Path, pruned_onnx: Path, data: Path, out: Path, columns: 
         student.train()
         return task.agreement_rate(teacher_tuning, outputs, tuning_batches)
 
-    sparse = [(layer, role) for layer, role in plan.sparse_24]
-    masks = _sparsity_masks(student, sparse)
+    masks = sparse_masks(student, plan)
     steps_per_epoch = math.ceil(len(training) / spec.batch_size)
     total = min(spec.max_steps or steps_per_epoch * spec.epochs, steps_per_epoch * spec.epochs)
     optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.01)
@@ -268,21 +267,6 @@ def recover(reference: Path, pruned_onnx: Path, data: Path, out: Path, columns: 
 
 def _state(model) -> dict:
     return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def _sparsity_masks(model, sparse: list[tuple[int, str]]) -> list[tuple[Any, Any]]:
-    import torch
-
-    from pipeline.pruning_plan import _layers, _modules
-
-    layers = _layers(model)
-    masks = []
-    for layer, role in sparse:
-        parent, name = _modules(layers[layer])[role]
-        linear = getattr(parent, name)
-        mask = mask_24(linear.weight.detach().numpy().T).T
-        masks.append((linear, torch.from_numpy(np.ascontiguousarray(mask)).to(linear.weight.dtype)))
-    return masks
 
 
 def _apply_masks(masks) -> None:

@@ -103,3 +103,25 @@ def test_every_task_recovers(task, task_models, task_data, tmp_path):  # noqa: F
     report = json.loads(result.output)
     assert report["steps"] == 6 and report["agreement_after"] >= report["agreement_before"]
     assert out.is_file() and (tmp_path / "recovered.model" / "config.json").is_file()
+
+
+def test_recovery_keeps_24_sparsity(tiny, tiny_holdout_small, heavy, tmp_path):
+    exported, _ = heavy
+    sparse = tmp_path / "sparse.onnx"
+    assert invoke("prune", "--model", exported, "--out", sparse, "--calibration", tiny_holdout_small, "--tokenizer",
+                  tiny.model, "--ffn", "0.5", "--sparsity-24", "ffn", "--samples", "64", "--max-length", "64",
+                  "--quiet").exit_code == 0
+    out = tmp_path / "recovered.onnx"
+    result = invoke("recover", "--reference", tiny.model, "--pruned", sparse, "--data", tiny_holdout_small,
+                    "--samples", "64", "--tuning-samples", "32", "--max-steps", "4", "--learning-rate", "1e-3",
+                    "--max-length", "64", "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    from safetensors.numpy import load_file
+
+    weights = load_file(str(tmp_path / "recovered.model" / "model.safetensors"))
+    ffn = [w for name, w in weights.items() if name.endswith(("intermediate.dense.weight", "output.dense.weight"))
+           and "attention" not in name]
+    assert len(ffn) == 4
+    for w in ffn:  # torch [out, in]: groups of 4 along the input (reduction) axis keep at most 2
+        groups = w.reshape(w.shape[0], w.shape[1] // 4, 4)
+        assert ((groups != 0).sum(-1) <= 2).all()
