@@ -35,6 +35,9 @@ TASK_CHOICES = ["text-classification", "token-classification", "question-answeri
 METRIC_CHOICES = ["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 
 
+INTERRUPTED_MESSAGE = "interrupted; partial outputs were removed and nothing was recorded"
+
+
 class ShipyardGroup(click.Group):
     """Maps every way a command can end to its exit code and a one-line message (module docstring)."""
 
@@ -44,16 +47,20 @@ class ShipyardGroup(click.Group):
         except ShipyardError as err:  # bad input, unless the error says otherwise (an engine build failed: 1)
             _fail(ctx, getattr(err, "exit_code", BAD_INPUT), str(err))
         except KeyboardInterrupt:
-            _fail(ctx, INTERRUPTED, "interrupted; partial outputs were removed and nothing was recorded")
+            _fail(ctx, INTERRUPTED, INTERRUPTED_MESSAGE)
         except (click.exceptions.Exit, click.ClickException, click.Abort):
             raise
         except OSError as err:
+            if _SIGNALLED:
+                _fail(ctx, INTERRUPTED, INTERRUPTED_MESSAGE)
             if err.errno not in USER_OS_ERRORS:
                 _internal_error(ctx, err)
             where = f" writing {err.filename}" if err.filename else ""
             _fail(ctx, BAD_INPUT, f"{err.strerror or os.strerror(err.errno)}{where}; {USER_OS_ERRORS[err.errno]} "
                   "(partial outputs were removed)")
         except Exception as err:  # a bug, or a library failing in a way we did not foresee
+            if _SIGNALLED:  # unless a signal interrupted a library mid-way (module docstring)
+                _fail(ctx, INTERRUPTED, INTERRUPTED_MESSAGE)
             _internal_error(ctx, err)
 
 
@@ -592,13 +599,20 @@ def demo_prepare(home: Path | None, layers: int, train_rows: int, force: bool, q
             quiet, as_json)
 
 
-def _interrupt_on_sigterm(signum, frame) -> None:
+_SIGNALLED: list[int] = []  # signals received: an error raised while unwinding from one is the interrupt
+
+
+def _interrupt(signum, frame) -> None:
     # A cancelled CI job sends SIGTERM: unwind like Ctrl-C, so temporary outputs are removed.
+    # Raised inside a C extension's import (onnxruntime, torch) the KeyboardInterrupt comes out as
+    # an ImportError; `_SIGNALLED` lets ShipyardGroup report it as the interrupt it is (exit 130).
+    _SIGNALLED.append(signum)
     raise KeyboardInterrupt
 
 
 def main() -> None:
-    signal.signal(signal.SIGTERM, _interrupt_on_sigterm)
+    signal.signal(signal.SIGTERM, _interrupt)
+    signal.signal(signal.SIGINT, _interrupt)
     cli(prog_name="shipyard")
 
 

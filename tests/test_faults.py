@@ -229,6 +229,23 @@ def test_sigterm_mid_stage_exits_130_and_leaves_nothing(tiny, tiny_holdout_small
     assert not out.exists() and not leftovers(out)
 
 
+@pytest.mark.parametrize("signalled, code", [([signal.SIGTERM], 130), ([], 3)])
+def test_a_signal_inside_a_library_import_is_an_interrupt_not_a_crash(tmp_path, monkeypatch, signalled, code):
+    """SIGTERM landing while a C extension initialises (seen: onnxruntime's, mid-export) comes out
+    of the import as ImportError("initialization failed"): still exit 130, not an internal error."""
+    import pipeline.cli as cli_module
+    import pipeline.standalone as standalone
+
+    def export_interrupted(*args, **kwargs):
+        raise ImportError("initialization failed")
+
+    monkeypatch.setattr(cli_module, "_SIGNALLED", list(signalled))
+    monkeypatch.setattr(standalone, "export_and_check", export_interrupted)
+    result = CliRunner().invoke(cli, ["export", "--model", str(tmp_path), "--out", str(tmp_path / "m.onnx")])
+    assert result.exit_code == code, result.output
+    assert result.output.startswith("error: interrupted" if code == 130 else "error: internal error")
+
+
 def test_nan_in_the_reference_model_is_bad_input(model_copy, tmp_path):
     import torch
     from safetensors.torch import load_file, save_file
