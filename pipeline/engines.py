@@ -19,15 +19,14 @@ its bytes cannot differ across x86 and aarch64 runners.
 from __future__ import annotations
 
 import json
-import os
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
 
-from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir, sha256_file
+from pipeline.artifacts import Artifact, atomic_dir, check_output_dir, sha256_file
 from pipeline.cache import StageCache
 from pipeline.errors import ShipyardError
-from pipeline.manifest import ArtifactRecord, InvocationRecord, Manifest, StageRecord, machine, write_json
+from pipeline.manifest import ArtifactRecord, InvocationRecord, Manifest, StageRecord, write_json
 from pipeline.progress import Progress
 from pipeline.recipe import Recipe, parse_recipe
 from pipeline.report import write_reports
@@ -103,19 +102,14 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
             result, parity = inputs.validate(engine, CachedStages(StageCache(None), work),
                                              inputs.reference_outputs(cache, progress), progress)
             results.append(result)
-            artifacts.append(ArtifactRecord(
-                name=engine.name, path=str(engine.path.relative_to(work)), format=engine.format,
-                precision=engine.precision, sha256=engine.sha256, size_bytes=engine.size_bytes, stage=engine.stage,
-                kind=engine.kind, options=engine.options, parity=parity, passed=parity["passed"]))
+            artifacts.append(ArtifactRecord.of(engine, work, parity, parity["passed"]))
         small = manifest.model_copy(update={
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "passed": engine is not None and all(r.passed for r in results),
-            "stages": [_stage(r) for r in results], "artifacts": artifacts, "targets": [record],
+            "stages": [StageRecord.of(r) for r in results], "artifacts": artifacts, "targets": [record],
             "collected_from": [],
             "release": {"path": str(release.resolve()), "manifest_sha256": sha256_file(release / "manifest.json")},
-            "invocation": InvocationRecord(command=list(sys.argv), cwd=os.getcwd(), machine=machine(), cache={
-                "enabled": cache.enabled, "folder": str(cache.root) if cache.root else None,
-                "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged)}),
+            "invocation": InvocationRecord.now(sys.argv, cache),
         })
         write_json(work / "manifest.json", json.loads(small.model_dump_json()))
         write_reports(small, work)
@@ -123,8 +117,4 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
             sign_manifest(work, sign_key)
     return small
 
-
-def _stage(result: StageResult) -> StageRecord:
-    return StageRecord(stage=result.stage, passed=result.passed, message=result.message,
-                       seconds=round(result.seconds, 3), details=result.details, cached=result.cached)
 

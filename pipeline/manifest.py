@@ -50,6 +50,12 @@ class StageRecord(_Strict):
     details: dict[str, Any] = Field(default_factory=dict)
     cached: bool = Field(False, description="reused from the stage cache; seconds are the original run's")
 
+    @classmethod
+    def of(cls, result) -> "StageRecord":
+        """The record of a `pipeline.artifacts.StageResult`."""
+        return cls(stage=result.stage, passed=result.passed, message=result.message,
+                   seconds=round(result.seconds, 3), details=result.details, cached=result.cached)
+
 
 class ArtifactRecord(_Strict):
     name: str
@@ -63,6 +69,13 @@ class ArtifactRecord(_Strict):
     options: dict[str, Any]
     parity: dict[str, Any] | None = Field(None, description="ParityReport against PyTorch")
     passed: bool
+
+    @classmethod
+    def of(cls, artifact, folder: Path, parity: dict[str, Any] | None, passed: bool) -> "ArtifactRecord":
+        """The record of a `pipeline.artifacts.Artifact` written under `folder`."""
+        return cls(name=artifact.name, path=str(artifact.path.relative_to(folder)), format=artifact.format,
+                   precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
+                   stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity, passed=passed)
 
 
 class TargetRecord(_Strict):
@@ -91,6 +104,15 @@ class InvocationRecord(_Strict):
     cwd: str
     machine: MachineRecord
     cache: dict[str, Any] = Field(description="enabled, folder, stages reused, entries found damaged")
+
+    @classmethod
+    def now(cls, command: list[str], cache) -> "InvocationRecord":
+        """This process: its command line, folder, machine and use of `cache` (a StageCache)."""
+        import os
+
+        return cls(command=list(command), cwd=os.getcwd(), machine=machine(), cache={
+            "enabled": cache.enabled, "folder": str(cache.root) if cache.root else None,
+            "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged)})
 
 
 class Manifest(_Strict):

@@ -11,7 +11,6 @@ which.
 from __future__ import annotations
 
 import json
-import os
 import sys
 import tempfile
 from collections.abc import Callable
@@ -29,7 +28,7 @@ from pipeline.errors import RecipeError
 from pipeline.lock import release_lock
 from pipeline.manifest import (
     ArtifactRecord, DataRecord, InvocationRecord, Manifest, ModelRecord, StageRecord, TargetRecord, folder_sha256,
-    machine, tool_versions, write_json,
+    tool_versions, write_json,
 )
 from pipeline.model import check_max_length, inspect_model
 from pipeline.policy import calibration_padding, gate_for
@@ -209,9 +208,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
                 validate_artifact(engine)
             target_records.append(record)
 
-        invocation = InvocationRecord(command=options.command, cwd=os.getcwd(), machine=machine(), cache={
-            "enabled": cache.enabled, "folder": str(cache.root) if cache.root else None,
-            "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged)})
+        invocation = InvocationRecord.now(options.command, cache)
         manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, work, target_records,
                              invocation)
         write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
@@ -346,11 +343,7 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, wor
     for artifact in artifacts:
         report = parity.get(artifact.name)
         passed = report is not None and report["passed"] and (artifact.stage != "export" or export_ok.get("export", False))
-        records.append(ArtifactRecord(
-            name=artifact.name, path=str(artifact.path.relative_to(work)), format=artifact.format,
-            precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
-            stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=report, passed=passed,
-        ))
+        records.append(ArtifactRecord.of(artifact, work, report, passed))
     evaluation = prepared.evaluation
     return Manifest(
         recipe_name=recipe.name,
@@ -367,8 +360,7 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, wor
                                      fingerprint=evaluation.fingerprint),
         },
         tools=tool_versions(),
-        stages=[StageRecord(stage=r.stage, passed=r.passed, message=r.message, seconds=round(r.seconds, 3),
-                            details=r.details, cached=r.cached) for r in results],
+        stages=[StageRecord.of(r) for r in results],
         artifacts=records,
         targets=target_records,
         recipe=json.loads(recipe.model_dump_json()),
