@@ -350,14 +350,16 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
     from calibration.sampling import Columns
-    from pipeline.recover import RecoverSpec, recover
+    from pipeline.recipe import RecoverSpec
+    from pipeline.recover import TrainingData, recover
     from pipeline.runners import check_onnx_file
 
     check_onnx_file(pruned_path)
-    spec = RecoverSpec(epochs=epochs, max_steps=max_steps, learning_rate=learning_rate, batch_size=batch_size,
-                       seed=seed)
-    result, report = recover(reference, pruned_path, data, out, Columns(text_column, text_pair_column, label_column),
-                             spec, samples, tuning_samples, max_length, task, encoding, _progress(quiet, as_json))
+    spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+                       batch_size=batch_size, tuning_samples=tuning_samples, seed=seed)
+    training = TrainingData(data, Columns(text_column, text_pair_column, label_column), samples, encoding)
+    result, report = recover(reference, pruned_path, training, out, spec, max_length, task,
+                             _progress(quiet, as_json))
     _finish(result.passed, {"out": str(out), **report.to_dict()}, f"recover {out}: {result.message}", quiet, as_json)
 
 

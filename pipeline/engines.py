@@ -37,7 +37,7 @@ from pipeline.stages import build
 
 # The model and data may live elsewhere on the GPU host; they are checked by hash, so only their
 # paths may be changed (any other change would gate the engine differently from the release).
-PATH_KEYS = ("model.path", "data.calibration.path", "data.evaluation.path")
+PATH_KEYS = ("model.path", "data.calibration.path", "data.evaluation.path", "data.training.path")
 
 
 def load_release(release: Path, overrides: tuple[str, ...] = ()) -> tuple[Manifest, Recipe]:

@@ -75,6 +75,9 @@ class DataSpec(_Strict):
     tuning_samples: int = Field(
         256, ge=0, description="rows drawn from the calibration source after the calibration rows; they choose "
         "the prune budget and the INT8 float fallback, so the evaluation rows only ever judge")
+    training: SourceSpec | None = Field(
+        None, description="text stages.prune.recover distils on: the fine-tuning set or unlabeled in-domain text "
+        "(labels are used when the source has the label column); evaluation and tuning rows are left out")
 
     @property
     def evaluation_label(self) -> str | None:
@@ -122,6 +125,27 @@ class BudgetSpec(_Strict):
     min_agreement: float = Field(0.97, ge=0, le=1, description="agreement with the FP32 graph on the tuning rows")
     max_fraction: float = Field(0.6, gt=0, lt=1)
     steps: int = Field(5, ge=1, le=12, description="bisection steps after the end points")
+    recovered: bool = Field(
+        False, description="judge each candidate after recovery (stages.prune.recover's settings, at most "
+        "trial_steps steps): the search finds the amount whose recovered model meets the budget")
+    trial_steps: int = Field(150, ge=1, description="recovery steps per candidate when recovered is set")
+
+
+class RecoverSpec(_Strict):
+    """Knowledge distillation from the original PyTorch model into the pruned structure (`shipyard recover`)."""
+
+    enabled: bool = False
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    temperature: float = Field(2.0, gt=0, description="softens teacher and student logits in the KL term")
+    label_weight: float = Field(0.5, ge=0, le=1, description="share of the loss from gold labels (text "
+                                "classification, when the training data has them)")
+    eval_every: int = Field(50, ge=1, description="steps between agreement checks on the tuning split")
+    patience: int = Field(4, ge=1, description="checks without improvement before training stops")
+    tuning_samples: int = Field(256, ge=8, description="rows of the training data held out for early stopping")
+    seed: int = 0
 
 
 class PruneSpec(_Strict):
@@ -137,6 +161,7 @@ class PruneSpec(_Strict):
         True, description="fold removed units' mean output into the next bias (needs calibration data)"
     )
     budget: BudgetSpec | None = None
+    recover: RecoverSpec = Field(default_factory=RecoverSpec)
 
 
 class BuildSpec(_Strict):
@@ -305,6 +330,21 @@ class Recipe(_Strict):
         return self
 
     @model_validator(mode="after")
+    def _recovery_has_data(self) -> "Recipe":
+        prune = self.stages.prune
+        if prune.recover.enabled or (prune.budget is not None and prune.budget.recovered):
+            what = "stages.prune.recover.enabled" if prune.recover.enabled else "stages.prune.budget.recovered"
+            if not prune.enabled:
+                raise ValueError(f"{what} recovers a pruned model; set stages.prune.enabled: true")
+            if self.data.training is None:
+                raise ValueError(f"{what} needs data.training: the text to distil on (the fine-tuning set or "
+                                 "unlabeled in-domain text), with path and samples")
+        if prune.budget is not None and prune.budget.recovered and not prune.recover.enabled:
+            raise ValueError("stages.prune.budget.recovered judges candidates after recovery; set "
+                             "stages.prune.recover.enabled: true as well")
+        return self
+
+    @model_validator(mode="after")
     def _targets_consistent(self) -> "Recipe":
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
@@ -378,6 +418,8 @@ def _resolve_paths(recipe: Recipe, base: Path) -> Recipe:
     recipe.model.path = resolve(recipe.model.path)
     recipe.data.calibration.path = resolve(recipe.data.calibration.path)
     recipe.data.evaluation.path = resolve(recipe.data.evaluation.path)
+    if recipe.data.training is not None:
+        recipe.data.training.path = resolve(recipe.data.training.path)
     for target in recipe.targets:
         if target.timing_cache is not None:
             target.timing_cache = resolve(target.timing_cache)

@@ -45,7 +45,7 @@ from pipeline.model import inspect_model
 from pipeline.policy import PRUNED_MARK, stamp
 from pipeline.progress import Progress
 from pipeline.pruning_plan import PruningPlan, apply_to_torch, plan_path, sparse_masks
-from pipeline.recipe import ExportSpec
+from pipeline.recipe import ExportSpec, RecoverSpec
 from pipeline.runners import OrtRunner, TorchRunner
 from pipeline.stages import export
 from pipeline.tasks import OUTPUTS, collect
@@ -53,19 +53,15 @@ from pipeline.tasks import OUTPUTS, collect
 EXACT = 1e-4  # the plan applied to PyTorch must reproduce the pruned graph to this before training
 
 
-@dataclass
-class RecoverSpec:
-    """How long and how hard to distil."""
+@dataclass(frozen=True)
+class TrainingData:
+    """The text to distil on: a file, its columns, how many rows, and rows never to train on."""
 
-    epochs: int = 1
-    max_steps: int | None = None
-    learning_rate: float = 5e-5
-    batch_size: int = 16
-    temperature: float = 2.0
-    label_weight: float = 0.5  # share of the loss from gold labels, when the data has them
-    eval_every: int = 50
-    patience: int = 4
-    seed: int = 0
+    path: Path
+    columns: Columns
+    samples: int = 4000
+    encoding: str | None = None
+    exclude: frozenset[str] = frozenset()  # row digests: a recipe's evaluation and tuning rows
 
 
 @dataclass
@@ -138,24 +134,28 @@ class _ModelRunner(TorchRunner):
         self._accepts = set(inspect.signature(model.forward).parameters)
 
 
-def _split_rows(data: Path, columns: Columns, samples: int, tuning_samples: int, seed: int,
-                encoding: str | None) -> tuple[list, list]:
-    rows = datamod.load_sample(data, columns, None, seed, "training", encoding)
+def _split_rows(data: TrainingData, tuning_samples: int, seed: int) -> tuple[list, list]:
+    """Seeded, disjoint tuning and training rows of `data`, none of them in `data.exclude`."""
+    rows = datamod.load_sample(data.path, data.columns, None, seed, "training", data.encoding, data.exclude)
     if len(rows) < tuning_samples + 8:
-        raise ShipyardError(f"{data}: {len(rows)} usable rows; recovery needs at least {tuning_samples + 8} "
-                            f"({tuning_samples} tuning rows and some to train on); pass more data or lower "
-                            "--tuning-samples")
+        left_out = f" after leaving out {len(data.exclude)} evaluation and tuning rows" if data.exclude else ""
+        raise ShipyardError(f"{data.path}: {len(rows)} usable rows{left_out}; recovery needs at least "
+                            f"{tuning_samples + 8} ({tuning_samples} tuning rows and some to train on); pass more "
+                            "data or lower the tuning samples")
     order = np.random.default_rng(seed).permutation(len(rows))
     tuning = [rows[i] for i in order[:tuning_samples]]
-    training = [rows[i] for i in order[tuning_samples:tuning_samples + samples]]
+    training = [rows[i] for i in order[tuning_samples:tuning_samples + data.samples]]
     return training, tuning
 
 
-def recover(reference: Path, pruned_onnx: Path, data: Path, out: Path, columns: Columns,
-            spec: RecoverSpec = RecoverSpec(), samples: int = 4000, tuning_samples: int = 256,
-            max_length: int = 128, task_name: str | None = None, encoding: str | None = None,
-            progress: Progress = Progress(), opset: int = 17) -> tuple[StageResult, RecoverReport]:
-    """Distil `reference` into the structure of `pruned_onnx` and export it to `out` (see module doc)."""
+def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
+            spec: RecoverSpec = RecoverSpec(enabled=True), max_length: int = 128, task_name: str | None = None,
+            progress: Progress = Progress(), opset: int = 17, seen: tuple[str, ...] = ()
+            ) -> tuple[StageResult, RecoverReport]:
+    """Distil `reference` into the structure of `pruned_onnx` and export it to `out` (see module doc).
+
+    `seen` are digests of rows the pruned graph was already fitted or chosen on (a recipe's
+    calibration and tuning rows); the recovered ONNX records them with its own training rows."""
     import torch
     import transformers
 
@@ -172,7 +172,8 @@ def recover(reference: Path, pruned_onnx: Path, data: Path, out: Path, columns: 
     info = inspect_model(reference, task_name)
     task = info.task()
     tokenizer = load_tokenizer(reference, task.name)
-    training, tuning = _split_rows(data, columns, samples, tuning_samples, spec.seed, encoding)
+    columns = data.columns
+    training, tuning = _split_rows(data, spec.tuning_samples, spec.seed)
     encoder = Encoder(tokenizer, columns, max_length, "longest", task.name)
     tuning_batches = list(encoder.batches(encoder.by_length(tuning), 32))
     labelled = task.name == "text-classification" and columns.label is not None
@@ -259,7 +260,7 @@ def recover(reference: Path, pruned_onnx: Path, data: Path, out: Path, columns: 
         agreement_after=best, best_step=best_step, stopped_early=stopped,
         loss_first=losses[0] if losses else float("nan"), loss_last=losses[-1] if losses else float("nan"),
         curve=curve)
-    seen = [row_digest(columns, r) for r in training + tuning]
+    seen = sorted(set(seen) | {row_digest(columns, r) for r in training + tuning})
     result = _export(student, tokenizer, out, task, tuning_batches, opset, plan, seen, report)
     result.artifacts[0].options["source_sha256"] = sha256_file(pruned_onnx)
     return result, report
@@ -310,5 +311,5 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
         stage="recover", artifacts=[artifact], seconds=report.seconds,
         message=(f"{report.steps} steps on {report.training_rows} rows in {report.seconds:.0f} s: tuning agreement "
                  f"{report.agreement_before:.4f} -> {report.agreement_after:.4f}; export {exported.message}"),
-        details={"recovery": report.to_dict()},
+        details={"recovery": report.to_dict()}, files=sorted(p for p in folder.rglob("*") if p.is_file()),
     )

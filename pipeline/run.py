@@ -11,6 +11,7 @@ which.
 from __future__ import annotations
 
 import json
+import shutil
 import sys
 import tempfile
 from collections.abc import Callable
@@ -20,10 +21,12 @@ from pathlib import Path
 from typing import Any
 
 from calibration.encode import load_tokenizer
+from calibration.sampling import row_digest
+from calibration.sources import load_rows
 from pipeline import data as datamod
 from pipeline import targets
-from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir
-from pipeline.cache import StageCache, batches_digest
+from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir, sha256_file
+from pipeline.cache import StageCache, batches_digest, digest_of
 from pipeline.errors import RecipeError
 from pipeline.lock import release_lock
 from pipeline.manifest import (
@@ -33,7 +36,9 @@ from pipeline.manifest import (
 from pipeline.model import check_max_length, inspect_model
 from pipeline.policy import calibration_padding, gate_for
 from pipeline.progress import Progress
+from pipeline.pruning_plan import plan_path
 from pipeline.recipe import Recipe
+from pipeline.recover import TrainingData, recover
 from pipeline.report import write_reports
 from pipeline.runners import OrtRunner, TorchRunner
 from pipeline.signing import load_signing_key, sign_manifest
@@ -146,24 +151,9 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
 
         dense = fp32
         if recipe.stages.prune.enabled:
-            def prune_fp32() -> StageResult:
-                tuning = prepared.tuning.batches
-                fp32_on_tuning = collect(OrtRunner(fp32.path), tuning, task)
-
-                def agreement_of(path: Path) -> float:  # on tuning rows, never evaluation rows
-                    return task.agreement_rate(fp32_on_tuning, collect(OrtRunner(path), tuning, task), tuning)
-
-                return prune.run(fp32, recipe.stages.prune, work / "model.pruned.onnx", prepared.calibration.batches,
-                                 info.config, agreement_of if tuning else None, seen)
-
-            with progress.task("prune (FFN neurons, attention heads)"):
-                result, _ = stages.run("prune", {
-                    "source": fp32.sha256, "spec": recipe.stages.prune.model_dump(mode="json"),
-                    "calibration": digests["calibration"], "tuning": digests["tuning"], "seen": seen,
-                    "config": info.config, "task": repr(task)}, prune_fp32)
-            results.append(result)
-            artifacts.extend(result.artifacts)
-            dense = result.artifacts[0]
+            pruned_results, dense = prune_stages(inputs, fp32, stages, work, progress)
+            results.extend(pruned_results)
+            artifacts.append(dense)
 
         qdq = None
         if recipe.stages.quantize.enabled:
@@ -216,6 +206,91 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         if options.sign_key is not None:
             sign_manifest(work, options.sign_key)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
+
+
+def prune_stages(inputs: "RunInputs", fp32: Artifact, stages: CachedStages, work: Path, progress: Progress
+                 ) -> tuple[list[StageResult], Artifact]:
+    """Prune the FP32 graph, then, when the recipe says so, recover it by distillation.
+
+    Returns the stage results and the artifact the later stages build from: the pruned graph, or
+    the recovered one, in which case the unrecovered graph is an intermediate and is removed from
+    the release (its plan and config stay: they describe the recovered model's structure)."""
+    recipe, prepared, task, digests = inputs.recipe, inputs.prepared, inputs.task, inputs.digests
+    spec = recipe.stages.prune
+    seen = prepared.seen_digests
+    tuning = prepared.tuning.batches
+    recovery = RecoveryInputs.of(inputs) if spec.recover.enabled else None
+    fp32_on_tuning: list = []
+
+    def agreement_of(path: Path) -> float:  # on tuning rows, never evaluation rows
+        if not fp32_on_tuning:
+            fp32_on_tuning.extend(collect(OrtRunner(fp32.path), tuning, task))
+        return task.agreement_rate(fp32_on_tuning, collect(OrtRunner(path), tuning, task), tuning)
+
+    def candidate_agreement(path: Path, plan) -> float:
+        if not (spec.budget and spec.budget.recovered):
+            return agreement_of(path)
+        with tempfile.TemporaryDirectory(dir=work, prefix=".trial-") as tmp:
+            candidate = Path(tmp) / "candidate.onnx"
+            shutil.copyfile(path, candidate)
+            plan_path(candidate).write_text(plan.to_json())
+            trial = recovery.spec.model_copy(update={"max_steps": min(recovery.spec.max_steps or spec.budget.trial_steps,
+                                                                      spec.budget.trial_steps)})
+            recover(recipe.model.path, candidate, recovery.data, Path(tmp) / "recovered.onnx", trial,
+                    recipe.data.max_length, task.name, progress, recipe.stages.export.opset, tuple(seen))
+            return agreement_of(Path(tmp) / "recovered.onnx")
+
+    def prune_fp32() -> StageResult:
+        return prune.run(fp32, spec, work / "model.pruned.onnx", prepared.calibration.batches,
+                         inputs.info.config, candidate_agreement if tuning else None, seen)
+
+    budget_inputs = {"recovery": recovery.key} if spec.budget and spec.budget.recovered else {}
+    with progress.task("prune (FFN neurons, attention heads)"):
+        pruned, _ = stages.run("prune", {
+            "source": fp32.sha256, "spec": spec.model_dump(mode="json", exclude={"recover"}),
+            "calibration": digests["calibration"], "tuning": digests["tuning"], "seen": seen,
+            "config": inputs.info.config, "task": repr(task), **budget_inputs}, prune_fp32)
+    if recovery is None:
+        return [pruned], pruned.artifacts[0]
+    source = pruned.artifacts[0]
+
+    def distil() -> StageResult:
+        result, _ = recover(recipe.model.path, source.path, recovery.data, work / "model.recovered.onnx",
+                            recovery.spec, recipe.data.max_length, task.name, progress, recipe.stages.export.opset,
+                            tuple(seen))
+        return result
+
+    recovered, _ = stages.run("recover", {"pruned": source.sha256, "plan": sha256_file(plan_path(source.path)),
+                                          **recovery.key}, distil)
+    source.path.unlink()
+    return [pruned, recovered], recovered.artifacts[0]
+
+
+@dataclass
+class RecoveryInputs:
+    """What recovery in a recipe trains on and how, and the identity its cache key uses."""
+
+    spec: Any
+    data: TrainingData
+    key: dict[str, Any]
+
+    @classmethod
+    def of(cls, inputs: "RunInputs") -> "RecoveryInputs":
+        recipe, prepared = inputs.recipe, inputs.prepared
+        source = recipe.data.training
+        header = list(load_rows(source.path, source.encoding)[0].keys()) if source.path.is_file() else None
+        columns = datamod.source_columns(recipe.data, source, header)
+        evaluation = prepared.evaluation
+        exclude = frozenset(row_digest(evaluation.columns, r) for r in evaluation.rows) | frozenset(
+            prepared.tuning.digests)
+        data = TrainingData(source.path, columns, source.samples, source.encoding, exclude)
+        key = {"model": inputs.model_sha, "spec": recipe.stages.prune.recover.model_dump(mode="json"),
+               "training": {"content": sha256_file(source.path) if source.path.is_file() else folder_sha256(source.path), "columns": [columns.text, columns.text_pair,
+                                                                               columns.label],
+                            "samples": source.samples, "encoding": source.encoding},
+               "exclude": digest_of(sorted(exclude)), "max_length": recipe.data.max_length,
+               "opset": recipe.stages.export.opset, "task": repr(inputs.task)}
+        return cls(recipe.stages.prune.recover, data, key)
 
 
 def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: Progress, build_engines: bool = True
@@ -358,6 +433,9 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, wor
                                  fingerprint=prepared.tuning.fingerprint),
             "evaluation": DataRecord(source=str(evaluation.source), rows=len(evaluation.rows),
                                      fingerprint=evaluation.fingerprint),
+            **{"training": DataRecord(source=str(recipe.data.training.path), rows=r.details["recovery"]["training_rows"],
+                                      fingerprint=r.details["recovery"]["training_fingerprint"])
+               for r in results if r.stage == "recover"},
         },
         tools=tool_versions(),
         stages=[StageRecord.of(r) for r in results],

@@ -125,3 +125,75 @@ def test_recovery_keeps_24_sparsity(tiny, tiny_holdout_small, heavy, tmp_path):
     for w in ffn:  # torch [out, in]: groups of 4 along the input (reduction) axis keep at most 2
         groups = w.reshape(w.shape[0], w.shape[1] // 4, 4)
         assert ((groups != 0).sum(-1) <= 2).all()
+
+
+def _recovery_recipe(tiny, data, folder, **prune):
+    import yaml
+    from conftest import write_recipe
+
+    path = write_recipe(
+        folder, tiny.model, data,
+        stages={"prune": {"enabled": True, "heads_per_layer": 8, **prune,
+                          "recover": {"enabled": True, "max_steps": 12, "eval_every": 6, "tuning_samples": 32,
+                                      "learning_rate": 1e-4}},
+                "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 0}}})
+    raw = yaml.safe_load(path.read_text())
+    raw["data"]["training"] = {"path": str(data), "samples": 160}
+    path.write_text(yaml.safe_dump(raw))
+    return path
+
+
+def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recovered_model(
+        tiny, tiny_holdout_small, tmp_path):
+    """stages.prune.recover: the budget search judges recovered candidates, the recovered graph
+    replaces the pruned one, INT8 is made from it, the manifest records the training, no
+    evaluation row is trained on, and a rerun reuses the recovery from the cache."""
+    from calibration.sampling import row_digest
+    from pipeline.recipe import load_recipe
+    from pipeline.run import RunInputs
+
+    recipe = _recovery_recipe(tiny, tiny_holdout_small, tmp_path, budget={
+        "min_agreement": 0.9, "max_fraction": 0.75, "steps": 1, "recovered": True, "trial_steps": 4})
+    cache = tmp_path / "cache"
+    first = invoke("run", recipe, "--out", tmp_path / "rel", "--cache-dir", cache, "--json")
+    assert first.exit_code in (0, 1), first.output
+    release = tmp_path / "rel"
+    manifest = json.loads((release / "manifest.json").read_text())
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    recovery = stages["recover"]["details"]["recovery"]
+    assert 1 <= recovery["steps"] <= 12 and recovery["curve"][0]["step"] == 0 and recovery["seconds"] > 0
+    assert manifest["data"]["training"] == {
+        "source": str(tiny_holdout_small), "rows": recovery["training_rows"],
+        "fingerprint": recovery["training_fingerprint"]}
+    names = [a["name"] for a in manifest["artifacts"]]
+    assert names[:3] == ["model.fp32", "model.recovered", "model.int8.qdq"]
+    assert not (release / "model.pruned.onnx").exists() and (release / "model.pruned.plan.json").is_file()
+    recovered = next(a for a in manifest["artifacts"] if a["name"] == "model.recovered")
+    int8 = next(a for a in manifest["artifacts"] if a["name"] == "model.int8.qdq")
+    assert recovered["kind"] == "pruned" and recovered["parity"]["gate"]["max_abs_diff"] is None
+    assert int8["options"]["source_sha256"] == recovered["sha256"]
+    trials = stages["prune"]["details"]["budget_trials"]  # each candidate judged after 4 recovery steps
+    assert 1 <= len(trials) <= 3 and all(0 <= t["agreement"] <= 1 for t in trials)
+    assert stages["prune"]["details"]["ffn_fraction"] in [t["ffn_fraction"] for t in trials]
+
+    inputs = RunInputs.of(load_recipe(recipe))
+    evaluation = {row_digest(inputs.prepared.evaluation.columns, r) for r in inputs.prepared.evaluation.rows}
+    trained = set(seen_rows(onnx.load(str(release / "model.recovered.onnx"))))
+    assert trained and not trained & evaluation
+
+    again = invoke("run", recipe, "--out", tmp_path / "rel", "--overwrite", "--cache-dir", cache, "--json")
+    assert again.exit_code == first.exit_code, again.output
+    rerun = {s["stage"]: s for s in json.loads((release / "manifest.json").read_text())["stages"]}
+    assert rerun["prune"]["cached"] and rerun["recover"]["cached"]
+
+
+def test_recipe_recovery_needs_training_data(tiny, tiny_holdout_small, tmp_path):
+    import yaml
+
+    path = _recovery_recipe(tiny, tiny_holdout_small, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    del raw["data"]["training"]
+    path.write_text(yaml.safe_dump(raw))
+    result = invoke("run", path, "--out", tmp_path / "rel")
+    assert result.exit_code == 2 and "needs data.training" in result.output, result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "rel").exists()

@@ -319,11 +319,12 @@ def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
 
 
 def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: list[Batch],
-        model_config: dict[str, Any], agreement_of: Callable[[Path], float] | None = None,
+        model_config: dict[str, Any], agreement_of: Callable[[Path, PruningPlan], float] | None = None,
         seen_rows: list[str] = ()) -> StageResult:
     """Prune `src` into `out_path` (+ config.json and sparsity record beside it).
 
-    `agreement_of(path)` measures a candidate on the tuning rows for the budget search;
+    `agreement_of(path, plan)` measures a candidate on the tuning rows for the budget search (after
+    recovering it along `plan` when the budget says so);
     `seen_rows` (digests of the calibration and tuning rows) are recorded in the pruned graph."""
     started = time.perf_counter()
     model = onnx.load(str(src.path))
@@ -376,7 +377,8 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
         stage="prune", artifacts=[artifact], seconds=time.perf_counter() - started,
         message=(f"FFN {kept}/{total} neurons, heads removed {sum(map(len, heads_remove.values()))}, "
                  f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB"),
-        details={"config": config_path.name, "plan": plan_file.name}, files=[config_path, plan_file],
+        details={"config": config_path.name, "plan": plan_file.name, "ffn_fraction": fraction,
+                 "budget_trials": trials}, files=[config_path, plan_file],
     )
 
 
@@ -385,9 +387,9 @@ def _search_fraction(build, tmp: Path, agreement_of, spec: PruneSpec, trials: li
     budget = spec.budget
 
     def passes(fraction: float) -> bool:
-        _, pruned, _, _ = build(fraction)
+        _, pruned, _, plan = build(fraction)
         onnx.save(pruned, str(tmp))
-        agreement = agreement_of(tmp)
+        agreement = agreement_of(tmp, plan)
         trials.append({"ffn_fraction": fraction, "agreement": agreement})
         return agreement >= budget.min_agreement
 
