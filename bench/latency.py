@@ -1,13 +1,21 @@
-"""Latency and throughput of every artifact of a release, measured in one run.
+"""Latency and throughput of every artifact of one or more releases, measured in one run.
 
-    python bench/latency.py release/minilm-tweets [--cpu-candidates]
+    python bench/latency.py release/minilm-tweets [release/minilm-tweets-compact ...] [--optimum]
+                            [--cpu-candidates] [--all]
 
 Prints batch-1 latency (median) and batch-32 throughput at sequence length 64 with 2 threads for
 PyTorch FP32 and each ONNX artifact on ONNX Runtime's CPU provider, each with its speed-up over
-PyTorch, its accuracy and its prediction agreement with PyTorch on the release's evaluation rows
-(drawn again from the recipe and checked against the manifest's fingerprint). Machines here are noisy: compare the
-ratios within one run, not absolute numbers across runs. `--cpu-candidates` also measures the
-INT8 forms the `cpu` artifact was chosen among (see pipeline/stages/quantize.py).
+PyTorch, its accuracy and its prediction agreement with PyTorch on the evaluation rows (drawn
+again from the first release's recipe and checked against every manifest's fingerprint; the
+releases must share model and evaluation rows). Machines here are noisy: compare the ratios
+within one run, not absolute numbers across runs.
+
+- `--optimum` adds Optimum's dynamic-INT8 artifact of the unpruned model, made the way its
+  documentation shows (`ORTModelFor….from_pretrained(export=True)`, `ORTQuantizer`,
+  `AutoQuantizationConfig.<this CPU's ISA>(is_static=False, per_channel=False)`).
+- `--cpu-candidates` also measures the INT8 forms the `cpu` artifact was chosen among (see
+  pipeline/stages/quantize.py).
+- The TensorRT-ready ONNX (`model.trt.*`) is for GPUs and is left out unless `--all`.
 """
 
 from __future__ import annotations
@@ -82,41 +90,72 @@ def cpu_candidates(fp32: Path, work: Path) -> dict[str, Path]:
     return out
 
 
+def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
+    """Optimum's dynamic INT8 of the unpruned model, as its quantization guide makes it."""
+    import optimum.onnxruntime as ort
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    classes = {"text-classification": "ORTModelForSequenceClassification",
+               "token-classification": "ORTModelForTokenClassification",
+               "question-answering": "ORTModelForQuestionAnswering", "feature-extraction": "ORTModelForFeatureExtraction"}
+    model = getattr(ort, classes[task]).from_pretrained(str(model_dir), export=True)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+    config = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)
+    ORTQuantizer.from_pretrained(model).quantize(save_dir=work / "optimum", quantization_config=config)
+    return next((work / "optimum").glob("*quantized.onnx"))
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("release", type=Path, help="a folder written by shipyard run")
+    parser.add_argument("releases", type=Path, nargs="+", help="folders written by shipyard run")
+    parser.add_argument("--optimum", action="store_true", help="add Optimum's dynamic INT8 of the unpruned model")
     parser.add_argument("--cpu-candidates", action="store_true")
+    parser.add_argument("--all", action="store_true", help="include the TensorRT-ready ONNX (model.trt.*)")
     args = parser.parse_args()
 
     import torch
 
     torch.set_num_threads(THREADS)
-    manifest = json.loads((args.release / "manifest.json").read_text())
-    recipe = Recipe.model_validate(manifest["recipe"])
+    manifests = {release: json.loads((release / "manifest.json").read_text()) for release in args.releases}
+    first = manifests[args.releases[0]]
+    recipe = Recipe.model_validate(first["recipe"])
     model_dir = recipe.model.path
     info = inspect_model(model_dir, recipe.model.task)
     task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
     tokenizer = load_tokenizer(model_dir, task.name)
     evaluation = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name).evaluation
-    if evaluation.fingerprint != manifest["data"]["evaluation"]["fingerprint"]:
-        sys.exit("the evaluation rows differ from the release's (data changed?); rerun shipyard run")
+    for release, manifest in manifests.items():
+        if evaluation.fingerprint != manifest["data"]["evaluation"]["fingerprint"]:
+            sys.exit(f"{release}: its evaluation rows differ from the first release's (other data, or the data "
+                     "changed); compare releases of one model and evaluation sample")
+        if manifest["model"]["sha256"] != first["model"]["sha256"]:
+            sys.exit(f"{release}: made from another model than {args.releases[0]}; compare releases of one model")
     encoder = Encoder(tokenizer, Columns(recipe.data.text_column, recipe.data.text_pair_column), SEQ, "max_length",
                       task.name)
     batch32 = encoder.encode(evaluation.rows[:32])
     batch1 = {k: v[:1] for k, v in batch32.items()}
 
     entries = [("PyTorch FP32", TorchRunner(model_dir, THREADS, task.name), None)]
-    for art in manifest["artifacts"]:
-        entries.append((art["path"], OrtRunner(args.release / art["path"], THREADS), art["size_bytes"]))
+    for release, manifest in manifests.items():
+        prefix = f"{manifest['recipe_name']}/" if len(manifests) > 1 else ""
+        for art in manifest["artifacts"]:
+            if art["format"] == "onnx" and (args.all or not art["name"].startswith("model.trt.")):
+                entries.append((prefix + art["path"], OrtRunner(release / art["path"], THREADS), art["size_bytes"]))
     with tempfile.TemporaryDirectory() as tmp:
+        if args.optimum:
+            path = optimum_dynamic_int8(model_dir, task.name, Path(tmp))
+            entries.append(("Optimum dynamic INT8 (unpruned)", OrtRunner(path, THREADS), path.stat().st_size))
         if args.cpu_candidates:
-            fp32 = next(args.release / a["path"] for a in manifest["artifacts"] if a["name"] == "model.fp32")
+            release, manifest = next(iter(manifests.items()))
+            fp32 = next(release / a["path"] for a in manifest["artifacts"] if a["name"] == "model.fp32")
             for name, path in cpu_candidates(fp32, Path(tmp)).items():
                 entries.append((name, OrtRunner(path, THREADS), path.stat().st_size))
 
-        print(f"release {args.release} | batch-1 latency and batch-32 throughput, sequence {SEQ}, "
+        print(f"releases {', '.join(map(str, args.releases))} | batch-1 latency and batch-32 throughput, sequence {SEQ}, "
               f"{THREADS} threads | accuracy and agreement with PyTorch on {len(evaluation.rows)} evaluation rows")
-        header = (f"{'model':40s} {'MB':>6s} {'b1 ms':>7s} {'b1 x':>5s} {'b32 seq/s':>9s} {'b32 x':>5s} "
+        header = (f"{'model':48s} {'MB':>6s} {'b1 ms':>7s} {'b1 x':>5s} {'b32 seq/s':>9s} {'b32 x':>5s} "
                   f"{'accuracy':>8s} {'agree':>6s}")
         print(header)
         print("-" * len(header))
@@ -131,7 +170,7 @@ def main() -> None:
             accuracy = float((predicted == evaluation.labels).mean()) if labelled else float("nan")
             agreement = task.agreement_rate(reference, outputs, evaluation.batches)
             size_text = f"{size / 1e6:.1f}" if size else "-"
-            print(f"{name:40s} {size_text:>6s} {latency:7.2f} {base[0] / latency:5.2f} "
+            print(f"{name:48s} {size_text:>6s} {latency:7.2f} {base[0] / latency:5.2f} "
                   f"{throughput:9.1f} {throughput / base[1]:5.2f} {accuracy:8.4f} {agreement:6.4f}")
 
 

@@ -258,11 +258,15 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, a
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["qdq", "cpu"]), default="qdq", show_default=True,
               help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
+@click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=None,
+              help="Smooth activations before INT8 (SmoothQuant, exact in float) with this migration strength "
+                   "[default: the recipe default for the format].")
 @encoding_option
 @output_options
 def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
                  text_column: str, text_pair_column: str | None, method: str, samples: int, tuning_samples: int,
-                 max_length: int, fmt: str, encoding: str | None, quiet: bool, as_json: bool) -> None:
+                 max_length: int, fmt: str, smooth_alpha: float | None, encoding: str | None, quiet: bool,
+                 as_json: bool) -> None:
     """Post-training INT8 quantization of an ONNX model.
 
     The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
@@ -271,7 +275,7 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
 
     result = quantize_file(model_path, out, fmt, method, calibration, tokenizer, text_column,
                            text_pair_column, samples, max_length, _progress(quiet, as_json), tuning_samples,
-                           encoding)
+                           encoding, smooth_alpha)
     art = result.artifacts[0]
     _finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)
@@ -333,6 +337,12 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
 @click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
 @click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Softens teacher and student logits in the KL term.")
+@click.option("--label-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of the loss from gold labels (with --label-column).")
+@click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of intermediate-layer matching (each layer's hidden state vs the original's).")
 @click.option("--samples", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Training rows drawn from --data.")
 @click.option("--tuning-samples", type=click.IntRange(min=8), default=256, show_default=True,
@@ -345,7 +355,8 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
 @output_options
 def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
                 text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
-                learning_rate: float, batch_size: int, samples: int, tuning_samples: int, max_length: int,
+                learning_rate: float, batch_size: int, temperature: float, label_weight: float, hidden_weight: float,
+                samples: int, tuning_samples: int, max_length: int,
                 seed: int, task: str | None, encoding: str | None, quiet: bool, as_json: bool) -> None:
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
@@ -356,7 +367,8 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
 
     check_onnx_file(pruned_path)
     spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
-                       batch_size=batch_size, tuning_samples=tuning_samples, seed=seed)
+                       batch_size=batch_size, temperature=temperature, label_weight=label_weight,
+                       hidden_weight=hidden_weight, tuning_samples=tuning_samples, seed=seed)
     training = TrainingData(data, Columns(text_column, text_pair_column, label_column), samples, encoding)
     result, report = recover(reference, pruned_path, training, out, spec, max_length, task,
                              _progress(quiet, as_json))

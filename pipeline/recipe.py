@@ -102,6 +102,14 @@ class FallbackSpec(_Strict):
     max_nodes: int = Field(8, ge=0, description="most nodes kept in float; 0 quantizes all")
 
 
+class SmoothingSpec(_Strict):
+    """SmoothQuant-style activation smoothing before INT8 (pipeline/stages/smooth.py): exact in float."""
+
+    formats: list[QuantFormat] = Field(default_factory=list, description="the INT8 forms made from the smoothed graph")
+    alpha: float = Field(0.5, ge=0, le=1, description="how much of each channel's range moves from the activation "
+                         "into the weights (0: none, 1: all)")
+
+
 class QuantizeSpec(_Strict):
     """Post-training INT8 quantization with calibration data."""
 
@@ -110,6 +118,7 @@ class QuantizeSpec(_Strict):
     method: CalibrationMethod = "minmax"
     percentile: float = Field(99.999, gt=90, lt=100, description="used by method=percentile")
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    smoothing: SmoothingSpec = Field(default_factory=SmoothingSpec)
 
     @field_validator("formats")
     @classmethod
@@ -142,6 +151,8 @@ class RecoverSpec(_Strict):
     temperature: float = Field(2.0, gt=0, description="softens teacher and student logits in the KL term")
     label_weight: float = Field(0.5, ge=0, le=1, description="share of the loss from gold labels (text "
                                 "classification, when the training data has them)")
+    hidden_weight: float = Field(0.0, ge=0, description="weight of intermediate-layer matching (every layer's "
+                                 "hidden state against the original's) added to the output loss")
     eval_every: int = Field(50, ge=1, description="steps between agreement checks on the tuning split")
     patience: int = Field(4, ge=1, description="checks without improvement before training stops")
     tuning_samples: int = Field(256, ge=8, description="rows of the training data held out for early stopping")

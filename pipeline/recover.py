@@ -8,7 +8,9 @@ which is checked to be the same function as the pruned ONNX before any training 
   non-padding tokens for token classification), plus cross-entropy on gold labels for text
   classification when the data has them;
 - question answering: the same KL on start and end logits;
-- feature extraction: 1 - cosine similarity of each non-padding token's hidden state.
+- feature extraction: 1 - cosine similarity of each non-padding token's hidden state;
+- optionally (`hidden_weight`), intermediate-layer matching: every layer's hidden state against
+  the teacher's, variance-normalised MSE over non-padding tokens.
 
 2:4-sparse weights are masked again after every optimizer step, so the sparsity the plan made
 survives training. Every `eval_every` steps the student's agreement with the teacher is measured
@@ -83,14 +85,31 @@ class RecoverReport:
         return asdict(self)
 
 
-def _student_outputs(model, batch, task: str):
+def _student_outputs(model, batch, task: str, hidden: bool = False):
     import inspect
 
     import torch
 
     accepts = inspect.signature(model.forward).parameters
-    out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts})
-    return {name: getattr(out, name) for name in OUTPUTS[task]}
+    out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}, output_hidden_states=hidden)
+    outputs = {name: getattr(out, name) for name in OUTPUTS[task]}
+    if hidden:
+        outputs["hidden_states"] = out.hidden_states
+    return outputs
+
+
+def hidden_state_loss(student: dict, teacher: dict, batch: dict):
+    """Intermediate-layer matching: mean squared error of every layer's hidden state over non-padding
+    tokens, each layer scaled by the teacher's variance there (pruning keeps layers and width, so
+    the layers pair one to one)."""
+    import torch
+
+    mask = torch.from_numpy(batch["attention_mask"]).float().unsqueeze(-1)
+    losses = []
+    for s, t in zip(student["hidden_states"][1:], teacher["hidden_states"][1:]):  # [0] is the embeddings
+        variance = ((t * mask) ** 2).sum() / (mask.sum() * t.shape[-1]).clamp_min(1)
+        losses.append((((s - t) ** 2) * mask).sum() / (mask.sum() * t.shape[-1]).clamp_min(1) / variance.clamp_min(1e-6))
+    return torch.stack(losses).mean()
 
 
 def distillation_loss(student: dict, teacher: dict, batch: dict, task: str, temperature: float,
@@ -225,14 +244,17 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
                     break
                 rows = [training[i] for i in order[start:start + spec.batch_size]]
                 batch = encoder.encode(rows)
+                hidden = spec.hidden_weight > 0
                 with torch.no_grad():
-                    target = _student_outputs(teacher, batch, task.name)
+                    target = _student_outputs(teacher, batch, task.name, hidden)
                 labels = None
                 if labelled:
                     ids = [label2id.get(str(r.get(columns.label))) for r in rows]
                     labels = torch.tensor(ids) if all(i is not None for i in ids) else None
-                loss = distillation_loss(_student_outputs(student, batch, task.name), target, batch, task.name,
-                                         spec.temperature, labels, spec.label_weight)
+                outputs = _student_outputs(student, batch, task.name, hidden)
+                loss = distillation_loss(outputs, target, batch, task.name, spec.temperature, labels, spec.label_weight)
+                if hidden:
+                    loss = loss + spec.hidden_weight * hidden_state_loss(outputs, target, batch)
                 optimizer.zero_grad()
                 loss.backward()
                 torch.nn.utils.clip_grad_norm_(student.parameters(), 1.0)

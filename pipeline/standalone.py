@@ -21,7 +21,7 @@ from pipeline.policy import STANDALONE_BATCH, STANDALONE_SEED, gate_for, graph_k
 from pipeline.progress import Progress
 from pipeline.readiness import check_model_file
 from pipeline.recipe import (
-    ARCHITECTURES, ExportSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, TargetSpec,
+    ARCHITECTURES, ExportSpec, FallbackSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, SmoothingSpec, TargetSpec,
     Thresholds, load_recipe,
 )
 from pipeline.runners import ENGINE_SUFFIXES, TorchRunner, check_onnx_file
@@ -90,7 +90,7 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
 def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
                   samples: int, max_length: int, progress: Progress = Progress(), tuning_samples: int = 128,
-                  encoding: str | None = None) -> StageResult:
+                  encoding: str | None = None, smooth_alpha: float | None = None) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
     if calibration is None or tokenizer_dir is None:
@@ -103,7 +103,11 @@ def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibratio
                                                 samples, tuning_samples, max_length, task.name, encoding)
     source = input_artifact(model_path)
     with progress.task(f"quantize INT8 ({fmt})"):
-        return quantize.run(source, QuantizeSpec(formats=[fmt], method=method), fmt, out, batches, tuning, task, used)
+        # --tuning-samples 0 quantizes every node, as its help says: no rows, no fallback to choose.
+        spec = QuantizeSpec(formats=[fmt], method=method, fallback=FallbackSpec(max_nodes=0) if not tuning else FallbackSpec())
+        if smooth_alpha is not None:
+            spec.smoothing = SmoothingSpec(formats=[fmt], alpha=smooth_alpha)
+        return quantize.run(source, spec, fmt, out, batches, tuning, task, used)
 
 
 def input_artifact(path: Path) -> Artifact:

@@ -21,9 +21,10 @@ from __future__ import annotations
 
 import io
 import logging
+import shutil
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -38,6 +39,7 @@ from pipeline.policy import stamp
 from pipeline.recipe import QuantFormat, QuantizeSpec
 from pipeline.runners import OrtRunner
 from pipeline.stages import sensitivity
+from pipeline.stages.smooth import smooth_file
 from pipeline.tasks import Task, collect, max_abs_diff
 
 Batch = dict[str, np.ndarray]
@@ -139,7 +141,7 @@ def _float_inputs_for_excluded(path: Path, excluded: list[str]) -> None:
     onnx.save(model, str(path))
 
 
-def _cpu_quantizer(src: Path, work: Path):
+def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | None = None):
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
     from onnxruntime.transformers.optimizer import optimize_model
@@ -149,6 +151,7 @@ def _cpu_quantizer(src: Path, work: Path):
     optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
     fused_ops = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
     optimized.save_model_to_file(str(fused))
+    smoothing = smooth_with(fused) if smooth_with else None  # after fusion: it keeps Attention fusable
 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"cpu-{len(excluded)}.onnx"
@@ -162,7 +165,8 @@ def _cpu_quantizer(src: Path, work: Path):
 
     options = {"fusion": "onnxruntime.transformers bert", "fused_ops": fused_ops,
                "ops": "all ONNX Runtime dynamic-quantizable ops (MatMul, Attention, EmbedLayerNormalization, Gather)",
-               "weights": "int8 symmetric per-channel", "activations": "int8, scaled at run time"}
+               "weights": "int8 symmetric per-channel", "activations": "int8, scaled at run time",
+               **({"smoothing": smoothing} if smoothing else {})}
     return fused, quantize, options
 
 
@@ -175,10 +179,20 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
                             "--tuning-samples) above 0, or stages.quantize.fallback.max_nodes to 0")
     with atomic_file(out) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as work_dir, _quiet_quantizer():
         work = Path(work_dir)
+        smoothing = spec.smoothing if fmt in spec.smoothing.formats else None
+
+        def smooth_with(path: Path) -> dict:  # in place: the graph is this stage's own copy
+            return smooth_file(path, path, batches, smoothing.alpha).to_dict()
+
         if fmt == "qdq":
+            smoothed = {}
+            if smoothing:
+                shutil.copyfile(src, work / "smoothed.onnx")
+                src, smoothed = work / "smoothed.onnx", {"smoothing": smooth_with(work / "smoothed.onnx")}
             graph, quantize, options = _qdq_quantizer(src, work, batches, spec)
+            options.update(smoothed)
         else:
-            graph, quantize, options = _cpu_quantizer(src, work)
+            graph, quantize, options = _cpu_quantizer(src, work, smooth_with if smoothing else None)
         reference = collect(OrtRunner(graph), tuning, task) if tuning else []
 
         def evaluate(path: Path) -> tuple[float, float]:

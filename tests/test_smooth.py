@@ -1,0 +1,78 @@
+"""Activation smoothing before INT8 (pipeline/stages/smooth.py): exact in float on the unfused and
+the fused graph of every family, narrower activations, and INT8 forms made from the smoothed graph."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import onnx
+import pytest
+from click.testing import CliRunner
+
+from pipeline.cli import cli
+from pipeline.runners import OrtRunner
+from pipeline.stages.smooth import smooth
+from zoo import FAMILIES, make_model
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def _batches(folder, texts=("hello there", "a rather longer sentence about trains and snow in march", "ok")):
+    from calibration.encode import Encoder, load_tokenizer
+    from calibration.sampling import Columns
+
+    encoder = Encoder(load_tokenizer(folder), Columns(), 48, "longest")
+    rows = [{"text": t} for t in texts]
+    return [encoder.encode(rows), encoder.encode(rows[1:2] * 5), encoder.encode(rows[:1])]
+
+
+def _outputs(path, batches):
+    runner = OrtRunner(path)
+    return [runner.infer(b) for b in batches]
+
+
+@pytest.mark.parametrize("family", [f for f in FAMILIES if f != "albert"])
+def test_smoothing_is_exact_in_float_on_unfused_and_fused_graphs(family, tmp_path):
+    from onnxruntime.transformers.optimizer import optimize_model
+
+    folder = make_model(tmp_path / family, family)
+    exported = tmp_path / "model.onnx"
+    assert invoke("export", "--model", folder, "--out", exported, "--quiet").exit_code == 0
+    fused = tmp_path / "fused.onnx"
+    optimize_model(str(exported), model_type="bert", num_heads=0, hidden_size=0).save_model_to_file(str(fused))
+    calibration = _batches(folder)
+    for source in (exported, fused):
+        model = onnx.load(str(source))
+        smoothed, report = smooth(model, calibration[:1], alpha=0.5)
+        assert len(report.smoothed) >= 2 and not report.skipped, report.to_dict()
+        assert all(s["activation_max_after"] < s["activation_max_before"] for s in report.smoothed)
+        out = tmp_path / f"smoothed-{source.name}"
+        onnx.save(smoothed, str(out))
+        for before, after in zip(_outputs(source, calibration), _outputs(out, calibration)):  # other shapes too
+            for name in before:
+                np.testing.assert_allclose(after[name], before[name], atol=1e-4, rtol=1e-4)
+        assert model.graph.node[0].name == onnx.load(str(source)).graph.node[0].name  # input left alone
+
+
+def test_smoothed_int8_forms_record_it_and_keep_the_fused_attention(tiny, tiny_holdout_small, tmp_path):
+    exported = tmp_path / "model.onnx"
+    assert invoke("export", "--model", tiny.model, "--out", exported, "--quiet").exit_code == 0
+    for fmt in ("qdq", "cpu"):
+        out = tmp_path / f"int8.{fmt}.onnx"
+        result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, "--calibration",
+                        tiny_holdout_small, "--tokenizer", tiny.model, "--samples", "64", "--tuning-samples", "0",
+                        "--max-length", "64", "--smooth-alpha", "0.5", "--json")
+        assert result.exit_code == 0, result.output
+        smoothing = json.loads(result.output)["options"]["smoothing"]
+        assert smoothing["alpha"] == 0.5 and len(smoothing["smoothed"]) == 4  # 2 layers: QKV and FFN inputs
+        ops = [n.op_type for n in onnx.load(str(out)).graph.node]
+        if fmt == "cpu":
+            assert "Attention" in ops or "QAttention" in ops  # smoothed after fusion: fusion kept
+        result = invoke("validate", "--reference", tiny.model, "--artifact", out, "--data", tiny_holdout_small,
+                        "--samples", "200", "--max-length", "64", "--min-agreement", "0.9", "--json")
+        assert result.exit_code == 0, result.output
