@@ -258,14 +258,15 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, a
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--format", "fmt", type=click.Choice(["qdq", "cpu"]), default="qdq", show_default=True,
               help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
-@click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=None,
-              help="Smooth activations before INT8 (SmoothQuant, exact in float) with this migration strength "
-                   "[default: the recipe default for the format].")
+@click.option("--smooth/--no-smooth", default=None,
+              help="Smooth activations before INT8 (SmoothQuant, exact in float) [default: for qdq, not for cpu].")
+@click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="How much of each channel's range smoothing moves into the weights.")
 @encoding_option
 @output_options
 def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
                  text_column: str, text_pair_column: str | None, method: str, samples: int, tuning_samples: int,
-                 max_length: int, fmt: str, smooth_alpha: float | None, encoding: str | None, quiet: bool,
+                 max_length: int, fmt: str, smooth: bool | None, smooth_alpha: float, encoding: str | None, quiet: bool,
                  as_json: bool) -> None:
     """Post-training INT8 quantization of an ONNX model.
 
@@ -275,7 +276,7 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
 
     result = quantize_file(model_path, out, fmt, method, calibration, tokenizer, text_column,
                            text_pair_column, samples, max_length, _progress(quiet, as_json), tuning_samples,
-                           encoding, smooth_alpha)
+                           encoding, smooth, smooth_alpha)
     art = result.artifacts[0]
     _finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)

@@ -90,7 +90,8 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
 def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
                   samples: int, max_length: int, progress: Progress = Progress(), tuning_samples: int = 128,
-                  encoding: str | None = None, smooth_alpha: float | None = None) -> StageResult:
+                  encoding: str | None = None, smooth: bool | None = None, smooth_alpha: float = 0.5
+                  ) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
     if calibration is None or tokenizer_dir is None:
@@ -105,8 +106,8 @@ def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibratio
     with progress.task(f"quantize INT8 ({fmt})"):
         # --tuning-samples 0 quantizes every node, as its help says: no rows, no fallback to choose.
         spec = QuantizeSpec(formats=[fmt], method=method, fallback=FallbackSpec(max_nodes=0) if not tuning else FallbackSpec())
-        if smooth_alpha is not None:
-            spec.smoothing = SmoothingSpec(formats=[fmt], alpha=smooth_alpha)
+        smoothed = fmt in spec.smoothing.formats if smooth is None else smooth
+        spec.smoothing = SmoothingSpec(formats=[fmt] if smoothed else [], alpha=smooth_alpha)
         return quantize.run(source, spec, fmt, out, batches, tuning, task, used)
 
 

@@ -66,7 +66,7 @@ def test_smoothed_int8_forms_record_it_and_keep_the_fused_attention(tiny, tiny_h
         out = tmp_path / f"int8.{fmt}.onnx"
         result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, "--calibration",
                         tiny_holdout_small, "--tokenizer", tiny.model, "--samples", "64", "--tuning-samples", "0",
-                        "--max-length", "64", "--smooth-alpha", "0.5", "--json")
+                        "--max-length", "64", "--smooth", "--smooth-alpha", "0.5", "--json")
         assert result.exit_code == 0, result.output
         smoothing = json.loads(result.output)["options"]["smoothing"]
         assert smoothing["alpha"] == 0.5 and len(smoothing["smoothed"]) == 4  # 2 layers: QKV and FFN inputs
@@ -76,3 +76,13 @@ def test_smoothed_int8_forms_record_it_and_keep_the_fused_attention(tiny, tiny_h
         result = invoke("validate", "--reference", tiny.model, "--artifact", out, "--data", tiny_holdout_small,
                         "--samples", "200", "--max-length", "64", "--min-agreement", "0.9", "--json")
         assert result.exit_code == 0, result.output
+
+
+def test_smoothing_is_on_for_qdq_and_off_for_cpu_by_default(tiny_release):
+    """The defaults bench/smoothing.py measured: the run's Q/DQ artifact is smoothed, its CPU one not."""
+    artifacts = {a.name: a for a in tiny_release.manifest.artifacts}
+    assert artifacts["model.int8.qdq"].options["smoothing"]["alpha"] == 0.5
+    assert "smoothing" not in artifacts["model.int8.cpu"].options
+    nodes = onnx.load(str(tiny_release.out / artifacts["model.int8.qdq"].path)).graph.node
+    restores = [n for n in nodes if n.op_type == "Mul" and n.name.endswith(".smooth.restore")]
+    assert len(restores) == 4  # 2 layers: each residual branch reads its LayerNorm output times s
