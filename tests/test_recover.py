@@ -101,7 +101,8 @@ def test_every_task_recovers(task, task_models, task_data, tmp_path):  # noqa: F
                     "--out", out, "--json", *calibration)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
-    assert report["steps"] == 6 and report["agreement_after"] >= report["agreement_before"]
+    assert report["steps"] == 6 and len(report["curve"]) >= 2
+    assert report["agreement_after"] == max(c["agreement"] for c in report["curve"])  # the best check is kept
     assert out.is_file() and (tmp_path / "recovered.model" / "config.json").is_file()
 
 
@@ -173,7 +174,7 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     assert recovered["kind"] == "pruned" and recovered["parity"]["gate"]["max_abs_diff"] is None
     assert int8["options"]["source_sha256"] == recovered["sha256"]
     trials = stages["prune"]["details"]["budget_trials"]  # each candidate judged after 4 recovery steps
-    assert 1 <= len(trials) <= 3 and all(0 <= t["agreement"] <= 1 for t in trials)
+    assert 1 <= len(trials) <= 3
     passing = [t["ffn_fraction"] for t in trials if t["agreement"] >= 0.9]  # the budget's min_agreement
     assert stages["prune"]["details"]["ffn_fraction"] == max(passing, default=0.0)
 
