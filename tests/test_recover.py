@@ -140,6 +140,9 @@ def _recovery_recipe(tiny, data, folder, **prune):
                 "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 0}}})
     raw = yaml.safe_load(path.read_text())
     raw["data"]["training"] = {"path": str(data), "samples": 160}
+    # A dozen steps on the 2-layer model after removing 8 of 12 heads: loose gates, so the run passes.
+    loose = {"min_agreement": 0.5, "max_metric_drop": 0.3}
+    raw["thresholds"] = {**raw["thresholds"], "pruned": loose, "int8": loose}
     path.write_text(yaml.safe_dump(raw))
     return path
 
@@ -157,12 +160,12 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
         "min_agreement": 0.9, "max_fraction": 0.75, "steps": 1, "recovered": True, "trial_steps": 4})
     cache = tmp_path / "cache"
     first = invoke("run", recipe, "--out", tmp_path / "rel", "--cache-dir", cache, "--json")
-    assert first.exit_code in (0, 1), first.output
+    assert first.exit_code == 0, first.output
     release = tmp_path / "rel"
     manifest = json.loads((release / "manifest.json").read_text())
     stages = {s["stage"]: s for s in manifest["stages"]}
     recovery = stages["recover"]["details"]["recovery"]
-    assert 1 <= recovery["steps"] <= 12 and recovery["curve"][0]["step"] == 0 and recovery["seconds"] > 0
+    assert 1 <= recovery["steps"] <= 12 and recovery["curve"][0]["step"] == 0
     assert manifest["data"]["training"] == {
         "source": str(tiny_holdout_small), "rows": recovery["training_rows"],
         "fingerprint": recovery["training_fingerprint"]}
