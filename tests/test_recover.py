@@ -165,7 +165,7 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     manifest = json.loads((release / "manifest.json").read_text())
     stages = {s["stage"]: s for s in manifest["stages"]}
     recovery = stages["recover"]["details"]["recovery"]
-    assert 1 <= recovery["steps"] <= 12 and recovery["curve"][0]["step"] == 0
+    assert recovery["steps"] in range(1, 13) and recovery["curve"][0]["step"] == 0
     assert manifest["data"]["training"] == {
         "source": str(tiny_holdout_small), "rows": recovery["training_rows"],
         "fingerprint": recovery["training_fingerprint"]}
@@ -177,7 +177,7 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     assert recovered["kind"] == "pruned" and recovered["parity"]["gate"]["max_abs_diff"] is None
     assert int8["options"]["source_sha256"] == recovered["sha256"]
     trials = stages["prune"]["details"]["budget_trials"]  # each candidate judged after 4 recovery steps
-    assert 1 <= len(trials) <= 3
+    assert len(trials) in (1, 2, 3)
     passing = [t["ffn_fraction"] for t in trials if t["agreement"] >= 0.9]  # the budget's min_agreement
     assert stages["prune"]["details"]["ffn_fraction"] == max(passing, default=0.0)
 
