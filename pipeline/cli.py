@@ -344,6 +344,8 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
               help="Share of the loss from gold labels (with --label-column).")
 @click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
               help="Weight of intermediate-layer matching (each layer's hidden state vs the original's).")
+@click.option("--dropout/--no-dropout", default=False, show_default=True,
+              help="Train the student with the model's dropout (off: distillation fits the original's function).")
 @click.option("--samples", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Training rows drawn from --data.")
 @click.option("--tuning-samples", type=click.IntRange(min=8), default=256, show_default=True,
@@ -357,7 +359,7 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
 def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
                 text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
                 learning_rate: float, batch_size: int, temperature: float, label_weight: float, hidden_weight: float,
-                samples: int, tuning_samples: int, max_length: int,
+                dropout: bool, samples: int, tuning_samples: int, max_length: int,
                 seed: int, task: str | None, encoding: str | None, quiet: bool, as_json: bool) -> None:
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
@@ -369,7 +371,7 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     check_onnx_file(pruned_path)
     spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
                        batch_size=batch_size, temperature=temperature, label_weight=label_weight,
-                       hidden_weight=hidden_weight, tuning_samples=tuning_samples, seed=seed)
+                       hidden_weight=hidden_weight, dropout=dropout, tuning_samples=tuning_samples, seed=seed)
     training = TrainingData(data, Columns(text_column, text_pair_column, label_column), samples, encoding)
     result, report = recover(reference, pruned_path, training, out, spec, max_length, task,
                              _progress(quiet, as_json))

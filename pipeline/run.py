@@ -22,7 +22,7 @@ from typing import Any
 
 from calibration.encode import load_tokenizer
 from calibration.sampling import row_digest
-from calibration.sources import load_rows
+from calibration.sources import load_rows, require_columns
 from pipeline import data as datamod
 from pipeline import targets
 from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir, sha256_file
@@ -219,7 +219,7 @@ def prune_stages(inputs: "RunInputs", fp32: Artifact, stages: CachedStages, work
     spec = recipe.stages.prune
     seen = prepared.seen_digests
     tuning = prepared.tuning.batches
-    recovery = RecoveryInputs.of(inputs) if spec.recover.enabled else None
+    recovery = inputs.recovery
     fp32_on_tuning: list = []
 
     def agreement_of(path: Path) -> float:  # on tuning rows, never evaluation rows
@@ -278,8 +278,9 @@ class RecoveryInputs:
     def of(cls, inputs: "RunInputs") -> "RecoveryInputs":
         recipe, prepared = inputs.recipe, inputs.prepared
         source = recipe.data.training
-        header = list(load_rows(source.path, source.encoding)[0].keys()) if source.path.is_file() else None
-        columns = datamod.source_columns(recipe.data, source, header)
+        rows = load_rows(source.path, source.encoding)  # a missing file or column fails here, before any stage
+        columns = datamod.source_columns(recipe.data, source, list(rows[0].keys()))
+        require_columns(rows, columns.needed(), source.path)
         evaluation = prepared.evaluation
         exclude = frozenset(row_digest(evaluation.columns, r) for r in evaluation.rows) | frozenset(
             prepared.tuning.digests)
@@ -322,6 +323,7 @@ class RunInputs:
     labelled: bool
     prepared: Any
     digests: dict[str, str]
+    recovery: "RecoveryInputs | None" = None  # when the recipe recovers after pruning
 
     @classmethod
     def of(cls, recipe: Recipe) -> "RunInputs":
@@ -334,8 +336,12 @@ class RunInputs:
         digests = {"calibration": batches_digest(prepared.calibration.batches),
                    "tuning": batches_digest(prepared.tuning.batches),
                    "evaluation": batches_digest(prepared.evaluation.batches)}
-        return cls(recipe, info, folder_sha256(info.path), task, gated_metric(recipe, task.name),
-                   recipe.data.evaluation_label is not None, prepared, digests)
+        inputs = cls(recipe, info, folder_sha256(info.path), task, gated_metric(recipe, task.name),
+                     recipe.data.evaluation_label is not None, prepared, digests)
+        prune = recipe.stages.prune
+        if prune.enabled and prune.recover.enabled:
+            inputs.recovery = RecoveryInputs.of(inputs)
+        return inputs
 
     def torch_runner(self) -> TorchRunner:
         return TorchRunner(self.recipe.model.path, task=self.task.name, allow_pickle=self.recipe.model.allow_pickle)

@@ -202,3 +202,48 @@ def test_recipe_recovery_needs_training_data(tiny, tiny_holdout_small, tmp_path)
     result = invoke("run", path, "--out", tmp_path / "rel")
     assert result.exit_code == 2 and "needs data.training" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "rel").exists()
+
+
+def test_recipe_training_data_is_checked_before_any_stage(tiny, tiny_holdout_small, tmp_path):
+    """A training file without the text column fails at once, naming the file and the column,
+    before export spends any time (nothing reaches the stage cache)."""
+    import yaml
+
+    path = _recovery_recipe(tiny, tiny_holdout_small, tmp_path)
+    raw = yaml.safe_load(path.read_text())
+    other = tmp_path / "other.csv"
+    other.write_text("body,gold\nfine,positive\n")
+    raw["data"]["training"] = {"path": str(other), "samples": 160}
+    path.write_text(yaml.safe_dump(raw))
+    cache = tmp_path / "cache"
+    result = invoke("run", path, "--out", tmp_path / "rel", "--cache-dir", cache)
+    assert result.exit_code == 2, result.output
+    assert f"data {other} has no column 'text'" in result.output
+    assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "rel").exists()
+    assert not any(p.is_file() for p in cache.rglob("*.json"))
+
+
+@pytest.mark.parametrize("flag, expected", [((), False), (("--dropout",), True)])
+def test_the_student_trains_without_dropout_unless_asked(flag, expected, tiny, tiny_holdout_small, heavy, tmp_path,
+                                                         monkeypatch):
+    """Distillation fits the original's function: by default every training forward pass runs with
+    dropout off (modules in eval mode); --dropout turns the model's own dropout back on."""
+    import torch
+
+    import pipeline.recover as recover_module
+
+    modes = []
+    forward = recover_module._student_outputs
+
+    def recording(model, batch, task, hidden=False):
+        if torch.is_grad_enabled():  # the student's training pass (the teacher runs under no_grad)
+            modes.append(model.training)
+        return forward(model, batch, task, hidden)
+
+    monkeypatch.setattr(recover_module, "_student_outputs", recording)
+    _, pruned = heavy
+    result = invoke("recover", "--reference", tiny.model, "--pruned", pruned, "--data", tiny_holdout_small,
+                    "--samples", "64", "--tuning-samples", "32", "--max-steps", "3", "--max-length", "64",
+                    "--out", tmp_path / "r.onnx", "--quiet", *flag)
+    assert result.exit_code == 0, result.output
+    assert modes == [expected] * 3
