@@ -118,6 +118,9 @@ def main() -> None:
     import torch
 
     torch.set_num_threads(THREADS)
+    for release in args.releases:
+        if not (release / "manifest.json").is_file():
+            parser.error(f"{release}/manifest.json not found; make the release first (shipyard run RECIPE --out {release})")
     manifests = {release: json.loads((release / "manifest.json").read_text()) for release in args.releases}
     first = manifests[args.releases[0]]
     recipe = Recipe.model_validate(first["recipe"])
