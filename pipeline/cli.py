@@ -350,6 +350,10 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
               help="Training rows drawn from --data.")
 @click.option("--tuning-samples", type=click.IntRange(min=8), default=256, show_default=True,
               help="Rows of --data held out from training; early stopping watches agreement on them.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between checks on the tuning rows (and after the last step).")
+@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Checks without improvement before training stops.")
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--task", type=click.Choice(TASK_CHOICES), default=None,
@@ -359,7 +363,7 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
 def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
                 text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
                 learning_rate: float, batch_size: int, temperature: float, label_weight: float, hidden_weight: float,
-                dropout: bool, samples: int, tuning_samples: int, max_length: int,
+                dropout: bool, samples: int, tuning_samples: int, eval_every: int, patience: int, max_length: int,
                 seed: int, task: str | None, encoding: str | None, quiet: bool, as_json: bool) -> None:
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
@@ -371,7 +375,8 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     check_onnx_file(pruned_path)
     spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
                        batch_size=batch_size, temperature=temperature, label_weight=label_weight,
-                       hidden_weight=hidden_weight, dropout=dropout, tuning_samples=tuning_samples, seed=seed)
+                       hidden_weight=hidden_weight, dropout=dropout, tuning_samples=tuning_samples,
+                       eval_every=eval_every, patience=patience, seed=seed)
     training = TrainingData(data, Columns(text_column, text_pair_column, label_column), samples, encoding)
     result, report = recover(reference, pruned_path, training, out, spec, max_length, task,
                              _progress(quiet, as_json))

@@ -19,6 +19,9 @@ not a regularised one, and the training rows are rarely seen twice in the steps 
 survives training. Every `eval_every` steps the student's agreement with the teacher is measured
 on tuning rows drawn from the same data but disjoint from the training rows (never evaluation
 rows); the best state is kept and training stops after `patience` checks without improvement.
+A check improves on the best when it agrees on more tuning rows, or on as many with outputs
+closer to the teacher's (`Task.distance`): agreement alone is flat where no row passes yet (an
+embedding model far below the 0.99 cosine a row needs), and the state would stay the pruned one.
 The recovered model is saved as a Hugging Face folder (pruned heads in its config) and goes
 through the same Optimum export and export gate as the original; its ONNX is stamped as pruned,
 so it is gated like any pruned artifact.
@@ -78,11 +81,17 @@ class RecoverReport:
     training_fingerprint: str
     agreement_before: float
     agreement_after: float
+    distance_before: float  # Task.distance to the teacher on the tuning rows: 1 - cosine or mean |diff|
+    distance_after: float
     best_step: int
     stopped_early: bool
     loss_first: float
     loss_last: float
-    curve: list[dict[str, float]] = field(default_factory=list)  # per check: step, loss, tuning agreement
+    curve: list[dict[str, float]] = field(default_factory=list)  # per check: step, loss, agreement, distance
+
+    @property
+    def improved(self) -> bool:
+        return self.best_step > 0
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -219,12 +228,14 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
                             f"{worst:.3g} (> {EXACT}); pass the model the pruned graph was made from")
     teacher_tuning = collect(_ModelRunner(teacher, task.name), tuning_batches, task)
 
-    def agreement() -> float:
+    def check() -> tuple[float, float]:
+        """The student's tuning agreement with the teacher and its distance from it."""
         student.eval()
         with torch.inference_mode():
             outputs = collect(_ModelRunner(student, task.name), tuning_batches, task)
         student.train(spec.dropout)
-        return task.agreement_rate(teacher_tuning, outputs, tuning_batches)
+        return (task.agreement_rate(teacher_tuning, outputs, tuning_batches),
+                task.distance(teacher_tuning, outputs, tuning_batches))
 
     masks = sparse_masks(student, plan)
     steps_per_epoch = math.ceil(len(training) / spec.batch_size)
@@ -232,9 +243,9 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
     optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.01)
     scheduler = torch.optim.lr_scheduler.LambdaLR(
         optimizer, lambda s: min(1.0, (s + 1) / max(1, total // 10)) * max(0.0, (total - s) / total))
-    before = agreement()
-    best, best_step, best_state, since_best = before, 0, _state(student), 0
-    curve = [{"step": 0, "loss": float("nan"), "agreement": before}]
+    before, distance_before = check()
+    best, best_distance, best_step, best_state, since_best = before, distance_before, 0, _state(student), 0
+    curve = [{"step": 0, "loss": float("nan"), "agreement": before, "distance": distance_before}]
     losses: list[float] = []
     step, stopped = 0, False
     rng = np.random.default_rng(spec.seed)
@@ -268,10 +279,11 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
                 losses.append(float(loss.detach()))
                 advance(1, description=f"recover (distil) loss {np.mean(losses[-20:]):.4f}")
                 if step % spec.eval_every == 0 or step == total:
-                    score = agreement()
-                    curve.append({"step": step, "loss": float(np.mean(losses[-spec.eval_every:])), "agreement": score})
-                    if score > best:
-                        best, best_step, best_state, since_best = score, step, _state(student), 0
+                    score, distance = check()
+                    curve.append({"step": step, "loss": float(np.mean(losses[-spec.eval_every:])),
+                                  "agreement": score, "distance": distance})
+                    if score > best or (score == best and distance < best_distance):
+                        best, best_distance, best_step, best_state, since_best = score, distance, step, _state(student), 0
                     else:
                         since_best += 1
                         if since_best >= spec.patience:
@@ -282,7 +294,8 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
     report = RecoverReport(
         steps=step, seconds=round(time.perf_counter() - started, 1), training_rows=len(training),
         tuning_rows=len(tuning), training_fingerprint=datamod.fingerprint(training), agreement_before=before,
-        agreement_after=best, best_step=best_step, stopped_early=stopped,
+        agreement_after=best, distance_before=distance_before, distance_after=best_distance, best_step=best_step,
+        stopped_early=stopped,
         loss_first=losses[0] if losses else float("nan"), loss_last=losses[-1] if losses else float("nan"),
         curve=curve)
     seen = sorted(set(seen) | {row_digest(columns, r) for r in training + tuning})
@@ -335,6 +348,10 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
     return StageResult(
         stage="recover", artifacts=[artifact], seconds=report.seconds,
         message=(f"{report.steps} steps on {report.training_rows} rows in {report.seconds:.0f} s: tuning agreement "
-                 f"{report.agreement_before:.4f} -> {report.agreement_after:.4f}; export {exported.message}"),
+                 f"{report.agreement_before:.4f} -> {report.agreement_after:.4f}, distance {report.distance_before:.4g}"
+                 f" -> {report.distance_after:.4g}"
+                 + ("" if report.improved else " (no check improved on the pruned model, which is what was "
+                    "exported: train longer or at a higher learning rate)")
+                 + f"; export {exported.message}"),
         details={"recovery": report.to_dict()}, files=sorted(p for p in folder.rglob("*") if p.is_file()),
     )

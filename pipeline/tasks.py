@@ -187,6 +187,15 @@ class Task:
         agree = self.agreement(self.predictions(reference, batches), self.predictions(candidate, batches))
         return float(agree.mean()) if agree.size else 1.0
 
+    def distance(self, reference: list[Batch], candidate: list[Batch], batches: list[Batch]) -> float:
+        """How far the candidate's outputs are from the reference's, continuously (0 = the same):
+        1 - mean cosine of the embeddings for feature extraction, the mean |difference| of the
+        compared outputs otherwise. It orders candidates that agreement cannot tell apart."""
+        if self.name == "feature-extraction":
+            similarity = cosine(self.predictions(reference, batches), self.predictions(candidate, batches))
+            return float(1 - similarity.mean()) if similarity.size else 0.0
+        return max_abs_diff(reference, candidate, batches)[1]
+
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     a64, b64 = a.astype(np.float64), b.astype(np.float64)

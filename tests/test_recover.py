@@ -247,3 +247,38 @@ def test_the_student_trains_without_dropout_unless_asked(flag, expected, tiny, t
                     "--out", tmp_path / "r.onnx", "--quiet", *flag)
     assert result.exit_code == 0, result.output
     assert modes == [expected] * 3
+
+
+def test_recovery_keeps_the_closest_check_when_agreement_cannot_tell_them_apart(tiny, tiny_holdout_small, heavy,
+                                                                               tmp_path, monkeypatch):
+    """An embedding model pruned hard agrees on no tuning row (cosine < 0.99) until it has trained a
+    while, so its agreement is flat at 0 for every check. Recovery must still keep the state whose
+    outputs are closest to the teacher's, not the pruned model it started from. Flat agreement is
+    forced here so the rule is checked on the tiny classifier, whose logits training does move."""
+    from pipeline.tasks import Task
+
+    monkeypatch.setattr(Task, "agreement_rate", lambda self, reference, candidate, batches: 0.0)
+    _, pruned = heavy
+    out = tmp_path / "r.onnx"
+    result = invoke("recover", "--reference", tiny.model, "--pruned", pruned, "--data", tiny_holdout_small,
+                    "--samples", "128", "--tuning-samples", "32", "--max-steps", "8", "--eval-every", "2",
+                    "--patience", "8", "--learning-rate", "1e-3", "--max-length", "64", "--out", out, "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.output)
+    assert [c["step"] for c in report["curve"]] == [0, 2, 4, 6, 8] and {c["agreement"] for c in report["curve"]} == {0.0}
+    closest = min(report["curve"], key=lambda c: c["distance"])
+    assert report["best_step"] == closest["step"] > 0
+    assert report["distance_after"] == closest["distance"] < report["distance_before"]
+
+
+def test_embedding_distance_is_one_minus_the_mean_cosine():
+    import numpy as np
+
+    from pipeline.tasks import Task
+
+    task = Task("feature-extraction")
+    batch = {"attention_mask": np.ones((2, 3), dtype=np.int64)}
+    reference = [{"embedding": np.array([[1.0, 0.0], [0.0, 2.0]], dtype=np.float32)}]
+    candidate = [{"embedding": np.array([[1.0, 1.0], [0.0, 5.0]], dtype=np.float32)}]
+    assert task.distance(reference, candidate, [batch]) == pytest.approx(1 - (np.sqrt(0.5) + 1.0) / 2)
+    assert task.distance(reference, reference, [batch]) == pytest.approx(0.0, abs=1e-12)
