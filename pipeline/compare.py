@@ -156,7 +156,7 @@ def _compare(task: Task, artifact: str, reference: list[Batch], candidate: list[
         return compare_logits(artifact, np.concatenate([r["logits"] for r in reference]),
                               np.concatenate([c["logits"] for c in candidate]), gate, metric or "accuracy",
                               gold, id2label, texts, max_flips)
-    largest, mean = max_abs_diff(reference, candidate, batches)
+    largest, mean = max_abs_diff(reference, candidate, batches, task.per_token)
     ref_pred, cand_pred = task.predictions(reference, batches), task.predictions(candidate, batches)
     agree = task.agreement(ref_pred, cand_pred)
     report = ParityReport(

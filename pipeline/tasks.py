@@ -157,6 +157,11 @@ class Task:
     def outputs(self) -> tuple[str, ...]:
         return OUTPUTS[self.name]
 
+    @property
+    def per_token(self) -> bool:
+        """Whether the compared outputs have one value per token ([B, S, ...])."""
+        return self.name in ("token-classification", "question-answering")
+
     def reduce(self, outputs: Batch, batch: Batch) -> Batch:
         """What this task compares, from one batch's raw outputs."""
         if self.name == "feature-extraction":
@@ -194,7 +199,7 @@ class Task:
         if self.name == "feature-extraction":
             similarity = cosine(self.predictions(reference, batches), self.predictions(candidate, batches))
             return float(1 - similarity.mean()) if similarity.size else 0.0
-        return max_abs_diff(reference, candidate, batches)[1]
+        return max_abs_diff(reference, candidate, batches, self.per_token)[1]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:
@@ -232,15 +237,18 @@ def collect(runner, batches: list[Batch], task: Task, progress=None) -> list[Bat
     return reduced
 
 
-def max_abs_diff(reference: list[Batch], candidate: list[Batch], batches: list[Batch]) -> tuple[float, float]:
-    """Largest and mean |difference| over every compared output, at non-padding positions."""
+def max_abs_diff(reference: list[Batch], candidate: list[Batch], batches: list[Batch],
+                 per_token: bool) -> tuple[float, float]:
+    """Largest and mean |difference| over every compared output; `per_token` outputs ([B, S, ...])
+    only at non-padding positions. Told, not guessed from shapes: an embedding [B, 384] and a
+    mask [B, 384] (384 hidden units, padded to 384 tokens) look alike."""
     largest, total, count = 0.0, 0.0, 0
     for ref, cand, batch in zip(reference, candidate, batches):
         mask = batch["attention_mask"].astype(bool)
         for name, value in ref.items():
             diff = np.abs(value.astype(np.float64) - cand[name].astype(np.float64))
-            if diff.ndim >= 2 and diff.shape[:2] == mask.shape:
-                diff = diff[mask]  # token outputs: padding positions are not predictions
+            if per_token:
+                diff = diff[mask]  # padding positions are not predictions
             if diff.size:
                 largest = max(largest, float(diff.max()))
                 total += float(diff.sum())

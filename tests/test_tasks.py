@@ -11,7 +11,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.demo import minilm_dir, read_tweets
 from pipeline.metrics import entities, entity_scores, squad_scores
-from pipeline.tasks import Pooling, best_spans
+from pipeline.tasks import Pooling, Task, best_spans, max_abs_diff
 from zoo import make_model
 
 TASKS = ("token-classification", "question-answering", "feature-extraction")
@@ -156,6 +156,20 @@ def test_best_span_stays_in_the_context_ordered_and_short():
     assert best_spans(start, end, context, 1).tolist() == [[5, 5]]  # one token: 0 + 6 beats 5 + 0
     assert best_spans(start, end, np.zeros_like(context), 30).tolist() == [[-1, -1]]
 
+
+
+def test_output_differences_skip_padding_only_for_per_token_outputs():
+    """An embedding as wide as the padded batch is long ([2, 4] against a [2, 4] mask) is compared
+    in full; token logits are compared only where the mask has tokens."""
+    batch = {"attention_mask": np.array([[1, 1, 1, 1], [1, 1, 0, 0]])}
+    reference = np.zeros((2, 4), dtype=np.float32)
+    candidate = reference.copy()
+    candidate[1, 3] = 0.5  # a padding position for tokens, the last unit for an embedding
+    embedding = Task("feature-extraction")
+    assert max_abs_diff([{"embedding": reference}], [{"embedding": candidate}], [batch], embedding.per_token)[0] == 0.5
+    spans = Task("question-answering")
+    got = max_abs_diff([{"start_logits": reference}], [{"start_logits": candidate}], [batch], spans.per_token)
+    assert got == (0.0, 0.0)
 
 def test_real_minilm_pools_as_its_sentence_transformers_config_says(tmp_path):
     """all-MiniLM-L6-v2 as shipped: mean pooling then L2 normalisation, read from modules.json;

@@ -199,7 +199,8 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
             if not tuning:
                 return float("nan"), float("nan")
             got = collect(OrtRunner(path), tuning, task)
-            return task.agreement_rate(reference, got, tuning), max_abs_diff(reference, got, tuning)[0]
+            largest, _ = max_abs_diff(reference, got, tuning, task.per_token)
+            return task.agreement_rate(reference, got, tuning), largest
 
         ranking = sensitivity.rank_nodes(graph, batches) if spec.fallback.max_nodes else []
         chosen, excluded, trials = sensitivity.search(
