@@ -349,11 +349,11 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
 @click.option("--samples", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Training rows drawn from --data.")
 @click.option("--tuning-samples", type=click.IntRange(min=8), default=256, show_default=True,
-              help="Rows of --data held out from training; early stopping watches agreement on them.")
+              help="Rows of --data held out from training; the kept state is the one closest to the original on them.")
 @click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
               help="Steps between checks on the tuning rows (and after the last step).")
 @click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
-              help="Checks without improvement before training stops.")
+              help="Checks that come no closer before training stops.")
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--task", type=click.Choice(TASK_CHOICES), default=None,

@@ -160,8 +160,8 @@ class RecoverSpec(_Strict):
                                  "hidden state against the original's) added to the output loss")
     dropout: bool = Field(False, description="train the student with the model's dropout; off by default: "
                           "distillation fits the original's function (README, Recovery: the measurements)")
-    eval_every: int = Field(50, ge=1, description="steps between agreement checks on the tuning split")
-    patience: int = Field(4, ge=1, description="checks without improvement before training stops")
+    eval_every: int = Field(50, ge=1, description="steps between checks on the tuning split")
+    patience: int = Field(4, ge=1, description="checks that come no closer to the original before training stops")
     tuning_samples: int = Field(256, ge=8, description="rows of the training data held out for early stopping")
     seed: int = 0
 

@@ -195,7 +195,8 @@ class Task:
     def distance(self, reference: list[Batch], candidate: list[Batch], batches: list[Batch]) -> float:
         """How far the candidate's outputs are from the reference's, continuously (0 = the same):
         1 - mean cosine of the embeddings for feature extraction, the mean |difference| of the
-        compared outputs otherwise. It orders candidates that agreement cannot tell apart."""
+        compared outputs otherwise. Recovery keeps its closest check by it (agreement jumps between
+        checks, and is flat while no row passes)."""
         if self.name == "feature-extraction":
             similarity = cosine(self.predictions(reference, batches), self.predictions(candidate, batches))
             return float(1 - similarity.mean()) if similarity.size else 0.0
