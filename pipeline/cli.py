@@ -411,6 +411,10 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
               help="feature-extraction: an embedding agrees at this cosine with PyTorch's.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the parity report as JSON here.")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The pruned (or recovered) FP32 ONNX the artifact was converted from: gate the artifact against "
+                   "it with its precision's gate (which the threshold options set), and against --reference with "
+                   "the default pruned gate (0.95 agreement, 2 points), as shipyard run does.")
 @encoding_option
 @allow_pickle_option
 @output_options
@@ -418,8 +422,8 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
                  text_pair_column: str | None, label_column: str | None, samples: int | None,
                  max_length: int, min_agreement: float | None, max_abs_diff: float | None,
                  max_metric_drop: float | None, metric: str | None, task: str | None, max_answer_tokens: int,
-                 min_cosine: float, report_path: Path | None, encoding: str | None, allow_pickle: bool,
-                 quiet: bool, as_json: bool) -> None:
+                 min_cosine: float, report_path: Path | None, source: Path | None, encoding: str | None,
+                 allow_pickle: bool, quiet: bool, as_json: bool) -> None:
     """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail.
 
     Rows the artifact was calibrated or tuned on (recorded inside it by shipyard quantize,
@@ -429,10 +433,12 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
     report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
                            samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
                            metric, report_path, _progress(quiet, as_json), task, max_answer_tokens, min_cosine,
-                           encoding, allow_pickle)
+                           encoding, allow_pickle, source)
+    step = report.details.get("source")
     line = (f"validate {artifact}: {'PASS' if report else 'FAIL'} {report.task} agreement {report.agreement:.4f} "
-            f"over {report.units} {report.unit}, "
-            f"max |diff| {report.max_abs_diff:.3g}" + ("" if report else "; " + "; ".join(report.failures)))
+            f"over {report.units} {report.unit}, max |diff| {report.max_abs_diff:.3g}"
+            + (f"; vs {source.name}: agreement {step['agreement']:.4f}" if step else "")
+            + ("" if report else "; " + "; ".join(report.failures)))
     _finish(report.passed, report.to_dict(), line, quiet, as_json)
 
 

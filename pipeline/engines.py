@@ -73,6 +73,17 @@ def _typed_onnx(manifest: Manifest, release: Path, name: str) -> tuple[Artifact,
     return typed, record.onnx
 
 
+def _pruned_source(manifest: Manifest, release: Path) -> Artifact | None:
+    """The release's pruned (or recovered) FP32 graph, which its engines are also gated against
+    (`pipeline.policy.gates_for`); None for a release that does not prune."""
+    record = next((a for a in manifest.artifacts if a.kind == "pruned" and a.stage in ("prune", "recover")), None)
+    if record is None:
+        return None
+    return Artifact(name=record.name, path=release / record.path, format=record.format, precision=record.precision,
+                    stage=record.stage, options=record.options, sha256=record.sha256, size_bytes=record.size_bytes,
+                    kind=record.kind)
+
+
 def build_from_release(release: Path, target_name: str, out: Path, overwrite: bool = False,
                        cache: StageCache | None = None, progress: Progress = Progress(),
                        sign_key: Path | None = None, overrides: tuple[str, ...] = ()) -> Manifest:
@@ -99,10 +110,12 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
         record, results, engine = target_stages(target, typed, onnx_path, work, progress)
         artifacts = []
         if engine is not None:
-            result, parity = inputs.validate(engine, CachedStages(StageCache(None), work),
-                                             inputs.reference_outputs(cache, progress), progress)
-            results.append(result)
-            artifacts.append(ArtifactRecord.of(engine, work, parity, parity["passed"]))
+            source = _pruned_source(manifest, release)
+            gates, parity, source_parity = inputs.validate(
+                engine, CachedStages(StageCache(None), work), inputs.reference_outputs(cache, progress), progress,
+                source and inputs.source_outputs(source, cache, progress))
+            results.extend(gates)
+            artifacts.append(ArtifactRecord.of(engine, work, parity, parity["passed"], source_parity))
         small = manifest.model_copy(update={
             "created_at": datetime.now(timezone.utc).isoformat(timespec="seconds"),
             "passed": engine is not None and all(r.passed for r in results),

@@ -68,14 +68,21 @@ class ArtifactRecord(_Strict):
     kind: str = Field(description="fp32, pruned, fp16 or int8: which thresholds gate it")
     options: dict[str, Any]
     parity: dict[str, Any] | None = Field(None, description="ParityReport against PyTorch")
-    passed: bool
+    source_parity: dict[str, Any] | None = Field(
+        None, description="ParityReport against the pruned FP32 graph the artifact was converted from, with its "
+        "precision's gate (artifacts made from a pruned model); its 'reference' names that graph")
+    passed: bool = Field(description="every gate of the artifact passed")
 
     @classmethod
-    def of(cls, artifact, folder: Path, parity: dict[str, Any] | None, passed: bool) -> "ArtifactRecord":
-        """The record of a `pipeline.artifacts.Artifact` written under `folder`."""
+    def of(cls, artifact, folder: Path, parity: dict[str, Any] | None, passed: bool,
+           source_parity: dict[str, Any] | None = None) -> "ArtifactRecord":
+        """The record of a `pipeline.artifacts.Artifact` written under `folder`; `passed` is the
+        verdict of the other gates and is ANDed with `source_parity`'s."""
+        passed = passed and (source_parity is None or bool(source_parity["passed"]))
         return cls(name=artifact.name, path=str(artifact.path.relative_to(folder)), format=artifact.format,
                    precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
-                   stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity, passed=passed)
+                   stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity,
+                   source_parity=source_parity, passed=passed)
 
 
 class TargetRecord(_Strict):

@@ -4,6 +4,10 @@
   makes an artifact decides its kind once and records it in the ONNX file's metadata
   (`shipyard.kind`) and in the manifest; everything downstream reads the record. Only an ONNX
   file Shipyard did not write is classified from its graph.
+- An artifact converted from a pruned model (its INT8 forms, its TensorRT-ready graphs and
+  engines) answers to two gates (`gates_for`): the pruned gate against the original PyTorch
+  model, which bounds what the compressed release loses in all, and its precision's gate against
+  the pruned FP32 graph it was made from, which bounds what the conversion lost.
 - Which thresholds apply: the recipe's (or the defaults) for that kind, without the metric drop
   when there are no gold labels.
 - The rows an artifact was fitted or chosen on (`shipyard.seen_rows`, content digests) travel
@@ -15,6 +19,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Literal
 
 from pipeline.recipe import Gate, Thresholds
@@ -47,6 +52,25 @@ def gate_for(thresholds: Thresholds, kind: str, labelled: bool) -> Gate:
     """The gate for one kind of artifact; without gold labels no metric drop is checked."""
     gate = getattr(thresholds, kind)
     return gate if labelled else gate.model_copy(update={"max_metric_drop": None})
+
+
+@dataclass(frozen=True)
+class Gates:
+    """What judges one artifact: `reference` against the original PyTorch model and, when set,
+    `source` against the FP32 graph the artifact was converted from."""
+
+    reference: Gate
+    source: Gate | None = None
+
+
+def gates_for(thresholds: Thresholds, kind: str, precision: str, from_pruned: bool, labelled: bool) -> Gates:
+    """The gates of an artifact of `kind` and `precision`; `from_pruned` when it was converted from
+    a pruned (or recovered) graph rather than being that graph. Such an artifact cannot agree with
+    the original more than its source does, so its own precision's gate (0.98 for INT8 by
+    default) is checked against the source, and the pruned gate against the original."""
+    if not from_pruned:
+        return Gates(gate_for(thresholds, kind, labelled))
+    return Gates(gate_for(thresholds, "pruned", labelled), gate_for(thresholds, precision, labelled))
 
 
 def stamp(model, kind: str, seen: Iterable[str] = ()) -> None:

@@ -64,6 +64,30 @@ def render_markdown(manifest: Manifest) -> str:
             f"| {_fmt(p.get('max_abs_diff'), '.3g')} | {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
             f"| {'pass' if art.passed else 'FAIL'} |"
         )
+    converted = [a for a in manifest.artifacts if a.source_parity]
+    if converted:
+        source = converted[0].source_parity.get("reference", "the pruned graph")
+        lines += [
+            "", "### Against the pruned graph they were made from", "",
+            f"Artifacts converted from `{source}` answer to two gates: the pruned gate against PyTorch "
+            "(above: what the compressed release loses in all) and their precision's gate against "
+            f"`{source}` (below: what the conversion lost).",
+            "",
+            f"| artifact | agreement | max abs diff | source {metric or 'metric'} | artifact {metric or 'metric'} "
+            "| drop | verdict |",
+            "|---|---|---|---|---|---|---|",
+        ]
+        for art in converted:
+            p = art.source_parity
+            ref = (p.get("reference_metrics") or {}).get(metric) if metric else None
+            got = (p.get("artifact_metrics") or {}).get(metric) if metric else None
+            lines.append(f"| `{art.path}` | {_fmt(p.get('agreement'))} | {_fmt(p.get('max_abs_diff'), '.3g')} "
+                         f"| {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
+                         f"| {'pass' if p.get('passed') else 'FAIL'} |")
+    for art in converted:
+        if art.source_parity.get("failures"):
+            lines += ["", f"### {art.name}: gate against {art.source_parity.get('reference')} failed", ""]
+            lines += [f"- {f}" for f in art.source_parity["failures"]]
     for art in manifest.artifacts:
         p = art.parity or {}
         if p.get("failures"):

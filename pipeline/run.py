@@ -34,10 +34,10 @@ from pipeline.manifest import (
     tool_versions, write_json,
 )
 from pipeline.model import check_max_length, inspect_model
-from pipeline.policy import calibration_padding, gate_for
+from pipeline.policy import calibration_padding, gates_for
 from pipeline.progress import Progress
 from pipeline.pruning_plan import plan_path
-from pipeline.recipe import Recipe
+from pipeline.recipe import Gate, Recipe
 from pipeline.recover import TrainingData, recover
 from pipeline.report import write_reports
 from pipeline.runners import OrtRunner, TorchRunner
@@ -131,6 +131,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
     seen = prepared.seen_digests
     results: list[StageResult] = []
     parity: dict[str, dict] = {}
+    source_parity: dict[str, dict | None] = {}
     cache = options.cache
 
     with atomic_dir(out, options.overwrite) as work:
@@ -180,9 +181,14 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         results.extend(typed_results)
         artifacts.extend(a for r in typed_results for a in r.artifacts)
 
+        # Artifacts converted from a pruned graph are also gated against it (`pipeline.policy.gates_for`).
+        source_outputs = inputs.source_outputs(dense, cache, progress) if dense.kind == "pruned" else None
+
         def validate_artifact(artifact: Artifact) -> None:
-            result, parity[artifact.name] = inputs.validate(artifact, stages, reference_outputs, progress)
-            results.append(result)
+            converted = source_outputs if artifact not in (fp32, dense) else None
+            stage_results, parity[artifact.name], source_parity[artifact.name] = inputs.validate(
+                artifact, stages, reference_outputs, progress, converted)
+            results.extend(stage_results)
 
         for artifact in artifacts:
             validate_artifact(artifact)
@@ -199,8 +205,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
             target_records.append(record)
 
         invocation = InvocationRecord.now(options.command, cache)
-        manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, work, target_records,
-                             invocation)
+        manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, source_parity, work,
+                             target_records, invocation)
         write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
         write_reports(manifest, work)
         if options.sign_key is not None:
@@ -351,21 +357,43 @@ class RunInputs:
                                 {"model": self.model_sha, "batches": self.digests["evaluation"],
                                  "task": repr(self.task)})
 
+    def source_outputs(self, source: Artifact, cache: StageCache, progress: Progress) -> "ReferenceOutputs":
+        """`source`'s ONNX Runtime outputs on the evaluation batches: what artifacts converted from a
+        pruned graph are gated against besides PyTorch (`pipeline.policy.gates_for`)."""
+        return ReferenceOutputs(cache, OrtRunner(source.path), self.prepared.evaluation.batches, self.task, progress,
+                                {"model": source.sha256, "batches": self.digests["evaluation"], "task": repr(self.task)},
+                                name=source.name, stage="source-outputs")
+
     def validate(self, artifact: Artifact, stages: "CachedStages", reference: "ReferenceOutputs",
-                 progress: Progress) -> tuple[StageResult, dict]:
-        """Gate `artifact` against PyTorch on the evaluation rows with its kind's thresholds."""
-        gate = gate_for(self.recipe.thresholds, artifact.kind, self.labelled)
+                 progress: Progress, source: "ReferenceOutputs | None" = None
+                 ) -> tuple[list[StageResult], dict, dict | None]:
+        """Gate `artifact` against PyTorch on the evaluation rows and, when it was converted from a
+        pruned graph (`source`), against that graph too, each with the gate the policy gives it.
+        Returns the stage results and the two parity reports (the second None without a source)."""
+        gates = gates_for(self.recipe.thresholds, artifact.kind, artifact.precision, source is not None,
+                          self.labelled)
+        result, report = self._check(artifact, f"validate[{artifact.name}]", stages, reference, gates.reference,
+                                     progress)
+        if gates.source is None:
+            return [result], report, None
+        step, step_report = self._check(artifact, f"validate[{artifact.name} vs {source.name}]", stages, source,
+                                        gates.source, progress)
+        return [result, step], report, step_report
+
+    def _check(self, artifact: Artifact, stage: str, stages: "CachedStages", reference: "ReferenceOutputs",
+               gate: Gate, progress: Progress) -> tuple[StageResult, dict]:
         evaluation, id2label = self.prepared.evaluation, self.info.id2label
         reports: dict[str, dict] = {}
 
         def check() -> StageResult:
-            with progress.task(f"validate {artifact.name}", total=len(evaluation.rows)) as advance:
+            with progress.task(f"validate {artifact.name} vs {reference.name}", total=len(evaluation.rows)) as advance:
                 result, report = validate.run(artifact, reference.get(), evaluation, gate, self.metric,
                                               id2label, self.task, advance)
-            reports["report"] = report.to_dict()
+            result.stage = stage
+            reports["report"] = {**report.to_dict(), "reference": reference.name}
             return result
 
-        result, extra = stages.run(f"validate[{artifact.name}]", {
+        result, extra = stages.run(stage, {
             "artifact": artifact.sha256, "reference": reference.inputs, "rows": evaluation.fingerprint,
             "gate": gate.model_dump(mode="json"), "metric": self.metric, "labels": id2label},
             check, extra=lambda result: reports)
@@ -373,12 +401,13 @@ class RunInputs:
 
 
 class ReferenceOutputs:
-    """PyTorch's outputs on the evaluation batches: computed on first use, cached by model and rows."""
+    """A reference's outputs on the evaluation batches (PyTorch's, or a source graph's): computed
+    on first use, cached by model and rows."""
 
-    def __init__(self, cache: StageCache, runner: TorchRunner, batches: list, task, progress: Progress,
-                 inputs: dict[str, str]) -> None:
+    def __init__(self, cache: StageCache, runner, batches: list, task, progress: Progress,
+                 inputs: dict[str, str], name: str = "PyTorch", stage: str = "pytorch-reference") -> None:
         self.cache, self.runner, self.batches, self.task, self.progress = cache, runner, batches, task, progress
-        self.inputs = inputs
+        self.inputs, self.name, self.stage = inputs, name, stage
         self._outputs = None
 
     def get(self) -> list[dict]:
@@ -389,14 +418,14 @@ class ReferenceOutputs:
     def _load_or_compute(self) -> list[dict]:
         import numpy as np
 
-        key = self.cache.key("pytorch-reference", self.inputs)
+        key = self.cache.key(self.stage, self.inputs)
         with tempfile.TemporaryDirectory() as tmp:
-            if self.cache.load("pytorch-reference", key, Path(tmp)) is not None:
+            if self.cache.load(self.stage, key, Path(tmp)) is not None:
                 with np.load(Path(tmp) / "outputs.npz") as data:
                     count = int(data["count"])
                     return [{k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}
                             for i in range(count)]
-            with self.progress.task("PyTorch reference", total=sum(len(b["input_ids"]) for b in self.batches)) as advance:
+            with self.progress.task(f"{self.name} reference", total=sum(len(b["input_ids"]) for b in self.batches)) as advance:
                 outputs = collect(self.runner, self.batches, self.task, advance)
             arrays = {f"{i}/{name}": value for i, batch in enumerate(outputs) for name, value in batch.items()}
             np.savez(Path(tmp) / "outputs.npz", count=len(outputs), **arrays)
@@ -417,14 +446,14 @@ def gated_metric(recipe: Recipe, task: str) -> str | None:
     return chosen or allowed[0]
 
 
-def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, work: Path, target_records,
-              invocation) -> Manifest:
+def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, source_parity, work: Path,
+              target_records, invocation) -> Manifest:
     export_ok = {r.stage: r.passed for r in results}
     records = []
     for artifact in artifacts:
         report = parity.get(artifact.name)
         passed = report is not None and report["passed"] and (artifact.stage != "export" or export_ok.get("export", False))
-        records.append(ArtifactRecord.of(artifact, work, report, passed))
+        records.append(ArtifactRecord.of(artifact, work, report, passed, source_parity.get(artifact.name)))
     evaluation = prepared.evaluation
     return Manifest(
         recipe_name=recipe.name,

@@ -17,14 +17,16 @@ from pipeline.compare import ParityReport
 from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.manifest import write_json
 from pipeline.model import check_max_length, inspect_model
-from pipeline.policy import STANDALONE_BATCH, STANDALONE_SEED, gate_for, graph_kind, kind_of, recorded_kind, seen_rows
+from pipeline.policy import (
+    STANDALONE_BATCH, STANDALONE_SEED, gates_for, graph_kind, kind_of, recorded_kind, seen_rows,
+)
 from pipeline.progress import Progress
 from pipeline.readiness import check_model_file
 from pipeline.recipe import (
     ARCHITECTURES, ExportSpec, FallbackSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, SmoothingSpec, TargetSpec,
     Thresholds, load_recipe,
 )
-from pipeline.runners import ENGINE_SUFFIXES, TorchRunner, check_onnx_file
+from pipeline.runners import ENGINE_SUFFIXES, OrtRunner, TorchRunner, check_onnx_file
 from pipeline.stages import build, export, prune, quantize, validate
 from pipeline.tasks import METRICS, Pooling, Task, collect, graph_task
 
@@ -218,9 +220,15 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   max_length: int, min_agreement: float | None, max_abs_diff: float | None,
                   max_metric_drop: float | None, metric: str | None, report_path: Path | None,
                   progress: Progress = Progress(), task: str | None = None, max_answer_tokens: int = 30,
-                  min_cosine: float = 0.99, encoding: str | None = None, allow_pickle: bool = False) -> ParityReport:
+                  min_cosine: float = 0.99, encoding: str | None = None, allow_pickle: bool = False,
+                  source: Path | None = None) -> ParityReport:
     """Gate `artifact` against the PyTorch `reference` on rows of `data` it was not calibrated
-    or tuned on (the digests recorded inside it), with the policy's gate for its kind."""
+    or tuned on (the digests recorded inside it), with the policy's gate for its kind.
+
+    With `source`, the pruned FP32 graph the artifact was converted from, the policy's two gates
+    apply (`pipeline.policy.gates_for`): the pruned gate against `reference` and the artifact
+    precision's gate against `source`, which the explicit thresholds then set; the second's
+    report is `details["source"]` and its misses are failures of the one report."""
     info = inspect_model(reference, task, allow_pickle)
     check_max_length(info, max_length, "--max-length")
     spec = info.task(max_answer_tokens, min_cosine)
@@ -230,6 +238,8 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                             f"{', '.join(allowed) or 'none (embeddings have no labels)'}")
     if Path(artifact).suffix not in ENGINE_SUFFIXES:
         check_onnx_file(artifact)
+    if source is not None:
+        check_onnx_file(source)
     if report_path is not None:
         check_writable_parent(report_path)
     columns = Columns(text_column, text_pair_column, label_column)
@@ -239,20 +249,31 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
     precision, kind = artifact_kind(artifact)
     labelled = label_column is not None and bool(allowed)
-    default = gate_for(Thresholds(), kind, labelled)
-    gate = Gate(
+    gates = gates_for(Thresholds(), kind, precision, source is not None, labelled)
+    default = gates.source or gates.reference  # the artifact's own gate, which explicit thresholds set
+    own = Gate(
         min_agreement=default.min_agreement if min_agreement is None else min_agreement,
         max_abs_diff=default.max_abs_diff if max_abs_diff is None else max_abs_diff,
         max_metric_drop=default.max_metric_drop if max_metric_drop is None else max_metric_drop,
     )
+    gate = gates.reference if source is not None else own
     with progress.task("PyTorch reference", total=len(rows)) as advance:
         runner = TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle)
         reference_outputs = collect(runner, evaluation.batches, spec, advance)
     target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input", kind=kind)
+    gated_metric = (metric or allowed[0]) if labelled else None
     with progress.task(f"validate {artifact.name}", total=len(rows)) as advance:
-        _, report = validate.run(target, reference_outputs, evaluation, gate,
-                                 (metric or allowed[0]) if labelled else None, info.id2label, spec, advance)
+        _, report = validate.run(target, reference_outputs, evaluation, gate, gated_metric, info.id2label, spec,
+                                 advance)
     report.details["left_out_rows_the_artifact_saw"] = len(seen)
+    if source is not None:
+        with progress.task(f"{Path(source).name} reference", total=len(rows)) as advance:
+            source_outputs = collect(OrtRunner(source), evaluation.batches, spec, advance)
+        with progress.task(f"validate {artifact.name} vs {Path(source).name}", total=len(rows)) as advance:
+            _, step = validate.run(target, source_outputs, evaluation, own, gated_metric, info.id2label,
+                                   spec, advance)
+        report.details["source"] = {"path": str(source), **step.to_dict()}
+        report.failures += [f"vs {Path(source).name}: {failure}" for failure in step.failures]
     if report_path is not None:
         with atomic_file(report_path) as tmp:
             write_json(tmp, report.to_dict())

@@ -23,6 +23,13 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
             "[green]pass[/]" if art.passed else "[red]FAIL[/]",
         )
     console.print(table)
+    for art in manifest.artifacts:
+        p = art.source_parity
+        if p:
+            drop = p.get("metric_drop")
+            console.print(f"{escape(art.path)} vs {escape(str(p.get('reference')))}: agreement {p['agreement']:.4f}"
+                          + ("" if drop is None else f", drop {drop:+.4f}")
+                          + (" [green]pass[/]" if p.get("passed") else " [red]FAIL[/]"))
     for stage in manifest.stages:
         if not stage.passed:
             console.print(f"[red]FAIL[/] {escape(stage.stage)}: {escape(stage.message)}")

@@ -251,3 +251,49 @@ def test_pruning_plan_applies_to_pytorch_exactly(tiny, tiny_holdout_small, expor
             torch_logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()
         onnx_logits = OrtRunner(out).infer(batch)["logits"]
         assert np.abs(torch_logits - onnx_logits).max() <= 1e-4
+
+
+def test_artifacts_made_from_a_pruned_graph_are_gated_against_it_and_against_pytorch(tiny, tiny_holdout_small,
+                                                                                      tmp_path):
+    """An INT8 or TensorRT-ready form of a pruned model answers to the pruned gate against PyTorch
+    and to its precision's gate against the pruned graph; missing the second fails the run, its
+    JUnit case and the artifact, while the first still passes."""
+    import xml.etree.ElementTree as ET
+
+    from conftest import TINY_TARGETS, without_tensorrt
+
+    pruned_gate = {"min_agreement": 0.5, "max_abs_diff": None, "max_metric_drop": 0.5}
+    int8_gate = {"min_agreement": 0.6, "max_abs_diff": None, "max_metric_drop": 0.4}
+    fp16_gate = {"min_agreement": 0.9, "max_abs_diff": None, "max_metric_drop": 0.1}
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=TINY_TARGETS[1:],
+                          stages={"prune": {"enabled": True, "ffn_fraction": 0.5},
+                                  "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 0}}},
+                          thresholds={"pruned": pruned_gate, "int8": int8_gate, "fp16": fp16_gate})
+    cache = tmp_path / "cache"
+    with without_tensorrt():
+        result = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "a"), "--cache-dir", str(cache),
+                                          "--quiet"])
+    assert result.exit_code == 0, result.output
+    artifacts = {a["name"]: a for a in json.loads((tmp_path / "a" / "manifest.json").read_text())["artifacts"]}
+    assert artifacts["model.fp32"]["source_parity"] is None and artifacts["model.pruned"]["source_parity"] is None
+    int8, fp16 = artifacts["model.int8.qdq"], artifacts["model.trt.fp16"]
+    assert int8["parity"]["gate"] == pruned_gate and int8["source_parity"]["gate"] == int8_gate
+    assert fp16["parity"]["gate"] == pruned_gate and fp16["source_parity"]["gate"] == fp16_gate
+    assert int8["source_parity"]["reference"] == fp16["source_parity"]["reference"] == "model.pruned"
+    # Measured against the pruned graph, not PyTorch: the FP16 graph is far closer to its source.
+    assert fp16["source_parity"]["max_abs_diff"] < fp16["parity"]["max_abs_diff"] / 5
+    assert "Against the pruned graph they were made from" in (tmp_path / "a" / "report.md").read_text()
+
+    with without_tensorrt():
+        strict = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "b"), "--cache-dir", str(cache),
+                                          "--quiet", "--set", "thresholds.int8.max_abs_diff=1e-6"])
+    assert strict.exit_code == 1, strict.output
+    manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
+    int8 = next(a for a in manifest["artifacts"] if a["name"] == "model.int8.qdq")
+    assert int8["parity"]["passed"] and not int8["source_parity"]["passed"] and not int8["passed"]
+    stages = {s["stage"]: s for s in manifest["stages"]}
+    assert stages["validate[model.int8.qdq]"]["cached"]  # its gate (the pruned one) did not change
+    assert not stages["validate[model.int8.qdq vs model.pruned]"]["passed"]
+    cases = {c.get("name"): c for c in ET.parse(tmp_path / "b" / "junit.xml").getroot()}
+    assert cases["validate[model.int8.qdq vs model.pruned]"].find("failure") is not None
+    assert cases["validate[model.int8.qdq]"].find("failure") is None

@@ -284,3 +284,34 @@ def test_embedding_distance_is_one_minus_the_mean_cosine():
     candidate = [{"embedding": np.array([[1.0, 1.0], [0.0, 5.0]], dtype=np.float32)}]
     assert task.distance(reference, candidate, [batch]) == pytest.approx(1 - (np.sqrt(0.5) + 1.0) / 2)
     assert task.distance(reference, reference, [batch]) == pytest.approx(0.0, abs=1e-12)
+
+
+def test_standalone_validate_gates_a_converted_artifact_against_its_source(tiny, tiny_holdout_small, heavy,
+                                                                          tmp_path):
+    """`validate --source`: the pruned gate against the reference and the INT8 gate, set by the
+    threshold options, against the graph the artifact was quantized from; naming the wrong source
+    fails on that gate alone."""
+    exported, pruned = heavy
+    int8 = tmp_path / "heavy.int8.onnx"
+    result = invoke("quantize", "--model", pruned, "--out", int8, "--calibration", tiny_holdout_small,
+                    "--tokenizer", tiny.model, "--samples", "64", "--tuning-samples", "0", "--max-length", "64",
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+
+    def validate(source):
+        result = invoke("validate", "--reference", tiny.model, "--artifact", int8, "--data", tiny_holdout_small,
+                        "--label-column", "sentiment", "--samples", "300", "--max-length", "64",
+                        "--min-agreement", "0.8", "--max-metric-drop", "0.05", "--source", source, "--json")
+        return result.exit_code, json.loads(result.output)
+
+    # Heavy pruning of the 2-layer model: against PyTorch the pruned gate's 0.95 is missed.
+    code, report = validate(pruned)
+    step = report["details"]["source"]
+    assert code == 1 and step["path"] == str(pruned) and step["passed"], report
+    assert report["gate"] == {"min_agreement": 0.95, "max_abs_diff": None, "max_metric_drop": 0.02}
+    assert step["gate"] == {"min_agreement": 0.8, "max_abs_diff": None, "max_metric_drop": 0.05}
+    assert step["agreement"] > report["agreement"] + 0.05  # far closer to its source than to PyTorch
+    assert not any(f.startswith("vs ") for f in report["failures"])
+    code, report = validate(exported)  # the unpruned graph: not what it was made from
+    assert code == 1 and not report["details"]["source"]["passed"]
+    assert any(f.startswith("vs model.onnx: agreement") for f in report["failures"])
