@@ -85,9 +85,13 @@ def render_markdown(manifest: Manifest) -> str:
                          f"| {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
                          f"| {'pass' if p.get('passed') else 'FAIL'} |")
     for art in converted:
-        if art.source_parity.get("failures"):
-            lines += ["", f"### {art.name}: gate against {art.source_parity.get('reference')} failed", ""]
-            lines += [f"- {f}" for f in art.source_parity["failures"]]
+        p = art.source_parity
+        if p.get("details"):
+            lines += ["", f"{art.name} vs {p.get('reference')}: "
+                      + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in p["details"].items())]
+        if p.get("failures"):
+            lines += ["", f"### {art.name}: gate against {p.get('reference')} failed", ""]
+            lines += [f"- {f}" for f in p["failures"]]
     for art in manifest.artifacts:
         p = art.parity or {}
         if p.get("failures"):
