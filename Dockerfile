@@ -1,7 +1,7 @@
 # Shipyard on NVIDIA's TensorRT container: every stage, TensorRT engine builds and engine parity.
 #
 #   base image   nvcr.io/nvidia/tensorrt:26.02-py3 (x86_64, Ubuntu 24.04)
-#   TensorRT     10.15 (its ONNX operator list ships in pipeline/trt_ops/10.15.json; the build
+#   TensorRT     10.15 (its ONNX operator list ships in pipeline/trt/ops/10.15.json; the build
 #                below fails if the image carries another version)
 #   CUDA         the base image's (see NVIDIA's TensorRT container release notes for 26.02);
 #                the host's NVIDIA driver must support it

@@ -33,11 +33,11 @@ from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
 from pipeline import data as datamod  # noqa: E402
 from pipeline.errors import ShipyardError  # noqa: E402
-from pipeline.model import inspect_model  # noqa: E402
+from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
-from pipeline.runners import TrtRunner, pad_batch  # noqa: E402
+from pipeline.parity.runners import TrtRunner, pad_batch  # noqa: E402
 from pipeline.stages.build import build_environment  # noqa: E402
-from pipeline.tasks import OUTPUTS, collect  # noqa: E402
+from pipeline.parity.tasks import OUTPUTS, collect  # noqa: E402
 
 
 class CudaTorchRunner:
@@ -47,7 +47,7 @@ class CudaTorchRunner:
         import torch
         import transformers
 
-        from pipeline.tasks import AUTO_CLASSES
+        from pipeline.parity.tasks import AUTO_CLASSES
 
         auto = getattr(transformers, AUTO_CLASSES[task])
         self.model = auto.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32,

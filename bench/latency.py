@@ -14,7 +14,7 @@ within one run, not absolute numbers across runs.
   documentation shows (`ORTModelFor….from_pretrained(export=True)`, `ORTQuantizer`,
   `AutoQuantizationConfig.<this CPU's ISA>(is_static=False, per_channel=False)`).
 - `--cpu-candidates` also measures the INT8 forms the `cpu` artifact was chosen among (see
-  pipeline/stages/quantize.py).
+  pipeline/stages/quantize/stage.py).
 - The TensorRT-ready ONNX (`model.trt.*`) is for GPUs and is left out unless `--all`.
 """
 
@@ -34,10 +34,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
 from pipeline import data as datamod  # noqa: E402
-from pipeline.model import inspect_model  # noqa: E402
+from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
-from pipeline.runners import OrtRunner, TorchRunner  # noqa: E402
-from pipeline.tasks import collect  # noqa: E402
+from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
+from pipeline.parity.tasks import collect  # noqa: E402
 
 THREADS = 2
 SEQ = 64

@@ -3,7 +3,7 @@
     python bench/smoothing.py recipes/minilm-tweets.yaml [--alpha 0.5] [--set key=value ...]
 
 Exports the recipe's model (and prunes it as the recipe says), then quantizes it in every INT8 form
-of the recipe twice, without and with `stages.quantize.smoothing` (pipeline/stages/smooth.py), each
+of the recipe twice, without and with `stages.quantize.smoothing` (pipeline/stages/quantize/smooth.py), each
 time both with every node quantized and with the recipe's float fallback. Prints per variant: the
 agreement with PyTorch on the recipe's evaluation rows, the nodes the fallback kept in float, and
 batch-32 throughput at sequence 64 on 2 threads relative to the unsmoothed variant. The fallback
@@ -24,10 +24,11 @@ from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from pipeline.artifacts import Artifact  # noqa: E402
 from pipeline.progress import Progress  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
-from pipeline.run import CachedStages, RunInputs, prune_stages  # noqa: E402
-from pipeline.runners import OrtRunner  # noqa: E402
-from pipeline.stages import export, quantize  # noqa: E402
-from pipeline.tasks import collect  # noqa: E402
+from pipeline.run.workflow import CachedStages, RunInputs, prune_stages  # noqa: E402
+from pipeline.parity.runners import OrtRunner  # noqa: E402
+from pipeline.stages import export  # noqa: E402
+from pipeline.stages.quantize import stage as quantize  # noqa: E402
+from pipeline.parity.tasks import collect  # noqa: E402
 
 
 def main() -> None:
@@ -51,7 +52,7 @@ def main() -> None:
                               inputs.torch_runner(), task)
         source: Artifact = exported.artifacts[0]
         if recipe.stages.prune.enabled:
-            from pipeline.cache import StageCache
+            from pipeline.run.cache import StageCache
 
             _, source = prune_stages(inputs, source, CachedStages(StageCache(None), work), work, Progress())
         rows = []

@@ -28,7 +28,7 @@ def sha256_file(path: Path) -> str:
 @dataclass
 class Artifact:
     """A file a stage wrote, identified by its content. `kind` (fp32, pruned, fp16, int8) picks
-    the gate that judges it; the stage that makes the artifact decides it (`pipeline.policy`)."""
+    the gate that judges it; the stage that makes the artifact decides it (`pipeline.parity.policy`)."""
 
     name: str
     path: Path

@@ -103,7 +103,7 @@ class FallbackSpec(_Strict):
 
 
 class SmoothingSpec(_Strict):
-    """SmoothQuant-style activation smoothing before INT8 (pipeline/stages/smooth.py): exact in float."""
+    """SmoothQuant-style activation smoothing before INT8 (pipeline/stages/quantize/smooth.py): exact in float."""
 
     # Measured with bench/smoothing.py on the demo and the embeddings demo: with the float fallback
     # it raised Q/DQ agreement (0.983 -> 0.988, 0.9955 -> 1.0, same float nodes) and lowered the
@@ -399,8 +399,8 @@ class Recipe(_Strict):
 
 
 def _shipped_trt_versions() -> list[str]:
-    """TensorRT versions whose ONNX operator list ships in pipeline/trt_ops/."""
-    folder = Path(__file__).parent / "trt_ops"
+    """TensorRT versions whose ONNX operator list ships in pipeline/trt/ops/."""
+    folder = Path(__file__).parent / "trt" / "ops"
     return sorted((p.stem for p in folder.glob("*.json")), key=lambda v: tuple(int(x) for x in v.split(".")))
 
 

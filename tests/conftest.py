@@ -51,7 +51,7 @@ TINY = {"layers": 2, "train_rows": 2000, "batch_size": 32, "learning_rate": 4e-4
 @pytest.fixture(scope="session")
 def tiny(tmp_path_factory):
     """Paths of the tiny fine-tuned model and its hold-out CSV (rows not used in training)."""
-    from pipeline.demo import prepare_demo
+    from pipeline.run.demo import prepare_demo
 
     home = tmp_path_factory.mktemp("demo")
     return prepare_demo(home, **TINY)
@@ -127,7 +127,7 @@ def tiny_release(tiny, tiny_holdout_small, tmp_path_factory):
     """One full `run_recipe` of the tiny model with two TensorRT targets, on a machine without
     TensorRT, shared by the tests that read its outputs."""
     from pipeline.recipe import load_recipe
-    from pipeline.run import run_recipe
+    from pipeline.run.workflow import run_recipe
 
     folder = tmp_path_factory.mktemp("release")
     recipe = load_recipe(write_recipe(folder, tiny.model, tiny_holdout_small, targets=TINY_TARGETS))

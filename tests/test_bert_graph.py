@@ -9,10 +9,10 @@ import onnx
 import pytest
 from click.testing import CliRunner
 
-from pipeline.bert_graph import Graph, find_attention_blocks, find_ffn_blocks
+from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.cli import cli
-from pipeline.graph_io import GraphCheckError, prove_runs
-from pipeline.runners import OrtRunner
+from pipeline.graph.proof import GraphCheckError, prove_runs
+from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
 from zoo import make_model, reference_pruned_export
 

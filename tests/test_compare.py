@@ -1,6 +1,6 @@
 import numpy as np
 
-from pipeline.compare import compare_logits, macro_f1
+from pipeline.parity.compare import compare_logits, macro_f1
 from pipeline.recipe import Gate
 
 

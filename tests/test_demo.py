@@ -5,7 +5,7 @@ from click.testing import CliRunner
 
 from conftest import TINY
 from pipeline.cli import cli
-from pipeline.demo import prepare_demo, read_tweets
+from pipeline.run.demo import prepare_demo, read_tweets
 
 
 def test_holdout_never_overlaps_the_fine_tuning_rows(tiny):

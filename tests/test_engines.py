@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from pipeline.cli import cli
 from pipeline.errors import ArtifactError
 from pipeline.recipe import ProfileSpec, Range, TargetSpec
-from pipeline.runners import (
+from pipeline.parity.runners import (
     OrtRunner, ProfileRange, TrtRunner, describe_engine, pad_batch, plan_chunks, trim_output,
 )
 from pipeline.stages import build
@@ -387,7 +387,7 @@ def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tmp_pa
     engines = {t["name"]: t["engine"] for t in manifest["targets"]}
     assert engines["a100-int8"]["path"] == "engines/a100-int8.engine" and engines["orin-fp16"] is None
     assert (merged / "engines" / "a100-int8.engine").is_file() and (merged / "model.int8.qdq.onnx").is_file()
-    from pipeline.signing import verify_folder
+    from pipeline.release.signing import verify_folder
 
     assert verify_folder(merged) == []
     alone = CliRunner().invoke(cli, ["collect", str(out), "--out", str(tmp_path / "x")])

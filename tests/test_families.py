@@ -8,7 +8,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.runners import OrtRunner
+from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
 from zoo import FAMILIES, make_model, reference_pruned_export
 
@@ -100,7 +100,7 @@ def test_pruning_plan_applies_to_each_familys_pytorch_model(family, family_model
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.pruning_plan import PruningPlan, apply_to_torch, plan_path
+    from pipeline.stages.prune.plan import PruningPlan, apply_to_torch, plan_path
 
     folder, exported = family_models[family]
     if not exported.exists():

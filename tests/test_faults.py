@@ -162,12 +162,12 @@ def test_output_folder_that_cannot_be_created(tiny):
 def test_disk_full_mid_write_leaves_nothing(tiny, tiny_holdout_small, tmp_path, monkeypatch):
     import errno
 
-    import pipeline.run
+    import pipeline.run.workflow
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(pipeline.run, "write_json", full)
+    monkeypatch.setattr(pipeline.run.workflow, "write_json", full)
     out = tmp_path / "release"
     result = run_cli(["run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache"])
     assert_clean_failure(result, "No space left on device writing", "free some space", out=out)
@@ -233,8 +233,8 @@ def test_sigterm_mid_stage_exits_130_and_leaves_nothing(tiny, tiny_holdout_small
 def test_a_signal_inside_a_library_import_is_an_interrupt_not_a_crash(tmp_path, monkeypatch, signalled, code):
     """SIGTERM landing while a C extension initialises (seen: onnxruntime's, mid-export) comes out
     of the import as ImportError("initialization failed"): still exit 130, not an internal error."""
-    import pipeline.cli as cli_module
-    import pipeline.standalone as standalone
+    import pipeline.cli.commands as cli_module
+    import pipeline.run.standalone as standalone
 
     def export_interrupted(*args, **kwargs):
         raise ImportError("initialization failed")
@@ -329,7 +329,7 @@ def test_corrupt_cached_demo_model_is_made_again(tiny, tmp_path, monkeypatch):
     """A demo cache whose weights were truncated (a killed copy, a full disk) is not trusted."""
     import shutil
 
-    import pipeline.demo
+    import pipeline.run.demo
     from conftest import TINY
 
     home = tmp_path / "demo"
@@ -345,17 +345,17 @@ def test_corrupt_cached_demo_model_is_made_again(tiny, tmp_path, monkeypatch):
         fitted.append(out_dir)
         shutil.copytree(tiny.model, out_dir, dirs_exist_ok=True)
 
-    monkeypatch.setattr(pipeline.demo, "fine_tune", fine_tune)
-    pipeline.demo.prepare_demo(home, **TINY)
+    monkeypatch.setattr(pipeline.run.demo, "fine_tune", fine_tune)
+    pipeline.run.demo.prepare_demo(home, **TINY)
     assert len(fitted) == 1 and weights.read_bytes() == (tiny.model / "model.safetensors").read_bytes()
-    pipeline.demo.prepare_demo(home, **TINY)
+    pipeline.run.demo.prepare_demo(home, **TINY)
     assert len(fitted) == 1  # intact now: reused
 
 
 def hold_lock(out: Path, seconds: float) -> subprocess.Popen:
     """Another process holding the release folder's lock for `seconds`."""
     holder = subprocess.Popen([sys.executable, "-c", (
-        "import time\nfrom pipeline.lock import release_lock\n"
+        "import time\nfrom pipeline.run.lock import release_lock\n"
         f"with release_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep({seconds})")],
         stdout=subprocess.PIPE, text=True)
     assert holder.stdout.readline().strip() == "held"

@@ -11,10 +11,10 @@ from click.testing import CliRunner
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns
 from conftest import write_recipe
-from pipeline.bert_graph import Graph, find_attention_blocks, find_ffn_blocks
+from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.cli import cli
-from pipeline.runners import OrtRunner
-from pipeline.stages import prune
+from pipeline.parity.runners import OrtRunner
+from pipeline.stages.prune import stage as prune
 from pipeline.stages.export import export_onnx
 
 pytestmark = pytest.mark.slow
@@ -234,7 +234,7 @@ def test_pruning_plan_applies_to_pytorch_exactly(tiny, tiny_holdout_small, expor
     import torch
     from transformers import AutoModelForSequenceClassification
 
-    from pipeline.pruning_plan import PruningPlan, apply_to_torch, plan_path
+    from pipeline.stages.prune.plan import PruningPlan, apply_to_torch, plan_path
 
     out = tmp_path / "pruned.onnx"
     result = CliRunner().invoke(cli, [

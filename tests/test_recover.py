@@ -15,7 +15,7 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.policy import recorded_kind, seen_rows
+from pipeline.parity.policy import recorded_kind, seen_rows
 from test_tasks import COLUMNS, TASKS, task_data, task_models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
@@ -155,7 +155,7 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     evaluation row is trained on, and a rerun reuses the recovery from the cache."""
     from calibration.sampling import row_digest
     from pipeline.recipe import load_recipe
-    from pipeline.run import RunInputs
+    from pipeline.run.workflow import RunInputs
 
     recipe = _recovery_recipe(tiny, tiny_holdout_small, tmp_path, budget={
         "min_agreement": 0.9, "max_fraction": 0.75, "steps": 1, "recovered": True, "trial_steps": 4})
@@ -231,7 +231,7 @@ def test_the_student_trains_without_dropout_unless_asked(flag, expected, tiny, t
     dropout off (modules in eval mode); --dropout turns the model's own dropout back on."""
     import torch
 
-    import pipeline.recover as recover_module
+    import pipeline.stages.prune.recover as recover_module
 
     modes = []
     forward = recover_module._student_outputs
@@ -257,7 +257,7 @@ def test_recovery_keeps_the_closest_check_when_agreement_cannot_tell_them_apart(
     outputs are closest to the teacher's, not the pruned model it started from. Flat agreement is
     forced here so the rule is checked on the tiny classifier, whose logits training does move.
     (Keeping the most agreeing check, as recovery once did, kept step 0 here.)"""
-    from pipeline.tasks import Task
+    from pipeline.parity.tasks import Task
 
     monkeypatch.setattr(Task, "agreement_rate", lambda self, reference, candidate, batches: 0.0)
     _, pruned = heavy
@@ -276,7 +276,7 @@ def test_recovery_keeps_the_closest_check_when_agreement_cannot_tell_them_apart(
 def test_embedding_distance_is_one_minus_the_mean_cosine():
     import numpy as np
 
-    from pipeline.tasks import Task
+    from pipeline.parity.tasks import Task
 
     task = Task("feature-extraction")
     batch = {"attention_mask": np.ones((2, 3), dtype=np.int64)}

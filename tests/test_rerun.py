@@ -49,7 +49,7 @@ def test_tuning_rows_are_held_out_and_recorded(tiny_release, tiny, tiny_holdout_
     from calibration.encode import load_tokenizer
     from calibration.sampling import Columns
     from pipeline import data as datamod
-    from pipeline.model import inspect_model
+    from pipeline.inputs.model import inspect_model
     from pipeline.recipe import Recipe
 
     manifest = tiny_release.manifest

@@ -9,8 +9,8 @@ import onnx
 import pytest
 
 from pipeline.artifacts import sha256_file
-from pipeline.manifest import manifest_json_schema
-from pipeline.signing import verify_folder
+from pipeline.release.manifest import manifest_json_schema
+from pipeline.release.signing import verify_folder
 
 pytestmark = pytest.mark.slow
 

@@ -1,4 +1,4 @@
-"""Activation smoothing before INT8 (pipeline/stages/smooth.py): exact in float on the unfused and
+"""Activation smoothing before INT8 (pipeline/stages/quantize/smooth.py): exact in float on the unfused and
 the fused graph of every family, narrower activations, and INT8 forms made from the smoothed graph."""
 
 from __future__ import annotations
@@ -11,8 +11,8 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.runners import OrtRunner
-from pipeline.stages.smooth import smooth
+from pipeline.parity.runners import OrtRunner
+from pipeline.stages.quantize.smooth import smooth
 from zoo import FAMILIES, make_model
 
 pytestmark = pytest.mark.slow

@@ -9,9 +9,9 @@ import pytest
 from click.testing import CliRunner
 
 from pipeline.cli import cli
-from pipeline.demo import minilm_dir, read_tweets
-from pipeline.metrics import entities, entity_scores, squad_scores
-from pipeline.tasks import Pooling, Task, best_spans, max_abs_diff
+from pipeline.run.demo import minilm_dir, read_tweets
+from pipeline.parity.metrics import entities, entity_scores, squad_scores
+from pipeline.parity.tasks import Pooling, Task, best_spans, max_abs_diff
 from zoo import make_model
 
 TASKS = ("token-classification", "question-answering", "feature-extraction")
@@ -189,7 +189,7 @@ def test_real_minilm_pools_as_its_sentence_transformers_config_says(tmp_path):
         hidden = AutoModel.from_pretrained(str(minilm_dir())).eval()(**batch).last_hidden_state
     mask = batch["attention_mask"][..., None].float()
     expected = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1).numpy()
-    from pipeline.runners import OrtRunner
+    from pipeline.parity.runners import OrtRunner
 
     feed = {k: v.numpy() for k, v in batch.items()}
     got = pooling(OrtRunner(out).infer(feed)["last_hidden_state"], feed["attention_mask"])

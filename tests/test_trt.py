@@ -18,7 +18,7 @@ from click.testing import CliRunner
 from onnx import numpy_helper
 
 from pipeline.cli import cli
-from pipeline.readiness import check_model_file
+from pipeline.trt.readiness import check_model_file
 from pipeline.recipe import ProfileSpec, Range, TargetSpec, load_recipe
 from pipeline.stages import build
 from conftest import PROFILE, TINY_TARGETS, without_tensorrt, write_recipe
@@ -302,7 +302,7 @@ def test_collect_merges_per_target_folders(per_target_folders, tmp_path):
     paths = {a["path"] for a in manifest["artifacts"]}
     assert {"model.onnx", "model.int8.qdq.onnx", "model.trt.int8-fp16.onnx", "model.trt.fp16.onnx"} <= paths
     assert len(manifest["collected_from"]) == 2
-    from pipeline.signing import verify_folder
+    from pipeline.release.signing import verify_folder
 
     assert verify_folder(out) == []
     engines = CliRunner().invoke(cli, ["collect", *map(str, per_target_folders), "--out", str(tmp_path / "x"),
@@ -479,7 +479,7 @@ def test_warnings_pass_and_errors_fail_trt_check(tmp_path):
 def test_operator_lists_differ_between_tensorrt_10_3_and_10_15(tmp_path):
     from onnx import helper
 
-    from pipeline.readiness import operator_support
+    from pipeline.trt.readiness import operator_support
 
     old, new = operator_support("10.3"), operator_support("10.15")
     added = set(new["supported"]) - set(old["supported"])

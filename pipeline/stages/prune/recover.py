@@ -1,6 +1,6 @@
 """Recovery after pruning: knowledge distillation from the original PyTorch model into the pruned structure.
 
-The pruned graph's plan (`pipeline.pruning_plan`) is applied to a copy of the original model,
+The pruned graph's plan (`pipeline.stages.prune.plan`) is applied to a copy of the original model,
 which is checked to be the same function as the pruned ONNX before any training (outputs within
 1e-4). That student is then trained to match the teacher (the original model) on the user's text:
 
@@ -48,18 +48,18 @@ import numpy as np
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, row_digest
-from pipeline import data as datamod
+from pipeline.inputs import data as datamod
 from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent, sha256_file
 from pipeline.errors import ArtifactError, ShipyardError
-from pipeline.graph_io import prove_runs
-from pipeline.model import inspect_model
-from pipeline.policy import PRUNED_MARK, stamp
+from pipeline.graph.proof import prove_runs
+from pipeline.inputs.model import inspect_model
+from pipeline.parity.policy import PRUNED_MARK, stamp
 from pipeline.progress import Progress
-from pipeline.pruning_plan import PruningPlan, apply_to_torch, plan_path, sparse_masks
+from pipeline.stages.prune.plan import PruningPlan, apply_to_torch, plan_path, sparse_masks
 from pipeline.recipe import ExportSpec, RecoverSpec
-from pipeline.runners import OrtRunner, TorchRunner
+from pipeline.parity.runners import OrtRunner, TorchRunner
 from pipeline.stages import export
-from pipeline.tasks import OUTPUTS, collect
+from pipeline.parity.tasks import OUTPUTS, collect
 
 EXACT = 1e-4  # the plan applied to PyTorch must reproduce the pruned graph to this before training
 
@@ -193,7 +193,7 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
     import torch
     import transformers
 
-    from pipeline.tasks import AUTO_CLASSES
+    from pipeline.parity.tasks import AUTO_CLASSES
 
     started = time.perf_counter()
     check_writable_parent(out)

@@ -16,7 +16,7 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-from pipeline.graph_io import drop_dead
+from pipeline.graph.proof import drop_dead
 
 # Elementwise ops of the activations exporters emit: erf GELU, tanh GELU, the Gelu op, ReLU.
 GELU_OPS = {"Div", "Erf", "Add", "Mul", "Gelu", "FastGelu", "BiasGelu", "Pow", "Tanh", "Sigmoid", "Sub", "Relu", "Cast"}

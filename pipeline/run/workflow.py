@@ -1,10 +1,10 @@
 """run_recipe: every stage of a recipe, in order, into one release folder.
 
 The folder is built under a temporary name beside `out` and renamed into place at the end, so
-a crash, a kill or a bad input never leaves a half-written release; a lock (`pipeline.lock`)
+a crash, a kill or a bad input never leaves a half-written release; a lock (`pipeline.run.lock`)
 keeps a second run out meanwhile. A failed gate does not stop the run: every artifact is still
 written, validated and recorded, and `RunOutcome.passed` is False. Stages whose inputs are
-unchanged are copied from the content-addressed cache (`pipeline.cache`), and the manifest says
+unchanged are copied from the content-addressed cache (`pipeline.run.cache`), and the manifest says
 which.
 """
 
@@ -23,28 +23,28 @@ from typing import Any
 from calibration.encode import load_tokenizer
 from calibration.sampling import row_digest
 from calibration.sources import load_rows, require_columns
-from pipeline import data as datamod
-from pipeline import targets
+from pipeline.inputs import data as datamod
+from pipeline.run import targets
 from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir, sha256_file
-from pipeline.cache import StageCache, batches_digest, digest_of
+from pipeline.run.cache import StageCache, batches_digest, digest_of
 from pipeline.errors import RecipeError
-from pipeline.lock import release_lock
-from pipeline.manifest import (
+from pipeline.run.lock import release_lock
+from pipeline.release.manifest import (
     ArtifactRecord, DataRecord, InvocationRecord, Manifest, ModelRecord, StageRecord, TargetRecord, folder_sha256,
     tool_versions, write_json,
 )
-from pipeline.model import check_max_length, inspect_model
-from pipeline.policy import calibration_padding, gates_for
+from pipeline.inputs.model import check_max_length, inspect_model
+from pipeline.parity.policy import calibration_padding, gates_for
 from pipeline.progress import Progress
-from pipeline.pruning_plan import plan_path
+from pipeline.stages.prune.plan import plan_path
 from pipeline.recipe import Gate, Recipe
-from pipeline.recover import TrainingData, recover
-from pipeline.report import write_reports
-from pipeline.runners import OrtRunner, TorchRunner
-from pipeline.signing import load_signing_key, sign_manifest
+from pipeline.stages.prune.recover import TrainingData, recover
+from pipeline.release.report import write_reports
+from pipeline.parity.runners import OrtRunner, TorchRunner
+from pipeline.release.signing import load_signing_key, sign_manifest
 from pipeline.stages import export, prune, quantize, trt_onnx, validate
 from pipeline.stages.build import BuildUnavailable
-from pipeline.tasks import METRICS, collect
+from pipeline.parity.tasks import METRICS, collect
 
 
 @dataclass
@@ -181,7 +181,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         results.extend(typed_results)
         artifacts.extend(a for r in typed_results for a in r.artifacts)
 
-        # Artifacts converted from a pruned graph are also gated against it (`pipeline.policy.gates_for`).
+        # Artifacts converted from a pruned graph are also gated against it (`pipeline.parity.policy.gates_for`).
         source_outputs = inputs.source_outputs(dense, cache, progress) if dense.kind == "pruned" else None
 
         def validate_artifact(artifact: Artifact) -> None:
@@ -359,7 +359,7 @@ class RunInputs:
 
     def source_outputs(self, source: Artifact, cache: StageCache, progress: Progress) -> "ReferenceOutputs":
         """`source`'s ONNX Runtime outputs on the evaluation batches: what artifacts converted from a
-        pruned graph are gated against besides PyTorch (`pipeline.policy.gates_for`)."""
+        pruned graph are gated against besides PyTorch (`pipeline.parity.policy.gates_for`)."""
         return ReferenceOutputs(cache, OrtRunner(source.path), self.prepared.evaluation.batches, self.task, progress,
                                 {"model": source.sha256, "batches": self.digests["evaluation"], "task": repr(self.task)},
                                 name=source.name, stage="source-outputs")

@@ -38,7 +38,7 @@ class TorchRunner:
             import torch
             import transformers
 
-            from pipeline.tasks import AUTO_CLASSES
+            from pipeline.parity.tasks import AUTO_CLASSES
 
             if self.threads:
                 torch.set_num_threads(self.threads)
@@ -58,7 +58,7 @@ class TorchRunner:
         import torch
 
         model = self._load()
-        from pipeline.tasks import OUTPUTS
+        from pipeline.parity.tasks import OUTPUTS
 
         with torch.inference_mode():
             out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self._accepts})

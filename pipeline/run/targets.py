@@ -12,7 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult
-from pipeline.readiness import ReadinessReport, check_model_file
+from pipeline.trt.readiness import ReadinessReport, check_model_file
 from pipeline.recipe import Recipe, TargetSpec
 from pipeline.stages import build, trt_onnx
 

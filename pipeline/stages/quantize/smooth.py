@@ -27,10 +27,10 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipeline.bert_graph import Graph
+from pipeline.graph.bert import Graph
 from pipeline.errors import ArtifactError
-from pipeline.graph_io import drop_dead
-from pipeline.runners import session_with_outputs
+from pipeline.graph.proof import drop_dead
+from pipeline.parity.runners import session_with_outputs
 
 Batch = dict[str, np.ndarray]
 EXACT = 1e-4

@@ -34,13 +34,13 @@ import numpy as np
 from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.errors import ShipyardError
-from pipeline.graph_io import drop_dead, prove_runs
-from pipeline.policy import stamp
+from pipeline.graph.proof import drop_dead, prove_runs
+from pipeline.parity.policy import stamp
 from pipeline.recipe import QuantFormat, QuantizeSpec
-from pipeline.runners import OrtRunner
-from pipeline.stages import sensitivity
-from pipeline.stages.smooth import smooth_file
-from pipeline.tasks import Task, collect, max_abs_diff
+from pipeline.parity.runners import OrtRunner
+from pipeline.stages.quantize import sensitivity
+from pipeline.stages.quantize.smooth import smooth_file
+from pipeline.parity.tasks import Task, collect, max_abs_diff
 
 Batch = dict[str, np.ndarray]
 QUANTIZED_OPS = ["MatMul", "Gemm"]

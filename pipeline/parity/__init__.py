@@ -1,0 +1,1 @@
+"""Parity: runners (PyTorch, ONNX Runtime, TensorRT), tasks and metrics, the comparator and the gate policy."""

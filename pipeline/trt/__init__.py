@@ -1,0 +1,1 @@
+"""TensorRT: readiness rules and the operator lists each TensorRT version supports."""
