@@ -19,13 +19,22 @@ class Progress:
         """A one-line status message."""
 
 
+SILENT = Progress()  # the default of every function that reports progress: stateless, so shared
+
+
 class RichProgress(Progress):
     def __init__(self, console) -> None:
         self.console = console
 
     @contextmanager
     def task(self, description: str, total: int | None = None) -> Iterator[Advance]:
-        from rich.progress import BarColumn, MofNCompleteColumn, SpinnerColumn, TextColumn, TimeElapsedColumn
+        from rich.progress import (
+            BarColumn,
+            MofNCompleteColumn,
+            SpinnerColumn,
+            TextColumn,
+            TimeElapsedColumn,
+        )
         from rich.progress import Progress as Bars
 
         columns = [SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),

@@ -342,7 +342,7 @@ def test_dockerfile_lints_clean_and_pins_tensorrt():
     text = (ROOT / "Dockerfile").read_text()
     assert "FROM nvcr.io/nvidia/tensorrt:26.02-py3" in text and '".[trt]"' in text
     assert 'ENTRYPOINT ["shipyard"]' in text
-    from pipeline.recipe import TRT_VERSION
+    from pipeline.platforms import TRT_VERSION
 
     assert f"startswith('{TRT_VERSION}.')" in text  # the image's TensorRT is the one the op list is for
 

@@ -22,6 +22,14 @@ from pathlib import Path
 import click
 
 from pipeline.errors import ShipyardError
+from pipeline.names import (
+    CALIBRATION_METHODS,
+    FFN_SCOPES,
+    METRIC_NAMES,
+    QUANT_FORMATS,
+    SPARSITY_24,
+    TASKS,
+)
 
 PASSED, GATE_FAILED, BAD_INPUT, INTERNAL_ERROR, INTERRUPTED = 0, 1, 2, 3, 130
 EXIT_CODES = ("Exit codes: 0 every gate passed; 1 a gate failed (artifacts, manifest and reports written); "
@@ -30,9 +38,6 @@ EXIT_CODES = ("Exit codes: 0 every gate passed; 1 a gate failed (artifacts, mani
 # Environment failures a user fixes (space, permissions), not bugs: exit 2 with the path named.
 USER_OS_ERRORS = {errno.ENOSPC: "free some space or choose another --out", errno.EDQUOT: "free some quota or choose "
                   "another --out", errno.EROFS: "choose a writable --out", errno.EACCES: "choose a writable --out"}
-# Kept here, not imported from pipeline.parity.tasks, so `shipyard --help` stays instant (no numpy).
-TASK_CHOICES = ["text-classification", "token-classification", "question-answering", "feature-extraction"]
-METRIC_CHOICES = ["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 
 
 INTERRUPTED_MESSAGE = "interrupted; partial outputs were removed and nothing was recorded"
@@ -198,15 +203,16 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tupl
 
     Finished stages are reused from the stage cache when their inputs are unchanged; the
     summary and the manifest say which."""
-    from pipeline.run.cache import StageCache
-    from pipeline.recipe import load_recipe
-    from pipeline.run.workflow import RunOptions, run_recipe
     from pipeline.cli.summary import print_run_summary
+    from pipeline.recipe import load_recipe
+    from pipeline.run.cache import StageCache
+    from pipeline.run.workflow import RunOptions, run_recipe
 
     loaded = load_recipe(recipe_file, overrides + (("model.allow_pickle=true",) if allow_pickle else ()))
     out = out or Path("release") / loaded.name
     options = RunOptions(overwrite=overwrite, target_names=target_names, wait=wait, sign_key=sign_key,
-                         cache=StageCache.at(cache_dir, enabled=not no_cache), build_engines=not no_engines)
+                         cache=StageCache.at(cache_dir, enabled=not no_cache), build_engines=not no_engines,
+                         command=tuple(sys.argv))
     outcome = run_recipe(loaded, out, _progress(quiet, as_json), options)
     if as_json:
         click.echo(json.dumps({"out": str(out), "passed": outcome.passed,
@@ -222,7 +228,7 @@ def run(recipe_file: Path, out: Path | None, overwrite: bool, target_names: tupl
 @click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
               help="Fine-tuned Hugging Face model folder.")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
-@click.option("--task", type=click.Choice(TASK_CHOICES), default=None,
+@click.option("--task", type=click.Choice(TASKS), default=None,
               help="As Optimum names it [default: from config.json's architectures].")
 @click.option("--opset", type=click.IntRange(14, 21), default=17, show_default=True)
 @click.option("--atol", type=float, default=1e-4, show_default=True,
@@ -249,14 +255,14 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, a
               help="Folder with the model's tokenizer.")
 @click.option("--text-column", default="text", show_default=True)
 @click.option("--text-pair-column", default=None)
-@click.option("--method", type=click.Choice(["minmax", "entropy", "percentile"]), default="minmax",
+@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default="minmax",
               show_default=True)
 @click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration rows to draw (seeded).")
 @click.option("--tuning-samples", type=click.IntRange(min=0), default=128, show_default=True,
               help="Rows drawn after the calibration rows that choose the float fallback; 0 quantizes every node.")
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
-@click.option("--format", "fmt", type=click.Choice(["qdq", "cpu"]), default="qdq", show_default=True,
+@click.option("--format", "fmt", type=click.Choice(QUANT_FORMATS), default="qdq", show_default=True,
               help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
 @click.option("--smooth/--no-smooth", default=None,
               help="Smooth activations before INT8 (SmoothQuant, exact in float) [default: for qdq, not for cpu].")
@@ -296,12 +302,12 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--ffn", "ffn_fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
               show_default=True, help="Fraction of FFN neurons to remove per layer, in [0, 1).")
-@click.option("--ffn-scope", type=click.Choice(["uniform", "global"]), default="uniform", show_default=True)
+@click.option("--ffn-scope", type=click.Choice(FFN_SCOPES), default="uniform", show_default=True)
 @click.option("--heads-per-layer", type=click.IntRange(min=0), default=0, show_default=True,
               help="Remove this many lowest-scored heads in every layer.")
 @click.option("--prune-heads", "heads_json", default=None, metavar="JSON",
               help='Exact heads to remove, e.g. \'{"0": [1, 2], "2": [0]}\' (needs no data).')
-@click.option("--sparsity-24", type=click.Choice(["none", "ffn", "attention", "all"]), default="none",
+@click.option("--sparsity-24", type=click.Choice(SPARSITY_24), default="none",
               show_default=True, help="2:4 semi-structured sparsity on these MatMul weights.")
 @click.option("--compensate/--no-compensate", default=True, show_default=True,
               help="Fold removed units' mean output into the next bias (scored pruning only).")
@@ -356,7 +362,7 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
               help="Checks that come no closer before training stops.")
 @click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
 @click.option("--seed", type=int, default=0, show_default=True)
-@click.option("--task", type=click.Choice(TASK_CHOICES), default=None,
+@click.option("--task", type=click.Choice(TASKS), default=None,
               help="Default: the reference model head's task.")
 @encoding_option
 @output_options
@@ -368,9 +374,9 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
     from calibration.sampling import Columns
+    from pipeline.parity.runners import check_onnx_file
     from pipeline.recipe import RecoverSpec
     from pipeline.stages.prune.recover import TrainingData, recover
-    from pipeline.parity.runners import check_onnx_file
 
     check_onnx_file(pruned_path)
     spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
@@ -401,9 +407,9 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
               help="[default: 1e-3 for FP32, unchecked for INT8]")
 @click.option("--max-metric-drop", type=click.FloatRange(0, 1), default=None,
               help="Fraction, 0.01 = one point [default: 0.01 for INT8 when labels are given].")
-@click.option("--metric", type=click.Choice(METRIC_CHOICES), default=None,
+@click.option("--metric", type=click.Choice(METRIC_NAMES), default=None,
               help="Gated label metric [default: accuracy, entity_f1 for tokens, f1 for QA].")
-@click.option("--task", type=click.Choice(TASK_CHOICES), default=None,
+@click.option("--task", type=click.Choice(TASKS), default=None,
               help="[default: from the reference's config.json]")
 @click.option("--max-answer-tokens", type=click.IntRange(1, 512), default=30, show_default=True,
               help="question-answering: longest answer span.")
@@ -481,8 +487,8 @@ def trt_check(onnx_file: Path, trt_version: str | None, recipe_file: Path | None
               quiet: bool, as_json: bool) -> None:
     """Static TensorRT-readiness check: exit 0 ready (warnings printed), 1 not ready (errors name the node
     and rule), 2 bad input."""
+    from pipeline.platforms import TRT_VERSION
     from pipeline.trt.readiness import check_model_file
-    from pipeline.recipe import TRT_VERSION
 
     profiles = None
     if recipe_file is not None or target_name is not None:
@@ -569,8 +575,13 @@ def engines_cmd(release: Path, target_name: str, out: Path, overwrite: bool, cac
 def plan_cmd(recipe_file: Path, fmt: str, overrides: tuple[str, ...]) -> None:
     """Print the jobs of a release: one CPU job makes the release (shipyard run), then one job per
     target on a runner of its GPU builds its engine from it (shipyard engines), then collect."""
-    from pipeline.release.fanout import github_matrix, plan_collect, plan_jobs, plan_release
     from pipeline.recipe import load_recipe
+    from pipeline.release.fanout import (
+        github_matrix,
+        plan_collect,
+        plan_jobs,
+        plan_release,
+    )
 
     loaded = load_recipe(recipe_file, overrides)
     jobs = plan_jobs(loaded)

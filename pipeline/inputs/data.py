@@ -9,7 +9,15 @@ from typing import Any
 import numpy as np
 
 from calibration.encode import Encoder, label_ids, split_words
-from calibration.sampling import Columns, Side, disjoint_splits, fingerprint, row_digest, sample_rows, usable_rows
+from calibration.sampling import (
+    Columns,
+    Side,
+    disjoint_splits,
+    fingerprint,
+    row_digest,
+    sample_rows,
+    usable_rows,
+)
 from calibration.sources import Row, load_rows, require_columns
 from pipeline.errors import DataError
 from pipeline.recipe import DataSpec, SourceSpec

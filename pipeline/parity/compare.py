@@ -15,8 +15,8 @@ import numpy as np
 
 from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX, split_words
 from pipeline.parity.metrics import accuracy, entity_scores, macro_f1, squad_scores
-from pipeline.recipe import Gate
 from pipeline.parity.tasks import Task, cosine, max_abs_diff
+from pipeline.recipe import Gate
 
 Batch = dict[str, np.ndarray]
 

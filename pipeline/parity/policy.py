@@ -20,11 +20,10 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Literal
 
+from pipeline.names import Kind
 from pipeline.recipe import Gate, Thresholds
 
-Kind = Literal["fp32", "pruned", "fp16", "int8"]
 KIND_KEY = "shipyard.kind"
 SEEN_KEY = "shipyard.seen_rows"
 PRUNED_MARK = "shipyard.pruned"

@@ -228,7 +228,7 @@ class TrtRunner:
 
     def _load(self):
         if self._engine is None:
-            from pipeline.stages.build import build_environment
+            from pipeline.trt.host import build_environment
 
             build_environment()  # one-line error when TensorRT or the GPU is missing
             import tensorrt as trt

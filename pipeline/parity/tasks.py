@@ -25,9 +25,9 @@ import numpy as np
 
 from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX
 from pipeline.errors import ModelError
+from pipeline.names import TASKS
 
 Batch = dict[str, np.ndarray]
-TASKS = ("text-classification", "token-classification", "question-answering", "feature-extraction")
 HEADS = {
     "ForSequenceClassification": "text-classification",
     "ForTokenClassification": "token-classification",
@@ -44,13 +44,6 @@ OUTPUTS = {
     "token-classification": ("logits",),
     "question-answering": ("start_logits", "end_logits"),
     "feature-extraction": ("last_hidden_state",),
-}
-# Label metrics each task reports (the first is the default gated one); embeddings have none.
-METRICS = {
-    "text-classification": ("accuracy", "macro_f1"),
-    "token-classification": ("entity_f1", "token_accuracy"),
-    "question-answering": ("f1", "exact_match"),
-    "feature-extraction": (),
 }
 UNITS = {"text-classification": "rows", "token-classification": "tokens", "question-answering": "rows",
          "feature-extraction": "rows"}

@@ -24,7 +24,8 @@ from typing import Any
 from pipeline.artifacts import atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
 from pipeline.release.manifest import Manifest, write_json
-from pipeline.recipe import ARCHITECTURES, JETSON_ARCHS, Recipe
+from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS
+from pipeline.recipe import Recipe
 from pipeline.release.report import write_reports
 from pipeline.release.signing import verify_folder
 

@@ -6,7 +6,7 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 from pipeline.release.manifest import Manifest
-from pipeline.stages.build import NEEDS_GPU_HOST
+from pipeline.names import NEEDS_GPU_HOST
 
 
 AGREEMENT_MEANS = {

@@ -22,8 +22,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-from pipeline.run.cache import shipyard_home
 from pipeline.errors import OutputError
+from pipeline.run.cache import shipyard_home
 
 
 def _paths(out: Path) -> tuple[Path, Path]:

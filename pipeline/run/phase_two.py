@@ -24,16 +24,21 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, atomic_dir, check_output_dir, sha256_file
-from pipeline.run.cache import StageCache
 from pipeline.errors import ShipyardError
-from pipeline.release.manifest import ArtifactRecord, InvocationRecord, Manifest, StageRecord, write_json
-from pipeline.progress import Progress
+from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, parse_recipe
+from pipeline.release.manifest import (
+    ArtifactRecord,
+    InvocationRecord,
+    Manifest,
+    StageRecord,
+    write_json,
+)
 from pipeline.release.report import write_reports
-from pipeline.run.workflow import CachedStages, RunInputs, target_stages
 from pipeline.release.signing import load_signing_key, sign_manifest, verify_folder
+from pipeline.run.cache import StageCache
+from pipeline.run.workflow import CachedStages, RunInputs, target_stages
 from pipeline.stages import build
-
 
 # The model and data may live elsewhere on the GPU host; they are checked by hash, so only their
 # paths may be changed (any other change would gate the engine differently from the release).
@@ -85,7 +90,7 @@ def _pruned_source(manifest: Manifest, release: Path) -> Artifact | None:
 
 
 def build_from_release(release: Path, target_name: str, out: Path, overwrite: bool = False,
-                       cache: StageCache | None = None, progress: Progress = Progress(),
+                       cache: StageCache | None = None, progress: Progress = SILENT,
                        sign_key: Path | None = None, overrides: tuple[str, ...] = ()) -> Manifest:
     """Build and gate one target's engine from `release` into `out` (module docstring)."""
     release = Path(release)

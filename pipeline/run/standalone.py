@@ -11,24 +11,46 @@ from pathlib import Path
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, Side, disjoint_splits, row_digest
-from pipeline.inputs import data as datamod
 from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent
-from pipeline.parity.compare import ParityReport
 from pipeline.errors import ArtifactError, ShipyardError
-from pipeline.release.manifest import write_json
+from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
+from pipeline.names import METRICS
+from pipeline.parity.compare import ParityReport
 from pipeline.parity.policy import (
-    STANDALONE_BATCH, STANDALONE_SEED, gates_for, graph_kind, kind_of, recorded_kind, seen_rows,
+    STANDALONE_BATCH,
+    STANDALONE_SEED,
+    gates_for,
+    graph_kind,
+    kind_of,
+    recorded_kind,
+    seen_rows,
 )
-from pipeline.progress import Progress
-from pipeline.trt.readiness import check_model_file
+from pipeline.parity.runners import (
+    ENGINE_SUFFIXES,
+    OrtRunner,
+    TorchRunner,
+    check_onnx_file,
+)
+from pipeline.parity.tasks import Pooling, Task, collect, graph_task
+from pipeline.platforms import ARCHITECTURES
+from pipeline.progress import SILENT, Progress
 from pipeline.recipe import (
-    ARCHITECTURES, ExportSpec, FallbackSpec, Gate, ProfileSpec, PruneSpec, QuantizeSpec, Range, SmoothingSpec, TargetSpec,
-    Thresholds, load_recipe,
+    ExportSpec,
+    FallbackSpec,
+    Gate,
+    ProfileSpec,
+    PruneSpec,
+    QuantizeSpec,
+    Range,
+    SmoothingSpec,
+    TargetSpec,
+    Thresholds,
+    load_recipe,
 )
-from pipeline.parity.runners import ENGINE_SUFFIXES, OrtRunner, TorchRunner, check_onnx_file
+from pipeline.release.manifest import write_json
 from pipeline.stages import build, export, prune, quantize, validate
-from pipeline.parity.tasks import METRICS, Pooling, Task, collect, graph_task
+from pipeline.trt.readiness import check_model_file
 
 # Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
 # given: they exercise the dynamic batch and sequence axes the way production traffic does.
@@ -47,7 +69,7 @@ PROBE_TEXTS = [
 
 
 def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, atol: float,
-                     progress: Progress = Progress(), allow_pickle: bool = False) -> StageResult:
+                     progress: Progress = SILENT, allow_pickle: bool = False) -> StageResult:
     """Export for `task` (default: the model head's task) and gate the outputs on probe sentences."""
     info = inspect_model(model_dir, task, allow_pickle)
     tokenizer = load_tokenizer(model_dir)
@@ -91,7 +113,7 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
 
 def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
-                  samples: int, max_length: int, progress: Progress = Progress(), tuning_samples: int = 128,
+                  samples: int, max_length: int, progress: Progress = SILENT, tuning_samples: int = 128,
                   encoding: str | None = None, smooth: bool | None = None, smooth_alpha: float = 0.5
                   ) -> StageResult:
     check_onnx_file(model_path)
@@ -134,7 +156,7 @@ def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
 def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_dir: Path | None,
                text_column: str, text_pair_column: str | None, samples: int, max_length: int,
                ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-               sparsity_24: str, compensate: bool = True, progress: Progress = Progress(),
+               sparsity_24: str, compensate: bool = True, progress: Progress = SILENT,
                encoding: str | None = None) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
@@ -219,7 +241,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   text_pair_column: str | None, label_column: str | None, samples: int | None,
                   max_length: int, min_agreement: float | None, max_abs_diff: float | None,
                   max_metric_drop: float | None, metric: str | None, report_path: Path | None,
-                  progress: Progress = Progress(), task: str | None = None, max_answer_tokens: int = 30,
+                  progress: Progress = SILENT, task: str | None = None, max_answer_tokens: int = 30,
                   min_cosine: float = 0.99, encoding: str | None = None, allow_pickle: bool = False,
                   source: Path | None = None) -> ParityReport:
     """Gate `artifact` against the PyTorch `reference` on rows of `data` it was not calibrated

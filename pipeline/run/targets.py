@@ -12,11 +12,10 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult
-from pipeline.trt.readiness import ReadinessReport, check_model_file
+from pipeline.names import BUILD_FAILED, BUILT, DEFERRED, NEEDS_GPU_HOST, NOT_READY
 from pipeline.recipe import Recipe, TargetSpec
 from pipeline.stages import build, trt_onnx
-
-NEEDS_GPU_HOST = build.NEEDS_GPU_HOST
+from pipeline.trt.readiness import ReadinessReport, check_model_file
 
 
 def select_targets(recipe: Recipe, names: tuple[str, ...]) -> list[TargetSpec]:
@@ -68,9 +67,6 @@ def check_readiness(target: TargetSpec, onnx: Artifact) -> tuple[ReadinessReport
                                details={"target": target.name, "onnx": onnx.name})
 
 
-NOT_READY = "not built: the ONNX is not TensorRT-ready"
-BUILD_FAILED = "build failed"
-DEFERRED = "deferred to shipyard engines"
 
 
 def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: ReadinessReport, build_engines: bool = True
@@ -120,5 +116,5 @@ def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: Readine
         stage=f"build[{target.name}]", artifacts=[artifact], seconds=time.perf_counter() - started,
         message=f"built on {record.gpu_name} ({record.compute_capability}) with TensorRT {record.trt_version} "
                 f"in {record.build_seconds:.0f} s, {record.size_bytes / 1e6:.1f} MB",
-        details={"target": target.name, "status": "built"},
+        details={"target": target.name, "status": BUILT},
     )

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import shutil
-import sys
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -23,28 +22,43 @@ from typing import Any
 from calibration.encode import load_tokenizer
 from calibration.sampling import row_digest
 from calibration.sources import load_rows, require_columns
-from pipeline.inputs import data as datamod
-from pipeline.run import targets
-from pipeline.artifacts import Artifact, StageResult, atomic_dir, check_output_dir, sha256_file
-from pipeline.run.cache import StageCache, batches_digest, digest_of
-from pipeline.errors import RecipeError
-from pipeline.run.lock import release_lock
-from pipeline.release.manifest import (
-    ArtifactRecord, DataRecord, InvocationRecord, Manifest, ModelRecord, StageRecord, TargetRecord, folder_sha256,
-    tool_versions, write_json,
+from pipeline.artifacts import (
+    Artifact,
+    StageResult,
+    atomic_dir,
+    check_output_dir,
+    sha256_file,
 )
+from pipeline.errors import RecipeError
+from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
+from pipeline.names import METRICS
 from pipeline.parity.policy import calibration_padding, gates_for
-from pipeline.progress import Progress
-from pipeline.stages.prune.plan import plan_path
-from pipeline.recipe import Gate, Recipe
-from pipeline.stages.prune.recover import TrainingData, recover
-from pipeline.release.report import write_reports
 from pipeline.parity.runners import OrtRunner, TorchRunner
+from pipeline.parity.tasks import collect
+from pipeline.progress import SILENT, Progress
+from pipeline.recipe import Gate, Recipe
+from pipeline.release.manifest import (
+    ArtifactRecord,
+    DataRecord,
+    InvocationRecord,
+    Manifest,
+    ModelRecord,
+    StageRecord,
+    TargetRecord,
+    folder_sha256,
+    tool_versions,
+    write_json,
+)
+from pipeline.release.report import write_reports
 from pipeline.release.signing import load_signing_key, sign_manifest
+from pipeline.run import targets
+from pipeline.run.cache import StageCache, batches_digest, digest_of
+from pipeline.run.lock import release_lock
 from pipeline.stages import export, prune, quantize, trt_onnx, validate
 from pipeline.stages.build import BuildUnavailable
-from pipeline.parity.tasks import METRICS, collect
+from pipeline.stages.prune.plan import plan_path
+from pipeline.stages.prune.recover import TrainingData, recover
 
 
 @dataclass
@@ -58,15 +72,16 @@ class RunOutcome:
         return self.manifest.passed
 
 
-@dataclass
+@dataclass(frozen=True)
 class RunOptions:
-    """How a run behaves, as opposed to what it makes (the recipe)."""
+    """How a run behaves, as opposed to what it makes (the recipe). `command` is what the manifest
+    records as the invocation: the CLI passes its command line."""
 
     overwrite: bool = False
     target_names: tuple[str, ...] = ()
     cache: StageCache = field(default_factory=lambda: StageCache(None))
     wait: bool = False  # for a live run holding the release folder
-    command: list[str] = field(default_factory=lambda: list(sys.argv))
+    command: tuple[str, ...] = ()
     sign_key: Path | None = None
     build_engines: bool = True  # False: phase one of a two-phase release (shipyard engines builds them)
 
@@ -99,7 +114,7 @@ class CachedStages:
                            cached=True)
 
 
-def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), options: RunOptions = RunOptions()
+def run_recipe(recipe: Recipe, out: Path, progress: Progress = SILENT, options: RunOptions | None = None
                ) -> RunOutcome:
     """Export, quantize, make TensorRT-ready ONNX and validate as the recipe says; build engines
     where this machine can; write artifacts, manifest and reports.
@@ -107,6 +122,7 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = Progress(), optio
     `options.target_names` restricts the run to those targets (one job per target when fanned
     out). The release folder is locked for the run; finished stages come from `options.cache`.
     """
+    options = options or RunOptions()
     check_output_dir(out, options.overwrite)
     selected = targets.select_targets(recipe, options.target_names)
     if recipe.stages.build.require_engines and options.build_engines:

@@ -32,15 +32,12 @@ from pipeline.artifacts import atomic_file, sha256_file
 from pipeline.errors import ShipyardError
 from pipeline.recipe import TargetSpec
 
-NEEDS_GPU_HOST = "needs a GPU host"
-DOCKER_HINT = ("engine builds run on a GPU host: docker run --gpus all ... shipyard-trt (see the README, "
-               "'TensorRT targets and engines')")
-# TensorRT releases that build for the DLA on Jetson (10.8-11.4.0 dropped it; 11.4.1 restored it on JetPack 7.2.2).
-DLA_TRT_VERSIONS = "TensorRT <= 10.7 (JetPack 6) or >= 11.4.1 (JetPack 7.2.2)"
-
-
-class BuildUnavailable(ShipyardError):
-    """This machine cannot build the engine (no TensorRT, no CUDA device, wrong architecture)."""
+# What this machine has for builds, re-exported: the run and the standalone build reach them (and
+# tests replace them) through this module.
+from pipeline.trt.host import BuildEnvironment as BuildEnvironment
+from pipeline.trt.host import BuildUnavailable as BuildUnavailable
+from pipeline.trt.host import build_environment as build_environment
+from pipeline.trt.host import check_target_arch as check_target_arch
 
 
 class EngineBuildFailed(ShipyardError):
@@ -70,13 +67,6 @@ class BuildPlan:
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
-
-
-@dataclass(frozen=True)
-class BuildEnvironment:
-    trt_version: str
-    gpu_name: str
-    arch: str  # of the local GPU, e.g. "sm_80"
 
 
 def graph_inputs(onnx_path: Path) -> list[str]:
@@ -119,54 +109,6 @@ def plan_build(target: TargetSpec, onnx_path: Path) -> BuildPlan:
         parser_flags=parser_flags, dla_core=target.dla_core,
         timing_cache=str(target.timing_cache) if target.timing_cache else None, trt_version=target.tensorrt,
     )
-
-
-def build_environment() -> BuildEnvironment:
-    """The local TensorRT and GPU, or `BuildUnavailable` naming what is missing."""
-    try:
-        import tensorrt as trt
-    except ImportError:
-        raise BuildUnavailable(f"TensorRT is not installed here (no 'tensorrt' module); {DOCKER_HINT}") from None
-    try:
-        import torch
-
-        if not torch.cuda.is_available():
-            raise BuildUnavailable(f"TensorRT {trt.__version__} is installed but no CUDA device is visible; {DOCKER_HINT}")
-        major, minor = torch.cuda.get_device_capability(0)
-        name = torch.cuda.get_device_name(0)
-    except ImportError:
-        raise BuildUnavailable("torch is not installed; the engine runner allocates GPU buffers with it") from None
-    return BuildEnvironment(trt_version=trt.__version__, gpu_name=name, arch=f"sm_{major}{minor}")
-
-
-def check_target_arch(target: TargetSpec, env: BuildEnvironment) -> None:
-    """Refuse a build that would produce an engine the target GPU cannot run."""
-    local_trt = ".".join(env.trt_version.split(".")[:2])
-    if local_trt != target.tensorrt:
-        raise BuildUnavailable(
-            f"target {target.name} runs TensorRT {target.tensorrt} but this is TensorRT {env.trt_version}: "
-            f"engines do not load across TensorRT versions and the graph was checked against {target.tensorrt}'s "
-            f"parser; build where TensorRT {target.tensorrt} is installed or set the target's trt_version: "
-            f"{local_trt}")
-    local = int(env.arch.removeprefix("sm_"))
-    wanted = int(target.arch.removeprefix("sm_"))
-    if target.hardware_compatibility == "ampere_plus":
-        if local < 80:
-            raise BuildUnavailable(f"target {target.name}: hardware_compatibility ampere_plus engines are built on "
-                                   f"sm_80 or newer; this GPU ({env.gpu_name}) is {env.arch}")
-    elif local != wanted:
-        raise BuildUnavailable(
-            f"target {target.name} is {target.arch} but this GPU ({env.gpu_name}) is {env.arch}: the engine would "
-            f"not run there; build on a {target.arch} host (shipyard plan fans out per target) or set "
-            "hardware_compatibility: ampere_plus")
-    if target.dla_core is not None and not _trt_has_dla(env.trt_version):
-        raise BuildUnavailable(f"target {target.name}: dla_core needs {DLA_TRT_VERSIONS}; this is TensorRT "
-                               f"{env.trt_version}; drop dla_core or build with JetPack's TensorRT")
-
-
-def _trt_has_dla(version: str) -> bool:
-    parts = tuple(int(p) for p in version.split(".")[:3] if p.isdigit())
-    return parts <= (10, 7, 99) or parts >= (11, 4, 1)
 
 
 @dataclass

@@ -12,9 +12,9 @@ from pathlib import Path
 import numpy as np
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
-from pipeline.recipe import ExportSpec
 from pipeline.parity.runners import OrtRunner, TorchRunner
 from pipeline.parity.tasks import Task, collect, max_abs_diff
+from pipeline.recipe import ExportSpec
 
 Batch = dict[str, np.ndarray]
 
@@ -53,7 +53,7 @@ def run(
     spec: ExportSpec,
     validation_batches: list[Batch],
     reference: TorchRunner,
-    task: Task = Task(),
+    task: Task,
 ) -> StageResult:
     """Export for `task`, then compare its outputs with PyTorch on `validation_batches` (non-padding
     positions; embeddings after pooling); fail beyond `spec.atol`."""

@@ -9,9 +9,9 @@ import numpy as np
 
 from pipeline.artifacts import Artifact, StageResult
 from pipeline.parity.compare import ParityReport, compare
-from pipeline.recipe import Gate
 from pipeline.parity.runners import runner_for
 from pipeline.parity.tasks import Task, collect
+from pipeline.recipe import Gate
 
 Batch = dict[str, np.ndarray]
 

@@ -20,9 +20,9 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ArtifactError, ShipyardError
-from pipeline.recipe import ProfileSpec, _shipped_trt_versions
+from pipeline.platforms import OPS_DIR, shipped_trt_versions
+from pipeline.recipe import ProfileSpec
 
-OPS_DIR = Path(__file__).parent / "ops"
 DEFAULT_DOMAINS = ("", "ai.onnx")
 FLOAT_TYPES = {1: "float32", 10: "float16", 16: "bfloat16"}
 INT8 = 3
@@ -116,16 +116,12 @@ class ReadinessReport:
                 "findings": [f.to_dict() for f in self.findings], "counts": self.counts}
 
 
-def shipped_versions() -> list[str]:
-    return _shipped_trt_versions()
-
-
 def operator_support(trt_version: str) -> dict[str, Any]:
     """The supported-operator table for `trt_version` (e.g. "10.15")."""
     path = OPS_DIR / f"{trt_version}.json"
     if not path.is_file():
         raise ShipyardError(f"no ONNX operator list for TensorRT {trt_version}; "
-                            f"use --trt-version {' or '.join(shipped_versions())}")
+                            f"use --trt-version {' or '.join(shipped_trt_versions())}")
     return json.loads(path.read_text())
 
 

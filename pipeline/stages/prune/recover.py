@@ -48,18 +48,29 @@ import numpy as np
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, row_digest
-from pipeline.inputs import data as datamod
-from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent, sha256_file
+from pipeline.artifacts import (
+    Artifact,
+    StageResult,
+    atomic_file,
+    check_writable_parent,
+    sha256_file,
+)
 from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.graph.proof import prove_runs
+from pipeline.inputs import data as datamod
 from pipeline.inputs.model import inspect_model
 from pipeline.parity.policy import PRUNED_MARK, stamp
-from pipeline.progress import Progress
-from pipeline.stages.prune.plan import PruningPlan, apply_to_torch, plan_path, sparse_masks
-from pipeline.recipe import ExportSpec, RecoverSpec
 from pipeline.parity.runners import OrtRunner, TorchRunner
-from pipeline.stages import export
 from pipeline.parity.tasks import OUTPUTS, collect
+from pipeline.progress import SILENT, Progress
+from pipeline.recipe import ExportSpec, RecoverSpec
+from pipeline.stages import export
+from pipeline.stages.prune.plan import (
+    PruningPlan,
+    apply_to_torch,
+    plan_path,
+    sparse_masks,
+)
 
 EXACT = 1e-4  # the plan applied to PyTorch must reproduce the pruned graph to this before training
 
@@ -183,8 +194,8 @@ def _split_rows(data: TrainingData, tuning_samples: int, seed: int) -> tuple[lis
 
 
 def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
-            spec: RecoverSpec = RecoverSpec(enabled=True), max_length: int = 128, task_name: str | None = None,
-            progress: Progress = Progress(), opset: int = 17, seen: tuple[str, ...] = ()
+            spec: RecoverSpec, max_length: int = 128, task_name: str | None = None,
+            progress: Progress = SILENT, opset: int = 17, seen: tuple[str, ...] = ()
             ) -> tuple[StageResult, RecoverReport]:
     """Distil `reference` into the structure of `pruned_onnx` and export it to `out` (see module doc).
 

@@ -17,8 +17,8 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import dataclass
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -27,16 +27,23 @@ import onnx
 from onnx import numpy_helper
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
-from pipeline.graph.bert import (
-    AttentionBlock, FfnBlock, Graph, check_blocks, find_attention_blocks, find_ffn_blocks, shared_weights,
-    unfold_gemms, untie_identities,
-)
 from pipeline.errors import ShipyardError
+from pipeline.graph.bert import (
+    AttentionBlock,
+    FfnBlock,
+    Graph,
+    check_blocks,
+    find_attention_blocks,
+    find_ffn_blocks,
+    shared_weights,
+    unfold_gemms,
+    untie_identities,
+)
 from pipeline.graph.proof import drop_dead, drop_shape_annotations, prove_runs
 from pipeline.parity.policy import PRUNED_MARK, pruned_mark, stamp
-from pipeline.stages.prune.plan import LayerPlan, PruningPlan, mask_24, plan_path
-from pipeline.recipe import PruneSpec
 from pipeline.parity.runners import session_with_outputs
+from pipeline.recipe import PruneSpec
+from pipeline.stages.prune.plan import LayerPlan, PruningPlan, mask_24, plan_path
 
 Batch = dict[str, np.ndarray]
 

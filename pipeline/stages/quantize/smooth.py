@@ -27,8 +27,8 @@ import numpy as np
 import onnx
 from onnx import helper, numpy_helper
 
-from pipeline.graph.bert import Graph
 from pipeline.errors import ArtifactError
+from pipeline.graph.bert import Graph
 from pipeline.graph.proof import drop_dead
 from pipeline.parity.runners import session_with_outputs
 

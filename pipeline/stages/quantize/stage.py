@@ -35,12 +35,13 @@ from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.errors import ShipyardError
 from pipeline.graph.proof import drop_dead, prove_runs
+from pipeline.names import QuantFormat
 from pipeline.parity.policy import stamp
-from pipeline.recipe import QuantFormat, QuantizeSpec
 from pipeline.parity.runners import OrtRunner
+from pipeline.parity.tasks import Task, collect, max_abs_diff
+from pipeline.recipe import QuantizeSpec
 from pipeline.stages.quantize import sensitivity
 from pipeline.stages.quantize.smooth import smooth_file
-from pipeline.parity.tasks import Task, collect, max_abs_diff
 
 Batch = dict[str, np.ndarray]
 QUANTIZED_OPS = ["MatMul", "Gemm"]
@@ -81,7 +82,12 @@ def _calibration_method(spec: QuantizeSpec) -> tuple[Any, dict[str, Any]]:
 
 def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSpec):
     """Prepare the graph once; return (prepared path, quantize(excluded) -> path, options)."""
-    from onnxruntime.quantization import QuantFormat, QuantType, quant_pre_process, quantize_static
+    from onnxruntime.quantization import (
+        QuantFormat,
+        QuantType,
+        quant_pre_process,
+        quantize_static,
+    )
 
     prepared = work / "prepared.onnx"
     # Symbolic shape inference fails on Optimum's BERT export; ONNX shape inference suffices.
@@ -171,7 +177,7 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | 
 
 
 def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batches: list[Batch],
-                tuning: list[Batch], task: Task = Task(), seen_rows: list[str] = ()) -> dict[str, Any]:
+                tuning: list[Batch], task: Task, seen_rows: list[str] = ()) -> dict[str, Any]:
     """Quantize `src` into `out` (atomically), scales from `batches`, the float fallback chosen on
     `tuning`; returns the options and fallback trials used."""
     if spec.fallback.max_nodes and not tuning:
@@ -222,7 +228,7 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
 
 
 def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, calibration_batches: list[Batch],
-        tuning_batches: list[Batch], task: Task = Task(), seen_rows: list[str] = ()) -> StageResult:
+        tuning_batches: list[Batch], task: Task, seen_rows: list[str] = ()) -> StageResult:
     """Quantize the FP32 artifact `src` into `out_path` in form `fmt`; `src` is not modified. The
     float fallback measures `task`'s agreement on the tuning rows."""
     started = time.perf_counter()

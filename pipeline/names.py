@@ -1,0 +1,53 @@
+"""The one list of names: tasks, metrics, formats, methods, kinds and engine statuses.
+
+The recipe schema, the CLI's choices and the stages all import these, so a new task, format or
+status is added here once. Each choice is written by hand as a `Literal` (what pydantic and the
+type checker read) and its tuple is derived from it (what loops, messages and click read). This
+module imports nothing heavy: `shipyard --help` reads it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal, get_args
+
+# Tasks as Optimum names them.
+TaskName = Literal["text-classification", "token-classification", "question-answering", "feature-extraction"]
+TASKS: tuple[str, ...] = get_args(TaskName)
+
+MetricName = Literal["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
+METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
+# Label metrics each task reports (the first is the default gated one); embeddings have none.
+METRICS: dict[str, tuple[str, ...]] = {
+    "text-classification": ("accuracy", "macro_f1"),
+    "token-classification": ("entity_f1", "token_accuracy"),
+    "question-answering": ("f1", "exact_match"),
+    "feature-extraction": (),
+}
+
+# The two INT8 forms: explicit Q/DQ for TensorRT, fused for ONNX Runtime's CPU provider.
+QuantFormat = Literal["qdq", "cpu"]
+QUANT_FORMATS: tuple[str, ...] = get_args(QuantFormat)
+CalibrationMethod = Literal["minmax", "entropy", "percentile"]
+CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
+
+Padding = Literal["max_length", "longest"]
+Sampling = Literal["random", "stratified"]
+FfnScope = Literal["uniform", "global"]
+FFN_SCOPES: tuple[str, ...] = get_args(FfnScope)
+Sparsity24 = Literal["none", "ffn", "attention", "all"]
+SPARSITY_24: tuple[str, ...] = get_args(Sparsity24)
+
+# An artifact's precision, and its kind: the precision, or "pruned" for a float graph made by
+# pruning (the gate that judges it; `pipeline.parity.policy`).
+Precision = Literal["fp32", "fp16", "int8"]
+PRECISIONS: tuple[str, ...] = get_args(Precision)
+Kind = Literal["fp32", "pruned", "fp16", "int8"]
+KINDS: tuple[str, ...] = get_args(Kind)
+
+# What became of a target's engine in a run (the manifest's targets[].engine_status).
+BUILT = "built"
+NEEDS_GPU_HOST = "needs a GPU host"
+NOT_READY = "not built: the ONNX is not TensorRT-ready"
+BUILD_FAILED = "build failed"
+DEFERRED = "deferred to shipyard engines"
+ENGINE_STATUSES: tuple[str, ...] = (BUILT, NEEDS_GPU_HOST, NOT_READY, BUILD_FAILED, DEFERRED)

@@ -1,0 +1,194 @@
+"""The recipe's model, data and stage sections."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, field_validator
+
+from pipeline.names import (
+    CalibrationMethod,
+    FfnScope,
+    Padding,
+    QuantFormat,
+    Sampling,
+    Sparsity24,
+    TaskName,
+)
+from pipeline.platforms import TRT_VERSION
+from pipeline.recipe.base import Strict
+
+
+class ModelSpec(Strict):
+    """The fine-tuned model: a local Hugging Face folder with config, weights and tokenizer."""
+
+    path: Path
+    task: TaskName | None = Field(None, description="as Optimum names it; default: read from config.json's "
+                                  "architectures (…ForTokenClassification -> token-classification, …Model -> "
+                                  "feature-extraction)")
+    max_answer_tokens: int = Field(30, ge=1, le=512, description="question-answering: longest answer span")
+    allow_pickle: bool = Field(False, description="accept pytorch_model.bin (pickle) weights, loaded with "
+                               "torch.load(weights_only=True); default: safetensors only")
+
+
+class SourceSpec(Strict):
+    """One data file or saved dataset folder, how many rows to draw from it and, where they differ
+    from the data section's, its own column names."""
+
+    path: Path
+    samples: int = Field(gt=0, description="rows to draw; fewer available is an error")
+    text_column: str | None = Field(None, description="default: data.text_column")
+    text_pair_column: str | None = Field(None, description="default: data.text_pair_column")
+    label_column: str | None = Field(None, description="default: data.label_column (calibration: only if the "
+                                     "source has that column; calibration needs no labels)")
+    encoding: str | None = Field(None, description=".csv/.txt text encoding (a Python codec name); default UTF-8")
+
+
+class DataSpec(Strict):
+    """Calibration and evaluation data: drawn seeded and disjoint, tokenized like the model's."""
+
+    calibration: SourceSpec
+    evaluation: SourceSpec
+    text_column: str = Field("text", description="the text; a list of words for token classification, the "
+                             "question for question answering")
+    text_pair_column: str | None = Field(None, description="second text; the context for question answering")
+    label_column: str | None = Field(
+        None, description="gold labels enable the metric gates: a class per row, a list of IOB2 tags per word "
+        "(token classification) or the answer text(s) (question answering)")
+    max_length: int = Field(128, ge=8, le=512)
+    padding: Padding = Field(
+        "max_length", description="evaluation and tuning batches (longest: rows ordered by length, each batch "
+        "padded to its longest row); calibration batches are always max_length"
+    )
+    sampling: Sampling = "stratified"
+    seed: int = 0
+    batch_size: int = Field(32, gt=0)
+    tuning_samples: int = Field(
+        256, ge=0, description="rows drawn from the calibration source after the calibration rows; they choose "
+        "the prune budget and the INT8 float fallback, so the evaluation rows only ever judge")
+    training: SourceSpec | None = Field(
+        None, description="text stages.prune.recover distils on: the fine-tuning set or unlabeled in-domain text "
+        "(labels are used when the source has the label column); evaluation and tuning rows are left out")
+
+    @property
+    def evaluation_label(self) -> str | None:
+        """The evaluation source's gold-label column, if any: what the metric gates need."""
+        return self.evaluation.label_column or self.label_column
+
+
+class ExportSpec(Strict):
+    """Optimum ONNX export, validated against PyTorch as a hard gate."""
+
+    opset: int = Field(17, ge=14, le=21)
+    atol: float = Field(1e-4, gt=0, description="max |logit difference| allowed vs PyTorch")
+    validation_samples: int = Field(64, gt=0, description="evaluation rows used by the export gate")
+
+
+class FallbackSpec(Strict):
+    """Keep the most INT8-sensitive nodes in float until calibration-row agreement is reached."""
+
+    min_agreement: float = Field(
+        0.985, ge=0, le=1, description="agreement with the FP32 graph on the tuning rows"
+    )
+    max_nodes: int = Field(8, ge=0, description="most nodes kept in float; 0 quantizes all")
+
+
+class SmoothingSpec(Strict):
+    """SmoothQuant-style activation smoothing before INT8 (pipeline/stages/quantize/smooth.py): exact in float."""
+
+    # Measured with bench/smoothing.py on the demo and the embeddings demo: with the float fallback
+    # it raised Q/DQ agreement (0.983 -> 0.988, 0.9955 -> 1.0, same float nodes) and lowered the
+    # CPU form's (0.984 -> 0.977, 0.9975 -> 0.920): dynamic INT8 gains nothing from narrower
+    # activations and loses on the wider weight columns. So it is on for qdq only.
+    formats: list[QuantFormat] = Field(default_factory=lambda: ["qdq"],
+                                       description="the INT8 forms made from the smoothed graph")
+    alpha: float = Field(0.5, ge=0, le=1, description="how much of each channel's range moves from the activation "
+                         "into the weights (0: none, 1: all)")
+
+
+class QuantizeSpec(Strict):
+    """Post-training INT8 quantization with calibration data."""
+
+    enabled: bool = True
+    formats: list[QuantFormat] = Field(default_factory=lambda: ["qdq", "cpu"], min_length=1)
+    method: CalibrationMethod = "minmax"
+    percentile: float = Field(99.999, gt=90, lt=100, description="used by method=percentile")
+    fallback: FallbackSpec = Field(default_factory=FallbackSpec)
+    smoothing: SmoothingSpec = Field(default_factory=SmoothingSpec)
+
+    @field_validator("formats")
+    @classmethod
+    def _unique(cls, formats: list[str]) -> list[str]:
+        if len(set(formats)) != len(formats):
+            raise ValueError("formats must not repeat")
+        return formats
+
+
+class BudgetSpec(Strict):
+    """Search the largest FFN fraction whose agreement with PyTorch stays within budget."""
+
+    min_agreement: float = Field(0.97, ge=0, le=1, description="agreement with the FP32 graph on the tuning rows")
+    max_fraction: float = Field(0.6, gt=0, lt=1)
+    steps: int = Field(5, ge=1, le=12, description="bisection steps after the end points")
+    recovered: bool = Field(
+        False, description="judge each candidate after recovery (stages.prune.recover's settings, at most "
+        "trial_steps steps): the search finds the amount whose recovered model meets the budget")
+    trial_steps: int = Field(150, ge=1, description="recovery steps per candidate when recovered is set")
+
+
+class RecoverSpec(Strict):
+    """Knowledge distillation from the original PyTorch model into the pruned structure (`shipyard recover`)."""
+
+    enabled: bool = False
+    epochs: int = Field(1, ge=1)
+    max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
+    learning_rate: float = Field(5e-5, gt=0)
+    batch_size: int = Field(16, ge=1)
+    temperature: float = Field(2.0, gt=0, description="softens teacher and student logits in the KL term")
+    label_weight: float = Field(0.5, ge=0, le=1, description="share of the loss from gold labels (text "
+                                "classification, when the training data has them)")
+    hidden_weight: float = Field(0.0, ge=0, description="weight of intermediate-layer matching (every layer's "
+                                 "hidden state against the original's) added to the output loss")
+    dropout: bool = Field(False, description="train the student with the model's dropout; off by default: "
+                          "distillation fits the original's function (README, Recovery: the measurements)")
+    eval_every: int = Field(50, ge=1, description="steps between checks on the tuning split")
+    patience: int = Field(4, ge=1, description="checks that come no closer to the original before training stops")
+    tuning_samples: int = Field(256, ge=8, description="rows of the training data held out for early stopping")
+    seed: int = 0
+
+
+class PruneSpec(Strict):
+    """Structured pruning of the ONNX graph, scored on calibration data."""
+
+    enabled: bool = False
+    ffn_fraction: float = Field(0.0, ge=0, lt=1, description="share of FFN neurons removed")
+    ffn_scope: FfnScope = "uniform"
+    heads_per_layer: int = Field(0, ge=0, description="lowest-scored heads removed per layer")
+    heads: dict[int, list[int]] | None = Field(None, description="exact heads to remove per layer")
+    sparsity_24: Sparsity24 = "none"
+    compensate: bool = Field(
+        True, description="fold removed units' mean output into the next bias (needs calibration data)"
+    )
+    budget: BudgetSpec | None = None
+    recover: RecoverSpec = Field(default_factory=RecoverSpec)
+
+
+class BuildSpec(Strict):
+    """TensorRT engine builds for `targets` (they need TensorRT and a GPU of the target's architecture)."""
+
+    require_engines: bool = Field(
+        False, description="fail (exit 2) up front where an engine cannot be built, instead of "
+        "recording the engine step as 'needs a GPU host'",
+    )
+    trt_version: str = Field(
+        TRT_VERSION, pattern=r"^\d+\.\d+$",
+        description="TensorRT version of targets that name none and whose architecture has no default "
+        "(sm_87: JetPack 6's 10.3): its ONNX operator list checks their graphs",
+    )
+
+
+class StagesSpec(Strict):
+    export: ExportSpec = Field(default_factory=ExportSpec)
+    prune: PruneSpec = Field(default_factory=PruneSpec)
+    quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
+    build: BuildSpec = Field(default_factory=BuildSpec)
