@@ -34,10 +34,10 @@ from calibration.sampling import Columns  # noqa: E402
 from pipeline import data as datamod  # noqa: E402
 from pipeline.errors import ShipyardError  # noqa: E402
 from pipeline.inputs.model import inspect_model  # noqa: E402
-from pipeline.recipe import Recipe  # noqa: E402
 from pipeline.parity.runners import TrtRunner, pad_batch  # noqa: E402
-from pipeline.stages.build import build_environment  # noqa: E402
 from pipeline.parity.tasks import OUTPUTS, collect  # noqa: E402
+from pipeline.recipe import Recipe  # noqa: E402
+from pipeline.stages.build import build_environment  # noqa: E402
 
 
 class CudaTorchRunner:

@@ -8,13 +8,13 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from zoo import make_model, reference_pruned_export
 
-from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.cli import cli
+from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.graph.proof import GraphCheckError, prove_runs
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
-from zoo import make_model, reference_pruned_export
 
 pytestmark = pytest.mark.slow
 HEADS = {0: [0, 2], 1: [3]}

@@ -7,9 +7,9 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import write_recipe
 from onnx import numpy_helper
 
-from conftest import write_recipe
 from pipeline.cli import cli
 
 pytestmark = pytest.mark.slow

@@ -2,8 +2,8 @@ import csv
 import random
 
 from click.testing import CliRunner
-
 from conftest import TINY
+
 from pipeline.cli import cli
 from pipeline.run.demo import prepare_demo, read_tweets
 

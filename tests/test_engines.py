@@ -18,15 +18,21 @@ from pathlib import Path
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from conftest import PROFILE, write_recipe
 
 from pipeline.cli import cli
 from pipeline.errors import ArtifactError
-from pipeline.recipe import ProfileSpec, Range, TargetSpec
 from pipeline.parity.runners import (
-    OrtRunner, ProfileRange, TrtRunner, describe_engine, pad_batch, plan_chunks, trim_output,
+    OrtRunner,
+    ProfileRange,
+    TrtRunner,
+    describe_engine,
+    pad_batch,
+    plan_chunks,
+    trim_output,
 )
+from pipeline.recipe import ProfileSpec, Range, TargetSpec
 from pipeline.stages import build
-from conftest import PROFILE, write_recipe
 
 
 def _static(batch: int, sequence: int) -> ProfileSpec:

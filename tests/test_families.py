@@ -6,11 +6,11 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from zoo import FAMILIES, make_model, reference_pruned_export
 
 from pipeline.cli import cli
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
-from zoo import FAMILIES, make_model, reference_pruned_export
 
 pytestmark = pytest.mark.slow
 PRUNABLE = [f for f in FAMILIES if f != "albert"]

@@ -13,8 +13,8 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-
 from conftest import write_recipe
+
 from pipeline.cli import cli
 
 
@@ -233,7 +233,7 @@ def test_sigterm_mid_stage_exits_130_and_leaves_nothing(tiny, tiny_holdout_small
 def test_a_signal_inside_a_library_import_is_an_interrupt_not_a_crash(tmp_path, monkeypatch, signalled, code):
     """SIGTERM landing while a C extension initialises (seen: onnxruntime's, mid-export) comes out
     of the import as ImportError("initialization failed"): still exit 130, not an internal error."""
-    import pipeline.cli.commands as cli_module
+    import pipeline.cli.main as cli_module
     import pipeline.run.standalone as standalone
 
     def export_interrupted(*args, **kwargs):
@@ -329,8 +329,9 @@ def test_corrupt_cached_demo_model_is_made_again(tiny, tmp_path, monkeypatch):
     """A demo cache whose weights were truncated (a killed copy, a full disk) is not trusted."""
     import shutil
 
-    import pipeline.run.demo
     from conftest import TINY
+
+    import pipeline.run.demo
 
     home = tmp_path / "demo"
     shutil.copytree(tiny.model.parent, home, symlinks=True)

@@ -7,15 +7,17 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import write_recipe
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns
-from conftest import write_recipe
-from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.cli import cli
+from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.parity.runners import OrtRunner
-from pipeline.stages.prune import stage as prune
 from pipeline.stages.export import export_onnx
+from pipeline.stages.prune import scores as scoring
+from pipeline.stages.prune import surgery
+from pipeline.stages.prune import stage as prune
 
 pytestmark = pytest.mark.slow
 
@@ -76,7 +78,7 @@ def test_shared_shape_constants_are_cloned_not_patched(exported, tmp_path):
     shapes = [g.producer.get(n.input[1]) for n in g.graph.node if n.name in attention[0].split_reshapes]
     ffn = find_ffn_blocks(g)
     keep = {b.layer: np.arange(b.size) for b in ffn}
-    pruned, _, _ = prune.apply(slim, ffn, attention, keep, {0: [0, 1, 2]}, "none")
+    pruned, _, _ = surgery.apply(slim, ffn, attention, keep, {0: [0, 1, 2]}, "none")
     onnx.save(pruned, str(tmp_path / "slim-pruned.onnx"))
     after = find_attention_blocks(Graph(pruned))
     assert [b.num_heads for b in after] == [9, 12], shapes
@@ -111,23 +113,23 @@ def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_s
     model = onnx.load(str(exported))
     ffn, attention = prune.blocks_of(model, exported)
     batches = _batches(tiny)
-    scores = prune.score(model, batches, ffn, attention, compensate=False)
+    scores = scoring.score(model, batches, ffn, attention, compensate=False)
     ffn_scores = scores.ffn
     reference = np.concatenate([OrtRunner(exported).infer(b)["logits"] for b in batches])
 
     def error(keep, compensation=None):
-        pruned, _, _ = prune.apply(model, ffn, attention, keep, {}, "none", compensation)
+        pruned, _, _ = surgery.apply(model, ffn, attention, keep, {}, "none", compensation)
         session_path = exported.with_name("scored-tmp.onnx")
         onnx.save(pruned, str(session_path))
         got = np.concatenate([OrtRunner(session_path).infer(b)["logits"] for b in batches])
         return np.abs(got - reference).mean()
 
-    low = prune.plan_ffn(ffn_scores, 0.25, "uniform")
+    low = scoring.plan_ffn(ffn_scores, 0.25, "uniform")
     high = {layer: np.sort(np.argsort(s)[: len(low[layer])]) for layer, s in ffn_scores.items()}
     assert error(low) < error(high)
     # Folding the removed neurons' mean output into the next bias must help, not hurt.
-    compensated = prune.score(model, batches, ffn, attention, compensate=True)
-    keep = prune.plan_ffn(compensated.ffn, 0.25, "uniform")
+    compensated = scoring.score(model, batches, ffn, attention, compensate=True)
+    keep = scoring.plan_ffn(compensated.ffn, 0.25, "uniform")
     assert error(keep, compensated) < error(low)
 
 
@@ -135,7 +137,7 @@ def test_24_sparsity_keeps_two_of_every_four(exported, tmp_path):
     model = onnx.load(str(exported))
     ffn, attention = prune.blocks_of(model, exported)
     keep = {b.layer: np.arange(b.size) for b in ffn}
-    pruned, sparse, _ = prune.apply(model, ffn, attention, keep, {}, "ffn")
+    pruned, sparse, _ = surgery.apply(model, ffn, attention, keep, {}, "ffn")
     assert sorted(sparse) == sorted(w for b in ffn for w in (b.w1, b.w2))
     g = Graph(pruned)
     for name in sparse:

@@ -8,8 +8,8 @@ from click.testing import CliRunner
 
 from pipeline.cli import cli
 from pipeline.errors import RecipeError
-from pipeline.release.manifest import manifest_json_schema
 from pipeline.recipe import load_recipe, parse_recipe, recipe_json_schema
+from pipeline.release.manifest import manifest_json_schema
 
 RECIPES = Path(__file__).resolve().parents[1] / "recipes"
 

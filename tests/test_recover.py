@@ -13,10 +13,10 @@ import json
 import onnx
 import pytest
 from click.testing import CliRunner
+from test_tasks import COLUMNS, TASKS, task_data, task_models  # noqa: F401 (fixtures)
 
 from pipeline.cli import cli
 from pipeline.parity.policy import recorded_kind, seen_rows
-from test_tasks import COLUMNS, TASKS, task_data, task_models  # noqa: F401 (fixtures)
 
 pytestmark = pytest.mark.slow
 
@@ -155,7 +155,7 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     evaluation row is trained on, and a rerun reuses the recovery from the cache."""
     from calibration.sampling import row_digest
     from pipeline.recipe import load_recipe
-    from pipeline.run.workflow import RunInputs
+    from pipeline.run.context import RunInputs
 
     recipe = _recovery_recipe(tiny, tiny_holdout_small, tmp_path, budget={
         "min_agreement": 0.9, "max_fraction": 0.75, "steps": 1, "recovered": True, "trial_steps": 4})

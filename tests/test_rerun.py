@@ -10,8 +10,8 @@ from pathlib import Path
 
 import yaml
 from click.testing import CliRunner
-
 from conftest import write_recipe
+
 from pipeline.cli import cli
 
 

@@ -7,12 +7,12 @@ import json
 import numpy as np
 import pytest
 from click.testing import CliRunner
+from zoo import make_model
 
 from pipeline.cli import cli
-from pipeline.run.demo import minilm_dir, read_tweets
 from pipeline.parity.metrics import entities, entity_scores, squad_scores
 from pipeline.parity.tasks import Pooling, Task, best_spans, max_abs_diff
-from zoo import make_model
+from pipeline.run.demo import minilm_dir, read_tweets
 
 TASKS = ("token-classification", "question-answering", "feature-extraction")
 COLUMNS = {  # the CLI's column options per task: words and tags, question/context/answer, text

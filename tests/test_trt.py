@@ -15,13 +15,13 @@ import onnx
 import pytest
 import yaml
 from click.testing import CliRunner
+from conftest import PROFILE, TINY_TARGETS, without_tensorrt, write_recipe
 from onnx import numpy_helper
 
 from pipeline.cli import cli
-from pipeline.trt.readiness import check_model_file
 from pipeline.recipe import ProfileSpec, Range, TargetSpec, load_recipe
 from pipeline.stages import build
-from conftest import PROFILE, TINY_TARGETS, without_tensorrt, write_recipe
+from pipeline.trt.readiness import check_model_file
 
 ROOT = Path(__file__).resolve().parents[1]
 

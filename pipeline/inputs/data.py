@@ -50,7 +50,7 @@ class Split:
     digests: list[str]
 
     @classmethod
-    def of(cls, source: Path, rows: list[Row], encoder: Encoder, batch_size: int) -> "Split":
+    def of(cls, source: Path, rows: list[Row], encoder: Encoder, batch_size: int) -> Split:
         return cls(source, rows, list(encoder.batches(rows, batch_size)), fingerprint(rows),
                    [row_digest(encoder.columns, r) for r in rows])
 
@@ -112,7 +112,7 @@ def _gold_tags(rows: list[Row], columns: Columns, label2id: dict[str, int], sour
             raise DataError(f"data {source} row {number}: {len(tags)} tags for {len(words)} words in "
                             f"{columns.text!r}; give one tag per word")
         names = [id2label.get(int(t)) if isinstance(t, int) or str(t).isdigit() else str(t) for t in tags]
-        unknown = sorted({str(t) for t, n in zip(tags, names) if n is None or n not in label2id})
+        unknown = sorted({str(t) for t, n in zip(tags, names, strict=True) if n is None or n not in label2id})
         if unknown:
             raise DataError(f"data {source} row {number}: tags {unknown[:5]} are not in the model's id2label "
                             f"{sorted(label2id)}; fix the data or the model config")

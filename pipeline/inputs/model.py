@@ -53,14 +53,14 @@ def _check_safetensors(folder: Path) -> None:
                              "re-save the model (shipyard demo prepare --force for the demo)") from None
 
 
-def max_positions(info: "ModelInfo") -> int:
+def max_positions(info: ModelInfo) -> int:
     """The longest input the model's position embeddings allow (RoBERTa-style models reserve the
     first two positions for padding)."""
     total = int(info.config.get("max_position_embeddings", 512))
     return total - 2 if info.model_type in ("roberta", "xlm-roberta", "camembert") else total
 
 
-def check_max_length(info: "ModelInfo", max_length: int, where: str) -> None:
+def check_max_length(info: ModelInfo, max_length: int, where: str) -> None:
     limit = max_positions(info)
     if max_length > limit:
         raise ModelError(f"{where} {max_length} is longer than model {info.path}'s {limit} positions "

@@ -179,7 +179,7 @@ def _compare(task: Task, artifact: str, reference: list[Batch], candidate: list[
 def _row_tags(reduced: list[Batch], batches: list[Batch], id2label: dict[int, str]) -> list[list[str]]:
     """Per row, the predicted tag of each scored word, in word order."""
     tags = []
-    for out, batch in zip(reduced, batches):
+    for out, batch in zip(reduced, batches, strict=True):
         words = batch[WORD_INDEX]
         predicted = out["logits"].argmax(-1)
         for r in range(len(words)):
@@ -191,10 +191,10 @@ def _row_tags(reduced: list[Batch], batches: list[Batch], id2label: dict[int, st
 def _token_details(report, reference, candidate, batches, gold, id2label, rows, text_column, max_flips) -> None:
     ref_tags, cand_tags = _row_tags(reference, batches, id2label), _row_tags(candidate, batches, id2label)
     if gold is not None:
-        scored_gold = [g[: len(t)] for g, t in zip(gold, ref_tags)]  # words cut by max_length are not scored
+        scored_gold = [g[: len(t)] for g, t in zip(gold, ref_tags, strict=True)]  # words cut by max_length are not scored
         report.reference_metrics = entity_scores(scored_gold, ref_tags)
         report.artifact_metrics = entity_scores(scored_gold, cand_tags)
-    for i, (r, c) in enumerate(zip(ref_tags, cand_tags)):
+    for i, (r, c) in enumerate(zip(ref_tags, cand_tags, strict=True)):
         if r != c and len(report.flips) < max_flips:
             words = split_words(rows[i][text_column])[: len(r)]
             report.flips.append(Flip(index=i, text=" ".join(words), reference=" ".join(r), artifact=" ".join(c),

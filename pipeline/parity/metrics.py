@@ -51,13 +51,13 @@ def entity_scores(gold: list[list[str]], predicted: list[list[str]]) -> dict[str
     """Micro precision, recall and F1 over entities, and word-level tag accuracy."""
     tp = n_pred = n_gold = 0
     words = right = 0
-    for g, p in zip(gold, predicted):
+    for g, p in zip(gold, predicted, strict=True):
         gold_set, pred_set = entities(g), entities(p)
         tp += len(gold_set & pred_set)
         n_pred += len(pred_set)
         n_gold += len(gold_set)
         words += len(g)
-        right += sum(a == b for a, b in zip(g, p))
+        right += sum(a == b for a, b in zip(g, p, strict=False))
     precision = tp / n_pred if n_pred else 0.0
     recall = tp / n_gold if n_gold else 0.0
     f1 = 2 * precision * recall / (precision + recall) if precision + recall else 0.0
@@ -85,6 +85,6 @@ def _token_f1(prediction: str, gold: str) -> float:
 
 def squad_scores(predictions: list[str], golds: list[list[str]]) -> dict[str, float]:
     """Mean exact match and F1, each against the best-matching gold answer of a row."""
-    em = [max(float(normalize_answer(p) == normalize_answer(g)) for g in gs) for p, gs in zip(predictions, golds)]
-    f1 = [max(_token_f1(p, g) for g in gs) for p, gs in zip(predictions, golds)]
+    em = [max(float(normalize_answer(p) == normalize_answer(g)) for g in gs) for p, gs in zip(predictions, golds, strict=True)]
+    f1 = [max(_token_f1(p, g) for g in gs) for p, gs in zip(predictions, golds, strict=True)]
     return {"exact_match": float(np.mean(em)) if em else 0.0, "f1": float(np.mean(f1)) if f1 else 0.0}

@@ -114,7 +114,7 @@ class OrtRunner:
         session = self._load()
         names = self.input_names
         outputs = session.run(None, {k: v for k, v in batch.items() if k in names})
-        return {o.name: value for o, value in zip(session.get_outputs(), outputs)}
+        return {o.name: value for o, value in zip(session.get_outputs(), outputs, strict=True)}
 
 
 ENGINE_SUFFIXES = (".engine", ".plan")

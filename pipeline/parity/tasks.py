@@ -103,7 +103,7 @@ class Pooling:
     normalize: bool = False
 
     @classmethod
-    def of(cls, folder: Path) -> "Pooling":
+    def of(cls, folder: Path) -> Pooling:
         """Read `modules.json` and the Pooling module's config; mean, unnormalised without them."""
         modules_file = Path(folder) / "modules.json"
         if not modules_file.is_file():
@@ -167,10 +167,10 @@ class Task:
         if self.name == "text-classification":
             return np.concatenate([r["logits"] for r in reduced]).argmax(-1)
         if self.name == "token-classification":
-            return np.concatenate([r["logits"][b[WORD_INDEX] >= 0].argmax(-1) for r, b in zip(reduced, batches)])
+            return np.concatenate([r["logits"][b[WORD_INDEX] >= 0].argmax(-1) for r, b in zip(reduced, batches, strict=True)])
         if self.name == "question-answering":
             return np.concatenate([best_spans(r["start_logits"], r["end_logits"], b[CONTEXT_OFFSETS][..., 0] >= 0,
-                                              self.max_answer_tokens) for r, b in zip(reduced, batches)])
+                                              self.max_answer_tokens) for r, b in zip(reduced, batches, strict=True)])
         return np.concatenate([r["embedding"] for r in reduced])
 
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
@@ -237,7 +237,7 @@ def max_abs_diff(reference: list[Batch], candidate: list[Batch], batches: list[B
     only at non-padding positions. Told, not guessed from shapes: an embedding [B, 384] and a
     mask [B, 384] (384 hidden units, padded to 384 tokens) look alike."""
     largest, total, count = 0.0, 0.0, 0
-    for ref, cand, batch in zip(reference, candidate, batches):
+    for ref, cand, batch in zip(reference, candidate, batches, strict=True):
         mask = batch["attention_mask"].astype(bool)
         for name, value in ref.items():
             diff = np.abs(value.astype(np.float64) - cand[name].astype(np.float64))

@@ -50,7 +50,7 @@ class Recipe(Strict):
     thresholds: Thresholds = Field(default_factory=Thresholds)
 
     @model_validator(mode="after")
-    def _labels_for_metric_gates(self) -> "Recipe":
+    def _labels_for_metric_gates(self) -> Recipe:
         """Without a label column no label metric can be gated: a metric-drop threshold the recipe
         writes is refused, and the defaults become null, so the resolved recipe (as a manifest
         records it) says they were not checked and loads again."""
@@ -65,7 +65,7 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _recovery_has_data(self) -> "Recipe":
+    def _recovery_has_data(self) -> Recipe:
         prune = self.stages.prune
         if prune.recover.enabled or (prune.budget is not None and prune.budget.recovered):
             what = "stages.prune.recover.enabled" if prune.recover.enabled else "stages.prune.budget.recovered"
@@ -80,7 +80,7 @@ class Recipe(Strict):
         return self
 
     @model_validator(mode="after")
-    def _targets_consistent(self) -> "Recipe":
+    def _targets_consistent(self) -> Recipe:
         names = [t.name for t in self.targets]
         if len(set(names)) != len(names):
             raise ValueError("targets: names must be unique")

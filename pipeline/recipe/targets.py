@@ -20,7 +20,7 @@ class Range(Strict):
     max: int = Field(ge=1)
 
     @model_validator(mode="after")
-    def _ordered(self) -> "Range":
+    def _ordered(self) -> Range:
         if not self.min <= self.opt <= self.max:
             raise ValueError(f"needs min <= opt <= max, got {self.min}/{self.opt}/{self.max}")
         return self
@@ -33,7 +33,7 @@ class ProfileSpec(Strict):
     sequence: Range
 
     @model_validator(mode="after")
-    def _within_bert(self) -> "ProfileSpec":
+    def _within_bert(self) -> ProfileSpec:
         if self.sequence.max > 512:
             raise ValueError("sequence.max must be <= 512 (BERT's position embeddings)")
         return self
@@ -68,7 +68,7 @@ class TargetSpec(Strict):
         return self.trt_version or tensorrt_for(self.arch)
 
     @model_validator(mode="after")
-    def _consistent(self) -> "TargetSpec":
+    def _consistent(self) -> TargetSpec:
         if self.hardware_compatibility == "ampere_plus" and (self.arch == "sm_75" or self.arch in JETSON_ARCHS):
             raise ValueError(f"hardware_compatibility ampere_plus needs a desktop/server GPU of sm_80 or "
                              f"newer, not {self.arch}; set it to none")

@@ -21,7 +21,7 @@ import shutil
 import tempfile
 import time
 import traceback
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from functools import cache
 from pathlib import Path
@@ -29,7 +29,7 @@ from typing import Any
 
 import numpy as np
 
-from pipeline.artifacts import sha256_file
+from pipeline.artifacts import Artifact, StageResult, sha256_file
 from pipeline.errors import OutputError
 
 CACHE_FORMAT = 1
@@ -106,7 +106,7 @@ class StageCache:
     damaged: list[str] = field(default_factory=list)
 
     @classmethod
-    def at(cls, folder: Path | None, enabled: bool = True) -> "StageCache":
+    def at(cls, folder: Path | None, enabled: bool = True) -> StageCache:
         """The cache in `folder` (default: shipyard_home()), entries under its `stages/`; checked
         writable up front."""
         if not enabled:
@@ -194,3 +194,31 @@ def _alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+class CachedStages:
+    """Runs a stage, or copies its outputs from the cache when its inputs are unchanged."""
+
+    def __init__(self, cache: StageCache, work: Path) -> None:
+        self.cache, self.work = cache, work
+
+    def run(self, stage: str, inputs: dict[str, Any], produce: Callable[[], StageResult],
+            extra: Callable[[StageResult], dict] = lambda result: {}) -> tuple[StageResult, dict]:
+        key = self.cache.key(stage, inputs)
+        record = self.cache.load(stage, key, self.work)
+        if record is not None:
+            return self._result(record), record["extra"]
+        result = produce()
+        files = {str(p.relative_to(self.work)): p for p in [a.path for a in result.artifacts] + result.files}
+        record = {"result": {k: getattr(result, k) for k in ("stage", "passed", "message", "seconds", "details")},
+                  "artifacts": [{**{k: getattr(a, k) for k in ("name", "format", "precision", "stage", "options",
+                                                                   "kind")}, "path": str(a.path.relative_to(self.work))}
+                                for a in result.artifacts],
+                  "files": [str(p.relative_to(self.work)) for p in result.files], "extra": extra(result)}
+        self.cache.store(key, files, json.loads(json.dumps(record, default=str)))
+        return result, record["extra"]
+
+    def _result(self, record: dict) -> StageResult:
+        artifacts = [Artifact(**{**a, "path": self.work / a["path"]}) for a in record["artifacts"]]
+        return StageResult(**record["result"], artifacts=artifacts, files=[self.work / f for f in record["files"]],
+                           cached=True)

@@ -36,8 +36,9 @@ from pipeline.release.manifest import (
 )
 from pipeline.release.report import write_reports
 from pipeline.release.signing import load_signing_key, sign_manifest, verify_folder
-from pipeline.run.cache import StageCache
-from pipeline.run.workflow import CachedStages, RunInputs, target_stages
+from pipeline.run.cache import CachedStages, StageCache
+from pipeline.run.context import RunInputs
+from pipeline.run.workflow import target_stages
 from pipeline.stages import build
 
 # The model and data may live elsewhere on the GPU host; they are checked by hash, so only their

@@ -13,15 +13,10 @@ from __future__ import annotations
 import json
 import shutil
 import tempfile
-from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any
 
-from calibration.encode import load_tokenizer
-from calibration.sampling import row_digest
-from calibration.sources import load_rows, require_columns
 from pipeline.artifacts import (
     Artifact,
     StageResult,
@@ -29,15 +24,10 @@ from pipeline.artifacts import (
     check_output_dir,
     sha256_file,
 )
-from pipeline.errors import RecipeError
-from pipeline.inputs import data as datamod
-from pipeline.inputs.model import check_max_length, inspect_model
-from pipeline.names import METRICS
-from pipeline.parity.policy import calibration_padding, gates_for
-from pipeline.parity.runners import OrtRunner, TorchRunner
+from pipeline.parity.runners import OrtRunner
 from pipeline.parity.tasks import collect
 from pipeline.progress import SILENT, Progress
-from pipeline.recipe import Gate, Recipe
+from pipeline.recipe import Recipe
 from pipeline.release.manifest import (
     ArtifactRecord,
     DataRecord,
@@ -46,19 +36,19 @@ from pipeline.release.manifest import (
     ModelRecord,
     StageRecord,
     TargetRecord,
-    folder_sha256,
     tool_versions,
     write_json,
 )
 from pipeline.release.report import write_reports
 from pipeline.release.signing import load_signing_key, sign_manifest
 from pipeline.run import targets
-from pipeline.run.cache import StageCache, batches_digest, digest_of
+from pipeline.run.cache import CachedStages, StageCache, batches_digest
+from pipeline.run.context import RunInputs
 from pipeline.run.lock import release_lock
-from pipeline.stages import export, prune, quantize, trt_onnx, validate
+from pipeline.stages import export, prune, quantize, trt_onnx
 from pipeline.stages.build import BuildUnavailable
 from pipeline.stages.prune.plan import plan_path
-from pipeline.stages.prune.recover import TrainingData, recover
+from pipeline.stages.prune.recover import recover
 
 
 @dataclass
@@ -84,34 +74,6 @@ class RunOptions:
     command: tuple[str, ...] = ()
     sign_key: Path | None = None
     build_engines: bool = True  # False: phase one of a two-phase release (shipyard engines builds them)
-
-
-class CachedStages:
-    """Runs a stage, or copies its outputs from the cache when its inputs are unchanged."""
-
-    def __init__(self, cache: StageCache, work: Path) -> None:
-        self.cache, self.work = cache, work
-
-    def run(self, stage: str, inputs: dict[str, Any], produce: Callable[[], StageResult],
-            extra: Callable[[StageResult], dict] = lambda result: {}) -> tuple[StageResult, dict]:
-        key = self.cache.key(stage, inputs)
-        record = self.cache.load(stage, key, self.work)
-        if record is not None:
-            return self._result(record), record["extra"]
-        result = produce()
-        files = {str(p.relative_to(self.work)): p for p in [a.path for a in result.artifacts] + result.files}
-        record = {"result": {k: getattr(result, k) for k in ("stage", "passed", "message", "seconds", "details")},
-                  "artifacts": [{**{k: getattr(a, k) for k in ("name", "format", "precision", "stage", "options",
-                                                                   "kind")}, "path": str(a.path.relative_to(self.work))}
-                                for a in result.artifacts],
-                  "files": [str(p.relative_to(self.work)) for p in result.files], "extra": extra(result)}
-        self.cache.store(key, files, json.loads(json.dumps(record, default=str)))
-        return result, record["extra"]
-
-    def _result(self, record: dict) -> StageResult:
-        artifacts = [Artifact(**{**a, "path": self.work / a["path"]}) for a in record["artifacts"]]
-        return StageResult(**record["result"], artifacts=artifacts, files=[self.work / f for f in record["files"]],
-                           cached=True)
 
 
 def run_recipe(recipe: Recipe, out: Path, progress: Progress = SILENT, options: RunOptions | None = None
@@ -230,7 +192,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
 
 
-def prune_stages(inputs: "RunInputs", fp32: Artifact, stages: CachedStages, work: Path, progress: Progress
+def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: Path, progress: Progress
                  ) -> tuple[list[StageResult], Artifact]:
     """Prune the FP32 graph, then, when the recipe says so, recover it by distillation.
 
@@ -288,34 +250,6 @@ def prune_stages(inputs: "RunInputs", fp32: Artifact, stages: CachedStages, work
     return [pruned, recovered], recovered.artifacts[0]
 
 
-@dataclass
-class RecoveryInputs:
-    """What recovery in a recipe trains on and how, and the identity its cache key uses."""
-
-    spec: Any
-    data: TrainingData
-    key: dict[str, Any]
-
-    @classmethod
-    def of(cls, inputs: "RunInputs") -> "RecoveryInputs":
-        recipe, prepared = inputs.recipe, inputs.prepared
-        source = recipe.data.training
-        rows = load_rows(source.path, source.encoding)  # a missing file or column fails here, before any stage
-        columns = datamod.source_columns(recipe.data, source, list(rows[0].keys()))
-        require_columns(rows, columns.needed(), source.path)
-        evaluation = prepared.evaluation
-        exclude = frozenset(row_digest(evaluation.columns, r) for r in evaluation.rows) | frozenset(
-            prepared.tuning.digests)
-        data = TrainingData(source.path, columns, source.samples, source.encoding, exclude)
-        key = {"model": inputs.model_sha, "spec": recipe.stages.prune.recover.model_dump(mode="json"),
-               "training": {"content": sha256_file(source.path) if source.path.is_file() else folder_sha256(source.path), "columns": [columns.text, columns.text_pair,
-                                                                               columns.label],
-                            "samples": source.samples, "encoding": source.encoding},
-               "exclude": digest_of(sorted(exclude)), "max_length": recipe.data.max_length,
-               "opset": recipe.stages.export.opset, "task": repr(inputs.task)}
-        return cls(recipe.stages.prune.recover, data, key)
-
-
 def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: Progress, build_engines: bool = True
                   ) -> tuple[TargetRecord, list[StageResult], Artifact | None]:
     """Readiness of the target's typed ONNX against its TensorRT, then its engine where this machine
@@ -333,135 +267,6 @@ def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: 
     ), [checked, built], engine
 
 
-@dataclass
-class RunInputs:
-    """What every gate of a recipe needs, made once: the model's facts, the task, the data splits."""
-
-    recipe: Recipe
-    info: Any
-    model_sha: str
-    task: Any
-    metric: str | None
-    labelled: bool
-    prepared: Any
-    digests: dict[str, str]
-    recovery: "RecoveryInputs | None" = None  # when the recipe recovers after pruning
-
-    @classmethod
-    def of(cls, recipe: Recipe) -> "RunInputs":
-        info = inspect_model(recipe.model.path, recipe.model.task, recipe.model.allow_pickle)
-        check_max_length(info, recipe.data.max_length, "data.max_length")
-        task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
-        tokenizer = load_tokenizer(recipe.model.path, task.name)
-        prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
-                                   calibration_padding(recipe.stages.quantize.method, recipe.data.padding))
-        digests = {"calibration": batches_digest(prepared.calibration.batches),
-                   "tuning": batches_digest(prepared.tuning.batches),
-                   "evaluation": batches_digest(prepared.evaluation.batches)}
-        inputs = cls(recipe, info, folder_sha256(info.path), task, gated_metric(recipe, task.name),
-                     recipe.data.evaluation_label is not None, prepared, digests)
-        prune = recipe.stages.prune
-        if prune.enabled and prune.recover.enabled:
-            inputs.recovery = RecoveryInputs.of(inputs)
-        return inputs
-
-    def torch_runner(self) -> TorchRunner:
-        return TorchRunner(self.recipe.model.path, task=self.task.name, allow_pickle=self.recipe.model.allow_pickle)
-
-    def reference_outputs(self, cache: StageCache, progress: Progress) -> "ReferenceOutputs":
-        return ReferenceOutputs(cache, self.torch_runner(), self.prepared.evaluation.batches, self.task, progress,
-                                {"model": self.model_sha, "batches": self.digests["evaluation"],
-                                 "task": repr(self.task)})
-
-    def source_outputs(self, source: Artifact, cache: StageCache, progress: Progress) -> "ReferenceOutputs":
-        """`source`'s ONNX Runtime outputs on the evaluation batches: what artifacts converted from a
-        pruned graph are gated against besides PyTorch (`pipeline.parity.policy.gates_for`)."""
-        return ReferenceOutputs(cache, OrtRunner(source.path), self.prepared.evaluation.batches, self.task, progress,
-                                {"model": source.sha256, "batches": self.digests["evaluation"], "task": repr(self.task)},
-                                name=source.name, stage="source-outputs")
-
-    def validate(self, artifact: Artifact, stages: "CachedStages", reference: "ReferenceOutputs",
-                 progress: Progress, source: "ReferenceOutputs | None" = None
-                 ) -> tuple[list[StageResult], dict, dict | None]:
-        """Gate `artifact` against PyTorch on the evaluation rows and, when it was converted from a
-        pruned graph (`source`), against that graph too, each with the gate the policy gives it.
-        Returns the stage results and the two parity reports (the second None without a source)."""
-        gates = gates_for(self.recipe.thresholds, artifact.kind, artifact.precision, source is not None,
-                          self.labelled)
-        result, report = self._check(artifact, f"validate[{artifact.name}]", stages, reference, gates.reference,
-                                     progress)
-        if gates.source is None:
-            return [result], report, None
-        step, step_report = self._check(artifact, f"validate[{artifact.name} vs {source.name}]", stages, source,
-                                        gates.source, progress)
-        return [result, step], report, step_report
-
-    def _check(self, artifact: Artifact, stage: str, stages: "CachedStages", reference: "ReferenceOutputs",
-               gate: Gate, progress: Progress) -> tuple[StageResult, dict]:
-        evaluation, id2label = self.prepared.evaluation, self.info.id2label
-        reports: dict[str, dict] = {}
-
-        def check() -> StageResult:
-            with progress.task(f"validate {artifact.name} vs {reference.name}", total=len(evaluation.rows)) as advance:
-                result, report = validate.run(artifact, reference.get(), evaluation, gate, self.metric,
-                                              id2label, self.task, advance)
-            result.stage = stage
-            reports["report"] = {**report.to_dict(), "reference": reference.name}
-            return result
-
-        result, extra = stages.run(stage, {
-            "artifact": artifact.sha256, "reference": reference.inputs, "rows": evaluation.fingerprint,
-            "gate": gate.model_dump(mode="json"), "metric": self.metric, "labels": id2label},
-            check, extra=lambda result: reports)
-        return result, extra["report"]
-
-
-class ReferenceOutputs:
-    """A reference's outputs on the evaluation batches (PyTorch's, or a source graph's): computed
-    on first use, cached by model and rows."""
-
-    def __init__(self, cache: StageCache, runner, batches: list, task, progress: Progress,
-                 inputs: dict[str, str], name: str = "PyTorch", stage: str = "pytorch-reference") -> None:
-        self.cache, self.runner, self.batches, self.task, self.progress = cache, runner, batches, task, progress
-        self.inputs, self.name, self.stage = inputs, name, stage
-        self._outputs = None
-
-    def get(self) -> list[dict]:
-        if self._outputs is None:
-            self._outputs = self._load_or_compute()
-        return self._outputs
-
-    def _load_or_compute(self) -> list[dict]:
-        import numpy as np
-
-        key = self.cache.key(self.stage, self.inputs)
-        with tempfile.TemporaryDirectory() as tmp:
-            if self.cache.load(self.stage, key, Path(tmp)) is not None:
-                with np.load(Path(tmp) / "outputs.npz") as data:
-                    count = int(data["count"])
-                    return [{k.split("/", 1)[1]: data[k] for k in data.files if k.startswith(f"{i}/")}
-                            for i in range(count)]
-            with self.progress.task(f"{self.name} reference", total=sum(len(b["input_ids"]) for b in self.batches)) as advance:
-                outputs = collect(self.runner, self.batches, self.task, advance)
-            arrays = {f"{i}/{name}": value for i, batch in enumerate(outputs) for name, value in batch.items()}
-            np.savez(Path(tmp) / "outputs.npz", count=len(outputs), **arrays)
-            self.cache.store(key, {"outputs.npz": Path(tmp) / "outputs.npz"}, {"extra": {}})
-        return outputs
-
-
-def gated_metric(recipe: Recipe, task: str) -> str | None:
-    """The label metric whose drop is gated: the recipe's, which must fit the task, or the task's
-    default; None without labels or for embeddings."""
-    allowed = METRICS[task]
-    chosen = recipe.thresholds.metric
-    if chosen is not None and chosen not in allowed:
-        raise RecipeError(f"thresholds.metric {chosen!r} does not apply to {task}; use one of: "
-                          f"{', '.join(allowed) or 'none (remove it)'}")
-    if recipe.data.evaluation_label is None or not allowed:
-        return None
-    return chosen or allowed[0]
-
-
 def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, source_parity, work: Path,
               target_records, invocation) -> Manifest:
     export_ok = {r.stage: r.passed for r in results}
@@ -471,6 +276,7 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, sou
         passed = report is not None and report["passed"] and (artifact.stage != "export" or export_ok.get("export", False))
         records.append(ArtifactRecord.of(artifact, work, report, passed, source_parity.get(artifact.name)))
     evaluation = prepared.evaluation
+    recovered = next((r for r in results if r.stage == "recover"), None)
     return Manifest(
         recipe_name=recipe.name,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
@@ -484,9 +290,10 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, sou
                                  fingerprint=prepared.tuning.fingerprint),
             "evaluation": DataRecord(source=str(evaluation.source), rows=len(evaluation.rows),
                                      fingerprint=evaluation.fingerprint),
-            **{"training": DataRecord(source=str(recipe.data.training.path), rows=r.details["recovery"]["training_rows"],
-                                      fingerprint=r.details["recovery"]["training_fingerprint"])
-               for r in results if r.stage == "recover"},
+            **({"training": DataRecord(source=str(recipe.data.training.path),
+                                       rows=recovered.details["recovery"]["training_rows"],
+                                       fingerprint=recovered.details["recovery"]["training_fingerprint"])}
+               if recovered is not None else {}),
         },
         tools=tool_versions(),
         stages=[StageRecord.of(r) for r in results],
@@ -495,4 +302,3 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, sou
         recipe=json.loads(recipe.model_dump_json()),
         invocation=invocation,
     )
-

@@ -39,7 +39,7 @@ class TypedVariant:
     output_dtype: str
 
     @classmethod
-    def of(cls, target: TargetSpec) -> "TypedVariant":
+    def of(cls, target: TargetSpec) -> TypedVariant:
         non_quantized = target.non_quantized if target.precision == "int8" else target.precision
         output = "fp32" if target.precision == "fp32" else target.output_dtype
         return cls(target.precision, non_quantized, output)

@@ -46,7 +46,7 @@ class PruningPlan:
         return json.dumps(asdict(self), indent=1) + "\n"
 
     @classmethod
-    def load(cls, path: Path) -> "PruningPlan":
+    def load(cls, path: Path) -> PruningPlan:
         path = Path(path)
         if not path.is_file():
             raise ArtifactError(f"pruning plan {path} not found; it is written beside the pruned ONNX by "

@@ -132,7 +132,7 @@ def hidden_state_loss(student: dict, teacher: dict, batch: dict):
 
     mask = torch.from_numpy(batch["attention_mask"]).float().unsqueeze(-1)
     losses = []
-    for s, t in zip(student["hidden_states"][1:], teacher["hidden_states"][1:]):  # [0] is the embeddings
+    for s, t in zip(student["hidden_states"][1:], teacher["hidden_states"][1:], strict=True):  # [0] is the embeddings
         variance = ((t * mask) ** 2).sum() / (mask.sum() * t.shape[-1]).clamp_min(1)
         losses.append((((s - t) ** 2) * mask).sum() / (mask.sum() * t.shape[-1]).clamp_min(1) / variance.clamp_min(1e-6))
     return torch.stack(losses).mean()

@@ -64,7 +64,7 @@ def rank_nodes(onnx_path: Path, batches: list[Batch]) -> list[tuple[str, float]]
     def activations():
         for batch in batches:
             values = session.run(tensors, {k: v for k, v in batch.items() if k in feed_names})
-            yield {t: v for t, v in zip(tensors, values) if np.issubdtype(v.dtype, np.floating)}
+            yield {t: v for t, v in zip(tensors, values, strict=True) if np.issubdtype(v.dtype, np.floating)}
 
     amax: dict[str, float] = {}
     for acts in activations():

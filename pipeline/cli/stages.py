@@ -1,0 +1,242 @@
+"""The stages on plain paths: `shipyard export|quantize|prune|recover|validate`."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import click
+
+from pipeline.cli.main import cli
+from pipeline.cli.options import (
+    allow_pickle_option,
+    encoding_option,
+    finish,
+    output_options,
+    progress_for,
+)
+from pipeline.names import CALIBRATION_METHODS, FFN_SCOPES, METRIC_NAMES, QUANT_FORMATS, SPARSITY_24, TASKS
+
+# --- stages on plain paths ----------------------------------------------------------------
+
+@cli.command("export")
+@click.option("--model", "model_dir", required=True, type=click.Path(path_type=Path),
+              help="Fine-tuned Hugging Face model folder.")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="As Optimum names it [default: from config.json's architectures].")
+@click.option("--opset", type=click.IntRange(14, 21), default=17, show_default=True)
+@click.option("--atol", type=float, default=1e-4, show_default=True,
+              help="Max |logit difference| vs PyTorch; beyond it the export fails (exit 1).")
+@allow_pickle_option
+@output_options
+def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, allow_pickle: bool, quiet: bool,
+               as_json: bool) -> None:
+    """Export to ONNX with Optimum and check the logits against PyTorch on real inputs."""
+    from pipeline.run.standalone import export_and_check
+
+    result = export_and_check(model_dir, out, task, opset, atol, progress_for(quiet, as_json), allow_pickle)
+    finish(result.passed, {"out": str(out), "passed": result.passed, "message": result.message,
+                            **result.details}, f"export {out}: {result.message}", quiet, as_json)
+
+
+@cli.command("quantize")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="FP32 ONNX file (from shipyard export).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="INT8 ONNX file to write.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Calibration data (.csv .jsonl .txt .parquet or saved dataset folder).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="Folder with the model's tokenizer.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default="minmax",
+              show_default=True)
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
+              help="Calibration rows to draw (seeded).")
+@click.option("--tuning-samples", type=click.IntRange(min=0), default=128, show_default=True,
+              help="Rows drawn after the calibration rows that choose the float fallback; 0 quantizes every node.")
+@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--format", "fmt", type=click.Choice(QUANT_FORMATS), default="qdq", show_default=True,
+              help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
+@click.option("--smooth/--no-smooth", default=None,
+              help="Smooth activations before INT8 (SmoothQuant, exact in float) [default: for qdq, not for cpu].")
+@click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="How much of each channel's range smoothing moves into the weights.")
+@encoding_option
+@output_options
+def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
+                 text_column: str, text_pair_column: str | None, method: str, samples: int, tuning_samples: int,
+                 max_length: int, fmt: str, smooth: bool | None, smooth_alpha: float, encoding: str | None, quiet: bool,
+                 as_json: bool) -> None:
+    """Post-training INT8 quantization of an ONNX model.
+
+    The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
+    same file leaves them out."""
+    from pipeline.run.standalone import quantize_file
+
+    result = quantize_file(model_path, out, fmt, method, calibration, tokenizer, text_column,
+                           text_pair_column, samples, max_length, progress_for(quiet, as_json), tuning_samples,
+                           encoding, smooth, smooth_alpha)
+    art = result.artifacts[0]
+    finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
+                   "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)
+
+
+@cli.command("prune")
+@click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
+              help="FP32 ONNX file from shipyard export (unfused).")
+@click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned ONNX file to write.")
+@click.option("--calibration", type=click.Path(path_type=Path), default=None,
+              help="Calibration data to score neurons and heads (needed by --ffn and --heads-per-layer).")
+@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
+              help="The model folder (tokenizer and config.json).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--ffn", "ffn_fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+              show_default=True, help="Fraction of FFN neurons to remove per layer, in [0, 1).")
+@click.option("--ffn-scope", type=click.Choice(FFN_SCOPES), default="uniform", show_default=True)
+@click.option("--heads-per-layer", type=click.IntRange(min=0), default=0, show_default=True,
+              help="Remove this many lowest-scored heads in every layer.")
+@click.option("--prune-heads", "heads_json", default=None, metavar="JSON",
+              help='Exact heads to remove, e.g. \'{"0": [1, 2], "2": [0]}\' (needs no data).')
+@click.option("--sparsity-24", type=click.Choice(SPARSITY_24), default="none",
+              show_default=True, help="2:4 semi-structured sparsity on these MatMul weights.")
+@click.option("--compensate/--no-compensate", default=True, show_default=True,
+              help="Fold removed units' mean output into the next bias (scored pruning only).")
+@encoding_option
+@output_options
+def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
+              text_column: str, text_pair_column: str | None, samples: int, max_length: int,
+              ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
+              sparsity_24: str, compensate: bool, encoding: str | None, quiet: bool, as_json: bool) -> None:
+    """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
+    from pipeline.run.standalone import prune_file
+
+    result = prune_file(model_path, out, calibration, tokenizer, text_column, text_pair_column,
+                        samples, max_length, ffn_fraction, ffn_scope, heads_per_layer, heads_json,
+                        sparsity_24, compensate, progress_for(quiet, as_json), encoding)
+    art = result.artifacts[0]
+    finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
+                   "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)
+
+
+@cli.command("recover")
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="The original fine-tuned model folder (the teacher; the pruned graph was exported from it).")
+@click.option("--pruned", "pruned_path", required=True, type=click.Path(path_type=Path),
+              help="Pruned ONNX from shipyard prune / run; its plan (PRUNED.plan.json) must be beside it.")
+@click.option("--data", required=True, type=click.Path(path_type=Path),
+              help="Training text: the fine-tuning set or unlabeled in-domain text (CSV, JSONL, Parquet, TXT).")
+@click.option("--out", required=True, type=click.Path(path_type=Path),
+              help="Recovered ONNX to write (its model folder goes beside it, OUT without .onnx + .model).")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--label-column", default=None, help="Gold labels (text classification): mixed into the loss.")
+@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+              help="Softens teacher and student logits in the KL term.")
+@click.option("--label-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+              help="Share of the loss from gold labels (with --label-column).")
+@click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+              help="Weight of intermediate-layer matching (each layer's hidden state vs the original's).")
+@click.option("--dropout/--no-dropout", default=False, show_default=True,
+              help="Train the student with the model's dropout (off: distillation fits the original's function).")
+@click.option("--samples", type=click.IntRange(min=1), default=4000, show_default=True,
+              help="Training rows drawn from --data.")
+@click.option("--tuning-samples", type=click.IntRange(min=8), default=256, show_default=True,
+              help="Rows of --data held out from training; the kept state is the one closest to the original on them.")
+@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
+              help="Steps between checks on the tuning rows (and after the last step).")
+@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Checks that come no closer before training stops.")
+@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="Default: the reference model head's task.")
+@encoding_option
+@output_options
+def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
+                text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
+                learning_rate: float, batch_size: int, temperature: float, label_weight: float, hidden_weight: float,
+                dropout: bool, samples: int, tuning_samples: int, eval_every: int, patience: int, max_length: int,
+                seed: int, task: str | None, encoding: str | None, quiet: bool, as_json: bool) -> None:
+    """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
+    with early stopping on held-out tuning rows, then export and gate it like the original."""
+    from calibration.sampling import Columns
+    from pipeline.parity.runners import check_onnx_file
+    from pipeline.recipe import RecoverSpec
+    from pipeline.stages.prune.recover import TrainingData, recover
+
+    check_onnx_file(pruned_path)
+    spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
+                       batch_size=batch_size, temperature=temperature, label_weight=label_weight,
+                       hidden_weight=hidden_weight, dropout=dropout, tuning_samples=tuning_samples,
+                       eval_every=eval_every, patience=patience, seed=seed)
+    training = TrainingData(data, Columns(text_column, text_pair_column, label_column), samples, encoding)
+    result, report = recover(reference, pruned_path, training, out, spec, max_length, task,
+                             progress_for(quiet, as_json))
+    finish(result.passed, {"out": str(out), **report.to_dict()}, f"recover {out}: {result.message}", quiet, as_json)
+
+
+@cli.command("validate")
+@click.option("--reference", required=True, type=click.Path(path_type=Path),
+              help="The fine-tuned PyTorch model folder (the reference).")
+@click.option("--artifact", required=True, type=click.Path(path_type=Path), help="ONNX file to check.")
+@click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation data.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--label-column", default=None,
+              help="Gold labels (class, per-word IOB2 tags, or answer texts) enable the metric and its drop.")
+@click.option("--samples", type=click.IntRange(min=1), default=None,
+              help="Evaluate a seeded sample of this many rows [default: all].")
+@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
+              help="[default: 1.0 for FP32, 0.98 for INT8]")
+@click.option("--max-abs-diff", type=click.FloatRange(min=0), default=None,
+              help="[default: 1e-3 for FP32, unchecked for INT8]")
+@click.option("--max-metric-drop", type=click.FloatRange(0, 1), default=None,
+              help="Fraction, 0.01 = one point [default: 0.01 for INT8 when labels are given].")
+@click.option("--metric", type=click.Choice(METRIC_NAMES), default=None,
+              help="Gated label metric [default: accuracy, entity_f1 for tokens, f1 for QA].")
+@click.option("--task", type=click.Choice(TASKS), default=None,
+              help="[default: from the reference's config.json]")
+@click.option("--max-answer-tokens", type=click.IntRange(1, 512), default=30, show_default=True,
+              help="question-answering: longest answer span.")
+@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
+              help="feature-extraction: an embedding agrees at this cosine with PyTorch's.")
+@click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
+              help="Write the parity report as JSON here.")
+@click.option("--source", type=click.Path(path_type=Path), default=None,
+              help="The pruned (or recovered) FP32 ONNX the artifact was converted from: gate the artifact against "
+                   "it with its precision's gate (which the threshold options set), and against --reference with "
+                   "the default pruned gate (0.95 agreement, 2 points), as shipyard run does.")
+@encoding_option
+@allow_pickle_option
+@output_options
+def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
+                 text_pair_column: str | None, label_column: str | None, samples: int | None,
+                 max_length: int, min_agreement: float | None, max_abs_diff: float | None,
+                 max_metric_drop: float | None, metric: str | None, task: str | None, max_answer_tokens: int,
+                 min_cosine: float, report_path: Path | None, source: Path | None, encoding: str | None,
+                 allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+    """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail.
+
+    Rows the artifact was calibrated or tuned on (recorded inside it by shipyard quantize,
+    prune and run) are left out of the evaluation rows."""
+    from pipeline.run.standalone import validate_file
+
+    report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
+                           samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
+                           metric, report_path, progress_for(quiet, as_json), task, max_answer_tokens, min_cosine,
+                           encoding, allow_pickle, source)
+    step = report.details.get("source")
+    line = (f"validate {artifact}: {'PASS' if report else 'FAIL'} {report.task} agreement {report.agreement:.4f} "
+            f"over {report.units} {report.unit}, max |diff| {report.max_abs_diff:.3g}"
+            + (f"; vs {source.name}: agreement {step['agreement']:.4f}" if step else "")
+            + ("" if report else "; " + "; ".join(report.failures)))
+    finish(report.passed, report.to_dict(), line, quiet, as_json)

@@ -1,0 +1,142 @@
+"""Graph surgery: slicing FFN neurons and attention heads out of an ONNX BERT, and 2:4 sparsity.
+
+Removing heads slices Q/K/V columns and biases and W_o rows, and patches the head-count and
+all-head-size constants of that layer's Reshapes. Those constants may be shared across layers
+(onnxslim, ORT's basic optimizer), so each layer gets its own clone before it is patched.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+from onnx import numpy_helper
+
+from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph
+from pipeline.graph.proof import drop_dead
+from pipeline.parity.policy import PRUNED_MARK, pruned_mark
+from pipeline.stages.prune.plan import LayerPlan, PruningPlan, mask_24
+from pipeline.stages.prune.scores import Scores
+
+Batch = dict[str, np.ndarray]
+
+
+def _unique(g: Graph, base: str) -> str:
+    taken = set(g.init) | set(g.producer)
+    name, i = base, 0
+    while name in taken:
+        i += 1
+        name = f"{base}_{i}"
+    return name
+
+
+def _patch_shape(g: Graph, reshape: onnx.NodeProto, index: int, value: int) -> None:
+    """Give this Reshape its own shape with element `index` set to `value`."""
+    shape = reshape.input[1]
+    constant = g.constant_value(shape)
+    if constant is not None:
+        patched = constant.copy()
+        patched[index] = value
+        name = _unique(g, f"{shape}_{reshape.name}_pruned")
+        g.graph.initializer.append(numpy_helper.from_array(patched, name))
+        g.init[name] = g.graph.initializer[-1]
+        reshape.input[1] = name
+        return
+    concat = g.producer[shape]
+    part = g.constant_value(concat.input[index])
+    clone = onnx.NodeProto()
+    clone.CopyFrom(concat)  # shared across layers by some optimizers: patch a clone, never the original
+    clone.name = _unique(g, f"{concat.name}_{reshape.name}_pruned")
+    clone.output[0] = _unique(g, f"{concat.output[0]}_{reshape.name}_pruned")
+    part_name = _unique(g, f"{clone.name}_value")
+    g.graph.initializer.append(numpy_helper.from_array(np.full(part.shape, value, dtype=part.dtype), part_name))
+    g.init[part_name] = g.graph.initializer[-1]
+    clone.input[index] = part_name
+    position = next(i for i, n in enumerate(g.graph.node) if n is concat)
+    g.graph.node.insert(position + 1, clone)
+    g.producer[clone.output[0]] = g.graph.node[position + 1]
+    reshape.input[1] = clone.output[0]
+
+
+def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean: np.ndarray | None
+                 ) -> np.ndarray | None:
+    """Slice the heads out; returns the output bias compensation wrote (None: untouched)."""
+    keep = [h for h in range(block.num_heads) if h not in heads]
+    cols = np.concatenate([np.arange(h * block.head_dim, (h + 1) * block.head_dim) for h in keep])
+    folded = None
+    if context_mean is not None and block.out_bias is not None:
+        w_out = g.array(block.out).reshape(block.num_heads, block.head_dim, -1)
+        g.set_array(block.out_bias, g.array(block.out_bias) + sum(context_mean[h] @ w_out[h] for h in heads))
+        folded = g.array(block.out_bias)
+    for weight, bias in (block.q, block.k, block.v):
+        g.set_array(weight, g.array(weight)[:, cols])
+        g.set_array(bias, g.array(bias)[cols])
+    g.set_array(block.out, g.array(block.out)[cols, :])
+    nodes = {n.name: n for n in g.graph.node}
+    for name in block.split_reshapes:
+        _patch_shape(g, nodes[name], 2, len(keep))
+    _patch_shape(g, nodes[block.merge_reshape], 2, len(keep) * block.head_dim)
+    return folded
+
+
+def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | None) -> np.ndarray | None:
+    """Keep the `keep` neurons; returns the W2 bias compensation wrote (None: untouched)."""
+    bias = None
+    if mean is not None and block.b2 is not None:
+        dropped = np.setdiff1d(np.arange(block.size), keep)
+        g.set_array(block.b2, g.array(block.b2) + mean[dropped] @ g.array(block.w2)[dropped, :])
+        bias = g.array(block.b2)
+    g.set_array(block.w1, g.array(block.w1)[:, keep])
+    g.set_array(block.b1, g.array(block.b1)[keep])
+    g.set_array(block.w2, g.array(block.w2)[keep, :])
+    return bias
+
+
+def sparsify_24(g: Graph, weights: list[tuple[int, str, str]]) -> list[tuple[int, str, str]]:
+    """Keep the 2 largest |w| of every 4 consecutive weights along the reduction axis (rows), by
+    the rule the PyTorch side applies too (`pruning_plan.mask_24`); `weights` are (layer, role,
+    initializer) and the ones made sparse are returned."""
+    done = []
+    for layer, role, name in weights:
+        w = g.array(name)
+        if w.shape[0] % 4:
+            continue
+        g.set_array(name, w * mask_24(w))
+        done.append((layer, role, name))
+    return done
+
+
+def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[AttentionBlock],
+          ffn_keep: dict[int, np.ndarray], heads_remove: dict[int, list[int]],
+          sparsity: str, compensation: Scores | None = None) -> tuple[onnx.ModelProto, list[str], PruningPlan]:
+    """A pruned copy of `model`, the 2:4 weights' names and the plan that does the same to the
+    PyTorch model; the input is never modified. With `compensation`, removed units' mean
+    contributions are folded into the following bias."""
+    pruned = onnx.ModelProto()
+    pruned.CopyFrom(model)
+    g = Graph(pruned)
+    layers = {b.layer: LayerPlan(layer=b.layer, ffn_size=b.size, ffn_keep=[int(i) for i in ffn_keep[b.layer]],
+                                 heads_removed=sorted(int(h) for h in heads_remove.get(b.layer, [])))
+              for b in ffn}
+    for block in ffn:
+        if len(ffn_keep[block.layer]) < block.size:
+            bias = slice_ffn(g, block, ffn_keep[block.layer],
+                             compensation.ffn_mean[block.layer] if compensation else None)
+            layers[block.layer].ffn_bias = None if bias is None else bias.tolist()
+    for block in attention:
+        if heads_remove.get(block.layer):
+            bias = remove_heads(g, block, heads_remove[block.layer],
+                                compensation.context_mean[block.layer] if compensation else None)
+            layers[block.layer].attention_bias = None if bias is None else bias.tolist()
+    ffn_weights = [w for b in ffn for w in ((b.layer, "ffn.w1", b.w1), (b.layer, "ffn.w2", b.w2))]
+    attention_weights = [w for b in attention for w in ((b.layer, "attention.q", b.q[0]), (b.layer, "attention.k", b.k[0]),
+                                                        (b.layer, "attention.v", b.v[0]), (b.layer, "attention.out", b.out))]
+    targets = {"none": [], "ffn": ffn_weights, "attention": attention_weights, "all": ffn_weights + attention_weights}
+    done = sparsify_24(g, targets[sparsity])
+    sparse = [name for _, _, name in done]
+    plan = PruningPlan(layers=[layers[k] for k in sorted(layers)], sparse_24=[(layer, role) for layer, role, _ in done])
+    drop_dead(pruned)
+    # Marks the graph as pruned so `shipyard validate` applies the pruned thresholds to it.
+    onnx.helper.set_model_props(pruned, {**{p.key: p.value for p in pruned.metadata_props},
+                                         PRUNED_MARK: pruned_mark({str(k): v for k, v in heads_remove.items()}, len(sparse))})
+    onnx.checker.check_model(pruned)
+    return pruned, sparse, plan
