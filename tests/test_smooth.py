@@ -9,11 +9,12 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
+from conftest import without_tensorrt, write_recipe
+from zoo import FAMILIES, make_model
 
 from pipeline.cli import cli
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.quantize.smooth import smooth
-from zoo import FAMILIES, make_model
 
 pytestmark = pytest.mark.slow
 
@@ -87,3 +88,47 @@ def test_smoothing_is_on_for_qdq_and_off_for_cpu_by_default(tiny_release):
     nodes = onnx.load(str(tiny_release.out / artifacts["model.int8.qdq"].path)).graph.node
     restores = [n for n in nodes if n.op_type == "Mul" and n.name.endswith(".smooth.restore")]
     assert len(restores) == 4  # 2 layers: each residual branch reads its LayerNorm output times s
+
+
+def _from_initialisation(folder):
+    """`folder`'s model with every LayerNorm as initialisation leaves it (weight ones, bias zeros):
+    the exporter then keeps one copy of each and forwards it to every layer through Identity."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    model = AutoModelForSequenceClassification.from_pretrained(folder)
+    with torch.no_grad():
+        for module in model.modules():
+            if isinstance(module, torch.nn.LayerNorm):
+                module.weight.fill_(1.0)
+                module.bias.zero_()
+    model.save_pretrained(folder)
+    return folder
+
+
+def test_a_graph_with_identity_forwarded_layernorm_weights_goes_through_every_stage(tiny_holdout_small, tmp_path):
+    """Seen: `shipyard quantize --format qdq` exited 3 (KeyError on a LayerNorm weight) on a model
+    straight from initialisation, because smoothing read only initializers."""
+    folder = _from_initialisation(make_model(tmp_path / "init", "bert", head_scale=30.0))
+    exported = tmp_path / "model.onnx"
+    assert invoke("export", "--model", folder, "--out", exported, "--quiet").exit_code == 0
+    identities = [n for n in onnx.load(str(exported)).graph.node if n.op_type == "Identity"]
+    assert len(identities) >= 4, "the exporter no longer forwards equal tensors through Identity: test moot"
+
+    qdq = tmp_path / "int8.qdq.onnx"
+    result = invoke("quantize", "--model", exported, "--out", qdq, "--format", "qdq", "--calibration",
+                    tiny_holdout_small, "--tokenizer", folder, "--samples", "64", "--tuning-samples", "32",
+                    "--max-length", "48", "--json")
+    assert result.exit_code == 0, result.output
+    assert len(json.loads(result.output)["options"]["smoothing"]["smoothed"]) == 4  # every LayerNorm got its own
+
+    recipe = write_recipe(tmp_path, folder, tiny_holdout_small,
+                          stages={"prune": {"enabled": True, "ffn_fraction": 0.25, "heads_per_layer": 1}},
+                          targets=[{"name": "orin-fp16", "arch": "sm_87", "precision": "fp16",
+                                    "profiles": [{"batch": {"min": 1, "opt": 8, "max": 32},
+                                                  "sequence": {"min": 8, "opt": 64, "max": 64}}]}])
+    with without_tensorrt():
+        result = invoke("run", recipe, "--out", tmp_path / "release", "--no-cache", "--json")
+    assert result.exit_code == 0, result.output
+    names = {a["name"] for a in json.loads(result.output)["manifest"]["artifacts"]}
+    assert names == {"model.fp32", "model.pruned", "model.int8.qdq", "model.int8.cpu", "model.trt.fp16"}

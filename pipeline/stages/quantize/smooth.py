@@ -30,6 +30,7 @@ from onnx import helper, numpy_helper
 from pipeline.errors import ArtifactError
 from pipeline.graph.bert import Graph
 from pipeline.graph.proof import drop_dead
+from pipeline.graph.rewrites import untie_identities
 from pipeline.parity.runners import session_with_outputs
 
 Batch = dict[str, np.ndarray]
@@ -73,6 +74,9 @@ def smooth(model: onnx.ModelProto, batches: list[Batch], alpha: float = 0.5) -> 
     """A smoothed copy of `model` (see the module docstring); `model` is not modified."""
     smoothed = onnx.ModelProto()
     smoothed.CopyFrom(model)
+    # Exporters forward equal tensors (a LayerNorm's ones and zeros straight from initialisation)
+    # through Identity nodes; smoothing rewrites each LayerNorm's gamma and beta, so each gets its own.
+    untie_identities(smoothed)
     report = SmoothReport(alpha)
     sites = smoothing_sites(smoothed)
     if not sites:
@@ -135,7 +139,7 @@ def _activation_max(model: onnx.ModelProto, tensors: list[str], batches: list[Ba
     out: dict[str, np.ndarray] = {}
     for batch in batches:
         mask = batch["attention_mask"].astype(bool)
-        for name, value in zip(tensors, session.run(tensors, {k: v for k, v in batch.items() if k in feeds})):
+        for name, value in zip(tensors, session.run(tensors, {k: v for k, v in batch.items() if k in feeds}), strict=True):
             m = np.abs(value[mask]).max(axis=0)
             out[name] = m if name not in out else np.maximum(out[name], m)
     return out
@@ -151,7 +155,7 @@ def _check_equivalent(before: onnx.ModelProto, after: onnx.ModelProto, batches: 
         inputs = {k: v for k, v in batch.items() if k in feeds}
         a, b = (s.run(None, inputs) for s in sessions)
         scale = max(1.0, max(float(np.abs(x).max()) for x in a))
-        worst = max(worst, max(float(np.abs(x - y).max()) for x, y in zip(a, b)) / scale)
+        worst = max(worst, max(float(np.abs(x - y).max()) for x, y in zip(a, b, strict=True)) / scale)
     if worst > EXACT:
         raise ArtifactError(f"activation smoothing changed the float graph's outputs by {worst:.3g} (relative, > "
                             f"{EXACT}); this graph's LayerNorm/projection pattern is not one smoothing handles; "
