@@ -64,12 +64,13 @@ def sample_rows(
         )
     rng = random.Random(seed)
     # Per-word tags and answer lists are no classes to stratify on: sample those rows at random.
-    scalar = columns.label is not None and not any(isinstance(r[columns.label], (list, tuple, dict)) for r in rows)
-    if strategy == "random" or not scalar:
+    label = columns.label
+    scalar = label is not None and not any(isinstance(r[label], (list, tuple, dict)) for r in rows)
+    if strategy == "random" or label is None or not scalar:
         return rng.sample(rows, n)
     by_label: dict[str, list[Row]] = {}
     for row in rows:
-        by_label.setdefault(str(row[columns.label]), []).append(row)
+        by_label.setdefault(str(row[label]), []).append(row)
     labels = sorted(by_label)
     quotas = {lab: n * len(by_label[lab]) / len(rows) for lab in labels}
     counts = {lab: int(quotas[lab]) for lab in labels}

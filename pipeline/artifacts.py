@@ -10,11 +10,10 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 from pipeline.errors import OutputError
-
-Precision = Literal["fp32", "fp16", "int8"]
+from pipeline.names import Precision
 
 
 def sha256_file(path: Path) -> str:

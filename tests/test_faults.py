@@ -233,7 +233,7 @@ def test_sigterm_mid_stage_exits_130_and_leaves_nothing(tiny, tiny_holdout_small
 def test_a_signal_inside_a_library_import_is_an_interrupt_not_a_crash(tmp_path, monkeypatch, signalled, code):
     """SIGTERM landing while a C extension initialises (seen: onnxruntime's, mid-export) comes out
     of the import as ImportError("initialization failed"): still exit 130, not an internal error."""
-    import pipeline.cli.main as cli_module
+    import pipeline.cli.group as cli_module
     import pipeline.run.standalone as standalone
 
     def export_interrupted(*args, **kwargs):

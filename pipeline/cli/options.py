@@ -8,7 +8,7 @@ import sys
 
 import click
 
-from pipeline.cli.main import GATE_FAILED
+from pipeline.cli.group import GATE_FAILED
 
 
 def console(quiet: bool, as_json: bool):

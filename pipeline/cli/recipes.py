@@ -8,7 +8,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.main import GATE_FAILED, ShipyardGroup, cli
+from pipeline.cli.group import GATE_FAILED, ShipyardGroup, cli
 from pipeline.cli.options import (
     allow_pickle_option,
     console,

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.main import ShipyardGroup, cli
+from pipeline.cli.group import ShipyardGroup, cli
 from pipeline.cli.options import (
     finish,
     output_options,
@@ -123,7 +123,8 @@ def engines_cmd(release: Path, target_name: str, out: Path, overwrite: bool, cac
     target = manifest.targets[0]
     engine = manifest.artifacts[0] if manifest.artifacts else None
     line = (f"engines {out}: {target.name} ({target.arch}) {target.engine_status}"
-            + (f", agreement {engine.parity['agreement']:.4f}" if engine is not None else f": {target.engine_reason}")
+            + (f", agreement {engine.parity['agreement']:.4f}" if engine is not None and engine.parity
+               else f": {target.engine_reason}")
             + f", {'PASSED' if manifest.passed else 'FAILED'}")
     finish(manifest.passed, json.loads(manifest.model_dump_json()), line, quiet, as_json)
 

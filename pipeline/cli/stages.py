@@ -6,7 +6,7 @@ from pathlib import Path
 
 import click
 
-from pipeline.cli.main import cli
+from pipeline.cli.group import cli
 from pipeline.cli.options import (
     allow_pickle_option,
     encoding_option,
@@ -14,7 +14,7 @@ from pipeline.cli.options import (
     output_options,
     progress_for,
 )
-from pipeline.names import CALIBRATION_METHODS, FFN_SCOPES, METRIC_NAMES, QUANT_FORMATS, SPARSITY_24, TASKS
+from pipeline.names import CALIBRATION_METHODS, FFN_SCOPES, METRIC_NAMES, QUANT_FORMATS, SPARSITY_24, TASKS, QuantFormat
 
 # --- stages on plain paths ----------------------------------------------------------------
 
@@ -66,7 +66,7 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, a
 @output_options
 def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
                  text_column: str, text_pair_column: str | None, method: str, samples: int, tuning_samples: int,
-                 max_length: int, fmt: str, smooth: bool | None, smooth_alpha: float, encoding: str | None, quiet: bool,
+                 max_length: int, fmt: QuantFormat, smooth: bool | None, smooth_alpha: float, encoding: str | None, quiet: bool,
                  as_json: bool) -> None:
     """Post-training INT8 quantization of an ONNX model.
 
@@ -237,6 +237,6 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
     step = report.details.get("source")
     line = (f"validate {artifact}: {'PASS' if report else 'FAIL'} {report.task} agreement {report.agreement:.4f} "
             f"over {report.units} {report.unit}, max |diff| {report.max_abs_diff:.3g}"
-            + (f"; vs {source.name}: agreement {step['agreement']:.4f}" if step else "")
+            + (f"; vs {source.name}: agreement {step['agreement']:.4f}" if step and source else "")
             + ("" if report else "; " + "; ".join(report.failures)))
     finish(report.passed, report.to_dict(), line, quiet, as_json)

@@ -24,8 +24,8 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
         )
     console.print(table)
     for art in manifest.artifacts:
-        p = art.source_parity
-        if p:
+        if art.source_parity:
+            p = art.source_parity
             drop = p.get("metric_drop")
             console.print(f"{escape(art.path)} vs {escape(str(p.get('reference')))}: agreement {p['agreement']:.4f}"
                           + ("" if drop is None else f", drop {drop:+.4f}")

@@ -140,7 +140,7 @@ def _walk_gelu_to_matmul(g: Graph, start: str, size: int):
 def _walk_up_to_projection(g: Graph, tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
     """From an attention operand up through Transpose/Reshape/scale/bias to its weighted MatMul.
     Returns that MatMul and the Reshape nodes passed on the way."""
-    reshapes = []
+    reshapes: list[onnx.NodeProto] = []
     for _ in range(8):
         node = g.producer.get(tensor)
         if node is None:
@@ -186,26 +186,28 @@ def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
         k = _walk_up_to_projection(g, scores.input[1])
         v = _walk_up_to_projection(g, context.input[1])
         merge = _walk_down_to_output(g, context.output[0])
-        if None in (q, k, v, merge):
+        if q is None or k is None or v is None or merge is None:
             continue
         merge_reshape, out_node = merge
-        projections = []
+        out = g.weight_of(out_node)
+        projections: list[tuple[str, str]] = []
         for node, _ in (q, k, v):
-            bias = g.bias_after(node)
-            if bias is None:
+            weight, bias = g.weight_of(node), g.bias_after(node)
+            if weight is None or bias is None:
                 break
-            projections.append((g.weight_of(node), bias))
-        if len(projections) != 3:
+            projections.append((weight, bias))
+        if len(projections) != 3 or out is None:
             continue
         splits = [r for _, rs in (q, k, v) for r in rs]
         heads = {_head_axis_value(g, r, 2) for r in splits}
         head_dims = {_head_axis_value(g, r, 3) for r in splits}
-        if len(heads) != 1 or None in heads or len(head_dims) != 1 or None in head_dims:
+        num_heads, head_dim = heads.pop() if len(heads) == 1 else None, head_dims.pop() if len(head_dims) == 1 else None
+        if num_heads is None or head_dim is None:
             continue
         block = AttentionBlock(
-            layer=0, q=projections[0], k=projections[1], v=projections[2], out=g.weight_of(out_node),
+            layer=0, q=projections[0], k=projections[1], v=projections[2], out=out,
             out_bias=g.bias_after(out_node), split_reshapes=[r.name for r in splits], merge_reshape=merge_reshape.name,
-            context=context.output[0], num_heads=heads.pop(), head_dim=head_dims.pop(),
+            context=context.output[0], num_heads=num_heads, head_dim=head_dim,
         )
         blocks.append((g.order[id(softmax)], block))
     blocks.sort(key=lambda item: item[0])

@@ -63,6 +63,7 @@ def probe_batches(model: onnx.ModelProto) -> list[Batch]:
             if graph_input.name in initializers:
                 continue
             dtype = _DTYPES.get(graph_input.type.tensor_type.elem_type, np.int64)
+            value: np.ndarray
             if "mask" in graph_input.name:
                 value = mask
             elif graph_input.name == "input_ids":

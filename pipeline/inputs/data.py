@@ -20,6 +20,7 @@ from calibration.sampling import (
 )
 from calibration.sources import Row, load_rows, require_columns
 from pipeline.errors import DataError
+from pipeline.names import Padding
 from pipeline.recipe import DataSpec, SourceSpec
 
 Batch = dict[str, np.ndarray]
@@ -87,50 +88,53 @@ def _load(path: Path, columns: Columns, encoding: str | None = None) -> list[Row
 
 def gold_labels(rows: list[Row], columns: Columns, label2id: dict[str, int], task: str, source: Path) -> Any:
     """The rows' gold labels in the form `task` compares, or a one-line `DataError` naming the row."""
-    if not columns.label:
+    label = columns.label
+    if not label:
         return None
     if task == "text-classification":
-        return label_ids(rows, columns.label, label2id, source)
+        return label_ids(rows, label, label2id, source)
     if task == "feature-extraction":
         raise DataError(f"data {source}: feature-extraction has no gold labels; remove label_column "
                         f"({columns.label!r}) or use the model's classification head")
     if task == "token-classification":
-        return _gold_tags(rows, columns, label2id, source)
-    return _gold_answers(rows, columns, source)
+        return _gold_tags(rows, columns.text, label, label2id, source)
+    if not columns.text_pair:
+        raise DataError(f"data {source}: question answering reads the context from text_pair_column; set it")
+    return _gold_answers(rows, columns.text_pair, label, source)
 
 
-def _gold_tags(rows: list[Row], columns: Columns, label2id: dict[str, int], source: Path) -> list[list[str]]:
+def _gold_tags(rows: list[Row], text: str, label: str, label2id: dict[str, int], source: Path) -> list[list[str]]:
     id2label = {i: name for name, i in label2id.items()}
     gold = []
     for number, row in enumerate(rows, 1):
-        tags = row[columns.label]
+        tags = row[label]
         if not isinstance(tags, (list, tuple)):
-            raise DataError(f"data {source} row {number}: column {columns.label!r} holds {str(tags)[:40]!r}, not a "
+            raise DataError(f"data {source} row {number}: column {label!r} holds {str(tags)[:40]!r}, not a "
                             "list of tags per word; store tags as lists (jsonl, parquet or a saved dataset)")
-        words = split_words(row[columns.text])
+        words = split_words(row[text])
         if len(tags) != len(words):
             raise DataError(f"data {source} row {number}: {len(tags)} tags for {len(words)} words in "
-                            f"{columns.text!r}; give one tag per word")
+                            f"{text!r}; give one tag per word")
         names = [id2label.get(int(t)) if isinstance(t, int) or str(t).isdigit() else str(t) for t in tags]
         unknown = sorted({str(t) for t, n in zip(tags, names, strict=True) if n is None or n not in label2id})
         if unknown:
             raise DataError(f"data {source} row {number}: tags {unknown[:5]} are not in the model's id2label "
                             f"{sorted(label2id)}; fix the data or the model config")
-        gold.append(names)
+        gold.append([n for n in names if n is not None])  # none is None: the check above
     return gold
 
 
-def _gold_answers(rows: list[Row], columns: Columns, source: Path) -> list[list[str]]:
+def _gold_answers(rows: list[Row], context_column: str, label: str, source: Path) -> list[list[str]]:
     """Answers as a string, a list of strings, or SQuAD's {"text": [...], "answer_start": [...]}."""
     gold = []
     for number, row in enumerate(rows, 1):
-        value = row[columns.label]
+        value = row[label]
         answers = value.get("text") if isinstance(value, dict) else value
         answers = [answers] if isinstance(answers, str) else list(answers or [])
-        context = str(row[columns.text_pair])
+        context = str(row[context_column])
         if not answers or not all(isinstance(a, str) and a and a in context for a in answers):
-            raise DataError(f"data {source} row {number}: answer {str(value)[:60]!r} in column {columns.label!r} is "
-                            f"not found in its context; each answer must be a non-empty span of {columns.text_pair!r}")
+            raise DataError(f"data {source} row {number}: answer {str(value)[:60]!r} in column {label!r} is "
+                            f"not found in its context; each answer must be a non-empty span of {context_column!r}")
         gold.append(answers)
     return gold
 
@@ -150,7 +154,7 @@ def make_eval_set(source: Path, rows: list[Row], encoder: Encoder, batch_size: i
 
 
 def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "text-classification",
-            calibration_padding: str = "max_length") -> PreparedData:
+            calibration_padding: Padding = "max_length") -> PreparedData:
     """Load both sources, draw disjoint seeded calibration, tuning and evaluation rows, check
     labels and tokenize for `task`."""
     cal_spec, eval_spec = spec.calibration, spec.evaluation

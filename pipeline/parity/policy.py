@@ -21,7 +21,7 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pipeline.names import Kind
+from pipeline.names import Kind, Padding
 from pipeline.recipe import Gate, Thresholds
 
 KIND_KEY = "shipyard.kind"
@@ -32,7 +32,7 @@ STANDALONE_SEED = 0
 STANDALONE_BATCH = 32
 
 
-def calibration_padding(method: str, padding: str) -> str:
+def calibration_padding(method: str, padding: Padding) -> Padding:
     """How calibration batches are padded. ORT's entropy and percentile calibrators stack every
     batch's activations into one array, so their batches must all be max_length; MinMax reduces
     each batch to a min and a max, so it takes the recipe's padding (rows ordered by length with

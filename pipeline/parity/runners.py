@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -220,10 +221,11 @@ class TrtRunner:
 
     def __init__(self, engine_path: Path) -> None:
         self.path = Path(engine_path)
-        self._engine = None
-        self._context = None
+        # TensorRT's and torch's objects, made on first use (`_load`); untyped: tensorrt ships no stubs.
+        self._engine: Any = None
+        self._context: Any = None
         self._io: EngineIO | None = None
-        self._stream = None
+        self._stream: Any = None
         self._active_profile: int | None = None
 
     def _load(self):
@@ -264,8 +266,8 @@ class TrtRunner:
 
     def run_profile(self, profile: int, feed: Batch) -> Batch:
         """One engine run on `profile`, for inputs it accepts as they are (benchmarks time each profile)."""
-        self._load()
-        return self._execute(profile, {n: feed[n] for n in self._io.inputs})
+        io = self._load()
+        return self._execute(profile, {n: feed[n] for n in io.inputs})
 
     def _execute(self, profile: int, feed: Batch) -> Batch:
         """One run of the engine on inputs that `profile` accepts, on the runner's own stream."""
@@ -285,7 +287,7 @@ class TrtRunner:
                 context.set_input_shape(name, tuple(tensor.shape))
                 context.set_tensor_address(name, tensor.data_ptr())
             outputs = {}
-            for name in self._io.outputs:
+            for name in self._load().outputs:
                 dtype = torch.from_numpy(np.empty(0, trt.nptype(engine.get_tensor_dtype(name)))).dtype
                 outputs[name] = torch.empty(tuple(context.get_tensor_shape(name)), dtype=dtype, device="cuda")
                 context.set_tensor_address(name, outputs[name].data_ptr())

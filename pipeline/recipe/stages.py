@@ -100,7 +100,7 @@ class SmoothingSpec(Strict):
     # it raised Q/DQ agreement (0.983 -> 0.988, 0.9955 -> 1.0, same float nodes) and lowered the
     # CPU form's (0.984 -> 0.977, 0.9975 -> 0.920): dynamic INT8 gains nothing from narrower
     # activations and loses on the wider weight columns. So it is on for qdq only.
-    formats: list[QuantFormat] = Field(default_factory=lambda: ["qdq"],
+    formats: list[QuantFormat] = Field(default_factory=lambda: list[QuantFormat](["qdq"]),
                                        description="the INT8 forms made from the smoothed graph")
     alpha: float = Field(0.5, ge=0, le=1, description="how much of each channel's range moves from the activation "
                          "into the weights (0: none, 1: all)")
@@ -110,7 +110,7 @@ class QuantizeSpec(Strict):
     """Post-training INT8 quantization with calibration data."""
 
     enabled: bool = True
-    formats: list[QuantFormat] = Field(default_factory=lambda: ["qdq", "cpu"], min_length=1)
+    formats: list[QuantFormat] = Field(default_factory=lambda: list[QuantFormat](["qdq", "cpu"]), min_length=1)
     method: CalibrationMethod = "minmax"
     percentile: float = Field(99.999, gt=90, lt=100, description="used by method=percentile")
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)

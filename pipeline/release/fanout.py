@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
-from pipeline.release.manifest import Manifest, write_json
+from pipeline.release.manifest import ArtifactRecord, Manifest, TargetRecord, write_json
 from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS
 from pipeline.recipe import Recipe
 from pipeline.release.report import write_reports
@@ -116,7 +116,8 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
                 raise ShipyardError(f"{folder}: {split} rows differ from {first_folder}'s (fingerprint); "
                                     "every job must use the same recipe and data")
 
-    artifacts, owner = {}, {}
+    artifacts: dict[str, ArtifactRecord] = {}
+    owner: dict[str, Path] = {}
     for folder, manifest in zip(folders, manifests):
         for record in manifest.artifacts:
             seen = artifacts.get(record.path)
@@ -126,7 +127,7 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
                     f"{folder}; the jobs did not produce the same artifact, so they are not one release")
             if seen is None:
                 artifacts[record.path], owner[record.path] = record, folder
-    targets = {}
+    targets: dict[str, TargetRecord] = {}
     for folder, manifest in zip(folders, manifests):
         for target in manifest.targets:
             if target.name in targets and targets[target.name].engine and target.engine:

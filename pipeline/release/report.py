@@ -64,9 +64,9 @@ def render_markdown(manifest: Manifest) -> str:
             f"| {_fmt(p.get('max_abs_diff'), '.3g')} | {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
             f"| {'pass' if art.passed else 'FAIL'} |"
         )
-    converted = [a for a in manifest.artifacts if a.source_parity]
+    converted = [(a, a.source_parity) for a in manifest.artifacts if a.source_parity]
     if converted:
-        source = converted[0].source_parity.get("reference", "the pruned graph")
+        source = converted[0][1].get("reference", "the pruned graph")
         lines += [
             "", "### Against the pruned graph they were made from", "",
             f"Artifacts converted from `{source}` answer to two gates: the pruned gate against PyTorch "
@@ -77,15 +77,13 @@ def render_markdown(manifest: Manifest) -> str:
             "| drop | verdict |",
             "|---|---|---|---|---|---|---|",
         ]
-        for art in converted:
-            p = art.source_parity
+        for art, p in converted:
             ref = (p.get("reference_metrics") or {}).get(metric) if metric else None
             got = (p.get("artifact_metrics") or {}).get(metric) if metric else None
             lines.append(f"| `{art.path}` | {_fmt(p.get('agreement'))} | {_fmt(p.get('max_abs_diff'), '.3g')} "
                          f"| {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
                          f"| {'pass' if p.get('passed') else 'FAIL'} |")
-    for art in converted:
-        p = art.source_parity
+    for art, p in converted:
         if p.get("details"):
             lines += ["", f"{art.name} vs {p.get('reference')}: "
                       + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in p["details"].items())]

@@ -179,6 +179,8 @@ class StageCache:
 
     def _remove_stale_partials(self) -> None:
         """Remove partial entries of runs that died (their pid is no longer alive)."""
+        if self.root is None:
+            return
         for tmp in self.root.glob(".*.partial"):
             parts = tmp.name.split(".")
             pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
@@ -210,13 +212,14 @@ class CachedStages:
             return self._result(record), record["extra"]
         result = produce()
         files = {str(p.relative_to(self.work)): p for p in [a.path for a in result.artifacts] + result.files}
+        made: dict[str, Any] = extra(result)
         record = {"result": {k: getattr(result, k) for k in ("stage", "passed", "message", "seconds", "details")},
                   "artifacts": [{**{k: getattr(a, k) for k in ("name", "format", "precision", "stage", "options",
                                                                    "kind")}, "path": str(a.path.relative_to(self.work))}
                                 for a in result.artifacts],
-                  "files": [str(p.relative_to(self.work)) for p in result.files], "extra": extra(result)}
+                  "files": [str(p.relative_to(self.work)) for p in result.files], "extra": made}
         self.cache.store(key, files, json.loads(json.dumps(record, default=str)))
-        return result, record["extra"]
+        return result, made
 
     def _result(self, record: dict) -> StageResult:
         artifacts = [Artifact(**{**a, "path": self.work / a["path"]}) for a in record["artifacts"]]

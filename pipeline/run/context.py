@@ -45,6 +45,8 @@ class RecoveryInputs:
     def of(cls, inputs: RunInputs) -> RecoveryInputs:
         recipe, prepared = inputs.recipe, inputs.prepared
         source = recipe.data.training
+        if source is None:  # the recipe schema refuses recovery without data.training
+            raise RecipeError("stages.prune.recover needs data.training: the text to distil on")
         rows = load_rows(source.path, source.encoding)  # a missing file or column fails here, before any stage
         columns = datamod.source_columns(recipe.data, source, list(rows[0].keys()))
         require_columns(rows, columns.needed(), source.path)
@@ -118,7 +120,7 @@ class RunInputs:
                           self.labelled)
         result, report = self._check(artifact, f"validate[{artifact.name}]", stages, reference, gates.reference,
                                      progress)
-        if gates.source is None:
+        if gates.source is None or source is None:
             return [result], report, None
         step, step_report = self._check(artifact, f"validate[{artifact.name} vs {source.name}]", stages, source,
                                         gates.source, progress)
@@ -152,7 +154,7 @@ class ReferenceOutputs:
                  inputs: dict[str, str], name: str = "PyTorch", stage: str = "pytorch-reference") -> None:
         self.cache, self.runner, self.batches, self.task, self.progress = cache, runner, batches, task, progress
         self.inputs, self.name, self.stage = inputs, name, stage
-        self._outputs = None
+        self._outputs: list[dict] | None = None
 
     def get(self) -> list[dict]:
         if self._outputs is None:
@@ -172,7 +174,7 @@ class ReferenceOutputs:
             with self.progress.task(f"{self.name} reference", total=sum(len(b["input_ids"]) for b in self.batches)) as advance:
                 outputs = collect(self.runner, self.batches, self.task, advance)
             arrays = {f"{i}/{name}": value for i, batch in enumerate(outputs) for name, value in batch.items()}
-            np.savez(Path(tmp) / "outputs.npz", count=len(outputs), **arrays)
+            np.savez(Path(tmp) / "outputs.npz", count=np.array(len(outputs)), **arrays)  # type: ignore[arg-type]
             self.cache.store(key, {"outputs.npz": Path(tmp) / "outputs.npz"}, {"extra": {}})
         return outputs
 

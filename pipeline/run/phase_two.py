@@ -22,9 +22,11 @@ import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
+from typing import cast
 
 from pipeline.artifacts import Artifact, atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
+from pipeline.names import Precision
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, parse_recipe
 from pipeline.release.manifest import (
@@ -75,7 +77,7 @@ def _typed_onnx(manifest: Manifest, release: Path, name: str) -> tuple[Artifact,
     if artifact is None:
         raise ShipyardError(f"{release}: target {name}'s ONNX {record.onnx} is not a listed artifact; re-run the release")
     typed = Artifact(name=artifact.name, path=release / artifact.path, format=artifact.format,
-                     precision=artifact.precision, stage=artifact.stage, options=artifact.options, kind=artifact.kind)
+                     precision=cast(Precision, artifact.precision), stage=artifact.stage, options=artifact.options, kind=artifact.kind)
     return typed, record.onnx
 
 
@@ -85,7 +87,7 @@ def _pruned_source(manifest: Manifest, release: Path) -> Artifact | None:
     record = next((a for a in manifest.artifacts if a.kind == "pruned" and a.stage in ("prune", "recover")), None)
     if record is None:
         return None
-    return Artifact(name=record.name, path=release / record.path, format=record.format, precision=record.precision,
+    return Artifact(name=record.name, path=release / record.path, format=record.format, precision=cast(Precision, record.precision),
                     stage=record.stage, options=record.options, sha256=record.sha256, size_bytes=record.size_bytes,
                     kind=record.kind)
 
@@ -119,7 +121,7 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
             source = _pruned_source(manifest, release)
             gates, parity, source_parity = inputs.validate(
                 engine, CachedStages(StageCache(None), work), inputs.reference_outputs(cache, progress), progress,
-                source and inputs.source_outputs(source, cache, progress))
+                inputs.source_outputs(source, cache, progress) if source is not None else None)
             results.extend(gates)
             artifacts.append(ArtifactRecord.of(engine, work, parity, parity["passed"], source_parity))
         small = manifest.model_copy(update={

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import Any, cast
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, Side, disjoint_splits, row_digest
@@ -15,7 +16,7 @@ from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writabl
 from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
-from pipeline.names import METRICS
+from pipeline.names import METRICS, Precision, QuantFormat
 from pipeline.parity.compare import ParityReport
 from pipeline.parity.policy import (
     STANDALONE_BATCH,
@@ -51,6 +52,8 @@ from pipeline.recipe import (
 from pipeline.release.manifest import write_json
 from pipeline.stages import build, export, prune, quantize, validate
 from pipeline.trt.readiness import check_model_file
+
+Batch = dict[str, Any]
 
 # Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
 # given: they exercise the dynamic batch and sequence axes the way production traffic does.
@@ -111,7 +114,7 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
     return Task(name, pooling)
 
 
-def quantize_file(model_path: Path, out: Path, fmt: str, method: str, calibration: Path | None,
+def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
                   samples: int, max_length: int, progress: Progress = SILENT, tuning_samples: int = 128,
                   encoding: str | None = None, smooth: bool | None = None, smooth_alpha: float = 0.5
@@ -163,7 +166,8 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
     spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope,
                      heads_per_layer=heads_per_layer, heads=_parse_heads(heads_json), sparsity_24=sparsity_24,
                      compensate=compensate)
-    batches, used = [], []
+    batches: list[Batch] = []
+    used: list[str] = []
     if ffn_fraction > 0 or heads_per_layer > 0:
         if calibration is None or tokenizer_dir is None:
             raise ShipyardError("--ffn and --heads-per-layer score on data: pass --calibration DATA --tokenizer DIR")
@@ -175,7 +179,7 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
         return prune.run(input_artifact(model_path), spec, out, batches, config, seen_rows=used)
 
 
-def artifact_kind(path: Path) -> tuple[str, str]:
+def artifact_kind(path: Path) -> tuple[Precision, str]:
     """(precision, kind) of an artifact, as the stage that made it recorded it (`pipeline.parity.policy`);
     an engine's come from the build record `shipyard build` wrote beside it, and an ONNX file
     Shipyard did not write is classified from its graph."""
@@ -183,12 +187,12 @@ def artifact_kind(path: Path) -> tuple[str, str]:
 
     if Path(path).suffix in ENGINE_SUFFIXES:
         record = _engine_record(path)
-        precision = record["precision"]
-        return precision, record.get("kind") or kind_of(precision, record.get("pruned", False))
+        built = cast(Precision, record["precision"])
+        return built, record.get("kind") or kind_of(built, record.get("pruned", False))
     model = onnx.load(str(path), load_external_data=False)
     kind = recorded_kind(model) or graph_kind(model)
     fp16 = any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
-    precision = "int8" if kind == "int8" else "fp16" if fp16 else "fp32"
+    precision: Precision = "int8" if kind == "int8" else "fp16" if fp16 else "fp32"
     return precision, kind
 
 

@@ -12,6 +12,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult
+from pipeline.errors import RecipeError
 from pipeline.names import BUILD_FAILED, BUILT, DEFERRED, NEEDS_GPU_HOST, NOT_READY
 from pipeline.recipe import Recipe, TargetSpec
 from pipeline.stages import build, trt_onnx
@@ -43,6 +44,9 @@ def typed_artifacts(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | 
     results = []
     for variant, names in by_variant.items():
         source = qdq if variant.precision == "int8" else dense
+        if source is None:  # the recipe schema refuses int8 targets without the Q/DQ form
+            raise RecipeError(f"targets {', '.join(names)}: int8 engines are built from the Q/DQ artifact; "
+                              "enable stages.quantize with format qdq")
         if variant.converts:
             result = convert(variant, source, names)
             results.append(result)

@@ -10,6 +10,7 @@ which.
 
 from __future__ import annotations
 
+import functools
 import json
 import shutil
 import tempfile
@@ -142,8 +143,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
                         "source": dense.sha256, "source_kind": dense.kind,
                         "spec": recipe.stages.quantize.model_dump(mode="json"), "calibration": digests["calibration"],
                         "tuning": digests["tuning"], "seen": seen, "task": repr(task)},
-                        lambda fmt=fmt: quantize.run(dense, recipe.stages.quantize, fmt, work / f"model.int8.{fmt}.onnx",
-                                                     prepared.calibration.batches, prepared.tuning.batches, task, seen))
+                        functools.partial(quantize.run, dense, recipe.stages.quantize, fmt, work / f"model.int8.{fmt}.onnx",
+                                          prepared.calibration.batches, prepared.tuning.batches, task, seen))
                 results.append(result)
                 artifacts.extend(result.artifacts)
                 qdq = result.artifacts[0] if fmt == "qdq" else qdq
@@ -182,7 +183,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
                 validate_artifact(engine)
             target_records.append(record)
 
-        invocation = InvocationRecord.now(options.command, cache)
+        invocation = InvocationRecord.now(list(options.command), cache)
         manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, source_parity, work,
                              target_records, invocation)
         write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
@@ -212,7 +213,7 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
         return task.agreement_rate(fp32_on_tuning, collect(OrtRunner(path), tuning, task), tuning)
 
     def candidate_agreement(path: Path, plan) -> float:
-        if not (spec.budget and spec.budget.recovered):
+        if not (spec.budget and spec.budget.recovered) or recovery is None:
             return agreement_of(path)
         with tempfile.TemporaryDirectory(dir=work, prefix=".trial-") as tmp:
             candidate = Path(tmp) / "candidate.onnx"
@@ -228,7 +229,7 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
         return prune.run(fp32, spec, work / "model.pruned.onnx", prepared.calibration.batches,
                          inputs.info.config, candidate_agreement if tuning else None, seen)
 
-    budget_inputs = {"recovery": recovery.key} if spec.budget and spec.budget.recovered else {}
+    budget_inputs = {"recovery": recovery.key} if spec.budget and spec.budget.recovered and recovery else {}
     with progress.task("prune (FFN neurons, attention heads)"):
         pruned, _ = stages.run("prune", {
             "source": fp32.sha256, "spec": spec.model_dump(mode="json", exclude={"recover"}),
@@ -262,7 +263,7 @@ def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: 
         name=target.name, arch=target.arch, precision=target.precision, onnx=onnx_path,
         readiness=readiness.to_dict(), engine_status=built.details["status"],
         engine_reason=built.details.get("reason", ""),
-        engine=record and {**record, "path": str(engine.path.relative_to(work))},
+        engine=None if record is None or engine is None else {**record, "path": str(engine.path.relative_to(work))},
         target=json.loads(target.model_dump_json()),
     ), [checked, built], engine
 

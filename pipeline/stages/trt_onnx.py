@@ -23,6 +23,7 @@ from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.graph.proof import prove_runs
+from pipeline.names import Precision
 from pipeline.parity.policy import kind_of, stamp
 from pipeline.recipe import TargetSpec
 
@@ -90,7 +91,7 @@ def run(variant: TypedVariant, source: Artifact, out_dir: Path, targets: list[st
     """Make the typed graph for `variant` from `source` (the dense or Q/DQ artifact)."""
     started = time.perf_counter()
     out = Path(out_dir) / f"{variant.name}.onnx"
-    precision = "int8" if variant.precision == "int8" else "fp16"
+    precision: Precision = "int8" if variant.precision == "int8" else "fp16"
     pruned = source.kind == "pruned" or bool(source.options.get("pruned"))
     kind = kind_of(precision, pruned)
     options = to_float16(source.path, out, variant.output_dtype == "fp16", kind)

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -117,7 +117,7 @@ def apply_to_torch(model, plan: PruningPlan):
         for p in plan.layers:
             modules = _modules(layers[p.layer])
             if len(p.ffn_keep) < p.ffn_size:
-                index = torch.tensor(p.ffn_keep, dtype=torch.long)
+                index = cast(torch.LongTensor, torch.tensor(p.ffn_keep, dtype=torch.long))
                 for role, dim in (("ffn.w1", 0), ("ffn.w2", 1)):
                     parent, name = modules[role]
                     setattr(parent, name, prune_linear_layer(getattr(parent, name), index, dim=dim))

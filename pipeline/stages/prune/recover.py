@@ -233,9 +233,9 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
 
     teacher = load().eval()
     student = apply_to_torch(load().eval(), plan)
-    check = tuning_batches[0]
-    got = collect(_ModelRunner(student, task.name), [check], task)
-    expected = collect(OrtRunner(pruned_onnx), [check], task)
+    probe = tuning_batches[0]
+    got = collect(_ModelRunner(student, task.name), [probe], task)
+    expected = collect(OrtRunner(pruned_onnx), [probe], task)
     worst = max(float(np.abs(got[0][k] - expected[0][k]).max()) for k in got[0])
     if worst > EXACT:
         raise ArtifactError(f"{pruned_onnx}: its pruning plan applied to {reference} differs from the graph by "

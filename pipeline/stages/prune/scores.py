@@ -46,7 +46,7 @@ def score(model: onnx.ModelProto, batches: list[Batch], ffn: list[FfnBlock],
     tensors = [b.activation for b in ffn] + [b.context for b in attention]
     session = session_with_outputs(model, tensors)
     feeds = {i.name for i in session.get_inputs()}
-    acc = {key: {} for key in ("abs", "sum", "sq", "ctx", "norm", "norm_sq")}
+    acc: dict[str, dict[int, np.ndarray]] = {key: {} for key in ("abs", "sum", "sq", "ctx", "norm", "norm_sq")}
     out_heads = {b.layer: g.array(b.out).reshape(b.num_heads, b.head_dim, -1) for b in attention}
     tokens = 0
     for batch in batches:

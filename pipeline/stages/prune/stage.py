@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -80,7 +80,7 @@ def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
 
 def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: list[Batch],
         model_config: dict[str, Any], agreement_of: Callable[[Path, PruningPlan], float] | None = None,
-        seen_rows: list[str] = ()) -> StageResult:
+        seen_rows: Sequence[str] = ()) -> StageResult:
     """Prune `src` into `out_path` (+ config.json and sparsity record beside it).
 
     `agreement_of(path, plan)` measures a candidate on the tuning rows for the budget search (after
@@ -145,6 +145,8 @@ def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: lis
 def _search_fraction(build, tmp: Path, agreement_of, spec: PruneSpec, trials: list) -> float:
     """Largest FFN fraction (bisection in [0, max_fraction]) whose agreement meets the budget."""
     budget = spec.budget
+    if budget is None:
+        raise PruneError("no prune budget to search: set stages.prune.budget")
 
     def passes(fraction: float) -> bool:
         _, pruned, _, plan = build(fraction)

@@ -15,7 +15,7 @@ from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph
 from pipeline.graph.proof import drop_dead
 from pipeline.parity.policy import PRUNED_MARK, pruned_mark
 from pipeline.stages.prune.plan import LayerPlan, PruningPlan, mask_24
-from pipeline.stages.prune.scores import Scores
+from pipeline.stages.prune.scores import PruneError, Scores
 
 Batch = dict[str, np.ndarray]
 
@@ -43,6 +43,9 @@ def _patch_shape(g: Graph, reshape: onnx.NodeProto, index: int, value: int) -> N
         return
     concat = g.producer[shape]
     part = g.constant_value(concat.input[index])
+    if part is None:
+        raise PruneError(f"Reshape {reshape.name}: its shape part {concat.input[index]} is not a constant; "
+                         "prune an unfused FP32 export from shipyard export")
     clone = onnx.NodeProto()
     clone.CopyFrom(concat)  # shared across layers by some optimizers: patch a clone, never the original
     clone.name = _unique(g, f"{concat.name}_{reshape.name}_pruned")

@@ -85,7 +85,7 @@ def smooth(model: onnx.ModelProto, batches: list[Batch], alpha: float = 0.5) -> 
     g = Graph(smoothed)
     graph_outputs = {o.name for o in smoothed.graph.output}
     producer = {o: n for n in smoothed.graph.node for o in n.output}
-    weight_uses = {}
+    weight_uses: dict[str, int] = {}
     for node in smoothed.graph.node:
         for name in node.input:
             weight_uses[name] = weight_uses.get(name, 0) + 1

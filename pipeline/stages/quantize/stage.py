@@ -24,7 +24,7 @@ import logging
 import shutil
 import tempfile
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 from typing import Any
@@ -177,7 +177,7 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | 
 
 
 def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batches: list[Batch],
-                tuning: list[Batch], task: Task, seen_rows: list[str] = ()) -> dict[str, Any]:
+                tuning: list[Batch], task: Task, seen_rows: Sequence[str] = ()) -> dict[str, Any]:
     """Quantize `src` into `out` (atomically), scales from `batches`, the float fallback chosen on
     `tuning`; returns the options and fallback trials used."""
     if spec.fallback.max_nodes and not tuning:
@@ -188,7 +188,7 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         smoothing = spec.smoothing if fmt in spec.smoothing.formats else None
 
         def smooth_with(path: Path) -> dict:  # in place: the graph is this stage's own copy
-            return smooth_file(path, path, batches, smoothing.alpha).to_dict()
+            return smooth_file(path, path, batches, spec.smoothing.alpha).to_dict()
 
         if fmt == "qdq":
             smoothed = {}
@@ -228,7 +228,7 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
 
 
 def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, calibration_batches: list[Batch],
-        tuning_batches: list[Batch], task: Task, seen_rows: list[str] = ()) -> StageResult:
+        tuning_batches: list[Batch], task: Task, seen_rows: Sequence[str] = ()) -> StageResult:
     """Quantize the FP32 artifact `src` into `out_path` in form `fmt`; `src` is not modified. The
     float fallback measures `task`'s agreement on the tuning rows."""
     started = time.perf_counter()

@@ -15,6 +15,7 @@ import errno
 import os
 import signal
 import sys
+from typing import NoReturn
 
 import click
 
@@ -45,7 +46,7 @@ class ShipyardGroup(click.Group):
         except OSError as err:
             if _SIGNALLED:
                 _fail(ctx, INTERRUPTED, INTERRUPTED_MESSAGE)
-            if err.errno not in USER_OS_ERRORS:
+            if err.errno is None or err.errno not in USER_OS_ERRORS:
                 _internal_error(ctx, err)
             where = f" writing {err.filename}" if err.filename else ""
             _fail(ctx, BAD_INPUT, f"{err.strerror or os.strerror(err.errno)}{where}; {USER_OS_ERRORS[err.errno]} "
@@ -56,12 +57,12 @@ class ShipyardGroup(click.Group):
             _internal_error(ctx, err)
 
 
-def _fail(ctx: click.Context, code: int, message: str) -> None:
+def _fail(ctx: click.Context, code: int, message: str) -> NoReturn:
     click.echo(f"error: {' '.join(message.split())}", err=True)
     ctx.exit(code)
 
 
-def _internal_error(ctx: click.Context, err: Exception) -> None:
+def _internal_error(ctx: click.Context, err: Exception) -> NoReturn:
     from pipeline.run.cache import write_crash_log
 
     log = write_crash_log(err, sys.argv)
