@@ -7,8 +7,43 @@ import json
 import sys
 
 import click
+from pydantic import BaseModel
 
 from pipeline.cli.group import GATE_FAILED
+from pipeline.recipe import (
+    DataSpec,
+    ExportSpec,
+    Gate,
+    ModelSpec,
+    PruneSpec,
+    QuantizeSpec,
+    RecoverSpec,
+    SmoothingSpec,
+    Thresholds,
+)
+
+# The defaults of the standalone commands' options are the recipe schema's, read from it here, so
+# that `shipyard quantize` and a recipe's quantize stage start from the same values.
+SCHEMA: dict[str, type[BaseModel]] = {"data": DataSpec, "export": ExportSpec, "model": ModelSpec, "prune": PruneSpec, "quantize": QuantizeSpec,
+          "recover": RecoverSpec, "smoothing": SmoothingSpec, "thresholds": Thresholds}
+
+
+def schema_default(key: str):
+    """The recipe schema's default of `section.field`, e.g. schema_default("data.tuning_samples")."""
+    section, name = key.split(".")
+    return SCHEMA[section].model_fields[name].get_default(call_default_factory=True)
+
+
+def gate_help(threshold: str) -> str:
+    """`[default: ...]` for a threshold option, from the schema's default gates."""
+    defaults = Thresholds()
+    parts = []
+    for kind in ("fp32", "pruned", "fp16", "int8"):
+        gate: Gate = getattr(defaults, kind)
+        value = getattr(gate, threshold)
+        parts.append(f"{value:g} for {kind.upper() if kind != 'pruned' else 'pruned graphs'}" if value is not None
+                     else f"unchecked for {kind.upper() if kind != 'pruned' else 'pruned graphs'}")
+    return "[default: " + ", ".join(parts) + "]"
 
 
 def console(quiet: bool, as_json: bool):

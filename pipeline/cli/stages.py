@@ -11,10 +11,25 @@ from pipeline.cli.options import (
     allow_pickle_option,
     encoding_option,
     finish,
+    gate_help,
     output_options,
     progress_for,
+    schema_default,
 )
-from pipeline.names import CALIBRATION_METHODS, FFN_SCOPES, METRIC_NAMES, QUANT_FORMATS, SPARSITY_24, TASKS, QuantFormat
+from pipeline.names import (
+    CALIBRATION_METHODS,
+    FFN_SCOPES,
+    METRIC_NAMES,
+    METRICS,
+    QUANT_FORMATS,
+    SPARSITY_24,
+    TASKS,
+    QuantFormat,
+)
+from pipeline.recipe import Thresholds
+
+_PRUNED = Thresholds().pruned
+PRUNED_GATE = f"{_PRUNED.min_agreement:g} agreement, {100 * (_PRUNED.max_metric_drop or 0):g} points"
 
 # --- stages on plain paths ----------------------------------------------------------------
 
@@ -24,8 +39,8 @@ from pipeline.names import CALIBRATION_METHODS, FFN_SCOPES, METRIC_NAMES, QUANT_
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="ONNX file to write.")
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="As Optimum names it [default: from config.json's architectures].")
-@click.option("--opset", type=click.IntRange(14, 21), default=17, show_default=True)
-@click.option("--atol", type=float, default=1e-4, show_default=True,
+@click.option("--opset", type=click.IntRange(14, 21), default=schema_default("export.opset"), show_default=True)
+@click.option("--atol", type=float, default=schema_default("export.atol"), show_default=True,
               help="Max |logit difference| vs PyTorch; beyond it the export fails (exit 1).")
 @allow_pickle_option
 @output_options
@@ -47,20 +62,20 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, a
               help="Calibration data (.csv .jsonl .txt .parquet or saved dataset folder).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="Folder with the model's tokenizer.")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
 @click.option("--text-pair-column", default=None)
-@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default="minmax",
+@click.option("--method", type=click.Choice(CALIBRATION_METHODS), default=schema_default("quantize.method"),
               show_default=True)
 @click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration rows to draw (seeded).")
 @click.option("--tuning-samples", type=click.IntRange(min=0), default=128, show_default=True,
               help="Rows drawn after the calibration rows that choose the float fallback; 0 quantizes every node.")
-@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(QUANT_FORMATS), default="qdq", show_default=True,
               help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
 @click.option("--smooth/--no-smooth", default=None,
               help="Smooth activations before INT8 (SmoothQuant, exact in float) [default: for qdq, not for cpu].")
-@click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=schema_default("smoothing.alpha"), show_default=True,
               help="How much of each channel's range smoothing moves into the weights.")
 @encoding_option
 @output_options
@@ -90,20 +105,20 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
               help="Calibration data to score neurons and heads (needed by --ffn and --heads-per-layer).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
               help="The model folder (tokenizer and config.json).")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
 @click.option("--text-pair-column", default=None)
 @click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
-@click.option("--ffn", "ffn_fraction", type=click.FloatRange(0, 1, max_open=True), default=0.0,
+@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
+@click.option("--ffn", "ffn_fraction", type=click.FloatRange(0, 1, max_open=True), default=schema_default("prune.ffn_fraction"),
               show_default=True, help="Fraction of FFN neurons to remove per layer, in [0, 1).")
-@click.option("--ffn-scope", type=click.Choice(FFN_SCOPES), default="uniform", show_default=True)
-@click.option("--heads-per-layer", type=click.IntRange(min=0), default=0, show_default=True,
+@click.option("--ffn-scope", type=click.Choice(FFN_SCOPES), default=schema_default("prune.ffn_scope"), show_default=True)
+@click.option("--heads-per-layer", type=click.IntRange(min=0), default=schema_default("prune.heads_per_layer"), show_default=True,
               help="Remove this many lowest-scored heads in every layer.")
 @click.option("--prune-heads", "heads_json", default=None, metavar="JSON",
               help='Exact heads to remove, e.g. \'{"0": [1, 2], "2": [0]}\' (needs no data).')
-@click.option("--sparsity-24", type=click.Choice(SPARSITY_24), default="none",
+@click.option("--sparsity-24", type=click.Choice(SPARSITY_24), default=schema_default("prune.sparsity_24"),
               show_default=True, help="2:4 semi-structured sparsity on these MatMul weights.")
-@click.option("--compensate/--no-compensate", default=True, show_default=True,
+@click.option("--compensate/--no-compensate", default=schema_default("prune.compensate"), show_default=True,
               help="Fold removed units' mean output into the next bias (scored pruning only).")
 @encoding_option
 @output_options
@@ -131,31 +146,33 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
               help="Training text: the fine-tuning set or unlabeled in-domain text (CSV, JSONL, Parquet, TXT).")
 @click.option("--out", required=True, type=click.Path(path_type=Path),
               help="Recovered ONNX to write (its model folder goes beside it, OUT without .onnx + .model).")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
 @click.option("--text-pair-column", default=None)
 @click.option("--label-column", default=None, help="Gold labels (text classification): mixed into the loss.")
-@click.option("--epochs", type=click.IntRange(min=1), default=1, show_default=True)
+@click.option("--epochs", type=click.IntRange(min=1), default=schema_default("recover.epochs"), show_default=True)
 @click.option("--max-steps", type=click.IntRange(min=1), default=None, help="Stop after this many steps.")
-@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=5e-5, show_default=True)
-@click.option("--batch-size", type=click.IntRange(min=1), default=16, show_default=True)
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=2.0, show_default=True,
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=schema_default("recover.learning_rate"),
+              show_default=True)
+@click.option("--batch-size", type=click.IntRange(min=1), default=schema_default("recover.batch_size"), show_default=True)
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=schema_default("recover.temperature"),
+              show_default=True,
               help="Softens teacher and student logits in the KL term.")
-@click.option("--label-weight", type=click.FloatRange(0, 1), default=0.5, show_default=True,
+@click.option("--label-weight", type=click.FloatRange(0, 1), default=schema_default("recover.label_weight"), show_default=True,
               help="Share of the loss from gold labels (with --label-column).")
-@click.option("--hidden-weight", type=click.FloatRange(min=0), default=0.0, show_default=True,
+@click.option("--hidden-weight", type=click.FloatRange(min=0), default=schema_default("recover.hidden_weight"), show_default=True,
               help="Weight of intermediate-layer matching (each layer's hidden state vs the original's).")
-@click.option("--dropout/--no-dropout", default=False, show_default=True,
+@click.option("--dropout/--no-dropout", default=schema_default("recover.dropout"), show_default=True,
               help="Train the student with the model's dropout (off: distillation fits the original's function).")
 @click.option("--samples", type=click.IntRange(min=1), default=4000, show_default=True,
               help="Training rows drawn from --data.")
-@click.option("--tuning-samples", type=click.IntRange(min=8), default=256, show_default=True,
+@click.option("--tuning-samples", type=click.IntRange(min=8), default=schema_default("recover.tuning_samples"), show_default=True,
               help="Rows of --data held out from training; the kept state is the one closest to the original on them.")
-@click.option("--eval-every", type=click.IntRange(min=1), default=50, show_default=True,
+@click.option("--eval-every", type=click.IntRange(min=1), default=schema_default("recover.eval_every"), show_default=True,
               help="Steps between checks on the tuning rows (and after the last step).")
-@click.option("--patience", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--patience", type=click.IntRange(min=1), default=schema_default("recover.patience"), show_default=True,
               help="Checks that come no closer before training stops.")
-@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
-@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
+@click.option("--seed", type=int, default=schema_default("recover.seed"), show_default=True)
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="Default: the reference model head's task.")
 @encoding_option
@@ -188,33 +205,35 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
               help="The fine-tuned PyTorch model folder (the reference).")
 @click.option("--artifact", required=True, type=click.Path(path_type=Path), help="ONNX file to check.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation data.")
-@click.option("--text-column", default="text", show_default=True)
+@click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
 @click.option("--text-pair-column", default=None)
 @click.option("--label-column", default=None,
               help="Gold labels (class, per-word IOB2 tags, or answer texts) enable the metric and its drop.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Evaluate a seeded sample of this many rows [default: all].")
-@click.option("--max-length", type=click.IntRange(8, 512), default=128, show_default=True)
+@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
-              help="[default: 1.0 for FP32, 0.98 for INT8]")
+              help=gate_help("min_agreement"))
 @click.option("--max-abs-diff", type=click.FloatRange(min=0), default=None,
-              help="[default: 1e-3 for FP32, unchecked for INT8]")
+              help=gate_help("max_abs_diff"))
 @click.option("--max-metric-drop", type=click.FloatRange(0, 1), default=None,
-              help="Fraction, 0.01 = one point [default: 0.01 for INT8 when labels are given].")
+              help="Fraction, 0.01 = one point (with labels only) " + gate_help("max_metric_drop") + ".")
 @click.option("--metric", type=click.Choice(METRIC_NAMES), default=None,
-              help="Gated label metric [default: accuracy, entity_f1 for tokens, f1 for QA].")
+              help="Gated label metric [default: " + ", ".join(f"{m[0]} for {t}" for t, m in METRICS.items() if m) + "].")
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="[default: from the reference's config.json]")
-@click.option("--max-answer-tokens", type=click.IntRange(1, 512), default=30, show_default=True,
+@click.option("--max-answer-tokens", type=click.IntRange(1, 512), default=schema_default("model.max_answer_tokens"),
+              show_default=True,
               help="question-answering: longest answer span.")
-@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), default=0.99, show_default=True,
+@click.option("--min-cosine", type=click.FloatRange(0, 1, min_open=True), default=schema_default("thresholds.min_cosine"),
+              show_default=True,
               help="feature-extraction: an embedding agrees at this cosine with PyTorch's.")
 @click.option("--report", "report_path", type=click.Path(path_type=Path), default=None,
               help="Write the parity report as JSON here.")
 @click.option("--source", type=click.Path(path_type=Path), default=None,
               help="The pruned (or recovered) FP32 ONNX the artifact was converted from: gate the artifact against "
                    "it with its precision's gate (which the threshold options set), and against --reference with "
-                   "the default pruned gate (0.95 agreement, 2 points), as shipyard run does.")
+                   f"the default pruned gate ({PRUNED_GATE}), as shipyard run does.")
 @encoding_option
 @allow_pickle_option
 @output_options
