@@ -112,3 +112,34 @@ def test_run_json_output_and_existing_folder(tiny, tiny_holdout_small, tmp_path)
     assert again.exit_code == 2 and "already exists; pass --overwrite" in again.output
     replaced = runner.invoke(cli, ["run", str(recipe), "--out", str(out), "--quiet", "--overwrite"])
     assert replaced.exit_code == 0
+
+
+# Standalone options that are recipe settings: (command, option) -> the schema section and field.
+SCHEMA_OPTIONS = {
+    ("export", "opset"): ("ExportSpec", "opset"), ("export", "atol"): ("ExportSpec", "atol"),
+    ("quantize", "method"): ("QuantizeSpec", "method"), ("quantize", "max_length"): ("DataSpec", "max_length"),
+    ("quantize", "tuning_samples"): ("DataSpec", "tuning_samples"),
+    ("quantize", "smooth_alpha"): ("SmoothingSpec", "alpha"),
+    ("prune", "ffn_fraction"): ("PruneSpec", "ffn_fraction"), ("prune", "ffn_scope"): ("PruneSpec", "ffn_scope"),
+    ("prune", "heads_per_layer"): ("PruneSpec", "heads_per_layer"),
+    ("prune", "sparsity_24"): ("PruneSpec", "sparsity_24"), ("prune", "compensate"): ("PruneSpec", "compensate"),
+    ("prune", "max_length"): ("DataSpec", "max_length"),
+    **{("recover", name): ("RecoverSpec", name) for name in (
+        "epochs", "learning_rate", "batch_size", "temperature", "label_weight", "hidden_weight", "dropout",
+        "tuning_samples", "eval_every", "patience", "seed")},
+    ("validate", "max_answer_tokens"): ("ModelSpec", "max_answer_tokens"),
+    ("validate", "min_cosine"): ("Thresholds", "min_cosine"), ("validate", "max_length"): ("DataSpec", "max_length"),
+}
+
+
+@pytest.mark.parametrize("command, option", sorted(SCHEMA_OPTIONS))
+def test_standalone_option_defaults_are_the_recipe_schemas(command, option):
+    """`shipyard quantize` and a recipe's quantize stage start from the same values (seen: 128
+    tuning rows standalone, 256 in a recipe)."""
+    import pipeline.recipe as schema
+
+    section, field = SCHEMA_OPTIONS[(command, option)]
+    spec = getattr(schema, section)
+    expected = spec.model_fields[field].get_default(call_default_factory=True)
+    param = next(p for p in cli.commands[command].params if p.name == option)
+    assert param.default == expected

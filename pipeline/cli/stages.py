@@ -68,7 +68,8 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, a
               show_default=True)
 @click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
               help="Calibration rows to draw (seeded).")
-@click.option("--tuning-samples", type=click.IntRange(min=0), default=128, show_default=True,
+@click.option("--tuning-samples", type=click.IntRange(min=0), default=schema_default("data.tuning_samples"),
+              show_default=True,
               help="Rows drawn after the calibration rows that choose the float fallback; 0 quantizes every node.")
 @click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(QUANT_FORMATS), default="qdq", show_default=True,

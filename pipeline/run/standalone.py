@@ -116,7 +116,7 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
 
 def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
-                  samples: int, max_length: int, progress: Progress = SILENT, tuning_samples: int = 128,
+                  samples: int, max_length: int, progress: Progress = SILENT, tuning_samples: int = 256,
                   encoding: str | None = None, smooth: bool | None = None, smooth_alpha: float = 0.5
                   ) -> StageResult:
     check_onnx_file(model_path)
