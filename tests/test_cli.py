@@ -143,3 +143,19 @@ def test_standalone_option_defaults_are_the_recipe_schemas(command, option):
     expected = spec.model_fields[field].get_default(call_default_factory=True)
     param = next(p for p in cli.commands[command].params if p.name == option)
     assert param.default == expected
+
+
+def test_a_metric_the_task_does_not_have_is_refused_alike_by_run_and_validate(tiny, tiny_holdout_small, exported,
+                                                                              tmp_path):
+    """One policy decides the gated metric (`pipeline.parity.policy.gated_metric`); the standalone
+    validate had its own copy, with its own message."""
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, thresholds={"metric": "entity_f1"})
+    run = CliRunner().invoke(cli, ["run", str(recipe), "--out", str(tmp_path / "out"), "--no-cache"])
+    validate = CliRunner().invoke(cli, ["validate", "--reference", str(tiny.model), "--artifact", str(exported[0]),
+                                        "--data", str(tiny_holdout_small), "--label-column", "sentiment",
+                                        "--metric", "entity_f1"])
+    tail = "'entity_f1' does not apply to text-classification; use one of: accuracy, macro_f1"
+    assert (run.exit_code, validate.exit_code) == (2, 2), run.output + validate.output
+    assert run.output.strip() == f"error: thresholds.metric {tail}"
+    assert validate.output.strip() == f"error: --metric {tail}"
+    assert not (tmp_path / "out").exists()

@@ -60,7 +60,8 @@ def test_head_pruning_matches_pytorch_prune_heads(tiny, exported, tmp_path, head
     export_onnx(tmp_path / "pt", tmp_path / "pt.onnx", 17)
 
     result = CliRunner().invoke(cli, ["prune", "--model", str(exported), "--out", str(tmp_path / "ours.onnx"),
-                                      "--prune-heads", json.dumps({str(k): v for k, v in heads.items()}), "--quiet"])
+                                      "--tokenizer", str(tiny.model), "--quiet",
+                                      "--prune-heads", json.dumps({str(k): v for k, v in heads.items()})])
     assert result.exit_code == 0, result.output
     for batch in _batches(tiny):  # dynamic batch and sequence length
         expected = OrtRunner(tmp_path / "pt.onnx").infer(batch)["logits"]
@@ -179,15 +180,16 @@ def test_budget_search_keeps_the_largest_passing_fraction(tiny, tiny_holdout_sma
     (["--prune-heads", "[1, 2]"], "expected JSON like"),
     (["--ffn", "0.3"], "--calibration DATA --tokenizer DIR"),
 ])
-def test_bad_prune_requests(exported, tmp_path, args, message):
+def test_bad_prune_requests(tiny, exported, tmp_path, args, message):
     out = tmp_path / "p.onnx"
-    result = CliRunner().invoke(cli, ["prune", "--model", str(exported), "--out", str(out), *args])
+    tokenizer = [] if "--ffn" in args else ["--tokenizer", str(tiny.model)]
+    result = CliRunner().invoke(cli, ["prune", "--model", str(exported), "--out", str(out), *tokenizer, *args])
     assert result.exit_code == 2, result.output
     assert message in result.output and "Traceback" not in result.output
     assert not out.exists()
 
 
-def test_fraction_out_of_range_and_graph_without_ffn(exported, tmp_path):
+def test_fraction_out_of_range_and_graph_without_ffn(tiny, exported, tmp_path):
     result = CliRunner().invoke(cli, ["prune", "--model", str(exported), "--out", str(tmp_path / "p.onnx"),
                                       "--ffn", "1.0"])
     assert result.exit_code == 2 and "0<=x<1" in result.output
@@ -197,9 +199,20 @@ def test_fraction_out_of_range_and_graph_without_ffn(exported, tmp_path):
     w = onnx.numpy_helper.from_array(np.eye(4, dtype=np.float32), "w")
     graph = onnx.helper.make_graph([onnx.helper.make_node("MatMul", ["x", "w"], ["y"])], "g", [x], [y], [w])
     onnx.save(onnx.helper.make_model(graph), str(tmp_path / "not-bert.onnx"))
-    result = CliRunner().invoke(cli, ["prune", "--model", str(tmp_path / "not-bert.onnx"),
+    result = CliRunner().invoke(cli, ["prune", "--model", str(tmp_path / "not-bert.onnx"), "--tokenizer", str(tiny.model),
                                       "--out", str(tmp_path / "p.onnx"), "--prune-heads", '{"0": [0]}'])
     assert result.exit_code == 2 and "BERT blocks not found" in result.output
+
+
+def test_standalone_prune_needs_the_model_folder_to_check_the_blocks(exported, tmp_path):
+    """As a run does, a standalone prune checks the blocks it found against the model's config.json
+    (it used to skip the check, silently, without --tokenizer)."""
+    out = tmp_path / "p.onnx"
+    result = CliRunner().invoke(cli, ["prune", "--model", str(exported), "--out", str(out), "--prune-heads", '{"0": [0]}'])
+    assert result.exit_code == 2, result.output
+    assert result.output.strip() == ("error: prune checks the graph's blocks against the model's config.json: pass "
+                                     "--tokenizer MODEL_DIR, the folder the graph was exported from")
+    assert not out.exists()
 
 
 def test_non_uniform_head_pruning_quantizes_and_fuses(tiny, tiny_holdout_small, exported, tmp_path):

@@ -105,7 +105,8 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
 @click.option("--calibration", type=click.Path(path_type=Path), default=None,
               help="Calibration data to score neurons and heads (needed by --ffn and --heads-per-layer).")
 @click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="The model folder (tokenizer and config.json).")
+              help="The model folder the graph was exported from (tokenizer, and config.json that the blocks found "
+                   "are checked against); required.")
 @click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
 @click.option("--text-pair-column", default=None)
 @click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True)

@@ -21,7 +21,8 @@ import json
 from collections.abc import Iterable
 from dataclasses import dataclass
 
-from pipeline.names import Kind, Padding
+from pipeline.errors import RecipeError
+from pipeline.names import METRICS, Kind, Padding
 from pipeline.recipe import Gate, Thresholds
 
 KIND_KEY = "shipyard.kind"
@@ -39,6 +40,18 @@ def calibration_padding(method: str, padding: Padding) -> Padding:
     `longest`), which spares the calibration, the sensitivity ranking and the pruning scores
     most of their work on padding."""
     return padding if method == "minmax" else "max_length"
+
+
+def gated_metric(chosen: str | None, task: str, labelled: bool, where: str = "thresholds.metric") -> str | None:
+    """The label metric whose drop is gated: `chosen`, which must fit the task, or the task's
+    default; None without gold labels or for embeddings. `where` names the setting in the error."""
+    allowed = METRICS[task]
+    if chosen is not None and chosen not in allowed:
+        raise RecipeError(f"{where} {chosen!r} does not apply to {task}; use one of: "
+                          f"{', '.join(allowed) or 'none (remove it)'}")
+    if not labelled or not allowed:
+        return None
+    return chosen or allowed[0]
 
 
 def kind_of(precision: str, pruned: bool) -> Kind:

@@ -19,8 +19,7 @@ from pipeline.artifacts import (
 from pipeline.errors import RecipeError
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
-from pipeline.names import METRICS
-from pipeline.parity.policy import calibration_padding, gates_for
+from pipeline.parity.policy import calibration_padding, gated_metric, gates_for
 from pipeline.parity.runners import OrtRunner, TorchRunner
 from pipeline.parity.tasks import collect
 from pipeline.progress import Progress
@@ -88,7 +87,7 @@ class RunInputs:
         digests = {"calibration": batches_digest(prepared.calibration.batches),
                    "tuning": batches_digest(prepared.tuning.batches),
                    "evaluation": batches_digest(prepared.evaluation.batches)}
-        inputs = cls(recipe, info, folder_sha256(info.path), task, gated_metric(recipe, task.name),
+        inputs = cls(recipe, info, folder_sha256(info.path), task, gated_metric(recipe.thresholds.metric, task.name, recipe.data.evaluation_label is not None),
                      recipe.data.evaluation_label is not None, prepared, digests)
         prune = recipe.stages.prune
         if prune.enabled and prune.recover.enabled:
@@ -177,16 +176,3 @@ class ReferenceOutputs:
             np.savez(Path(tmp) / "outputs.npz", count=np.array(len(outputs)), **arrays)  # type: ignore[arg-type]
             self.cache.store(key, {"outputs.npz": Path(tmp) / "outputs.npz"}, {"extra": {}})
         return outputs
-
-
-def gated_metric(recipe: Recipe, task: str) -> str | None:
-    """The label metric whose drop is gated: the recipe's, which must fit the task, or the task's
-    default; None without labels or for embeddings."""
-    allowed = METRICS[task]
-    chosen = recipe.thresholds.metric
-    if chosen is not None and chosen not in allowed:
-        raise RecipeError(f"thresholds.metric {chosen!r} does not apply to {task}; use one of: "
-                          f"{', '.join(allowed) or 'none (remove it)'}")
-    if recipe.data.evaluation_label is None or not allowed:
-        return None
-    return chosen or allowed[0]

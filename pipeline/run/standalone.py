@@ -21,6 +21,7 @@ from pipeline.parity.compare import ParityReport
 from pipeline.parity.policy import (
     STANDALONE_BATCH,
     STANDALONE_SEED,
+    gated_metric,
     gates_for,
     graph_kind,
     kind_of,
@@ -168,13 +169,18 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
                      compensate=compensate)
     batches: list[Batch] = []
     used: list[str] = []
-    if ffn_fraction > 0 or heads_per_layer > 0:
-        if calibration is None or tokenizer_dir is None:
-            raise ShipyardError("--ffn and --heads-per-layer score on data: pass --calibration DATA --tokenizer DIR")
+    scored = ffn_fraction > 0 or heads_per_layer > 0
+    if scored and (calibration is None or tokenizer_dir is None):
+        raise ShipyardError("--ffn and --heads-per-layer score on data: pass --calibration DATA --tokenizer DIR")
+    # As in a run, the blocks found are checked against the model's config.json (layers, heads,
+    # sizes): a graph that is not the model's, or blocks found wrongly, fail here, not after surgery.
+    if tokenizer_dir is None:
+        raise ShipyardError("prune checks the graph's blocks against the model's config.json: pass --tokenizer "
+                            "MODEL_DIR, the folder the graph was exported from")
+    config = inspect_model(tokenizer_dir).config
+    if scored and calibration is not None:
         batches, _, used = calibration_batches(calibration, tokenizer_dir, Columns(text_column, text_pair_column),
                                                samples, 0, max_length, encoding=encoding)
-    config_file = tokenizer_dir / "config.json" if tokenizer_dir else None
-    config = json.loads(config_file.read_text()) if config_file and config_file.is_file() else {}
     with progress.task("prune (FFN neurons, attention heads)"):
         return prune.run(input_artifact(model_path), spec, out, batches, config, seen_rows=used)
 
@@ -258,10 +264,8 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     info = inspect_model(reference, task, allow_pickle)
     check_max_length(info, max_length, "--max-length")
     spec = info.task(max_answer_tokens, min_cosine)
-    allowed = METRICS[spec.name]
-    if metric is not None and metric not in allowed:
-        raise ShipyardError(f"--metric {metric} does not apply to {spec.name}; use one of: "
-                            f"{', '.join(allowed) or 'none (embeddings have no labels)'}")
+    labelled = label_column is not None and bool(METRICS[spec.name])
+    chosen_metric = gated_metric(metric, spec.name, labelled, "--metric")
     if Path(artifact).suffix not in ENGINE_SUFFIXES:
         check_onnx_file(artifact)
     if source is not None:
@@ -274,7 +278,6 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, "max_length", spec.name)
     evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
     precision, kind = artifact_kind(artifact)
-    labelled = label_column is not None and bool(allowed)
     gates = gates_for(Thresholds(), kind, precision, source is not None, labelled)
     default = gates.source or gates.reference  # the artifact's own gate, which explicit thresholds set
     own = Gate(
@@ -287,16 +290,15 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
         runner = TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle)
         reference_outputs = collect(runner, evaluation.batches, spec, advance)
     target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input", kind=kind)
-    gated_metric = (metric or allowed[0]) if labelled else None
     with progress.task(f"validate {artifact.name}", total=len(rows)) as advance:
-        _, report = validate.run(target, reference_outputs, evaluation, gate, gated_metric, info.id2label, spec,
+        _, report = validate.run(target, reference_outputs, evaluation, gate, chosen_metric, info.id2label, spec,
                                  advance)
     report.details["left_out_rows_the_artifact_saw"] = len(seen)
     if source is not None:
         with progress.task(f"{Path(source).name} reference", total=len(rows)) as advance:
             source_outputs = collect(OrtRunner(source), evaluation.batches, spec, advance)
         with progress.task(f"validate {artifact.name} vs {Path(source).name}", total=len(rows)) as advance:
-            _, step = validate.run(target, source_outputs, evaluation, own, gated_metric, info.id2label,
+            _, step = validate.run(target, source_outputs, evaluation, own, chosen_metric, info.id2label,
                                    spec, advance)
         report.details["source"] = {"path": str(source), **step.to_dict()}
         report.failures += [f"vs {Path(source).name}: {failure}" for failure in step.failures]
