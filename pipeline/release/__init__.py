@@ -1,0 +1,1 @@
+"""The release folder: manifest, verification and signing, reports, fan-out and collect."""
