@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
-from pipeline import data as datamod  # noqa: E402
+from pipeline.inputs import data as datamod  # noqa: E402
 from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
 from pipeline.parity.tasks import collect  # noqa: E402

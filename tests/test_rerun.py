@@ -48,7 +48,7 @@ def test_tuning_rows_are_held_out_and_recorded(tiny_release, tiny, tiny_holdout_
     """The rows that choose (fallback) never overlap the rows that judge, nor the calibration rows."""
     from calibration.encode import load_tokenizer
     from calibration.sampling import Columns
-    from pipeline import data as datamod
+    from pipeline.inputs import data as datamod
     from pipeline.inputs.model import inspect_model
     from pipeline.recipe import Recipe
 
