@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import json
 import sys
+from pathlib import Path
 
 import click
 from pydantic import BaseModel
@@ -66,6 +67,21 @@ def output_options(func):
     @functools.wraps(func)
     def wrapper(*args, **kwargs):
         return func(*args, **kwargs)
+
+    return wrapper
+
+
+def cache_options(func):
+    """--cache-dir and --no-cache: the stage cache a command reads and writes, as `shipyard run`'s."""
+
+    @click.option("--cache-dir", type=click.Path(path_type=Path), default=None,
+                  help="Stage cache folder [default: $SHIPYARD_CACHE_DIR, else ~/.cache/shipyard].")
+    @click.option("--no-cache", is_flag=True, help="Recompute; neither read nor write the cache.")
+    @functools.wraps(func)
+    def wrapper(*args, cache_dir: Path | None, no_cache: bool, **kwargs):
+        from pipeline.run.cache import StageCache
+
+        return func(*args, cache=StageCache.at(cache_dir, enabled=not no_cache), **kwargs)
 
     return wrapper
 

@@ -9,6 +9,7 @@ import click
 from pipeline.cli.group import cli
 from pipeline.cli.options import (
     allow_pickle_option,
+    cache_options,
     encoding_option,
     finish,
     gate_help,
@@ -44,12 +45,13 @@ PRUNED_GATE = f"{_PRUNED.min_agreement:g} agreement, {100 * (_PRUNED.max_metric_
               help="Max |logit difference| vs PyTorch; beyond it the export fails (exit 1).")
 @allow_pickle_option
 @output_options
-def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, allow_pickle: bool, quiet: bool,
+@cache_options
+def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, allow_pickle: bool, cache, quiet: bool,
                as_json: bool) -> None:
     """Export to ONNX with Optimum and check the logits against PyTorch on real inputs."""
     from pipeline.run.standalone import export_and_check
 
-    result = export_and_check(model_dir, out, task, opset, atol, progress_for(quiet, as_json), allow_pickle)
+    result = export_and_check(model_dir, out, task, opset, atol, progress_for(quiet, as_json), allow_pickle, cache)
     finish(result.passed, {"out": str(out), "passed": result.passed, "message": result.message,
                             **result.details}, f"export {out}: {result.message}", quiet, as_json)
 
@@ -80,10 +82,11 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, a
               help="How much of each channel's range smoothing moves into the weights.")
 @encoding_option
 @output_options
+@cache_options
 def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
                  text_column: str, text_pair_column: str | None, method: str, samples: int, tuning_samples: int,
-                 max_length: int, fmt: QuantFormat, smooth: bool | None, smooth_alpha: float, encoding: str | None, quiet: bool,
-                 as_json: bool) -> None:
+                 max_length: int, fmt: QuantFormat, smooth: bool | None, smooth_alpha: float, encoding: str | None,
+                 cache, quiet: bool, as_json: bool) -> None:
     """Post-training INT8 quantization of an ONNX model.
 
     The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
@@ -92,7 +95,7 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
 
     result = quantize_file(model_path, out, fmt, method, calibration, tokenizer, text_column,
                            text_pair_column, samples, max_length, progress_for(quiet, as_json), tuning_samples,
-                           encoding, smooth, smooth_alpha)
+                           encoding, smooth, smooth_alpha, cache)
     art = result.artifacts[0]
     finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)
@@ -124,16 +127,17 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
               help="Fold removed units' mean output into the next bias (scored pruning only).")
 @encoding_option
 @output_options
+@cache_options
 def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
               text_column: str, text_pair_column: str | None, samples: int, max_length: int,
               ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-              sparsity_24: str, compensate: bool, encoding: str | None, quiet: bool, as_json: bool) -> None:
+              sparsity_24: str, compensate: bool, encoding: str | None, cache, quiet: bool, as_json: bool) -> None:
     """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
     from pipeline.run.standalone import prune_file
 
     result = prune_file(model_path, out, calibration, tokenizer, text_column, text_pair_column,
                         samples, max_length, ffn_fraction, ffn_scope, heads_per_layer, heads_json,
-                        sparsity_24, compensate, progress_for(quiet, as_json), encoding)
+                        sparsity_24, compensate, progress_for(quiet, as_json), encoding, cache)
     art = result.artifacts[0]
     finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)

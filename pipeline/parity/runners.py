@@ -30,6 +30,10 @@ class TorchRunner:
         self.task = task
         self.allow_pickle = allow_pickle
         self._model = None
+
+    def cache_identity(self) -> dict[str, Any]:
+        """What a stage's cache key records of this reference (`pipeline.run.cache.call_identity`)."""
+        return {"torch": self.model_dir, "task": self.task}
         self._accepts: set[str] = set()
 
     def _load(self):

@@ -23,9 +23,9 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
-from pipeline.release.manifest import ArtifactRecord, Manifest, TargetRecord, write_json
 from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS
 from pipeline.recipe import Recipe
+from pipeline.release.manifest import ArtifactRecord, Manifest, TargetRecord, write_json
 from pipeline.release.report import write_reports
 from pipeline.release.signing import verify_folder
 
@@ -84,8 +84,8 @@ def _load(folder: Path) -> Manifest:
 
 def _check_engine_folders(folders: list[Path], manifests: list[Manifest]) -> None:
     """Engine folders (`shipyard engines`) merge only with the release they were built from."""
-    releases = {sha256_file(Path(f) / "manifest.json"): f for f, m in zip(folders, manifests) if m.release is None}
-    for folder, manifest in zip(folders, manifests):
+    releases = {sha256_file(Path(f) / "manifest.json"): f for f, m in zip(folders, manifests, strict=True) if m.release is None}
+    for folder, manifest in zip(folders, manifests, strict=True):
         if manifest.release is None:
             continue
         if manifest.release["manifest_sha256"] not in releases:
@@ -107,7 +107,7 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
     _check_engine_folders(folders, manifests)
     base = next((i for i, m in enumerate(manifests) if m.release is None), 0)
     first, first_folder = manifests[base], folders[base]
-    for folder, manifest in zip(folders, manifests):
+    for folder, manifest in zip(folders, manifests, strict=True):
         if (manifest.recipe_name, manifest.model.sha256) != (first.recipe_name, first.model.sha256):
             raise ShipyardError(f"{folder}: recipe {manifest.recipe_name!r} / model {manifest.model.sha256[:12]} "
                                 f"differ from {first_folder}'s; collect folders of one release only")
@@ -118,7 +118,7 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
 
     artifacts: dict[str, ArtifactRecord] = {}
     owner: dict[str, Path] = {}
-    for folder, manifest in zip(folders, manifests):
+    for folder, manifest in zip(folders, manifests, strict=True):
         for record in manifest.artifacts:
             seen = artifacts.get(record.path)
             if seen is not None and seen.sha256 != record.sha256:
@@ -128,7 +128,7 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
             if seen is None:
                 artifacts[record.path], owner[record.path] = record, folder
     targets: dict[str, TargetRecord] = {}
-    for folder, manifest in zip(folders, manifests):
+    for folder, manifest in zip(folders, manifests, strict=True):
         for target in manifest.targets:
             if target.name in targets and targets[target.name].engine and target.engine:
                 raise ShipyardError(f"target {target.name} has an engine in two folders ({folder}); collect each target once")

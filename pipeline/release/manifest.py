@@ -51,7 +51,7 @@ class StageRecord(_Strict):
     cached: bool = Field(False, description="reused from the stage cache; seconds are the original run's")
 
     @classmethod
-    def of(cls, result) -> "StageRecord":
+    def of(cls, result) -> StageRecord:
         """The record of a `pipeline.artifacts.StageResult`."""
         return cls(stage=result.stage, passed=result.passed, message=result.message,
                    seconds=round(result.seconds, 3), details=result.details, cached=result.cached)
@@ -75,7 +75,7 @@ class ArtifactRecord(_Strict):
 
     @classmethod
     def of(cls, artifact, folder: Path, parity: dict[str, Any] | None, passed: bool,
-           source_parity: dict[str, Any] | None = None) -> "ArtifactRecord":
+           source_parity: dict[str, Any] | None = None) -> ArtifactRecord:
         """The record of a `pipeline.artifacts.Artifact` written under `folder`; `passed` is the
         verdict of the other gates and is ANDed with `source_parity`'s."""
         passed = passed and (source_parity is None or bool(source_parity["passed"]))
@@ -113,7 +113,7 @@ class InvocationRecord(_Strict):
     cache: dict[str, Any] = Field(description="enabled, folder, stages reused, entries found damaged")
 
     @classmethod
-    def now(cls, command: list[str], cache) -> "InvocationRecord":
+    def now(cls, command: list[str], cache) -> InvocationRecord:
         """This process: its command line, folder, machine and use of `cache` (a StageCache)."""
         import os
 

@@ -5,9 +5,8 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pipeline.release.manifest import Manifest
 from pipeline.names import NEEDS_GPU_HOST
-
+from pipeline.release.manifest import Manifest
 
 AGREEMENT_MEANS = {
     "text-classification": "the predicted class equals PyTorch's",

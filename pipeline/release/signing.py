@@ -65,8 +65,8 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
     """Every problem with a release folder, one line each naming the file; [] when it is intact."""
     from pydantic import ValidationError
 
-    from pipeline.release.manifest import Manifest
     from pipeline.parity.runners import check_onnx_file
+    from pipeline.release.manifest import Manifest
 
     folder = Path(folder)
     manifest_path = folder / "manifest.json"

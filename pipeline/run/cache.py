@@ -22,12 +22,13 @@ import tempfile
 import time
 import traceback
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, is_dataclass
 from functools import cache
 from pathlib import Path
 from typing import Any
 
 import numpy as np
+from pydantic import BaseModel
 
 from pipeline.artifacts import Artifact, StageResult, sha256_file
 from pipeline.errors import OutputError
@@ -198,6 +199,39 @@ def _alive(pid: int) -> bool:
     return True
 
 
+def call_identity(value: Any, work: Path) -> Any:
+    """What a stage's cache key records of one argument it is called with: an artifact's content
+    and kind, a spec's settings, batches' bytes, a file's or folder's content (a path inside the
+    work folder: its name there), a task's options. An argument of another kind is a bug here,
+    not a silent miss: a key that leaves out what a stage read serves stale output."""
+    from pipeline.release.manifest import folder_sha256
+
+    if value is None or isinstance(value, (bool, int, float, str)):
+        return value
+    if isinstance(value, Artifact):
+        return {"artifact": value.sha256, "name": value.name, "kind": value.kind, "precision": value.precision}
+    if isinstance(value, BaseModel):
+        return value.model_dump(mode="json")
+    if isinstance(value, Path):
+        if value.resolve().is_relative_to(work.resolve()):
+            return {"in_work": str(value.resolve().relative_to(work.resolve()))}
+        if value.is_file():
+            return {"file": sha256_file(value)}
+        return {"folder": folder_sha256(value)} if value.is_dir() else {"missing": str(value)}
+    if isinstance(value, (list, tuple)):
+        if value and all(isinstance(b, dict) and all(isinstance(a, np.ndarray) for a in b.values()) for b in value):
+            return {"batches": batches_digest(value)}
+        return [call_identity(v, work) for v in value]
+    if isinstance(value, dict):
+        return {str(k): call_identity(v, work) for k, v in value.items()}
+    identity = getattr(value, "cache_identity", None)
+    if callable(identity):
+        return call_identity(identity(), work)
+    if is_dataclass(value) and not isinstance(value, type):
+        return repr(value)  # frozen option records: Task, TypedVariant
+    raise TypeError(f"no cache identity for a {type(value).__name__} argument; give it cache_identity()")
+
+
 class CachedStages:
     """Runs a stage, or copies its outputs from the cache when its inputs are unchanged."""
 
@@ -220,6 +254,16 @@ class CachedStages:
                   "files": [str(p.relative_to(self.work)) for p in result.files], "extra": made}
         self.cache.store(key, files, json.loads(json.dumps(record, default=str)))
         return result, made
+
+    def call(self, stage: str, fn: Callable[..., StageResult], *args: Any,
+             extra: Callable[[StageResult], dict] = lambda result: {}, **kwargs: Any) -> tuple[StageResult, dict]:
+        """`fn(*args, **kwargs)`, or its outputs from the cache: the key is derived from what `fn` is
+        called with (`call_identity` of each argument), so a stage that gains a parameter cannot be
+        served an entry made without it."""
+        inputs = {"fn": f"{fn.__module__}.{fn.__qualname__}",
+                  "args": [call_identity(a, self.work) for a in args],
+                  "kwargs": {k: call_identity(v, self.work) for k, v in sorted(kwargs.items())}}
+        return self.run(stage, inputs, lambda: fn(*args, **kwargs), extra)
 
     def _result(self, record: dict) -> StageResult:
         artifacts = [Artifact(**{**a, "path": self.work / a["path"]}) for a in record["artifacts"]]

@@ -7,6 +7,9 @@ out of a later `validate` sample, so one file can serve both commands without le
 from __future__ import annotations
 
 import json
+import os
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any, cast
 
@@ -51,6 +54,7 @@ from pipeline.recipe import (
     load_recipe,
 )
 from pipeline.release.manifest import write_json
+from pipeline.run.cache import CachedStages, StageCache
 from pipeline.stages import build, export, prune, quantize, validate
 from pipeline.trt.readiness import check_model_file
 
@@ -72,8 +76,32 @@ PROBE_TEXTS = [
 ]
 
 
+def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[..., StageResult],
+              *args: Any) -> StageResult:
+    """`fn(*args)` as a run calls it, through the stage cache (`CachedStages.call`), writing into a
+    private folder beside `out` whose outputs are then moved into place. `OUT` in `args` stands for
+    the stage's output path in that folder, so the key does not depend on where `out` lies."""
+    out = Path(out)
+    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+        work = Path(tmp)
+        called = [work / out.name if a is OUT else a for a in args]
+        result, _ = CachedStages(cache or StageCache(None), work).call(stage, fn, *called)
+        moved = {}
+        for path in [a.path for a in result.artifacts] + result.files:
+            moved[path] = out.parent / path.relative_to(work)
+            os.replace(path, moved[path])
+    for artifact in result.artifacts:
+        artifact.path = moved[artifact.path]
+    result.files = [moved[p] for p in result.files]
+    return result
+
+
+OUT = object()  # the stage's output path, in `one_stage`'s arguments
+
+
 def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, atol: float,
-                     progress: Progress = SILENT, allow_pickle: bool = False) -> StageResult:
+                     progress: Progress = SILENT, allow_pickle: bool = False,
+                     cache: StageCache | None = None) -> StageResult:
     """Export for `task` (default: the model head's task) and gate the outputs on probe sentences."""
     info = inspect_model(model_dir, task, allow_pickle)
     tokenizer = load_tokenizer(model_dir)
@@ -82,8 +110,8 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
     rows = [{"text": t} for t in PROBE_TEXTS]
     batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
     with progress.task("export (Optimum) + check vs PyTorch"):
-        return export.run(model_dir, out, ExportSpec(opset=opset, atol=atol), batches,
-                          TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle), info.task())
+        return one_stage("export", out, cache, export.run, model_dir, OUT, ExportSpec(opset=opset, atol=atol), batches,
+                         TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle), info.task())
 
 
 def calibration_batches(calibration: Path, tokenizer_dir: Path, columns: Columns, samples: int,
@@ -118,8 +146,8 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
 def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, method: str, calibration: Path | None,
                   tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
                   samples: int, max_length: int, progress: Progress = SILENT, tuning_samples: int = 256,
-                  encoding: str | None = None, smooth: bool | None = None, smooth_alpha: float = 0.5
-                  ) -> StageResult:
+                  encoding: str | None = None, smooth: bool | None = None, smooth_alpha: float = 0.5,
+                  cache: StageCache | None = None) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
     if calibration is None or tokenizer_dir is None:
@@ -136,7 +164,8 @@ def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, method: str, ca
         spec = QuantizeSpec(formats=[fmt], method=method, fallback=FallbackSpec(max_nodes=0) if not tuning else FallbackSpec())
         smoothed = fmt in spec.smoothing.formats if smooth is None else smooth
         spec.smoothing = SmoothingSpec(formats=[fmt] if smoothed else [], alpha=smooth_alpha)
-        return quantize.run(source, spec, fmt, out, batches, tuning, task, used)
+        return one_stage(f"quantize[{fmt}]", out, cache, quantize.run, source, spec, fmt, OUT, batches, tuning, task,
+                         used)
 
 
 def input_artifact(path: Path) -> Artifact:
@@ -161,7 +190,7 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
                text_column: str, text_pair_column: str | None, samples: int, max_length: int,
                ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
                sparsity_24: str, compensate: bool = True, progress: Progress = SILENT,
-               encoding: str | None = None) -> StageResult:
+               encoding: str | None = None, cache: StageCache | None = None) -> StageResult:
     check_onnx_file(model_path)
     check_writable_parent(out)
     spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope,
@@ -182,7 +211,8 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
         batches, _, used = calibration_batches(calibration, tokenizer_dir, Columns(text_column, text_pair_column),
                                                samples, 0, max_length, encoding=encoding)
     with progress.task("prune (FFN neurons, attention heads)"):
-        return prune.run(input_artifact(model_path), spec, out, batches, config, seen_rows=used)
+        return one_stage("prune", out, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, None,
+                         used)
 
 
 def artifact_kind(path: Path) -> tuple[Precision, str]:

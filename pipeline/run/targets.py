@@ -8,7 +8,6 @@ as "needs a GPU host" and the CPU gates decide the verdict; a recipe with
 from __future__ import annotations
 
 import time
-from collections.abc import Callable
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult
@@ -32,30 +31,22 @@ def engines_possible(targets: list[TargetSpec]) -> None:
         build.check_target_arch(target, env)
 
 
-def typed_artifacts(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | None,
-                    convert: Callable[[trt_onnx.TypedVariant, Artifact, list[str]], StageResult]
-                    ) -> tuple[dict[str, Artifact], list[StageResult]]:
-    """The ONNX each target builds from: existing artifacts where they fit, else what
-    `convert(variant, source, target names)` makes (`trt_onnx.run`, through the cache)."""
+def typed_sources(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | None
+                  ) -> list[tuple[trt_onnx.TypedVariant, Artifact, list[str]]]:
+    """Which typed graph each target builds from, and what it is made from: one entry per
+    distinct variant, with the names of the targets that share it. A pure plan; the run makes
+    the variants that convert (`trt_onnx.run`) and takes the others as they are."""
     by_variant: dict[trt_onnx.TypedVariant, list[str]] = {}
     for target in targets:
         by_variant.setdefault(trt_onnx.TypedVariant.of(target), []).append(target.name)
-    chosen: dict[str, Artifact] = {}
-    results = []
+    plan = []
     for variant, names in by_variant.items():
         source = qdq if variant.precision == "int8" else dense
         if source is None:  # the recipe schema refuses int8 targets without the Q/DQ form
             raise RecipeError(f"targets {', '.join(names)}: int8 engines are built from the Q/DQ artifact; "
                               "enable stages.quantize with format qdq")
-        if variant.converts:
-            result = convert(variant, source, names)
-            results.append(result)
-            artifact = result.artifacts[0]
-        else:
-            artifact = source
-        for name in names:
-            chosen[name] = artifact
-    return chosen, results
+        plan.append((variant, source, names))
+    return plan
 
 
 def check_readiness(target: TargetSpec, onnx: Artifact) -> tuple[ReadinessReport, StageResult]:

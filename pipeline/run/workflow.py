@@ -10,7 +10,6 @@ which.
 
 from __future__ import annotations
 
-import functools
 import json
 import shutil
 import tempfile
@@ -43,7 +42,7 @@ from pipeline.release.manifest import (
 from pipeline.release.report import write_reports
 from pipeline.release.signing import load_signing_key, sign_manifest
 from pipeline.run import targets
-from pipeline.run.cache import CachedStages, StageCache, batches_digest
+from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.context import RunInputs
 from pipeline.run.lock import release_lock
 from pipeline.stages import export, prune, quantize, trt_onnx
@@ -105,7 +104,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
     check_output_dir(out, options.overwrite)  # again: a run we waited for may have written it
     inputs = RunInputs.of(recipe)
     info, model_sha, task = inputs.info, inputs.model_sha, inputs.task
-    prepared, digests = inputs.prepared, inputs.digests
+    prepared = inputs.prepared
     evaluation = prepared.evaluation
     seen = prepared.seen_digests
     results: list[StageResult] = []
@@ -121,10 +120,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         spec = recipe.stages.export
         gate_batches = evaluation.batches[:max(1, spec.validation_samples // recipe.data.batch_size)]
         with progress.task("export (Optimum) + check vs PyTorch"):
-            exported, _ = stages.run("export", {
-                "model": model_sha, "spec": spec.model_dump(mode="json"), "task": repr(task),
-                "gate_batches": batches_digest(gate_batches)},
-                lambda: export.run(recipe.model.path, work / "model.onnx", spec, gate_batches, torch_reference, task))
+            exported, _ = stages.call("export", export.run, recipe.model.path, work / "model.onnx", spec, gate_batches,
+                                      torch_reference, task)
         results.append(exported)
         fp32 = exported.artifacts[0]
         artifacts: list[Artifact] = [fp32]
@@ -139,26 +136,23 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         if recipe.stages.quantize.enabled:
             for fmt in recipe.stages.quantize.formats:
                 with progress.task(f"quantize INT8 ({fmt})"):
-                    result, _ = stages.run(f"quantize[{fmt}]", {
-                        "source": dense.sha256, "source_kind": dense.kind,
-                        "spec": recipe.stages.quantize.model_dump(mode="json"), "calibration": digests["calibration"],
-                        "tuning": digests["tuning"], "seen": seen, "task": repr(task)},
-                        functools.partial(quantize.run, dense, recipe.stages.quantize, fmt, work / f"model.int8.{fmt}.onnx",
-                                          prepared.calibration.batches, prepared.tuning.batches, task, seen))
+                    result, _ = stages.call(f"quantize[{fmt}]", quantize.run, dense, recipe.stages.quantize, fmt,
+                                            work / f"model.int8.{fmt}.onnx", prepared.calibration.batches,
+                                            prepared.tuning.batches, task, seen)
                 results.append(result)
                 artifacts.extend(result.artifacts)
                 qdq = result.artifacts[0] if fmt == "qdq" else qdq
 
-        def typed(variant, source: Artifact, names: list[str]) -> StageResult:
-            result, _ = stages.run(f"trt-onnx[{variant.name}]", {
-                "source": source.sha256, "kind": source.kind, "variant": repr(variant)},
-                lambda: trt_onnx.run(variant, source, work, names))
-            return result
-
+        target_onnx: dict[str, Artifact] = {}
         with progress.task("TensorRT-ready ONNX per target"):
-            target_onnx, typed_results = targets.typed_artifacts(selected, dense, qdq, typed)
-        results.extend(typed_results)
-        artifacts.extend(a for r in typed_results for a in r.artifacts)
+            for variant, source, names in targets.typed_sources(selected, dense, qdq):
+                typed = source
+                if variant.converts:
+                    made, _ = stages.call(f"trt-onnx[{variant.name}]", trt_onnx.run, variant, source, work, names)
+                    results.append(made)
+                    artifacts.extend(made.artifacts)
+                    typed = made.artifacts[0]
+                target_onnx.update(dict.fromkeys(names, typed))
 
         # Artifacts converted from a pruned graph are also gated against it (`pipeline.parity.policy.gates_for`).
         source_outputs = inputs.source_outputs(dense, cache, progress) if dense.kind == "pruned" else None

@@ -1,0 +1,68 @@
+"""A standalone command is the run's stage on the same inputs: the same bytes, the same figures,
+the same stage cache (issue: one path for every stage)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import yaml
+from click.testing import CliRunner
+from conftest import write_recipe
+
+from pipeline.artifacts import sha256_file
+from pipeline.cli import cli
+
+pytestmark = pytest.mark.slow
+
+
+def invoke(*args):
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def test_quantize_standalone_and_in_a_run_give_the_same_bytes_and_figures(tiny, tiny_holdout_small, tmp_path):
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"quantize": {"formats": ["qdq", "cpu"]}})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"] = {"calibration": {"path": str(tiny_holdout_small), "samples": 64},
+                   "evaluation": {"path": str(tiny_holdout_small), "samples": 100},
+                   "tuning_samples": 32, "max_length": 48, "text_column": "text"}
+    raw["thresholds"] = {"int8": {"min_agreement": 0.5}}
+    recipe.write_text(yaml.safe_dump(raw))
+    run = invoke("run", recipe, "--out", tmp_path / "release", "--no-cache", "--json")
+    assert run.exit_code == 0, run.output
+    in_run = {a["name"]: a for a in json.loads(run.output)["manifest"]["artifacts"]}
+
+    exported = tmp_path / "alone" / "model.onnx"
+    exported.parent.mkdir()
+    assert invoke("export", "--model", tiny.model, "--out", exported, "--no-cache", "--quiet").exit_code == 0
+    assert sha256_file(exported) == in_run["model.fp32"]["sha256"]
+    for fmt in ("qdq", "cpu"):
+        out = tmp_path / "alone" / f"model.int8.{fmt}.onnx"
+        result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, "--calibration",
+                        tiny_holdout_small, "--tokenizer", tiny.model, "--samples", 64, "--tuning-samples", 32,
+                        "--max-length", 48, "--no-cache", "--json")
+        assert result.exit_code == 0, result.output
+        alone = json.loads(result.output)
+        assert alone["sha256"] == in_run[f"model.int8.{fmt}"]["sha256"], fmt
+        assert alone["options"] == in_run[f"model.int8.{fmt}"]["options"], fmt
+
+
+def test_standalone_commands_reuse_the_stage_cache(tiny, tiny_holdout_small, tmp_path):
+    cache = tmp_path / "cache"
+    args = ("--calibration", tiny_holdout_small, "--tokenizer", tiny.model, "--samples", 48, "--max-length", 32)
+    exported = tmp_path / "m.onnx"
+    assert invoke("export", "--model", tiny.model, "--out", exported, "--cache-dir", cache, "--quiet").exit_code == 0
+    (tmp_path / "a").mkdir()
+    first = invoke("prune", "--model", exported, "--out", tmp_path / "a" / "p.onnx", "--ffn", "0.2", *args,
+                   "--cache-dir", cache, "--json")
+    assert first.exit_code == 0, first.output
+    entries = sorted((cache / "stages").iterdir())
+    (tmp_path / "b").mkdir()
+    again = invoke("prune", "--model", exported, "--out", tmp_path / "b" / "p.onnx", "--ffn", "0.2", *args,
+                   "--cache-dir", cache, "--json")
+    assert again.exit_code == 0, again.output
+    assert sorted((cache / "stages").iterdir()) == entries  # served, not recomputed
+    assert json.loads(again.output)["sha256"] == json.loads(first.output)["sha256"]
+    for name in ("p.onnx", "p.config.json", "p.plan.json"):  # the stage's files land beside --out
+        assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
+    assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]  # no work folder left
