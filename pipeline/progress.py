@@ -18,6 +18,10 @@ class Progress:
     def note(self, message: str) -> None:
         """A one-line status message."""
 
+    def cache_identity(self) -> None:
+        """Progress shows work; it changes no output, so no cache key records it."""
+        return None
+
 
 SILENT = Progress()  # the default of every function that reports progress: stateless, so shared
 

@@ -40,6 +40,10 @@ class RecoveryInputs:
     data: TrainingData
     key: dict[str, Any]
 
+    def cache_identity(self) -> dict[str, Any]:
+        """What a stage's cache key records of recovery (`pipeline.run.cache.call_identity`)."""
+        return self.key
+
     @classmethod
     def of(cls, inputs: RunInputs) -> RecoveryInputs:
         recipe, prepared = inputs.recipe, inputs.prepared

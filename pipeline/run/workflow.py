@@ -11,8 +11,6 @@ which.
 from __future__ import annotations
 
 import json
-import shutil
-import tempfile
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
@@ -24,10 +22,8 @@ from pipeline.artifacts import (
     check_output_dir,
     sha256_file,
 )
-from pipeline.parity.runners import OrtRunner
-from pipeline.parity.tasks import collect
 from pipeline.progress import SILENT, Progress
-from pipeline.recipe import Recipe
+from pipeline.recipe import Recipe, RecoverSpec
 from pipeline.release.manifest import (
     ArtifactRecord,
     DataRecord,
@@ -41,7 +37,7 @@ from pipeline.release.manifest import (
 )
 from pipeline.release.report import write_reports
 from pipeline.release.signing import load_signing_key, sign_manifest
-from pipeline.run import targets
+from pipeline.run import searches, targets
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.context import RunInputs
 from pipeline.run.lock import release_lock
@@ -194,41 +190,25 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
     Returns the stage results and the artifact the later stages build from: the pruned graph, or
     the recovered one, in which case the unrecovered graph is an intermediate and is removed from
     the release (its plan and config stay: they describe the recovered model's structure)."""
-    recipe, prepared, task, digests = inputs.recipe, inputs.prepared, inputs.task, inputs.digests
+    recipe, prepared, task = inputs.recipe, inputs.prepared, inputs.task
     spec = recipe.stages.prune
     seen = prepared.seen_digests
     tuning = prepared.tuning.batches
     recovery = inputs.recovery
-    fp32_on_tuning: list = []
-
-    def agreement_of(path: Path) -> float:  # on tuning rows, never evaluation rows
-        if not fp32_on_tuning:
-            fp32_on_tuning.extend(collect(OrtRunner(fp32.path), tuning, task))
-        return task.agreement_rate(fp32_on_tuning, collect(OrtRunner(path), tuning, task), tuning)
-
-    def candidate_agreement(path: Path, plan) -> float:
-        if not (spec.budget and spec.budget.recovered) or recovery is None:
-            return agreement_of(path)
-        with tempfile.TemporaryDirectory(dir=work, prefix=".trial-") as tmp:
-            candidate = Path(tmp) / "candidate.onnx"
-            shutil.copyfile(path, candidate)
-            plan_path(candidate).write_text(plan.to_json())
-            trial = recovery.spec.model_copy(update={"max_steps": min(recovery.spec.max_steps or spec.budget.trial_steps,
-                                                                      spec.budget.trial_steps)})
-            recover(recipe.model.path, candidate, recovery.data, Path(tmp) / "recovered.onnx", trial,
-                    recipe.data.max_length, task.name, progress, recipe.stages.export.opset, tuple(seen))
-            return agreement_of(Path(tmp) / "recovered.onnx")
-
-    def prune_fp32() -> StageResult:
-        return prune.run(fp32, spec, work / "model.pruned.onnx", prepared.calibration.batches,
-                         inputs.info.config, candidate_agreement if tuning else None, seen)
-
-    budget_inputs = {"recovery": recovery.key} if spec.budget and spec.budget.recovered and recovery else {}
+    # The prune stage does not read stages.prune.recover: a change there re-runs recovery only.
+    prune_spec = spec.model_copy(update={"recover": RecoverSpec()})
+    out = work / "model.pruned.onnx"
     with progress.task("prune (FFN neurons, attention heads)"):
-        pruned, _ = stages.run("prune", {
-            "source": fp32.sha256, "spec": spec.model_dump(mode="json", exclude={"recover"}),
-            "calibration": digests["calibration"], "tuning": digests["tuning"], "seen": seen,
-            "config": inputs.info.config, "task": repr(task), **budget_inputs}, prune_fp32)
+        if spec.budget is None:
+            pruned, _ = stages.call("prune", prune.run, fp32, prune_spec, out, prepared.calibration.batches,
+                                    inputs.info.config, seen)
+        else:
+            trial_recovery = recovery if spec.budget.recovered else None
+            settings = {"reference": recipe.model.path, "max_length": recipe.data.max_length,
+                        "opset": recipe.stages.export.opset} if trial_recovery else None
+            pruned, _ = stages.call("prune", searches.prune_within_budget, fp32, prune_spec, out,
+                                    prepared.calibration.batches, tuning, inputs.info.config, task, seen,
+                                    trial_recovery, settings, progress=progress)
     if recovery is None:
         return [pruned], pruned.artifacts[0]
     source = pruned.artifacts[0]

@@ -10,7 +10,8 @@ from __future__ import annotations
 
 import json
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -78,92 +79,92 @@ def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
     return out
 
 
+@dataclass
+class Pruner:
+    """An FP32 graph made ready for surgery, its blocks found and its units scored once: each
+    candidate FFN fraction is a pure build from it. The prune stage writes one; the run's budget
+    search (`pipeline.run.searches`) measures several and then writes the one it chose."""
+
+    src: Artifact
+    spec: PruneSpec
+    model: onnx.ModelProto
+    ffn: list[FfnBlock]
+    attention: list[AttentionBlock]
+    scores: Scores
+    heads_remove: dict[int, list[int]]
+    compensation: Scores | None
+    model_config: dict[str, Any]
+    started: float = field(default_factory=time.perf_counter)  # the stage's time includes the scoring
+
+    @classmethod
+    def of(cls, src: Artifact, spec: PruneSpec, calibration_batches: list[Batch],
+           model_config: dict[str, Any]) -> Pruner:
+        model = onnx.load(str(src.path))
+        ffn, attention = blocks_of(model, src.path, model_config)
+        needs_scores = spec.ffn_fraction > 0 or spec.heads_per_layer > 0 or spec.budget is not None
+        if needs_scores and not calibration_batches:
+            raise PruneError("scored pruning needs calibration data: pass --calibration DATA --tokenizer DIR")
+        num_heads = {b.layer: b.num_heads for b in attention}
+        scores = score(model, calibration_batches, ffn, attention, spec.compensate) if needs_scores else Scores(
+            {b.layer: np.zeros(b.size) for b in ffn}, {layer: np.zeros(n) for layer, n in num_heads.items()}, {}, {})
+        heads_remove = plan_heads(scores.heads, spec.heads_per_layer, spec.heads, num_heads)
+        compensation = scores if needs_scores and spec.compensate else None
+        return cls(src, spec, model, ffn, attention, scores, heads_remove, compensation, model_config)
+
+    def build(self, fraction: float) -> tuple[dict[int, np.ndarray], onnx.ModelProto, list[str], PruningPlan]:
+        keep = plan_ffn(self.scores.ffn, fraction, self.spec.ffn_scope)
+        return keep, *apply(self.model, self.ffn, self.attention, keep, self.heads_remove, self.spec.sparsity_24,
+                            self.compensation)
+
+    def candidate(self, fraction: float, path: Path) -> PruningPlan:
+        """Write the graph pruned at `fraction` to `path` (a trial, not an artifact); its plan."""
+        _, pruned, _, plan = self.build(fraction)
+        onnx.save(pruned, str(path))
+        return plan
+
+    def write(self, fraction: float, out_path: Path, seen_rows: Sequence[str] = (),
+              trials: Sequence[dict[str, float]] = ()) -> StageResult:
+        """The pruned graph at `fraction` into `out_path`, its config.json and plan beside it; the
+        budget search's `trials` (if any) are recorded with it."""
+        started = self.started
+        src, spec, heads_remove = self.src, self.spec, self.heads_remove
+        with atomic_file(out_path) as tmp:
+            keep, pruned, sparse, plan = self.build(fraction)
+            stamp(pruned, "pruned", seen_rows)
+            onnx.save(pruned, str(tmp))
+            prove_runs(tmp, f"prune {out_path}")
+        config = pruned_config(self.model_config, keep, heads_remove, sparse)
+        config_path = out_path.with_name(out_path.stem + ".config.json")
+        with atomic_file(config_path) as tmp:
+            tmp.write_text(json.dumps(config, indent=2) + "\n")
+        plan_file = plan_path(out_path)
+        with atomic_file(plan_file) as tmp:
+            tmp.write_text(plan.to_json())
+        artifact = Artifact(
+            name="model.pruned", path=out_path, format="onnx", precision="fp32", stage="prune", kind="pruned",
+            options={
+                "source_sha256": src.sha256, "ffn_fraction": fraction, "ffn_scope": spec.ffn_scope,
+                "intermediate_sizes": config["shipyard_pruning"]["intermediate_sizes"],
+                "heads_removed": {str(k): v for k, v in heads_remove.items()},
+                "sparsity_24": spec.sparsity_24, "sparse_24_weights": sparse,
+                "bias_compensation": self.compensation is not None,
+                "config": config_path.name, "plan": plan_file.name, "budget_trials": list(trials),
+            },
+        )
+        kept = sum(len(k) for k in keep.values())
+        total = sum(b.size for b in self.ffn)
+        return StageResult(
+            stage="prune", artifacts=[artifact], seconds=time.perf_counter() - started,
+            message=(f"FFN {kept}/{total} neurons, heads removed {sum(map(len, heads_remove.values()))}, "
+                     f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB"),
+            details={"config": config_path.name, "plan": plan_file.name, "ffn_fraction": fraction,
+                     "budget_trials": list(trials)}, files=[config_path, plan_file],
+        )
+
+
 def run(src: Artifact, spec: PruneSpec, out_path: Path, calibration_batches: list[Batch],
-        model_config: dict[str, Any], agreement_of: Callable[[Path, PruningPlan], float] | None = None,
-        seen_rows: Sequence[str] = ()) -> StageResult:
-    """Prune `src` into `out_path` (+ config.json and sparsity record beside it).
-
-    `agreement_of(path, plan)` measures a candidate on the tuning rows for the budget search (after
-    recovering it along `plan` when the budget says so);
-    `seen_rows` (digests of the calibration and tuning rows) are recorded in the pruned graph."""
-    started = time.perf_counter()
-    model = onnx.load(str(src.path))
-    ffn, attention = blocks_of(model, src.path, model_config)
-    needs_scores = spec.ffn_fraction > 0 or spec.heads_per_layer > 0 or spec.budget is not None
-    if needs_scores and not calibration_batches:
-        raise PruneError("scored pruning needs calibration data: pass --calibration DATA --tokenizer DIR")
-    num_heads = {b.layer: b.num_heads for b in attention}
-    scores = score(model, calibration_batches, ffn, attention, spec.compensate) if needs_scores else Scores(
-        {b.layer: np.zeros(b.size) for b in ffn}, {layer: np.zeros(n) for layer, n in num_heads.items()}, {}, {})
-    heads_remove = plan_heads(scores.heads, spec.heads_per_layer, spec.heads, num_heads)
-    compensation = scores if needs_scores and spec.compensate else None
-
-    def build(fraction: float):
-        keep = plan_ffn(scores.ffn, fraction, spec.ffn_scope)
-        return keep, *apply(model, ffn, attention, keep, heads_remove, spec.sparsity_24, compensation)
-
-    trials: list[dict[str, float]] = []
-    fraction = spec.ffn_fraction
-    with atomic_file(out_path) as tmp:
-        if spec.budget is not None:
-            if agreement_of is None:
-                raise PruneError("a prune budget chooses on tuning rows; set data.tuning_samples above 0")
-            fraction = _search_fraction(build, tmp, agreement_of, spec, trials)
-        keep, pruned, sparse, plan = build(fraction)
-        stamp(pruned, "pruned", seen_rows)
-        onnx.save(pruned, str(tmp))
-        prove_runs(tmp, f"prune {out_path}")
-    config = pruned_config(model_config, keep, heads_remove, sparse)
-    config_path = out_path.with_name(out_path.stem + ".config.json")
-    with atomic_file(config_path) as tmp:
-        tmp.write_text(json.dumps(config, indent=2) + "\n")
-    plan_file = plan_path(out_path)
-    with atomic_file(plan_file) as tmp:
-        tmp.write_text(plan.to_json())
-    artifact = Artifact(
-        name="model.pruned", path=out_path, format="onnx", precision="fp32", stage="prune", kind="pruned",
-        options={
-            "source_sha256": src.sha256, "ffn_fraction": fraction, "ffn_scope": spec.ffn_scope,
-            "intermediate_sizes": config["shipyard_pruning"]["intermediate_sizes"],
-            "heads_removed": {str(k): v for k, v in heads_remove.items()},
-            "sparsity_24": spec.sparsity_24, "sparse_24_weights": sparse,
-            "bias_compensation": compensation is not None,
-            "config": config_path.name, "plan": plan_file.name, "budget_trials": trials,
-        },
-    )
-    kept = sum(len(k) for k in keep.values())
-    total = sum(b.size for b in ffn)
-    return StageResult(
-        stage="prune", artifacts=[artifact], seconds=time.perf_counter() - started,
-        message=(f"FFN {kept}/{total} neurons, heads removed {sum(map(len, heads_remove.values()))}, "
-                 f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB"),
-        details={"config": config_path.name, "plan": plan_file.name, "ffn_fraction": fraction,
-                 "budget_trials": trials}, files=[config_path, plan_file],
-    )
-
-
-def _search_fraction(build, tmp: Path, agreement_of, spec: PruneSpec, trials: list) -> float:
-    """Largest FFN fraction (bisection in [0, max_fraction]) whose agreement meets the budget."""
-    budget = spec.budget
-    if budget is None:
-        raise PruneError("no prune budget to search: set stages.prune.budget")
-
-    def passes(fraction: float) -> bool:
-        _, pruned, _, plan = build(fraction)
-        onnx.save(pruned, str(tmp))
-        agreement = agreement_of(tmp, plan)
-        trials.append({"ffn_fraction": fraction, "agreement": agreement})
-        return agreement >= budget.min_agreement
-
-    lo, hi = 0.0, budget.max_fraction
-    if passes(hi):
-        return hi
-    if not passes(lo):
-        return lo  # even the heads/sparsity alone miss the budget: the gate will say so
-    for _ in range(budget.steps):
-        mid = round((lo + hi) / 2, 4)
-        if passes(mid):
-            lo = mid
-        else:
-            hi = mid
-    return lo
+        model_config: dict[str, Any], seen_rows: Sequence[str] = ()) -> StageResult:
+    """Prune `src` at `spec.ffn_fraction` into `out_path` (+ config.json and plan beside it);
+    `seen_rows` (digests of the calibration and tuning rows) are recorded in the pruned graph. A
+    budget is searched by the run (`pipeline.run.searches`), which calls `Pruner` itself."""
+    return Pruner.of(src, spec, calibration_batches, model_config).write(spec.ffn_fraction, out_path, seen_rows)
