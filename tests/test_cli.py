@@ -45,12 +45,15 @@ def test_quantize_then_validate_passes(tiny, tiny_holdout_small, exported, tmp_p
                                  "--format", fmt, "--samples", "64", "--max-length", "64", "--quiet"])
     assert result.exit_code == 0, result.output
     report = tmp_path / "parity.json"
+    # The 2-layer test model's accuracy moves by 0.5 point per row of 200, so its metric gate is the
+    # suite's looser one (conftest.write_recipe); the agreement gate is the INT8 default.
     result = runner.invoke(cli, ["validate", "--reference", str(tiny.model), "--artifact", str(out),
                                  "--data", str(tiny_holdout_small), "--label-column", "sentiment",
-                                 "--samples", "200", "--max-length", "64", "--report", str(report)])
+                                 "--samples", "200", "--max-length", "64", "--max-metric-drop", "0.03",
+                                 "--report", str(report)])
     assert result.exit_code == 0, result.output
     parity = json.loads(report.read_text())
-    assert parity["passed"] and parity["gate"]["min_agreement"] == 0.98  # INT8 defaults picked
+    assert parity["passed"] and parity["gate"]["min_agreement"] == 0.98  # the INT8 default picked
 
 
 def test_entropy_and_percentile_calibration(tiny, tiny_holdout_small, exported, tmp_path):
