@@ -219,7 +219,7 @@ def test_non_uniform_head_pruning_quantizes_and_fuses(tiny, tiny_holdout_small, 
     """ORT's transformer optimizer must read per-layer head counts from the pruned graph."""
     pruned = tmp_path / "pruned.onnx"
     runner = CliRunner()
-    result = runner.invoke(cli, ["prune", "--model", str(exported), "--out", str(pruned),
+    result = runner.invoke(cli, ["prune", "--model", str(exported), "--out", str(pruned), "--tokenizer", str(tiny.model),
                                  "--prune-heads", '{"0": [1, 2, 3], "1": [5]}', "--quiet"])
     assert result.exit_code == 0, result.output
     for fmt in ("cpu", "qdq"):
