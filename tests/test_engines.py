@@ -21,7 +21,7 @@ from click.testing import CliRunner
 from conftest import PROFILE, write_recipe
 
 from pipeline.cli import cli
-from pipeline.errors import ArtifactError
+from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.parity.runners import (
     OrtRunner,
     ProfileRange,
@@ -398,3 +398,26 @@ def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tmp_pa
     assert verify_folder(merged) == []
     alone = CliRunner().invoke(cli, ["collect", str(out), "--out", str(tmp_path / "x")])
     assert alone.exit_code == 2 and "which is not among the folders given" in alone.output
+
+
+def test_phase_two_prepares_only_what_gating_an_engine_needs(tiny, tiny_holdout_small, tmp_path):
+    """`shipyard engines` on a GPU host tokenizes the evaluation rows only and reads no recovery
+    data: it needs to know which rows calibration and tuning took, not their tokens."""
+    from pipeline.recipe import load_recipe
+    from pipeline.run.cache import batches_digest
+    from pipeline.run.context import RunInputs
+
+    recipe = load_recipe(write_recipe(tmp_path, tiny.model, tiny_holdout_small))
+    full, engines = RunInputs.of(recipe), RunInputs.of(recipe, for_engines=True)
+    assert full.prepared.calibration.batches and full.prepared.tuning.batches
+    assert engines.prepared.calibration.batches == [] and engines.prepared.tuning.batches == []
+    assert engines.prepared.evaluation.fingerprint == full.prepared.evaluation.fingerprint
+    assert batches_digest(engines.prepared.evaluation.batches) == full.digests["evaluation"]
+    assert engines.prepared.seen_digests == full.prepared.seen_digests
+
+    recovering = recipe.model_copy(deep=True)
+    recovering.stages.prune.enabled = recovering.stages.prune.recover.enabled = True
+    recovering.data.training = recipe.data.calibration.model_copy(update={"path": tmp_path / "gone.csv"})
+    with pytest.raises(ShipyardError, match="gone.csv"):
+        RunInputs.of(recovering)  # a run reads the training data before any stage
+    assert RunInputs.of(recovering, for_engines=True).recovery is None

@@ -51,9 +51,11 @@ class Split:
     digests: list[str]
 
     @classmethod
-    def of(cls, source: Path, rows: list[Row], encoder: Encoder, batch_size: int) -> Split:
-        return cls(source, rows, list(encoder.batches(rows, batch_size)), fingerprint(rows),
-                   [row_digest(encoder.columns, r) for r in rows])
+    def of(cls, source: Path, rows: list[Row], encoder: Encoder, batch_size: int, encode: bool = True) -> Split:
+        """`rows` tokenized in batches; without `encode`, their identity only (phase two, which
+        gates on the evaluation rows, needs to know which rows these were, not their tokens)."""
+        batches = list(encoder.batches(rows, batch_size)) if encode else []
+        return cls(source, rows, batches, fingerprint(rows), [row_digest(encoder.columns, r) for r in rows])
 
 
 @dataclass
@@ -154,7 +156,7 @@ def make_eval_set(source: Path, rows: list[Row], encoder: Encoder, batch_size: i
 
 
 def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "text-classification",
-            calibration_padding: Padding = "max_length") -> PreparedData:
+            calibration_padding: Padding = "max_length", encode_fitting: bool = True) -> PreparedData:
     """Load both sources, draw disjoint seeded calibration, tuning and evaluation rows, check
     labels and tokenize for `task`."""
     cal_spec, eval_spec = spec.calibration, spec.evaluation
@@ -179,8 +181,8 @@ def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "te
     tuning_encoder = Encoder(tokenizer, cal_columns, spec.max_length, spec.padding, task)
     tuning_rows = tuning_encoder.by_length(splits.tuning) if spec.padding == "longest" else splits.tuning
     return PreparedData(
-        calibration=Split.of(cal_spec.path, calibration_rows, calibration_encoder, spec.batch_size),
-        tuning=Split.of(cal_spec.path, tuning_rows, tuning_encoder, spec.batch_size),
+        calibration=Split.of(cal_spec.path, calibration_rows, calibration_encoder, spec.batch_size, encode_fitting),
+        tuning=Split.of(cal_spec.path, tuning_rows, tuning_encoder, spec.batch_size, encode_fitting),
         evaluation=make_eval_set(eval_spec.path, splits.evaluation, encoder, spec.batch_size, label2id),
     )
 

@@ -81,20 +81,23 @@ class RunInputs:
     recovery: RecoveryInputs | None = None  # when the recipe recovers after pruning
 
     @classmethod
-    def of(cls, recipe: Recipe) -> RunInputs:
+    def of(cls, recipe: Recipe, for_engines: bool = False) -> RunInputs:
+        """`for_engines`: what phase two needs to gate an engine (the evaluation rows, tokenized; which
+        rows calibration and tuning took, not their tokens; no recovery data)."""
         info = inspect_model(recipe.model.path, recipe.model.task, recipe.model.allow_pickle)
         check_max_length(info, recipe.data.max_length, "data.max_length")
         task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
         tokenizer = load_tokenizer(recipe.model.path, task.name)
         prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
-                                   calibration_padding(recipe.stages.quantize.method, recipe.data.padding))
+                                   calibration_padding(recipe.stages.quantize.method, recipe.data.padding),
+                                   encode_fitting=not for_engines)
         digests = {"calibration": batches_digest(prepared.calibration.batches),
                    "tuning": batches_digest(prepared.tuning.batches),
                    "evaluation": batches_digest(prepared.evaluation.batches)}
         inputs = cls(recipe, info, folder_sha256(info.path), task, gated_metric(recipe.thresholds.metric, task.name, recipe.data.evaluation_label is not None),
                      recipe.data.evaluation_label is not None, prepared, digests)
         prune = recipe.stages.prune
-        if prune.enabled and prune.recover.enabled:
+        if prune.enabled and prune.recover.enabled and not for_engines:
             inputs.recovery = RecoveryInputs.of(inputs)
         return inputs
 

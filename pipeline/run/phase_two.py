@@ -105,7 +105,7 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
     build.check_target_arch(target, env)
     if sign_key is not None:
         load_signing_key(sign_key)
-    inputs = RunInputs.of(recipe)
+    inputs = RunInputs.of(recipe, for_engines=True)
     if inputs.model_sha != manifest.model.sha256:
         raise ShipyardError(f"model {recipe.model.path} is not the model release {release} was made from (folder "
                             f"sha256 {inputs.model_sha[:12]}, release {manifest.model.sha256[:12]}); copy that model here")
