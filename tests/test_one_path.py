@@ -66,3 +66,17 @@ def test_standalone_commands_reuse_the_stage_cache(tiny, tiny_holdout_small, tmp
     for name in ("p.onnx", "p.config.json", "p.plan.json"):  # the stage's files land beside --out
         assert (tmp_path / "b" / name).read_bytes() == (tmp_path / "a" / name).read_bytes()
     assert not [p for p in (tmp_path / "b").iterdir() if p.name.startswith(".")]  # no work folder left
+
+
+def test_standalone_export_gates_on_data_rows_as_a_run_does(tiny, tiny_holdout_small, tmp_path):
+    """`shipyard export --data` gates on export.validation_samples rows of the file, tokenized as a
+    run's evaluation rows; without --data, on the eight probe sentences."""
+    out = tmp_path / "m.onnx"
+    with_data = invoke("export", "--model", tiny.model, "--out", out, "--data", tiny_holdout_small, "--max-length", 48,
+                       "--no-cache", "--json")
+    assert with_data.exit_code == 0, with_data.output
+    assert json.loads(with_data.output)["rows"] == 64  # the schema's export.validation_samples
+    probes = invoke("export", "--model", tiny.model, "--out", out, "--no-cache", "--json")
+    assert json.loads(probes.output)["rows"] == 8
+    missing = invoke("export", "--model", tiny.model, "--out", tmp_path / "n.onnx", "--data", tmp_path / "no.csv")
+    assert missing.exit_code == 2 and "no.csv not found" in missing.output and not (tmp_path / "n.onnx").exists()

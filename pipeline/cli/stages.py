@@ -43,15 +43,27 @@ PRUNED_GATE = f"{_PRUNED.min_agreement:g} agreement, {100 * (_PRUNED.max_metric_
 @click.option("--opset", type=click.IntRange(14, 21), default=schema_default("export.opset"), show_default=True)
 @click.option("--atol", type=float, default=schema_default("export.atol"), show_default=True,
               help="Max |logit difference| vs PyTorch; beyond it the export fails (exit 1).")
+@click.option("--data", type=click.Path(path_type=Path), default=None,
+              help="Rows to gate the export on, as a run gates it on its evaluation rows [default: eight probe "
+                   "sentences of different lengths].")
+@click.option("--samples", type=click.IntRange(min=1), default=schema_default("export.validation_samples"),
+              show_default=True, help="Rows of --data the gate runs on (seeded).")
+@click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
+@click.option("--text-pair-column", default=None)
+@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
+@encoding_option
 @allow_pickle_option
 @output_options
 @cache_options
-def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, allow_pickle: bool, cache, quiet: bool,
-               as_json: bool) -> None:
+def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, data: Path | None, samples: int,
+               text_column: str, text_pair_column: str | None, max_length: int, encoding: str | None,
+               allow_pickle: bool, cache, quiet: bool, as_json: bool) -> None:
     """Export to ONNX with Optimum and check the logits against PyTorch on real inputs."""
-    from pipeline.run.standalone import export_and_check
+    from pipeline.run.standalone import GateRows, export_and_check
 
-    result = export_and_check(model_dir, out, task, opset, atol, progress_for(quiet, as_json), allow_pickle, cache)
+    gate_rows = None if data is None else GateRows(data, samples, text_column, text_pair_column, max_length, encoding)
+    result = export_and_check(model_dir, out, task, opset, atol, progress_for(quiet, as_json), allow_pickle, cache,
+                              gate_rows)
     finish(result.passed, {"out": str(out), "passed": result.passed, "message": result.message,
                             **result.details}, f"export {out}: {result.message}", quiet, as_json)
 

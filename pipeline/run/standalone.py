@@ -10,6 +10,7 @@ import json
 import os
 import tempfile
 from collections.abc import Callable
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -41,6 +42,7 @@ from pipeline.parity.tasks import Pooling, Task, collect, graph_task
 from pipeline.platforms import ARCHITECTURES
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import (
+    DataSpec,
     ExportSpec,
     FallbackSpec,
     Gate,
@@ -99,16 +101,38 @@ def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[...,
 OUT = object()  # the stage's output path, in `one_stage`'s arguments
 
 
+@dataclass(frozen=True)
+class GateRows:
+    """Where `shipyard export --data` draws the rows its gate runs on."""
+
+    path: Path
+    samples: int
+    text_column: str = "text"
+    text_pair_column: str | None = None
+    max_length: int = 128
+    encoding: str | None = None
+
+
 def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, atol: float,
                      progress: Progress = SILENT, allow_pickle: bool = False,
-                     cache: StageCache | None = None) -> StageResult:
-    """Export for `task` (default: the model head's task) and gate the outputs on probe sentences."""
+                     cache: StageCache | None = None, gate_rows: GateRows | None = None) -> StageResult:
+    """Export for `task` (default: the model head's task) and gate the outputs on `gate_rows`
+    (seeded, tokenized and batched as a run's evaluation rows) or, without them, on probe sentences."""
     info = inspect_model(model_dir, task, allow_pickle)
-    tokenizer = load_tokenizer(model_dir)
     check_writable_parent(out)
-    encoder = Encoder(tokenizer, Columns(), max_length=128, padding="longest")
-    rows = [{"text": t} for t in PROBE_TEXTS]
-    batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
+    if gate_rows is None:
+        encoder = Encoder(load_tokenizer(model_dir), Columns(), max_length=128, padding="longest")
+        rows = [{"text": t} for t in PROBE_TEXTS]
+        batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
+    else:
+        check_max_length(info, gate_rows.max_length, "--max-length")
+        defaults = DataSpec.model_fields
+        columns = Columns(gate_rows.text_column, gate_rows.text_pair_column)
+        drawn = datamod.load_sample(gate_rows.path, columns, gate_rows.samples, defaults["seed"].default,
+                                    "export gate", gate_rows.encoding)
+        encoder = Encoder(load_tokenizer(model_dir, info.task_name), columns, gate_rows.max_length,
+                          defaults["padding"].default, info.task_name)
+        batches = list(encoder.batches(drawn, defaults["batch_size"].default))
     with progress.task("export (Optimum) + check vs PyTorch"):
         return one_stage("export", out, cache, export.run, model_dir, OUT, ExportSpec(opset=opset, atol=atol), batches,
                          TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle), info.task())
