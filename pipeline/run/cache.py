@@ -25,7 +25,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, is_dataclass
 from functools import cache
 from pathlib import Path
-from typing import Any
+from typing import Any, ParamSpec
 
 import numpy as np
 from pydantic import BaseModel
@@ -33,6 +33,7 @@ from pydantic import BaseModel
 from pipeline.artifacts import Artifact, StageResult, sha256_file
 from pipeline.errors import OutputError
 
+P = ParamSpec("P")  # a stage's parameters: `call` is type-checked against the stage it calls
 CACHE_FORMAT = 1
 
 
@@ -255,15 +256,15 @@ class CachedStages:
         self.cache.store(key, files, json.loads(json.dumps(record, default=str)))
         return result, made
 
-    def call(self, stage: str, fn: Callable[..., StageResult], *args: Any,
-             extra: Callable[[StageResult], dict] = lambda result: {}, **kwargs: Any) -> tuple[StageResult, dict]:
+    def call(self, stage: str, fn: Callable[P, StageResult], *args: P.args, **kwargs: P.kwargs
+             ) -> tuple[StageResult, dict]:
         """`fn(*args, **kwargs)`, or its outputs from the cache: the key is derived from what `fn` is
         called with (`call_identity` of each argument), so a stage that gains a parameter cannot be
         served an entry made without it."""
         inputs = {"fn": f"{fn.__module__}.{fn.__qualname__}",
                   "args": [call_identity(a, self.work) for a in args],
                   "kwargs": {k: call_identity(v, self.work) for k, v in sorted(kwargs.items())}}
-        return self.run(stage, inputs, lambda: fn(*args, **kwargs), extra)
+        return self.run(stage, inputs, lambda: fn(*args, **kwargs))
 
     def _result(self, record: dict) -> StageResult:
         artifacts = [Artifact(**{**a, "path": self.work / a["path"]}) for a in record["artifacts"]]

@@ -12,7 +12,7 @@ import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, cast
+from typing import Any, ParamSpec, cast
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, Side, disjoint_splits, row_digest
@@ -61,6 +61,7 @@ from pipeline.stages import build, export, prune, quantize, validate
 from pipeline.trt.readiness import check_model_file
 
 Batch = dict[str, Any]
+P = ParamSpec("P")
 
 # Real sentences of different lengths (some past 64 tokens) for the export gate when no data is
 # given: they exercise the dynamic batch and sequence axes the way production traffic does.
@@ -78,8 +79,8 @@ PROBE_TEXTS = [
 ]
 
 
-def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[..., StageResult],
-              *args: Any) -> StageResult:
+def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[P, StageResult],
+              *args: P.args, **kwargs: P.kwargs) -> StageResult:
     """`fn(*args)` as a run calls it, through the stage cache (`CachedStages.call`), writing into a
     private folder beside `out` whose outputs are then moved into place. `OUT` in `args` stands for
     the stage's output path in that folder, so the key does not depend on where `out` lies."""
@@ -87,7 +88,7 @@ def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[...,
     with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         work = Path(tmp)
         called = [work / out.name if a is OUT else a for a in args]
-        result, _ = CachedStages(cache or StageCache(None), work).call(stage, fn, *called)
+        result, _ = CachedStages(cache or StageCache(None), work).call(stage, fn, *called, **kwargs)  # type: ignore[arg-type]
         moved = {}
         for path in [a.path for a in result.artifacts] + result.files:
             moved[path] = out.parent / path.relative_to(work)
@@ -98,7 +99,7 @@ def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[...,
     return result
 
 
-OUT = object()  # the stage's output path, in `one_stage`'s arguments
+OUT = Path("<the stage's output>")  # stands for the stage's output path in `one_stage`'s arguments
 
 
 @dataclass(frozen=True)
@@ -235,8 +236,7 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
         batches, _, used = calibration_batches(calibration, tokenizer_dir, Columns(text_column, text_pair_column),
                                                samples, 0, max_length, encoding=encoding)
     with progress.task("prune (FFN neurons, attention heads)"):
-        return one_stage("prune", out, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, None,
-                         used)
+        return one_stage("prune", out, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, used)
 
 
 def artifact_kind(path: Path) -> tuple[Precision, str]:
