@@ -97,3 +97,11 @@ def test_reports_state_the_verdict(tiny_release):
     suite = ET.parse(tiny_release.out / "junit.xml").getroot()
     assert suite.get("failures") == "0"
     assert {c.get("name") for c in suite} >= {"export", "validate[model.int8.qdq]"}
+
+
+def test_target_records_name_files_inside_the_release(tiny_release):
+    """A target's readiness record names its ONNX as the release does (it named the run's temporary
+    .partial folder, which never exists afterwards)."""
+    for target in tiny_release.manifest.targets:
+        assert target.readiness["path"] == target.onnx
+        assert (tiny_release.out / target.readiness["path"]).is_file()

@@ -235,7 +235,7 @@ def target_stages(target, onnx: Artifact, onnx_path: str, work: Path, progress: 
         engine, record, built = targets.try_build(target, onnx, work, readiness, build_engines)
     return TargetRecord(
         name=target.name, arch=target.arch, precision=target.precision, onnx=onnx_path,
-        readiness=readiness.to_dict(), engine_status=built.details["status"],
+        readiness={**readiness.to_dict(), "path": onnx_path}, engine_status=built.details["status"],
         engine_reason=built.details.get("reason", ""),
         engine=None if record is None or engine is None else {**record, "path": str(engine.path.relative_to(work))},
         target=json.loads(target.model_dump_json()),
