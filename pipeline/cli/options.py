@@ -8,31 +8,10 @@ import sys
 from pathlib import Path
 
 import click
-from pydantic import BaseModel
 
 from pipeline.cli.group import GATE_FAILED
-from pipeline.recipe import (
-    DataSpec,
-    ExportSpec,
-    Gate,
-    ModelSpec,
-    PruneSpec,
-    QuantizeSpec,
-    RecoverSpec,
-    SmoothingSpec,
-    Thresholds,
-)
-
-# The defaults of the standalone commands' options are the recipe schema's, read from it here, so
-# that `shipyard quantize` and a recipe's quantize stage start from the same values.
-SCHEMA: dict[str, type[BaseModel]] = {"data": DataSpec, "export": ExportSpec, "model": ModelSpec, "prune": PruneSpec, "quantize": QuantizeSpec,
-          "recover": RecoverSpec, "smoothing": SmoothingSpec, "thresholds": Thresholds}
-
-
-def schema_default(key: str):
-    """The recipe schema's default of `section.field`, e.g. schema_default("data.tuning_samples")."""
-    section, name = key.split(".")
-    return SCHEMA[section].model_fields[name].get_default(call_default_factory=True)
+from pipeline.recipe import Gate, Thresholds
+from pipeline.recipe.defaults import schema_default as schema_default
 
 
 def gate_help(threshold: str) -> str:

@@ -24,13 +24,15 @@ from dataclasses import dataclass
 from pipeline.errors import RecipeError
 from pipeline.names import METRICS, Kind, Padding
 from pipeline.recipe import Gate, Thresholds
+from pipeline.recipe.defaults import schema_default
 
 KIND_KEY = "shipyard.kind"
 SEEN_KEY = "shipyard.seen_rows"
 PRUNED_MARK = "shipyard.pruned"
 QUANTIZED_OPS = {"QuantizeLinear", "DynamicQuantizeLinear", "MatMulInteger", "QLinearMatMul", "QAttention"}
-STANDALONE_SEED = 0
-STANDALONE_BATCH = 32
+# The standalone commands draw and batch rows as a recipe does by default.
+STANDALONE_SEED: int = schema_default("data.seed")
+STANDALONE_BATCH: int = schema_default("data.batch_size")
 
 
 def calibration_padding(method: str, padding: Padding) -> Padding:

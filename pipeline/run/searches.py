@@ -14,6 +14,7 @@ from __future__ import annotations
 import tempfile
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import Artifact, StageResult
 from pipeline.parity.runners import OrtRunner
@@ -26,7 +27,7 @@ from pipeline.stages.prune.recover import recover
 from pipeline.stages.prune.scores import PruneError
 from pipeline.stages.prune.stage import Pruner
 
-Batch = dict
+Batch = dict[str, Any]
 
 
 def bisect_fraction(budget: BudgetSpec, agreement: Callable[[float], float]) -> tuple[float, list[dict[str, float]]]:

@@ -42,7 +42,6 @@ from pipeline.parity.tasks import Pooling, Task, collect, graph_task
 from pipeline.platforms import ARCHITECTURES
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import (
-    DataSpec,
     ExportSpec,
     FallbackSpec,
     Gate,
@@ -55,6 +54,7 @@ from pipeline.recipe import (
     Thresholds,
     load_recipe,
 )
+from pipeline.recipe.defaults import schema_default
 from pipeline.release.manifest import write_json
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.stages import build, export, prune, quantize, validate
@@ -127,13 +127,12 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
         batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
     else:
         check_max_length(info, gate_rows.max_length, "--max-length")
-        defaults = DataSpec.model_fields
         columns = Columns(gate_rows.text_column, gate_rows.text_pair_column)
-        drawn = datamod.load_sample(gate_rows.path, columns, gate_rows.samples, defaults["seed"].default,
+        drawn = datamod.load_sample(gate_rows.path, columns, gate_rows.samples, schema_default("data.seed"),
                                     "export gate", gate_rows.encoding)
         encoder = Encoder(load_tokenizer(model_dir, info.task_name), columns, gate_rows.max_length,
-                          defaults["padding"].default, info.task_name)
-        batches = list(encoder.batches(drawn, defaults["batch_size"].default))
+                          schema_default("data.padding"), info.task_name)
+        batches = list(encoder.batches(drawn, schema_default("data.batch_size")))
     with progress.task("export (Optimum) + check vs PyTorch"):
         return one_stage("export", out, cache, export.run, model_dir, OUT, ExportSpec(opset=opset, atol=atol), batches,
                          TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle), info.task())
