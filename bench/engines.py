@@ -31,8 +31,8 @@ from latency import SEQ  # noqa: E402
 
 from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
-from pipeline.inputs import data as datamod  # noqa: E402
 from pipeline.errors import ShipyardError  # noqa: E402
+from pipeline.inputs import data as datamod  # noqa: E402
 from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.parity.runners import TrtRunner, pad_batch  # noqa: E402
 from pipeline.parity.tasks import OUTPUTS, collect  # noqa: E402

@@ -37,13 +37,13 @@ def figures(folder: Path) -> dict[str, tuple]:
 def same_outputs(a: Path, b: Path) -> float:
     """Largest difference between the two graphs' outputs on the probe batches `prove_runs` uses."""
     import numpy as np
-    import onnx
 
+    from pipeline.graph import model as graph_model
     from pipeline.graph.proof import probe_batches
     from pipeline.parity.runners import OrtRunner
 
     worst = 0.0
-    for batch in probe_batches(onnx.load(str(a), load_external_data=False)):
+    for batch in probe_batches(graph_model.load(a)):
         x, y = OrtRunner(a).infer(batch), OrtRunner(b).infer(batch)
         worst = max([worst] + [float(np.abs(x[k].astype(float) - y[k].astype(float)).max()) for k in x])
     return worst

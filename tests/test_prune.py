@@ -12,12 +12,13 @@ from conftest import write_recipe
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns
 from pipeline.cli import cli
+from pipeline.graph import model as graph_model
 from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
 from pipeline.stages.prune import scores as scoring
-from pipeline.stages.prune import surgery
 from pipeline.stages.prune import stage as prune
+from pipeline.stages.prune import surgery
 
 pytestmark = pytest.mark.slow
 
@@ -39,7 +40,7 @@ def _batches(tiny):
 
 
 def test_blocks_are_found_by_structure(exported):
-    g = Graph(onnx.load(str(exported)))
+    g = Graph(graph_model.load(exported))
     ffn, attention = find_ffn_blocks(g), find_attention_blocks(g)
     assert [b.layer for b in ffn] == [0, 1] and [b.size for b in ffn] == [1536, 1536]
     assert [(b.num_heads, b.head_dim) for b in attention] == [(12, 32), (12, 32)]
@@ -73,14 +74,14 @@ def test_shared_shape_constants_are_cloned_not_patched(exported, tmp_path):
     """After onnxslim shares Reshape constants across layers, pruning layer 0 leaves layer 1 whole."""
     import onnxslim
 
-    slim = onnxslim.slim(onnx.load(str(exported)))
+    slim = graph_model.from_proto(onnxslim.slim(onnx.load(str(exported))))
     g = Graph(slim)
     attention = find_attention_blocks(g)
-    shapes = [g.producer.get(n.input[1]) for n in g.graph.node if n.name in attention[0].split_reshapes]
+    shapes = [n.inputs[1].producer() for n in g.graph if n.name in attention[0].split_reshapes]
     ffn = find_ffn_blocks(g)
     keep = {b.layer: np.arange(b.size) for b in ffn}
     pruned, _, _ = surgery.apply(slim, ffn, attention, keep, {0: [0, 1, 2]}, "none")
-    onnx.save(pruned, str(tmp_path / "slim-pruned.onnx"))
+    graph_model.save(pruned, tmp_path / "slim-pruned.onnx")
     after = find_attention_blocks(Graph(pruned))
     assert [b.num_heads for b in after] == [9, 12], shapes
     runner = OrtRunner(tmp_path / "slim-pruned.onnx")
@@ -111,7 +112,7 @@ def test_scored_pruning_shrinks_and_stays_close(tiny, tiny_holdout_small, export
 
 def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_small):
     """Dropping the lowest-scored quarter must hurt less than dropping the highest-scored quarter."""
-    model = onnx.load(str(exported))
+    model = graph_model.load(exported)
     ffn, attention = prune.blocks_of(model, exported)
     batches = _batches(tiny)
     scores = scoring.score(model, batches, ffn, attention, compensate=False)
@@ -121,7 +122,7 @@ def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_s
     def error(keep, compensation=None):
         pruned, _, _ = surgery.apply(model, ffn, attention, keep, {}, "none", compensation)
         session_path = exported.with_name("scored-tmp.onnx")
-        onnx.save(pruned, str(session_path))
+        graph_model.save(pruned, session_path)
         got = np.concatenate([OrtRunner(session_path).infer(b)["logits"] for b in batches])
         return np.abs(got - reference).mean()
 
@@ -135,7 +136,7 @@ def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_s
 
 
 def test_24_sparsity_keeps_two_of_every_four(exported, tmp_path):
-    model = onnx.load(str(exported))
+    model = graph_model.load(exported)
     ffn, attention = prune.blocks_of(model, exported)
     keep = {b.layer: np.arange(b.size) for b in ffn}
     pruned, sparse, _ = surgery.apply(model, ffn, attention, keep, {}, "ffn")

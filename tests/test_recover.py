@@ -10,12 +10,12 @@ from __future__ import annotations
 
 import json
 
-import onnx
 import pytest
 from click.testing import CliRunner
 from test_tasks import COLUMNS, TASKS, task_data, task_models  # noqa: F401 (fixtures)
 
 from pipeline.cli import cli
+from pipeline.graph import model as graph_model
 from pipeline.parity.policy import recorded_kind, seen_rows
 
 pytestmark = pytest.mark.slow
@@ -56,7 +56,7 @@ def test_recovery_wins_back_agreement_on_rows_it_never_saw(tiny, tiny_holdout_sm
     report = json.loads(result.output)
     assert report["steps"] >= 10 and report["agreement_after"] > report["agreement_before"]
     assert report["training_rows"] == 320 and report["tuning_rows"] == 64 and report["curve"][0]["step"] == 0
-    model = onnx.load(str(out))
+    model = graph_model.load(out)
     seen = len(seen_rows(model))  # training and tuning rows, as digests (duplicate tweets share one)
     assert recorded_kind(model) == "pruned" and 370 <= seen <= 384
     folder = tmp_path / "recovered.model"
@@ -184,7 +184,7 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
 
     inputs = RunInputs.of(load_recipe(recipe))
     evaluation = {row_digest(inputs.prepared.evaluation.columns, r) for r in inputs.prepared.evaluation.rows}
-    trained = set(seen_rows(onnx.load(str(release / "model.recovered.onnx"))))
+    trained = set(seen_rows(graph_model.load(release / "model.recovered.onnx")))
     assert trained and not trained & evaluation
 
     again = invoke("run", recipe, "--out", tmp_path / "rel", "--overwrite", "--cache-dir", cache, "--json")

@@ -10,11 +10,13 @@ MatMul. Written here because no library exposes this for ONNX BERT graphs.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
+
+from pipeline.graph.model import constant, set_weight
 
 # Elementwise ops of the activations exporters emit: erf GELU, tanh GELU, the Gelu op, ReLU.
 GELU_OPS = {"Div", "Erf", "Add", "Mul", "Gelu", "FastGelu", "BiasGelu", "Pow", "Tanh", "Sigmoid", "Sub", "Relu", "Cast"}
@@ -25,58 +27,64 @@ PATH_OPS = {"Transpose", "Reshape", "Add", "Mul", "Div"}
 
 
 class Graph:
-    """Index of an ONNX graph: who produces and who consumes each tensor, and the initializers."""
+    """A BERT graph on the one graph model (`pipeline.graph.model`): its weights by name, and the
+    MatMul-weight and bias patterns the block finders read. Holds no index of its own: producers
+    and consumers come from onnx-ir, so rewrites need no re-sync."""
 
-    def __init__(self, model: onnx.ModelProto) -> None:
+    def __init__(self, model: ir.Model) -> None:
         self.model = model
         self.graph = model.graph
-        self.reindex()
 
-    def reindex(self) -> None:
-        self.init = {i.name: i for i in self.graph.initializer}
-        self.producer = {o: n for n in self.graph.node for o in n.output}
-        self.consumers: dict[str, list[onnx.NodeProto]] = {}
-        for node in self.graph.node:
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.order = {id(n): i for i, n in enumerate(self.graph.node)}
+    @property
+    def init(self) -> Mapping[str, ir.Value]:
+        return self.graph.initializers
 
     def array(self, name: str) -> np.ndarray:
-        return numpy_helper.to_array(self.init[name])
+        return self.graph.initializers[name].const_value.numpy()  # type: ignore[union-attr]
 
     def set_array(self, name: str, value: np.ndarray) -> None:
-        self.init[name].CopyFrom(numpy_helper.from_array(value.astype(self.array(name).dtype), name))
+        set_weight(self.graph.initializers[name], value)
 
-    def weight_of(self, node: onnx.NodeProto) -> str | None:
+    def dims(self, name: str) -> tuple[int, ...]:
+        tensor = self.graph.initializers[name].const_value
+        assert tensor is not None
+        return tuple(tensor.shape.numpy())
+
+    def weight_of(self, node: ir.Node) -> str | None:
         """The 2-D initializer input of a MatMul, if it has one."""
-        if node.op_type != "MatMul":
+        if node.op_type != "MatMul" or len(node.inputs) < 2:
             return None
-        name = node.input[1]
-        return name if name in self.init and len(self.init[name].dims) == 2 else None
+        value = node.inputs[1]
+        return value.name if value is not None and _matrix(value, 2) else None
 
-    def bias_after(self, node: onnx.NodeProto) -> str | None:
+    def bias_after(self, node: ir.Node) -> str | None:
         """The 1-D initializer of the Add that directly consumes `node`'s output, if any."""
-        for consumer in self.consumers.get(node.output[0], []):
+        for consumer in node.outputs[0].consumers():
             if consumer.op_type == "Add":
-                for name in consumer.input:
-                    if name in self.init and len(self.init[name].dims) == 1:
-                        return name
+                for value in consumer.inputs:
+                    if _matrix(value, 1):
+                        return value.name  # type: ignore[union-attr]
         return None
 
-    def constant_value(self, tensor: str) -> np.ndarray | None:
-        if tensor in self.init:
-            return self.array(tensor)
-        node = self.producer.get(tensor)
-        if node is not None and node.op_type == "Constant":
-            return numpy_helper.to_array(node.attribute[0].t)
-        return None
+
+def _matrix(value: ir.Value | None, ndim: int) -> bool:
+    return (value is not None and value.is_initializer() and value.const_value is not None
+            and len(value.const_value.shape) == ndim)
+
+
+def _is_weight(value: ir.Value | None) -> bool:
+    return value is not None and value.is_initializer()
+
+
+def _order(graph: ir.Graph) -> dict[int, int]:
+    return {id(n): i for i, n in enumerate(graph)}
 
 
 @dataclass
 class FfnBlock:
     layer: int
     w1: str
-    b1: str
+    b1: str | None  # None when the graph has no first bias (an all-zero one folded away)
     w2: str
     b2: str | None
     activation: str  # the GELU output, W2's input
@@ -100,49 +108,55 @@ class AttentionBlock:
 
 def find_ffn_blocks(g: Graph) -> list[FfnBlock]:
     blocks = []
-    for node in g.graph.node:
+    order = _order(g.graph)
+    for node in g.graph:
         w1 = g.weight_of(node)
         if w1 is None:
             continue
         b1 = g.bias_after(node)
-        size = g.init[w1].dims[1]
-        if b1 is None or g.init[b1].dims[0] != size:
+        size = g.dims(w1)[1]
+        if b1 is not None and g.dims(b1)[0] != size:
             continue
-        add = next(c for c in g.consumers[node.output[0]] if c.op_type == "Add")
-        found = _walk_gelu_to_matmul(g, add.output[0], size)
+        # Without a bias (onnxsim folds away an all-zero one), the GELU reads the MatMul itself.
+        start = next(c for c in node.outputs[0].consumers() if c.op_type == "Add").outputs[0] if b1 else node.outputs[0]
+        found = _walk_gelu_to_matmul(g, start, size)
         if found is not None:
             w2_node, activation = found
-            blocks.append((g.order[id(node)], w1, b1, g.weight_of(w2_node), g.bias_after(w2_node), activation, size))
+            w2 = g.weight_of(w2_node)
+            assert w2 is not None and activation.name
+            blocks.append((order[id(node)], FfnBlock(0, w1, b1, w2, g.bias_after(w2_node), activation.name, size)))
     blocks.sort(key=lambda item: item[0])
-    return [FfnBlock(i, *fields) for i, (_, *fields) in enumerate(blocks)]
+    for i, (_, block) in enumerate(blocks):
+        block.layer = i
+    return [block for _, block in blocks]
 
 
-def _walk_gelu_to_matmul(g: Graph, start: str, size: int):
+def _walk_gelu_to_matmul(g: Graph, start: ir.Value, size: int) -> tuple[ir.Node, ir.Value] | None:
     """From the biased FFN input, through elementwise GELU ops only (at least one nonlinear), to a
     MatMul whose weight has `size` rows. Returns (that MatMul, its activation input) or None."""
     queue, seen = deque([(start, 0, False)]), set()
     while queue:
         tensor, depth, nonlinear = queue.popleft()
-        for consumer in g.consumers.get(tensor, []):
+        for consumer in tensor.consumers():
             # GELU reads x twice (x * erf(x)): the same node is reached before and after the
             # nonlinearity, so "seen" is per (node, flag).
             if (id(consumer), nonlinear) in seen:
                 continue
             seen.add((id(consumer), nonlinear))
             weight = g.weight_of(consumer)
-            if weight is not None and nonlinear and g.init[weight].dims[0] == size:
+            if weight is not None and nonlinear and g.dims(weight)[0] == size:
                 return consumer, tensor
             if consumer.op_type in GELU_OPS and depth < 8:
-                queue.append((consumer.output[0], depth + 1, nonlinear or consumer.op_type in NONLINEAR_OPS))
+                queue.append((consumer.outputs[0], depth + 1, nonlinear or consumer.op_type in NONLINEAR_OPS))
     return None
 
 
-def _walk_up_to_projection(g: Graph, tensor: str) -> tuple[onnx.NodeProto, list[onnx.NodeProto]] | None:
+def _walk_up_to_projection(g: Graph, tensor: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] | None:
     """From an attention operand up through Transpose/Reshape/scale/bias to its weighted MatMul.
     Returns that MatMul and the Reshape nodes passed on the way."""
-    reshapes: list[onnx.NodeProto] = []
+    reshapes: list[ir.Node] = []
     for _ in range(8):
-        node = g.producer.get(tensor)
+        node = tensor.producer() if tensor is not None else None
         if node is None:
             return None
         if g.weight_of(node) is not None:
@@ -151,41 +165,42 @@ def _walk_up_to_projection(g: Graph, tensor: str) -> tuple[onnx.NodeProto, list[
             return None
         if node.op_type == "Reshape":
             reshapes.append(node)
-            tensor = node.input[0]
+            tensor = node.inputs[0]
             continue
         # Follow the operand that carries activations, not the scale or bias constant.
-        candidates = [i for i in node.input if i not in g.init and g.producer.get(i) is not None
-                      and g.producer[i].op_type in PATH_OPS | {"MatMul"}]
+        candidates = [i for i in node.inputs if i is not None and not i.is_initializer()
+                      and (p := i.producer()) is not None and p.op_type in PATH_OPS | {"MatMul"}]
         if not candidates:
             return None
         tensor = candidates[0]
     return None
 
 
-def _head_axis_value(g: Graph, reshape: onnx.NodeProto, index: int) -> int | None:
-    shape = reshape.input[1]
-    value = g.constant_value(shape)
+def _head_axis_value(reshape: ir.Node, index: int) -> int | None:
+    shape = reshape.inputs[1]
+    value = constant(shape)
     if value is not None:
         return int(value[index]) if value.size > index else None
-    concat = g.producer.get(shape)
-    if concat is None or concat.op_type != "Concat" or len(concat.input) <= index:
+    concat = shape.producer() if shape is not None else None
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) <= index:
         return None
-    part = g.constant_value(concat.input[index])
+    part = constant(concat.inputs[index])
     return int(part.reshape(-1)[0]) if part is not None and part.size == 1 else None
 
 
 def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
     blocks = []
-    for softmax in (n for n in g.graph.node if n.op_type == "Softmax"):
+    order = _order(g.graph)
+    for softmax in (n for n in g.graph if n.op_type == "Softmax"):
         scores = _find_scores_matmul(g, softmax)
-        contexts = [c for c in g.consumers.get(softmax.output[0], []) if c.op_type == "MatMul"]
+        contexts = [c for c in softmax.outputs[0].consumers() if c.op_type == "MatMul"]
         if scores is None or len(contexts) != 1:
             continue
         context = contexts[0]
-        q = _walk_up_to_projection(g, scores.input[0])
-        k = _walk_up_to_projection(g, scores.input[1])
-        v = _walk_up_to_projection(g, context.input[1])
-        merge = _walk_down_to_output(g, context.output[0])
+        q = _walk_up_to_projection(g, scores.inputs[0])
+        k = _walk_up_to_projection(g, scores.inputs[1])
+        v = _walk_up_to_projection(g, context.inputs[1])
+        merge = _walk_down_to_output(g, context.outputs[0])
         if q is None or k is None or v is None or merge is None:
             continue
         merge_reshape, out_node = merge
@@ -199,45 +214,46 @@ def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
         if len(projections) != 3 or out is None:
             continue
         splits = [r for _, rs in (q, k, v) for r in rs]
-        heads = {_head_axis_value(g, r, 2) for r in splits}
-        head_dims = {_head_axis_value(g, r, 3) for r in splits}
+        heads = {_head_axis_value(r, 2) for r in splits}
+        head_dims = {_head_axis_value(r, 3) for r in splits}
         num_heads, head_dim = heads.pop() if len(heads) == 1 else None, head_dims.pop() if len(head_dims) == 1 else None
         if num_heads is None or head_dim is None:
             continue
         block = AttentionBlock(
             layer=0, q=projections[0], k=projections[1], v=projections[2], out=out,
-            out_bias=g.bias_after(out_node), split_reshapes=[r.name for r in splits], merge_reshape=merge_reshape.name,
-            context=context.output[0], num_heads=num_heads, head_dim=head_dim,
+            out_bias=g.bias_after(out_node), split_reshapes=[r.name or "" for r in splits],
+            merge_reshape=merge_reshape.name or "", context=context.outputs[0].name or "",
+            num_heads=num_heads, head_dim=head_dim,
         )
-        blocks.append((g.order[id(softmax)], block))
+        blocks.append((order[id(softmax)], block))
     blocks.sort(key=lambda item: item[0])
     for i, (_, block) in enumerate(blocks):
         block.layer = i
     return [b for _, b in blocks]
 
 
-def _find_scores_matmul(g: Graph, softmax: onnx.NodeProto) -> onnx.NodeProto | None:
+def _find_scores_matmul(g: Graph, softmax: ir.Node) -> ir.Node | None:
     """The Q·Kᵀ MatMul feeding a Softmax through mask Add / scale Mul or Div."""
-    queue = deque([(softmax.input[0], 0)])
+    queue = deque([(softmax.inputs[0], 0)])
     while queue:
         tensor, depth = queue.popleft()
-        node = g.producer.get(tensor)
+        node = tensor.producer() if tensor is not None else None
         if node is None or depth > 4:
             continue
         if node.op_type == "MatMul" and g.weight_of(node) is None:
             return node
         if node.op_type in {"Add", "Mul", "Div", "Where", "Cast"}:
-            queue.extend((i, depth + 1) for i in node.input if i not in g.init)
+            queue.extend((i, depth + 1) for i in node.inputs if not _is_weight(i))
     return None
 
 
-def _walk_down_to_output(g: Graph, tensor: str):
+def _walk_down_to_output(g: Graph, tensor: ir.Value) -> tuple[ir.Node, ir.Node] | None:
     """From the context (softmax @ V) through Transpose to the merging Reshape and the output
     projection MatMul."""
     reshape = None
     for _ in range(4):
         # Shape nodes only read the dimensions (dynamic reshapes in ELECTRA's export): not a path.
-        consumers = [c for c in g.consumers.get(tensor, []) if c.op_type != "Shape"]
+        consumers = [c for c in tensor.consumers() if c.op_type != "Shape"]
         if len(consumers) != 1:
             return None
         node = consumers[0]
@@ -247,7 +263,7 @@ def _walk_down_to_output(g: Graph, tensor: str):
             return (reshape, node) if reshape is not None else None
         elif node.op_type != "Transpose":
             return None
-        tensor = node.output[0]
+        tensor = node.outputs[0]
     return None
 
 
@@ -269,7 +285,7 @@ def check_blocks(g: Graph, ffn: list[FfnBlock], attention: list[AttentionBlock],
                         f"{len(attention)} attention blocks")
     head_dim = sizes["hidden"] // sizes["heads"] if sizes["heads"] and sizes["hidden"] else 0
     for block in attention:
-        q_cols = g.init[block.q[0]].dims[1]
+        q_cols = g.dims(block.q[0])[1]
         if block.num_heads * block.head_dim != q_cols:
             problems.append(f"layer {block.layer}: {block.num_heads} heads x {block.head_dim} != {q_cols} Q columns")
         if head_dim and block.head_dim != head_dim:

@@ -1,132 +1,134 @@
 """Generic rewrites that make an exported graph ready for surgery, whatever tool wrote it:
-constants forwarded through Identity untied, onnxsim's Reshape-Gemm-Reshape projections unfolded,
+shared constants untied (behind Identity or read directly), onnxsim's Reshape-Gemm-Reshape projections unfolded,
 and the weights several layers share found (so they are refused, not half-sliced)."""
 
 from __future__ import annotations
 
-import onnx
+import onnx_ir as ir
 
-from pipeline.graph.bert import Graph
-from pipeline.graph.proof import drop_dead
-
-
-def _identity_roots(model: onnx.ModelProto) -> dict[str, str]:
-    """Identity output -> the tensor it finally forwards (chains followed)."""
-    forward = {n.output[0]: n.input[0] for n in model.graph.node if n.op_type == "Identity"}
-    roots = {}
-    for out in forward:
-        root = forward[out]
-        while root in forward:
-            root = forward[root]
-        roots[out] = root
-    return roots
+from pipeline.graph.model import add_initializer, constant, drop_dead, initializer, set_weight
 
 
-def shared_weights(model: onnx.ModelProto) -> dict[str, int]:
+def _identity_root(value: ir.Value) -> ir.Value:
+    """The value an Identity chain ending in `value` finally forwards (`value` itself if none)."""
+    while (node := value.producer()) is not None and node.op_type == "Identity" and node.inputs[0] is not None:
+        value = node.inputs[0]
+    return value
+
+
+def shared_weights(model: ir.Model) -> dict[str, int]:
     """2-D initializers that several MatMuls read, directly or through Identity: name -> readers.
 
     Exporters deduplicate equal tensors, but two trained weight matrices are never equal by
     chance, so a shared 2-D weight means the layers really share it (ALBERT)."""
-    roots = _identity_roots(model)
-    matrices = {i.name for i in model.graph.initializer if len(i.dims) == 2}
     readers: dict[str, int] = {}
-    for node in model.graph.node:
-        if node.op_type in ("MatMul", "Gemm") and len(node.input) > 1:
-            root = roots.get(node.input[1], node.input[1])
-            if root in matrices:
-                readers[root] = readers.get(root, 0) + 1
+    for node in model.graph:
+        if node.op_type in ("MatMul", "Gemm") and len(node.inputs) > 1 and node.inputs[1] is not None:
+            root = _identity_root(node.inputs[1])
+            if initializer(root) is not None and len(root.shape or ()) == 2 and root.name:
+                readers[root.name] = readers.get(root.name, 0) + 1
     return {name: count for name, count in readers.items() if count > 1}
 
 
-def untie_identities(model: onnx.ModelProto) -> int:
-    """In place: each Identity of a constant becomes its own initializer copy, and each Identity of
-    an activation is bypassed, so every layer owns the tensors surgery will slice. Returns how many
-    Identity nodes were removed."""
+def untie_constants(model: ir.Model) -> int:
+    """In place: every reader of a constant gets its own copy, so every layer owns the tensors
+    surgery slices or smoothing rescales. Exporters and onnxsim deduplicate equal tensors (a
+    LayerNorm's ones and zeros, or every zero bias, straight from initialisation): behind Identity
+    nodes, which are removed (an Identity of an activation is bypassed), or read directly by many
+    nodes. Weights several MatMuls share (ALBERT) are refused by `shared_weights` before, and are
+    left alone here. Returns how many Identity nodes were removed."""
     graph = model.graph
-    roots = _identity_roots(model)
-    if not roots:
-        return 0
-    init = {i.name: i for i in graph.initializer}
-    outputs = {o.name for o in graph.output}
-    removed = []
-    for node in graph.node:
-        if node.op_type != "Identity" or node.output[0] in outputs:
+    outputs = set(graph.outputs)
+    removed = 0
+    for node in list(graph):
+        if node.op_type != "Identity" or node.outputs[0] in outputs or node.inputs[0] is None:
             continue
-        root = roots[node.output[0]]
-        if root in init:
-            copy = onnx.TensorProto()
-            copy.CopyFrom(init[root])
-            copy.name = node.output[0]
-            graph.initializer.append(copy)
+        root = _identity_root(node.outputs[0])
+        if root.is_initializer():
+            own = add_initializer(graph, root.const_value.numpy(), node.outputs[0].name or root.name or "untied")  # type: ignore[union-attr]
+            node.outputs[0].replace_all_uses_with(own)
         else:
-            for consumer in graph.node:
-                for i, name in enumerate(consumer.input):
-                    if name == node.output[0]:
-                        consumer.input[i] = root
-        removed.append(node)
-    for node in removed:
-        graph.node.remove(node)
-    return len(removed)
+            node.outputs[0].replace_all_uses_with(root)
+        graph.remove(node, safe=True)
+        removed += 1
+    shared = shared_weights(model)
+    for value in list(graph.initializers.values()):
+        uses = list(value.uses())
+        # Float tensors only: shape and axis constants are never sliced (surgery clones the ones it
+        # patches), and scalars are never rescaled.
+        if (len(uses) < 2 or value.name in shared or value.const_value is None
+                or not value.const_value.dtype.is_floating_point() or not value.const_value.shape):
+            continue
+        for use in uses[1:]:
+            own = add_initializer(graph, value.const_value.numpy(), f"{value.name}_{use.node.name}")
+            use.node.replace_input_with(use.idx, own)
+    return removed
 
 
-def _attribute(node: onnx.NodeProto, name: str, default):
-    return next((onnx.helper.get_attribute_value(a) for a in node.attribute if a.name == name), default)
+def _attribute(node: ir.Node, name: str, default):
+    attribute = node.attributes.get(name)
+    return default if attribute is None else attribute.value
 
 
-def unfold_gemms(model: onnx.ModelProto) -> int:
+def unfold_gemms(model: ir.Model) -> int:
     """In place: Reshape(x, [-1, K]) -> Gemm(., W, b) -> Reshape(., [b, s, N]), as onnxsim writes a
     projection, becomes MatMul(x, W) -> Add(b) writing the second Reshape's output. Only Gemms with
     a constant 2-D weight, alpha = beta = 1 and no transposed input are rewritten (transB is
     folded into W). Returns how many were rewritten."""
-    g = Graph(model)
+    graph = model.graph
     rewritten = 0
-    for gemm in [n for n in g.graph.node if n.op_type == "Gemm"]:
-        flatten = g.producer.get(gemm.input[0])
-        after = g.consumers.get(gemm.output[0], [])
-        weight = gemm.input[1]
+    for gemm in [n for n in graph if n.op_type == "Gemm"]:
+        flatten = gemm.inputs[0].producer() if gemm.inputs[0] is not None else None
+        after = gemm.outputs[0].consumers()
+        weight = gemm.inputs[1]
         if (flatten is None or flatten.op_type != "Reshape" or len(after) != 1 or after[0].op_type != "Reshape"
-                or weight not in g.init or len(g.init[weight].dims) != 2 or _attribute(gemm, "transA", 0)
+                or weight is None or initializer(weight) is None or len(weight.shape or ()) != 2 or _attribute(gemm, "transA", 0)
                 or _attribute(gemm, "alpha", 1.0) != 1.0 or _attribute(gemm, "beta", 1.0) != 1.0):
             continue
-        flat_shape = g.constant_value(flatten.input[1])
-        columns = g.init[weight].dims[0 if _attribute(gemm, "transB", 0) else 1]
+        assert weight is not None and flatten.inputs[0] is not None
+        flat_shape = constant(flatten.inputs[1])
+        w = initializer(weight)
+        columns = w.shape[0 if _attribute(gemm, "transB", 0) else 1]  # type: ignore[union-attr]
         if (flat_shape is None or flat_shape.size != 2
-                or not _restores_leading_dims(g, after[0].input[1], flatten.input[0], columns)):
+                or not _restores_leading_dims(after[0].inputs[1], flatten.inputs[0], columns)):
             continue
         unflatten = after[0]
         if _attribute(gemm, "transB", 0):
-            g.set_array(weight, g.array(weight).T.copy())
-        matmul_out = f"{gemm.output[0]}_matmul"
-        position = next(i for i, n in enumerate(g.graph.node) if n is gemm)
-        new_nodes = [onnx.helper.make_node("MatMul", [flatten.input[0], weight], [matmul_out], name=f"{gemm.name}_MatMul")]
-        if len(gemm.input) > 2 and gemm.input[2]:
-            new_nodes.append(onnx.helper.make_node("Add", [matmul_out, gemm.input[2]], [unflatten.output[0]],
-                                                   name=f"{gemm.name}_Add"))
-        else:
-            new_nodes[0].output[0] = unflatten.output[0]
-        for offset, node in enumerate(new_nodes):
-            g.graph.node.insert(position + offset, node)
-        g.graph.node.remove(gemm)
-        g.graph.node.remove(unflatten)
+            set_weight(weight, w.T.copy())  # type: ignore[union-attr]
+        has_bias = len(gemm.inputs) > 2 and gemm.inputs[2] is not None
+        matmul = ir.Node("", "MatMul", [flatten.inputs[0], weight], name=f"{gemm.name}_MatMul")
+        new_nodes = [matmul]
+        result = matmul.outputs[0]
+        if has_bias:
+            add = ir.Node("", "Add", [matmul.outputs[0], gemm.inputs[2]], name=f"{gemm.name}_Add")
+            new_nodes.append(add)
+            result = add.outputs[0]
+        matmul.outputs[0].name = f"{gemm.outputs[0].name}_matmul"
+        final = unflatten.outputs[0]
+        name = final.name
+        graph.insert_before(gemm, new_nodes)
+        final.replace_all_uses_with(result, replace_graph_outputs=True)
+        graph.remove([unflatten, gemm], safe=True)
+        result.name = name
         rewritten += 1
     if rewritten:
         drop_dead(model)
     return rewritten
 
 
-def _restores_leading_dims(g: Graph, shape: str, source: str, columns: int) -> bool:
+def _restores_leading_dims(shape: ir.Value | None, source: ir.Value, columns: int) -> bool:
     """True when `shape` is Concat(Slice(Shape(source), 0, ...), [columns]): the leading dims of
     the tensor that was flattened, then the projection's width, so MatMul on it is the same."""
-    concat = g.producer.get(shape)
-    if concat is None or concat.op_type != "Concat" or len(concat.input) != 2:
+    concat = shape.producer() if shape is not None else None
+    if concat is None or concat.op_type != "Concat" or len(concat.inputs) != 2:
         return False
-    width = g.constant_value(concat.input[1])
-    leading = g.producer.get(concat.input[0])
+    width = constant(concat.inputs[1])
+    leading = concat.inputs[0].producer() if concat.inputs[0] is not None else None
     if width is None or width.size != 1 or int(width.reshape(-1)[0]) != columns:
         return False
-    if leading is None or leading.op_type != "Slice" or len(leading.input) < 3:
+    if leading is None or leading.op_type != "Slice" or len(leading.inputs) < 3:
         return False
-    origin = g.producer.get(leading.input[0])
-    start = g.constant_value(leading.input[1])
-    return (origin is not None and origin.op_type == "Shape" and origin.input[0] == source
+    origin = leading.inputs[0].producer() if leading.inputs[0] is not None else None
+    start = constant(leading.inputs[1])
+    return (origin is not None and origin.op_type == "Shape" and origin.inputs[0] is source
             and start is not None and start.size == 1 and int(start.reshape(-1)[0]) == 0)

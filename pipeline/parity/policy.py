@@ -20,11 +20,15 @@ from __future__ import annotations
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 from pipeline.errors import RecipeError
 from pipeline.names import METRICS, Kind, Padding
 from pipeline.recipe import Gate, Thresholds
 from pipeline.recipe.defaults import schema_default
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 KIND_KEY = "shipyard.kind"
 SEEN_KEY = "shipyard.seen_rows"
@@ -87,37 +91,32 @@ def gates_for(thresholds: Thresholds, kind: str, precision: str, from_pruned: bo
     return Gates(gate_for(thresholds, "pruned", labelled), gate_for(thresholds, precision, labelled))
 
 
-def stamp(model, kind: str, seen: Iterable[str] = ()) -> None:
+def stamp(model: ir.Model, kind: str, seen: Iterable[str] = ()) -> None:
     """Record the artifact's kind and the rows it saw (merged with those its source saw)."""
-    import onnx
-
-    props = {p.key: p.value for p in model.metadata_props}
-    props[KIND_KEY] = kind
     rows = set(seen_rows(model)) | set(seen)
+    model.metadata_props[KIND_KEY] = kind
     if rows:
-        props[SEEN_KEY] = ",".join(sorted(rows))
-    onnx.helper.set_model_props(model, props)
+        model.metadata_props[SEEN_KEY] = ",".join(sorted(rows))
 
 
-def seen_rows(model) -> list[str]:
-    value = next((p.value for p in model.metadata_props if p.key == SEEN_KEY), "")
-    return [d for d in value.split(",") if d]
+def seen_rows(model: ir.Model) -> list[str]:
+    return [d for d in model.metadata_props.get(SEEN_KEY, "").split(",") if d]
 
 
-def recorded_kind(model) -> str | None:
-    return next((p.value for p in model.metadata_props if p.key == KIND_KEY), None)
+def recorded_kind(model: ir.Model) -> str | None:
+    return model.metadata_props.get(KIND_KEY)
 
 
-def graph_kind(model) -> Kind:
+def graph_kind(model: ir.Model) -> Kind:
     """The kind of an ONNX file Shipyard did not stamp: int8 when it quantizes anything, fp16
     when its weights are float16, pruned when the prune stage marked it, else fp32."""
-    import onnx
+    import onnx_ir as ir
 
-    if any(n.op_type in QUANTIZED_OPS for n in model.graph.node):
+    if any(n.op_type in QUANTIZED_OPS for n in model.graph):
         return "int8"
-    if any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer):
+    if any(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values()):
         return "fp16"
-    return "pruned" if any(p.key == PRUNED_MARK for p in model.metadata_props) else "fp32"
+    return "pruned" if PRUNED_MARK in model.metadata_props else "fp32"
 
 
 def pruned_mark(heads_removed: dict, sparse: int) -> str:

@@ -304,23 +304,3 @@ class TrtRunner:
 def runner_for(path: Path):
     """The runner for an artifact file: TensorRT for engines, ONNX Runtime for ONNX."""
     return TrtRunner(path) if Path(path).suffix in ENGINE_SUFFIXES else OrtRunner(path)
-
-
-def session_with_outputs(model, tensors: list[str]):
-    """An ONNX Runtime session over `model` that also returns the named intermediate tensors.
-
-    Graph optimizations are off so that the tensors asked for are not fused away.
-    """
-    import onnx
-    import onnxruntime as ort
-
-    probe = onnx.ModelProto()
-    probe.CopyFrom(model)
-    present = {o.name for o in probe.graph.output}
-    for name in tensors:
-        if name not in present:
-            probe.graph.output.append(onnx.helper.make_empty_tensor_value_info(name))
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
-    return ort.InferenceSession(probe.SerializeToString(), options, providers=["CPUExecutionProvider"])

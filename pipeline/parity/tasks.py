@@ -19,13 +19,16 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX
 from pipeline.errors import ModelError
 from pipeline.names import TASKS
+
+if TYPE_CHECKING:
+    import onnx_ir as ir
 
 Batch = dict[str, np.ndarray]
 HEADS = {
@@ -83,9 +86,9 @@ def resolve_task(config: dict[str, Any], folder: Path, asked: str | None) -> str
     return asked
 
 
-def graph_task(model) -> str | None:
+def graph_task(model: ir.Model) -> str | None:
     """The task an exported graph serves, from Optimum's output names (and the logits' rank)."""
-    outputs = {o.name: len(o.type.tensor_type.shape.dim) for o in model.graph.output}
+    outputs = {o.name: len(o.shape or ()) for o in model.graph.outputs}
     if {"start_logits", "end_logits"} <= set(outputs):
         return "question-answering"
     if "logits" in outputs:

@@ -18,6 +18,7 @@ from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, Side, disjoint_splits, row_digest
 from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent
 from pipeline.errors import ArtifactError, ShipyardError
+from pipeline.graph import model as graph_model
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
 from pipeline.names import METRICS, Precision, QuantFormat
@@ -157,9 +158,7 @@ def calibration_batches(calibration: Path, tokenizer_dir: Path, columns: Columns
 
 def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
     """The task of an exported graph (from its outputs), with the pooling of its model folder."""
-    import onnx
-
-    name = graph_task(onnx.load(str(model_path), load_external_data=False))
+    name = graph_task(graph_model.load(model_path))
     if name is None:
         raise ShipyardError(f"ONNX file {model_path}: outputs are not Optimum's (logits, start_logits/end_logits or "
                             "last_hidden_state); export it with shipyard export")
@@ -242,15 +241,15 @@ def artifact_kind(path: Path) -> tuple[Precision, str]:
     """(precision, kind) of an artifact, as the stage that made it recorded it (`pipeline.parity.policy`);
     an engine's come from the build record `shipyard build` wrote beside it, and an ONNX file
     Shipyard did not write is classified from its graph."""
-    import onnx
+    import onnx_ir as ir
 
     if Path(path).suffix in ENGINE_SUFFIXES:
         record = _engine_record(path)
         built = cast(Precision, record["precision"])
         return built, record.get("kind") or kind_of(built, record.get("pruned", False))
-    model = onnx.load(str(path), load_external_data=False)
+    model = graph_model.load(path)
     kind = recorded_kind(model) or graph_kind(model)
-    fp16 = any(i.data_type == onnx.TensorProto.FLOAT16 for i in model.graph.initializer)
+    fp16 = any(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
     precision: Precision = "int8" if kind == "int8" else "fp16" if fp16 else "fp32"
     return precision, kind
 
@@ -363,8 +362,6 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
 
 def _seen_rows(artifact: Path) -> list[str]:
     """Digests of the rows an ONNX artifact was calibrated or tuned on (none for engines)."""
-    import onnx
-
     if Path(artifact).suffix in ENGINE_SUFFIXES:
         return []
-    return seen_rows(onnx.load(str(artifact), load_external_data=False))
+    return seen_rows(graph_model.load(artifact))

@@ -30,6 +30,7 @@ from typing import Any
 
 from pipeline.artifacts import atomic_file, sha256_file
 from pipeline.errors import ShipyardError
+from pipeline.graph import model as graph_model
 from pipeline.recipe import TargetSpec
 
 # What this machine has for builds, re-exported: the run and the standalone build reach them (and
@@ -69,17 +70,9 @@ class BuildPlan:
         return asdict(self)
 
 
-def graph_inputs(onnx_path: Path) -> list[str]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in initializers]
-
-
 def plan_build(target: TargetSpec, onnx_path: Path) -> BuildPlan:
     """The builder configuration for `target`; every graph input gets [batch, sequence] shapes."""
-    inputs = graph_inputs(onnx_path)
+    inputs = graph_model.input_names(onnx_path)
     profiles = []
     for profile in target.profiles:
         shapes = [[profile.batch.min, profile.sequence.min], [profile.batch.opt, profile.sequence.opt],

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.graph import model as graph_model
 from pipeline.graph.proof import prove_runs
 from pipeline.names import Precision
 from pipeline.parity.policy import kind_of, stamp
@@ -75,10 +76,10 @@ def to_float16(src: Path, out: Path, output_fp16: bool, kind: str = "fp16") -> d
         use_symbolic_shape_infer=False, keep_io_types=not output_fp16, op_block_list=FLOAT32_OPS,
     )
     wrapped.topological_sort()  # the converter appends its Cast nodes at the end of the graph
-    stamp(wrapped.model, kind)
-    onnx.checker.check_model(wrapped.model)
+    typed = graph_model.from_proto(wrapped.model)
+    stamp(typed, kind)
     with atomic_file(out) as tmp:
-        onnx.save(wrapped.model, str(tmp))
+        graph_model.save(typed, tmp)
         prove_runs(tmp, f"typed ONNX {out}")
     return {
         "conversion": "onnxruntime.transformers float16", "float32_ops": FLOAT32_OPS,

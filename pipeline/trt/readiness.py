@@ -18,8 +18,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+import onnx_ir as ir
+from onnx_ir.passes.common import ShapeInferencePass
 
 from pipeline.errors import ArtifactError, ShipyardError
+from pipeline.graph import model as graph_model
+from pipeline.graph.model import constant
 from pipeline.platforms import OPS_DIR, shipped_trt_versions
 from pipeline.recipe import ProfileSpec
 
@@ -125,27 +129,24 @@ def operator_support(trt_version: str) -> dict[str, Any]:
     return json.loads(path.read_text())
 
 
-def _load(path: Path):
-    import onnx
-
+def _load(path: Path) -> ir.Model:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"ONNX file {path} not found; pass the path of an .onnx model")
     try:
-        model = onnx.load(str(path))
+        model = graph_model.load(path)
     except Exception:  # protobuf raises several unrelated types for a damaged file
         raise ArtifactError(f"ONNX file {path} is not a readable ONNX model; re-export it") from None
-    try:
-        return onnx.shape_inference.infer_shapes(model, strict_mode=False)
-    except Exception:  # inference is a help for dtype rules, not a requirement
+    try:  # inference is a help for the dtype rules, not a requirement
+        return ShapeInferencePass(check_type=False, strict_mode=False)(model).model
+    except Exception:
         return model
 
 
 def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] | None = None) -> ReadinessReport:
     """Check one ONNX file against TensorRT `trt_version`'s parser and Q/DQ rules."""
     support = operator_support(trt_version)
-    model = _load(path)
-    graph = _GraphIndex(model)
+    graph = _Graph(_load(path))
     report = ReadinessReport(path=str(path), trt_version=trt_version, opset=graph.opset)
     findings = report.findings
     findings += _opset_rule(graph, support)
@@ -155,60 +156,50 @@ def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] |
     if profiles:
         findings += _dynamic_axes_rule(graph, profiles)
     report.counts = {
-        "nodes": len(model.graph.node),
-        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in model.graph.node),
-        "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in model.graph.node),
-        "float16_tensors": sum(t == 10 for t in graph.dtypes.values()),
+        "nodes": len(graph.nodes),
+        "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in graph.nodes),
+        "dequantize_linear": sum(n.op_type == "DequantizeLinear" for n in graph.nodes),
+        "float16_tensors": sum(v.dtype == ir.DataType.FLOAT16 for v in graph.values),
     }
     return report
 
 
-class _GraphIndex:
-    """Producers, consumers, constants and inferred element types of a graph, by tensor name."""
+@dataclass
+class _Graph:
+    """The checked graph (`pipeline.graph.model`) and what every rule reads: opset, nodes, values."""
 
-    def __init__(self, model) -> None:
-        from onnx import numpy_helper
+    model: ir.Model
+    opset: int = 0
+    nodes: list[ir.Node] = field(default_factory=list)
+    values: list[ir.Value] = field(default_factory=list)  # inputs, initializers, node outputs
 
-        g = model.graph
-        self.model = model
-        self.opset = next((o.version for o in model.opset_import if o.domain in DEFAULT_DOMAINS), 0)
-        self.constants: dict[str, np.ndarray] = {i.name: numpy_helper.to_array(i) for i in g.initializer}
-        self.producer = {}
-        self.consumers: dict[str, list] = {}
-        for node in g.node:
-            if node.op_type == "Constant" and node.domain in DEFAULT_DOMAINS:
-                for attr in node.attribute:
-                    if attr.name == "value":
-                        self.constants[node.output[0]] = numpy_helper.to_array(attr.t)
-            for out in node.output:
-                self.producer[out] = node
-            for name in node.input:
-                self.consumers.setdefault(name, []).append(node)
-        self.dtypes: dict[str, int] = {}
-        for vi in list(g.input) + list(g.output) + list(g.value_info):
-            if vi.type.HasField("tensor_type"):
-                self.dtypes[vi.name] = vi.type.tensor_type.elem_type
-        for name, value in self.constants.items():
-            self.dtypes.setdefault(name, _onnx_dtype(value))
-        self.nodes = list(g.node)
-        initializer_names = {i.name for i in g.initializer}
-        self.inputs = [i for i in g.input if i.name not in initializer_names]
+    def __post_init__(self) -> None:
+        graph = self.model.graph
+        self.opset = next((v for d, v in graph.opset_imports.items() if d in DEFAULT_DOMAINS), 0)
+        self.nodes = list(graph)
+        self.values = [*graph.inputs, *(v for v in graph.initializers.values() if not v.is_graph_input()),
+                       *(v for n in self.nodes for v in n.outputs)]
 
 
-def _onnx_dtype(value: np.ndarray) -> int:
-    from onnx import helper
-
-    try:
-        return helper.np_dtype_to_tensor_dtype(value.dtype)
-    except (KeyError, ValueError, TypeError):
-        return 0
+def _input(node: ir.Node, index: int) -> ir.Value | None:
+    return node.inputs[index] if len(node.inputs) > index else None
 
 
-def _name(node) -> str:
-    return node.name or f"{node.op_type}({node.output[0]})"
+def _int(node: ir.Node, name: str, default: int) -> int:
+    attribute = node.attributes.get(name)
+    return default if attribute is None else int(attribute.value)
 
 
-def _opset_rule(graph: _GraphIndex, support: dict) -> list[Finding]:
+def _op(value: ir.Value | None) -> str | None:
+    producer = value.producer() if value is not None else None
+    return producer.op_type if producer is not None else None
+
+
+def _name(node: ir.Node) -> str:
+    return node.name or f"{node.op_type}({node.outputs[0].name})"
+
+
+def _opset_rule(graph: _Graph, support: dict) -> list[Finding]:
     low, high = support["opset_min"], support["opset_max"]
     if graph.opset < low:
         return [Finding("opset", "(model)", f"opset {graph.opset} is older than TensorRT {support['trt_version']}'s "
@@ -219,7 +210,7 @@ def _opset_rule(graph: _GraphIndex, support: dict) -> list[Finding]:
     return []
 
 
-def _operator_rule(graph: _GraphIndex, support: dict) -> list[Finding]:
+def _operator_rule(graph: _Graph, support: dict) -> list[Finding]:
     supported = support["supported"]
     findings = []
     for node in graph.nodes:
@@ -233,19 +224,19 @@ def _operator_rule(graph: _GraphIndex, support: dict) -> list[Finding]:
     return findings
 
 
-def _qdq_rules(graph: _GraphIndex) -> list[Finding]:
+def _qdq_rules(graph: _Graph) -> list[Finding]:
     findings: list[Finding] = []
     for node in graph.nodes:
         if node.op_type not in ("QuantizeLinear", "DequantizeLinear") or node.domain not in DEFAULT_DOMAINS:
             continue
         where = _name(node)
-        scale = graph.constants.get(node.input[1]) if len(node.input) > 1 else None
+        scale = constant(_input(node, 1))
         if scale is None:
             findings.append(Finding("qdq-scale", where, "scale is not a constant; TensorRT needs build-time scales"))
         elif not (np.all(np.isfinite(scale)) and np.all(scale > 0)):
             findings.append(Finding("qdq-scale", where, "scale has zero, negative or non-finite values"))
-        zero_point = graph.constants.get(node.input[2]) if len(node.input) > 2 and node.input[2] else None
-        if len(node.input) > 2 and node.input[2] and zero_point is None:
+        zero_point = constant(_input(node, 2))
+        if _input(node, 2) is not None and zero_point is None:
             findings.append(Finding("qdq-zero-point-dynamic", where, "zero point is computed, not a constant; "
                                     "TensorRT checks at build time that it is all zeros"))
         elif zero_point is not None and np.any(zero_point != 0):
@@ -259,11 +250,11 @@ def _qdq_rules(graph: _GraphIndex) -> list[Finding]:
     return findings
 
 
-def _quantize_rules(graph: _GraphIndex, node, scale, zero_point) -> list[Finding]:
+def _quantize_rules(graph: _Graph, node, scale, zero_point) -> list[Finding]:
     where = _name(node)
     findings = []
-    has_zero_point = len(node.input) > 2 and bool(node.input[2])
-    output_dtype = next((a.i for a in node.attribute if a.name == "output_dtype"), 0)
+    has_zero_point = _input(node, 2) is not None
+    output_dtype = _int(node, "output_dtype", 0)
     if zero_point is not None and zero_point.dtype != np.int8:
         findings.append(Finding("qdq-int8", where, f"quantizes to {zero_point.dtype}; TensorRT quantizes to INT8 "
                                 "(it would build this as INT8, unlike ONNX Runtime): give an int8 zero point"))
@@ -271,47 +262,48 @@ def _quantize_rules(graph: _GraphIndex, node, scale, zero_point) -> list[Finding
         findings.append(Finding("qdq-int8", where, "has no zero point, so ONNX makes it UINT8 (negative values "
                                 "clip to 0 on ONNX Runtime) while TensorRT builds it as INT8; add an int8 zero "
                                 "point of 0"))
-    source_type = graph.dtypes.get(node.input[0])
+    source = node.inputs[0]
+    source_type = source.dtype if source is not None else None
     if source_type and source_type not in FLOAT_TYPES:
-        findings.append(Finding("qdq-float-input", where, f"quantizes a non-float tensor {node.input[0]!r}; "
+        findings.append(Finding("qdq-float-input", where, f"quantizes a non-float tensor {source.name!r}; "
                                 "TensorRT quantizes float32/float16/bfloat16 only"))
-    if node.input[0] not in graph.constants and scale is not None and scale.size > 1:
+    if constant(source) is None and scale is not None and scale.size > 1:
         findings.append(Finding("qdq-activation-per-tensor", where, "activation scale is per-channel; TensorRT "
                                 "quantizes activations per tensor"))
-    for consumer in graph.consumers.get(node.output[0], []):
+    for consumer in node.outputs[0].consumers():
         if consumer.op_type != "DequantizeLinear":
             findings.append(Finding("qdq-pair", where, f"output feeds {consumer.op_type} {_name(consumer)!r} "
                                     "directly; every QuantizeLinear must be followed by a DequantizeLinear"))
     return findings
 
 
-def _dequantize_rules(graph: _GraphIndex, node, scale) -> list[Finding]:
+def _dequantize_rules(graph: _Graph, node, scale) -> list[Finding]:
     where = _name(node)
     findings = []
-    source = node.input[0]
-    if source in graph.constants:
-        weight = graph.constants[source]
+    source = node.inputs[0]
+    weight = constant(source)
+    if weight is not None:
         if weight.dtype != np.int8:
             findings.append(Finding("qdq-int8", where, f"dequantizes a {weight.dtype} constant; TensorRT takes "
                                     "INT8 weights (INT32 bias Q/DQ is refused: keep biases in float)"))
         elif scale is not None and scale.size > 1:
             findings += _weight_axis_rule(graph, node, weight)
-    elif source not in graph.producer or graph.producer[source].op_type != "QuantizeLinear":
-        producer = graph.producer.get(source)
-        what = f"{producer.op_type} {_name(producer)!r}" if producer is not None else f"graph input {source!r}"
+    elif _op(source) != "QuantizeLinear":
+        producer = source.producer() if source is not None else None
+        what = f"{producer.op_type} {_name(producer)!r}" if producer is not None else \
+            f"graph input {source.name if source is not None else ''!r}"
         findings.append(Finding("qdq-pair", where, f"dequantizes the output of {what}; TensorRT needs a "
                                 "QuantizeLinear or an INT8 constant in front of a DequantizeLinear"))
     return findings
 
 
-def _weight_axis_rule(graph: _GraphIndex, node, weight: np.ndarray) -> list[Finding]:
-    axis = next((a.i for a in node.attribute if a.name == "axis"), 1)
-    axis = axis % weight.ndim
+def _weight_axis_rule(graph: _Graph, node, weight: np.ndarray) -> list[Finding]:
+    axis = _int(node, "axis", 1) % weight.ndim
     findings = []
-    for consumer in graph.consumers.get(node.output[0], []):
-        if consumer.op_type not in QUANTIZED_CONSUMERS or list(consumer.input).index(node.output[0]) != 1:
+    for consumer in node.outputs[0].consumers():
+        if consumer.op_type not in QUANTIZED_CONSUMERS or _input(consumer, 1) is not node.outputs[0]:
             continue
-        trans_b = next((a.i for a in consumer.attribute if a.name == "transB"), 0)
+        trans_b = _int(consumer, "transB", 0)
         expected = (0 if trans_b else 1) if consumer.op_type == "Gemm" else weight.ndim - 1
         if axis != expected:
             findings.append(Finding("qdq-weight-axis", _name(node), f"per-channel weight scale on axis {axis} of "
@@ -320,13 +312,12 @@ def _weight_axis_rule(graph: _GraphIndex, node, weight: np.ndarray) -> list[Find
     return findings
 
 
-def _matmul_pair_rule(graph: _GraphIndex) -> list[Finding]:
+def _matmul_pair_rule(graph: _Graph) -> list[Finding]:
     findings = []
     for node in graph.nodes:
         if node.op_type not in QUANTIZED_CONSUMERS:
             continue
-        quantized = [graph.producer.get(name) is not None and graph.producer[name].op_type == "DequantizeLinear"
-                     for name in node.input[:2]]
+        quantized = [_op(value) == "DequantizeLinear" for value in node.inputs[:2]]
         if any(quantized) and not all(quantized):
             side = quantized.index(False)
             findings.append(Finding("qdq-matmul-both-inputs", _name(node), f"input {side} has no Q/DQ while the other "
@@ -334,15 +325,17 @@ def _matmul_pair_rule(graph: _GraphIndex) -> list[Finding]:
     return findings
 
 
-def _fp16_rule(graph: _GraphIndex) -> list[Finding]:
-    if 10 not in graph.dtypes.values():
+def _fp16_rule(graph: _Graph) -> list[Finding]:
+    if not any(v.dtype == ir.DataType.FLOAT16 for v in graph.values):
         return []
     findings = []
     for node in graph.nodes:
-        if node.op_type not in (*FP16_SENSITIVE, "LayerNormalization") or graph.dtypes.get(node.input[0]) != 10:
+        source = node.inputs[0] if node.inputs else None
+        if (node.op_type not in (*FP16_SENSITIVE, "LayerNormalization") or source is None
+                or source.dtype != ir.DataType.FLOAT16):
             continue
         if node.op_type == "LayerNormalization":
-            stash = next((a.i for a in node.attribute if a.name == "stash_type"), FLOAT32_STASH)
+            stash = _int(node, "stash_type", FLOAT32_STASH)
             if stash != FLOAT32_STASH:
                 findings.append(Finding("fp16-safe", _name(node), f"LayerNormalization with stash_type {stash} "
                                         "computes in float16; leave stash_type at 1 (float32)"))
@@ -352,22 +345,24 @@ def _fp16_rule(graph: _GraphIndex) -> list[Finding]:
     return findings
 
 
-def _dynamic_axes_rule(graph: _GraphIndex, profiles: list[ProfileSpec]) -> list[Finding]:
+def _dynamic_axes_rule(graph: _Graph, profiles: list[ProfileSpec]) -> list[Finding]:
     findings = []
-    for graph_input in graph.inputs:
-        dims = graph_input.type.tensor_type.shape.dim
+    for graph_input in graph.model.graph.inputs:
+        if graph_input.is_initializer():
+            continue
+        dims = list(graph_input.shape or ())
         if len(dims) != 2:
-            findings.append(Finding("dynamic-axes", graph_input.name, f"has rank {len(dims)}; profiles give "
+            findings.append(Finding("dynamic-axes", graph_input.name or "", f"has rank {len(dims)}; profiles give "
                                     "[batch, sequence] ranges for rank-2 inputs"))
             continue
         for axis, label in ((0, "batch"), (1, "sequence")):
             dim = dims[axis]
-            if not dim.HasField("dim_value"):
+            if not isinstance(dim, int):
                 continue
             for i, profile in enumerate(profiles):
                 wanted = getattr(profile, label)
-                if not wanted.min == wanted.max == dim.dim_value:
-                    findings.append(Finding("dynamic-axes", graph_input.name, f"axis {axis} ({label}) is fixed at "
-                                            f"{dim.dim_value} but profile {i} asks {wanted.min}-{wanted.max}; "
+                if not wanted.min == wanted.max == dim:
+                    findings.append(Finding("dynamic-axes", graph_input.name or "", f"axis {axis} ({label}) is fixed at "
+                                            f"{dim} but profile {i} asks {wanted.min}-{wanted.max}; "
                                             "export with dynamic axes or fix the profile"))
     return findings

@@ -56,6 +56,7 @@ from pipeline.artifacts import (
     sha256_file,
 )
 from pipeline.errors import ArtifactError, ShipyardError
+from pipeline.graph import model as graph_model
 from pipeline.graph.proof import prove_runs
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import inspect_model
@@ -334,7 +335,6 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
             seen: list[str], report: RecoverReport) -> StageResult:
     """Save the student as a model folder beside `out`, export it through the export stage and its
     gate, and stamp the ONNX as a pruned artifact."""
-    import onnx
 
     folder = Path(out).with_suffix(".model")
     with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=f".{Path(out).name}.") as tmp:
@@ -347,12 +347,11 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
                               TorchRunner(model_dir, task=task.name), task)
         if not exported.passed:
             raise ArtifactError(f"the recovered model's export failed its gate ({exported.message}); not writing {out}")
-        model = onnx.load(str(Path(tmp) / "model.onnx"))
+        model = graph_model.load(Path(tmp) / "model.onnx")
         stamp(model, "pruned", seen)
-        props = {p.key: p.value for p in model.metadata_props}
-        onnx.helper.set_model_props(model, {**props, PRUNED_MARK: json.dumps({"recovered": True})})
+        model.metadata_props[PRUNED_MARK] = json.dumps({"recovered": True})
         with atomic_file(out) as out_tmp:
-            onnx.save(model, str(out_tmp))
+            graph_model.save(model, out_tmp)
             prove_runs(out_tmp, f"recover {out}")
         if folder.exists():
             shutil.rmtree(folder)

@@ -11,11 +11,11 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from pipeline.errors import ShipyardError
+from pipeline.graph import model as graph_model
 from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph
-from pipeline.parity.runners import session_with_outputs
 
 Batch = dict[str, np.ndarray]
 
@@ -34,7 +34,7 @@ class Scores:
     context_mean: dict[int, np.ndarray]  # E[context] per head, [heads, head_dim]
 
 
-def score(model: onnx.ModelProto, batches: list[Batch], ffn: list[FfnBlock],
+def score(model: ir.Model, batches: list[Batch], ffn: list[FfnBlock],
           attention: list[AttentionBlock], compensate: bool) -> Scores:
     """Score neurons and heads on the calibration batches (non-padding tokens only).
 
@@ -44,7 +44,7 @@ def score(model: onnx.ModelProto, batches: list[Batch], ffn: list[FfnBlock],
     """
     g = Graph(model)
     tensors = [b.activation for b in ffn] + [b.context for b in attention]
-    session = session_with_outputs(model, tensors)
+    session = graph_model.session(model, tensors)
     feeds = {i.name for i in session.get_inputs()}
     acc: dict[str, dict[int, np.ndarray]] = {key: {} for key in ("abs", "sum", "sq", "ctx", "norm", "norm_sq")}
     out_heads = {b.layer: g.array(b.out).reshape(b.num_heads, b.head_dim, -1) for b in attention}

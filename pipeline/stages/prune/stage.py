@@ -16,12 +16,14 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-import onnx
+import onnx_ir as ir
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.graph import model as graph_model
 from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph, check_blocks, find_attention_blocks, find_ffn_blocks
-from pipeline.graph.proof import drop_shape_annotations, prove_runs
-from pipeline.graph.rewrites import shared_weights, unfold_gemms, untie_identities
+from pipeline.graph.model import drop_shape_annotations
+from pipeline.graph.proof import prove_runs
+from pipeline.graph.rewrites import shared_weights, unfold_gemms, untie_constants
 from pipeline.parity.policy import stamp
 from pipeline.recipe import PruneSpec
 from pipeline.stages.prune.plan import PruningPlan, plan_path
@@ -31,10 +33,10 @@ from pipeline.stages.prune.surgery import apply
 Batch = dict[str, np.ndarray]
 
 
-def blocks_of(model: onnx.ModelProto, source: Path,
+def blocks_of(model: ir.Model, source: Path,
               config: dict[str, Any] | None = None) -> tuple[list[FfnBlock], list[AttentionBlock]]:
     """Find the blocks of `model`, after making it ready for surgery in place: constants forwarded
-    through Identity untied, onnxsim's Reshape-Gemm-Reshape projections unfolded, stale shape
+    through Identity or read directly untied, onnxsim's Reshape-Gemm-Reshape projections unfolded, stale shape
     annotations dropped. Refuses shared weights and blocks
     that contradict `config`."""
     shared = shared_weights(model)
@@ -43,7 +45,7 @@ def blocks_of(model: onnx.ModelProto, source: Path,
             else f"{len(shared)} weight matrices are shared between layers"
         raise PruneError(f"ONNX file {source}: {family}, so removing a unit from one layer would remove it "
                          "from all; Shipyard does not prune such models: disable pruning for it")
-    untie_identities(model)
+    untie_constants(model)
     unfold_gemms(model)
     drop_shape_annotations(model)
     g = Graph(model)
@@ -87,7 +89,7 @@ class Pruner:
 
     src: Artifact
     spec: PruneSpec
-    model: onnx.ModelProto
+    model: ir.Model
     ffn: list[FfnBlock]
     attention: list[AttentionBlock]
     scores: Scores
@@ -99,7 +101,7 @@ class Pruner:
     @classmethod
     def of(cls, src: Artifact, spec: PruneSpec, calibration_batches: list[Batch],
            model_config: dict[str, Any]) -> Pruner:
-        model = onnx.load(str(src.path))
+        model = graph_model.load(src.path)
         ffn, attention = blocks_of(model, src.path, model_config)
         needs_scores = spec.ffn_fraction > 0 or spec.heads_per_layer > 0 or spec.budget is not None
         if needs_scores and not calibration_batches:
@@ -111,7 +113,7 @@ class Pruner:
         compensation = scores if needs_scores and spec.compensate else None
         return cls(src, spec, model, ffn, attention, scores, heads_remove, compensation, model_config)
 
-    def build(self, fraction: float) -> tuple[dict[int, np.ndarray], onnx.ModelProto, list[str], PruningPlan]:
+    def build(self, fraction: float) -> tuple[dict[int, np.ndarray], ir.Model, list[str], PruningPlan]:
         keep = plan_ffn(self.scores.ffn, fraction, self.spec.ffn_scope)
         return keep, *apply(self.model, self.ffn, self.attention, keep, self.heads_remove, self.spec.sparsity_24,
                             self.compensation)
@@ -119,7 +121,7 @@ class Pruner:
     def candidate(self, fraction: float, path: Path) -> PruningPlan:
         """Write the graph pruned at `fraction` to `path` (a trial, not an artifact); its plan."""
         _, pruned, _, plan = self.build(fraction)
-        onnx.save(pruned, str(path))
+        graph_model.save(pruned, path)
         return plan
 
     def write(self, fraction: float, out_path: Path, seen_rows: Sequence[str] = (),
@@ -131,7 +133,7 @@ class Pruner:
         with atomic_file(out_path) as tmp:
             keep, pruned, sparse, plan = self.build(fraction)
             stamp(pruned, "pruned", seen_rows)
-            onnx.save(pruned, str(tmp))
+            graph_model.save(pruned, tmp)
             prove_runs(tmp, f"prune {out_path}")
         config = pruned_config(self.model_config, keep, heads_remove, sparse)
         config_path = out_path.with_name(out_path.stem + ".config.json")

@@ -8,11 +8,10 @@ all-head-size constants of that layer's Reshapes. Those constants may be shared 
 from __future__ import annotations
 
 import numpy as np
-import onnx
-from onnx import numpy_helper
+import onnx_ir as ir
 
 from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph
-from pipeline.graph.proof import drop_dead
+from pipeline.graph.model import add_initializer, constant, drop_dead, unique_name
 from pipeline.parity.policy import PRUNED_MARK, pruned_mark
 from pipeline.stages.prune.plan import LayerPlan, PruningPlan, mask_24
 from pipeline.stages.prune.scores import PruneError, Scores
@@ -20,44 +19,30 @@ from pipeline.stages.prune.scores import PruneError, Scores
 Batch = dict[str, np.ndarray]
 
 
-def _unique(g: Graph, base: str) -> str:
-    taken = set(g.init) | set(g.producer)
-    name, i = base, 0
-    while name in taken:
-        i += 1
-        name = f"{base}_{i}"
-    return name
-
-
-def _patch_shape(g: Graph, reshape: onnx.NodeProto, index: int, value: int) -> None:
+def _patch_shape(g: Graph, reshape: ir.Node, index: int, value: int) -> None:
     """Give this Reshape its own shape with element `index` set to `value`."""
-    shape = reshape.input[1]
-    constant = g.constant_value(shape)
-    if constant is not None:
-        patched = constant.copy()
+    shape = reshape.inputs[1]
+    assert shape is not None
+    fixed = constant(shape)
+    if fixed is not None:
+        patched = fixed.copy()
         patched[index] = value
-        name = _unique(g, f"{shape}_{reshape.name}_pruned")
-        g.graph.initializer.append(numpy_helper.from_array(patched, name))
-        g.init[name] = g.graph.initializer[-1]
-        reshape.input[1] = name
+        reshape.replace_input_with(1, add_initializer(g.graph, patched, f"{shape.name}_{reshape.name}_pruned"))
         return
-    concat = g.producer[shape]
-    part = g.constant_value(concat.input[index])
-    if part is None:
-        raise PruneError(f"Reshape {reshape.name}: its shape part {concat.input[index]} is not a constant; "
+    concat = shape.producer()
+    part = constant(concat.inputs[index]) if concat is not None else None
+    if concat is None or part is None:
+        raise PruneError(f"Reshape {reshape.name}: its shape part is not a constant; "
                          "prune an unfused FP32 export from shipyard export")
-    clone = onnx.NodeProto()
-    clone.CopyFrom(concat)  # shared across layers by some optimizers: patch a clone, never the original
-    clone.name = _unique(g, f"{concat.name}_{reshape.name}_pruned")
-    clone.output[0] = _unique(g, f"{concat.output[0]}_{reshape.name}_pruned")
-    part_name = _unique(g, f"{clone.name}_value")
-    g.graph.initializer.append(numpy_helper.from_array(np.full(part.shape, value, dtype=part.dtype), part_name))
-    g.init[part_name] = g.graph.initializer[-1]
-    clone.input[index] = part_name
-    position = next(i for i, n in enumerate(g.graph.node) if n is concat)
-    g.graph.node.insert(position + 1, clone)
-    g.producer[clone.output[0]] = g.graph.node[position + 1]
-    reshape.input[1] = clone.output[0]
+    # Shared across layers by some optimizers: patch a clone, never the original.
+    part_value = add_initializer(g.graph, np.full(part.shape, value, dtype=part.dtype),
+                                 f"{concat.name}_{reshape.name}_pruned_value")
+    inputs = [part_value if i == index else v for i, v in enumerate(concat.inputs)]
+    clone = ir.Node(concat.domain, "Concat", inputs, attributes=list(concat.attributes.values()),
+                    name=unique_name(g.graph, f"{concat.name}_{reshape.name}_pruned"))
+    clone.outputs[0].name = unique_name(g.graph, f"{concat.outputs[0].name}_{reshape.name}_pruned")
+    g.graph.insert_after(concat, clone)
+    reshape.replace_input_with(1, clone.outputs[0])
 
 
 def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean: np.ndarray | None
@@ -74,7 +59,7 @@ def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean
         g.set_array(weight, g.array(weight)[:, cols])
         g.set_array(bias, g.array(bias)[cols])
     g.set_array(block.out, g.array(block.out)[cols, :])
-    nodes = {n.name: n for n in g.graph.node}
+    nodes = {n.name: n for n in g.graph}
     for name in block.split_reshapes:
         _patch_shape(g, nodes[name], 2, len(keep))
     _patch_shape(g, nodes[block.merge_reshape], 2, len(keep) * block.head_dim)
@@ -89,7 +74,8 @@ def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | No
         g.set_array(block.b2, g.array(block.b2) + mean[dropped] @ g.array(block.w2)[dropped, :])
         bias = g.array(block.b2)
     g.set_array(block.w1, g.array(block.w1)[:, keep])
-    g.set_array(block.b1, g.array(block.b1)[keep])
+    if block.b1 is not None:
+        g.set_array(block.b1, g.array(block.b1)[keep])
     g.set_array(block.w2, g.array(block.w2)[keep, :])
     return bias
 
@@ -108,14 +94,13 @@ def sparsify_24(g: Graph, weights: list[tuple[int, str, str]]) -> list[tuple[int
     return done
 
 
-def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[AttentionBlock],
+def apply(model: ir.Model, ffn: list[FfnBlock], attention: list[AttentionBlock],
           ffn_keep: dict[int, np.ndarray], heads_remove: dict[int, list[int]],
-          sparsity: str, compensation: Scores | None = None) -> tuple[onnx.ModelProto, list[str], PruningPlan]:
+          sparsity: str, compensation: Scores | None = None) -> tuple[ir.Model, list[str], PruningPlan]:
     """A pruned copy of `model`, the 2:4 weights' names and the plan that does the same to the
     PyTorch model; the input is never modified. With `compensation`, removed units' mean
     contributions are folded into the following bias."""
-    pruned = onnx.ModelProto()
-    pruned.CopyFrom(model)
+    pruned = model.clone()  # shares the tensors, which surgery replaces and never writes into
     g = Graph(pruned)
     layers = {b.layer: LayerPlan(layer=b.layer, ffn_size=b.size, ffn_keep=[int(i) for i in ffn_keep[b.layer]],
                                  heads_removed=sorted(int(h) for h in heads_remove.get(b.layer, [])))
@@ -139,7 +124,5 @@ def apply(model: onnx.ModelProto, ffn: list[FfnBlock], attention: list[Attention
     plan = PruningPlan(layers=[layers[k] for k in sorted(layers)], sparse_24=[(layer, role) for layer, role, _ in done])
     drop_dead(pruned)
     # Marks the graph as pruned so `shipyard validate` applies the pruned thresholds to it.
-    onnx.helper.set_model_props(pruned, {**{p.key: p.value for p in pruned.metadata_props},
-                                         PRUNED_MARK: pruned_mark({str(k): v for k, v in heads_remove.items()}, len(sparse))})
-    onnx.checker.check_model(pruned)
+    pruned.metadata_props[PRUNED_MARK] = pruned_mark({str(k): v for k, v in heads_remove.items()}, len(sparse))
     return pruned, sparse, plan

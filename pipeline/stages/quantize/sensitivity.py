@@ -20,22 +20,22 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx_ir as ir
 
-from pipeline.parity.runners import session_with_outputs
+from pipeline.graph import model as graph_model
 
 Batch = dict[str, np.ndarray]
 RANKED_OPS = ("MatMul", "Gemm", "Attention")
 
 
-def _activation_inputs(model) -> dict[str, list[str]]:
+def _activation_inputs(model: ir.Model) -> dict[str, list[str]]:
     """node name -> its activation (non-initializer) inputs, for the ops we quantize."""
-    initializers = {i.name for i in model.graph.initializer}
     out = {}
-    for node in model.graph.node:
-        if node.op_type not in RANKED_OPS:
+    for node in model.graph:
+        if node.op_type not in RANKED_OPS or not node.name:
             continue
-        inputs = node.input[:1] if node.op_type == "Attention" else node.input
-        acts = [i for i in inputs if i and i not in initializers]
+        inputs = node.inputs[:1] if node.op_type == "Attention" else node.inputs
+        acts = [i.name for i in inputs if i is not None and i.name and not i.is_initializer()]
         if acts:
             out[node.name] = acts
     return out
@@ -50,15 +50,13 @@ def rank_nodes(onnx_path: Path, batches: list[Batch]) -> list[tuple[str, float]]
     The ranking needs the order of the nodes, not exact errors, so it reads at most
     RANK_BATCHES batches spread evenly over the calibration rows (which may be ordered by
     length): on the demo that halved the stage's largest cost and kept the same worst nodes."""
-    import onnx
-
     step = -(-len(batches) // RANK_BATCHES)
     batches = batches[::step]
 
-    model = onnx.load(str(onnx_path))
+    model = graph_model.load(onnx_path)
     inputs_of = _activation_inputs(model)
     tensors = sorted({t for acts in inputs_of.values() for t in acts})
-    session = session_with_outputs(model, tensors)
+    session = graph_model.session(model, tensors)
     feed_names = {i.name for i in session.get_inputs()}
 
     def activations():

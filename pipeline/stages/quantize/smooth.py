@@ -24,14 +24,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
-import onnx
-from onnx import helper, numpy_helper
+import onnx_ir as ir
 
 from pipeline.errors import ArtifactError
-from pipeline.graph.bert import Graph
-from pipeline.graph.proof import drop_dead
-from pipeline.graph.rewrites import untie_identities
-from pipeline.parity.runners import session_with_outputs
+from pipeline.graph import model as graph_model
+from pipeline.graph.model import add_initializer, constant, drop_dead, initializer, set_weight
+from pipeline.graph.rewrites import untie_constants
 
 Batch = dict[str, np.ndarray]
 EXACT = 1e-4
@@ -57,56 +55,53 @@ NORMALIZATIONS = {"LayerNormalization": (1, 2), "SkipLayerNormalization": (2, 3)
 PROJECTIONS = ("MatMul", "Attention")  # read the activation as input 0 and a weight [hidden, out] as input 1
 
 
-def smoothing_sites(model: onnx.ModelProto) -> dict[str, list[str]]:
+def smoothing_sites(model: ir.Model) -> dict[str, list[str]]:
     """Normalisation output -> the projection weights that read it: on an unfused BERT the Q, K, V
     and first FFN MatMuls, on a fused one the packed QKV of `Attention` and the FFN MatMul."""
-    init = {i.name: i for i in model.graph.initializer}
-    produced = {n.output[0]: n for n in model.graph.node if n.op_type in NORMALIZATIONS and n.output}
     sites: dict[str, list[str]] = {}
-    for node in model.graph.node:
-        if (node.op_type in PROJECTIONS and len(node.input) >= 2 and node.input[0] in produced
-                and node.input[1] in init and len(init[node.input[1]].dims) == 2):
-            sites.setdefault(node.input[0], []).append(node.input[1])
+    for node in model.graph:
+        if node.op_type not in PROJECTIONS or len(node.inputs) < 2 or node.inputs[0] is None:
+            continue
+        norm, weight = node.inputs[0].producer(), node.inputs[1]
+        if (norm is not None and norm.op_type in NORMALIZATIONS and node.inputs[0] is norm.outputs[0]
+                and initializer(weight) is not None and len(weight.shape or ()) == 2):  # type: ignore[union-attr]
+            sites.setdefault(node.inputs[0].name or "", []).append(weight.name or "")  # type: ignore[union-attr]
     return sites
 
 
-def smooth(model: onnx.ModelProto, batches: list[Batch], alpha: float = 0.5) -> tuple[onnx.ModelProto, SmoothReport]:
+def smooth(model: ir.Model, batches: list[Batch], alpha: float = 0.5) -> tuple[ir.Model, SmoothReport]:
     """A smoothed copy of `model` (see the module docstring); `model` is not modified."""
-    smoothed = onnx.ModelProto()
-    smoothed.CopyFrom(model)
-    # Exporters forward equal tensors (a LayerNorm's ones and zeros straight from initialisation)
-    # through Identity nodes; smoothing rewrites each LayerNorm's gamma and beta, so each gets its own.
-    untie_identities(smoothed)
+    smoothed = model.clone()  # shares the tensors, which smoothing replaces and never writes into
+    # Exporters share equal tensors (a LayerNorm's ones and zeros straight from initialisation)
+    # behind Identity nodes or directly; smoothing rewrites each LayerNorm's gamma and beta, so
+    # each gets its own.
+    untie_constants(smoothed)
     report = SmoothReport(alpha)
     sites = smoothing_sites(smoothed)
     if not sites:
         return smoothed, report
     act_max = _activation_max(model, list(sites), batches)
-    g = Graph(smoothed)
-    graph_outputs = {o.name for o in smoothed.graph.output}
-    producer = {o: n for n in smoothed.graph.node for o in n.output}
-    weight_uses: dict[str, int] = {}
-    for node in smoothed.graph.node:
-        for name in node.input:
-            weight_uses[name] = weight_uses.get(name, 0) + 1
+    graph = smoothed.graph
+    values = {v.name: v for node in graph for v in node.outputs}
     for tensor, weights in sites.items():
-        norm = producer[tensor]
+        activation = values[tensor]
+        norm = activation.producer()
+        assert norm is not None
         gamma_at, beta_at = NORMALIZATIONS[norm.op_type]
-        if (tensor in graph_outputs or any(weight_uses.get(w, 0) != 1 for w in weights)
-                or len(norm.input) <= beta_at or not norm.input[beta_at]):
+        readers = [graph.initializers[w] for w in weights]
+        if (activation.is_graph_output() or any(len(w.uses()) != 1 for w in readers)
+                or len(norm.inputs) <= beta_at or norm.inputs[beta_at] is None):
             report.skipped.append(tensor)  # a graph output, a shared weight or a normalisation without beta
             continue
-        w_max = np.max([np.abs(g.array(w)).max(axis=1) for w in weights], axis=0)
+        w_max = np.max([np.abs(initializer(w)).max(axis=1) for w in readers], axis=0)  # type: ignore[arg-type]
         scale = (np.maximum(act_max[tensor], 1e-5) ** alpha / np.maximum(w_max, 1e-5) ** (1 - alpha)).astype(np.float32)
         scale = np.clip(scale, 1e-2, 1e2)
-        for w in weights:
-            g.set_array(w, g.array(w) * scale[:, None])
+        for w in readers:
+            set_weight(w, initializer(w) * scale[:, None])
         for i, suffix in ((gamma_at, "gamma"), (beta_at, "beta")):  # own copies: they may be shared
-            name = f"{tensor}.smooth.{suffix}"
-            smoothed.graph.initializer.append(numpy_helper.from_array(g.array(norm.input[i]) / scale, name))
-            norm.input[i] = name
-        _restore_for_other_readers(smoothed, tensor, set(weights), scale)
-        g.reindex()
+            own = add_initializer(graph, constant(norm.inputs[i]) / scale, f"{tensor}.smooth.{suffix}")
+            norm.replace_input_with(i, own)
+        _restore_for_other_readers(graph, activation, set(readers), scale)
         report.smoothed.append({"tensor": tensor, "weights": len(weights),
                                 "activation_max_before": float(act_max[tensor].max()),
                                 "activation_max_after": float((act_max[tensor] / scale).max())})
@@ -115,26 +110,25 @@ def smooth(model: onnx.ModelProto, batches: list[Batch], alpha: float = 0.5) -> 
     return smoothed, report
 
 
-def _restore_for_other_readers(model: onnx.ModelProto, tensor: str, weights: set[str], scale: np.ndarray) -> None:
-    """Every reader of `tensor` except the smoothed projections reads tensor * scale."""
-    readers = [n for n in model.graph.node if tensor in n.input
-               and not (n.op_type in PROJECTIONS and n.input[0] == tensor and n.input[1] in weights)]
-    if not readers:
+def _restore_for_other_readers(graph: ir.Graph, activation: ir.Value, weights: set[ir.Value],
+                               scale: np.ndarray) -> None:
+    """Every reader of `activation` except the smoothed projections reads activation * scale."""
+    uses = [u for u in activation.uses()
+            if not (u.node.op_type in PROJECTIONS and u.idx == 0 and u.node.inputs[1] in weights)]
+    if not uses:
         return
-    restored, scale_name = f"{tensor}.smooth.restored", f"{tensor}.smooth.scale"
-    model.graph.initializer.append(numpy_helper.from_array(scale, scale_name))
-    for node in readers:
-        for i, name in enumerate(node.input):
-            if name == tensor:
-                node.input[i] = restored
-    mul = helper.make_node("Mul", [tensor, scale_name], [restored], name=f"{tensor}.smooth.restore")
-    position = next(i for i, n in enumerate(model.graph.node) if tensor in n.output) + 1
-    model.graph.node.insert(position, mul)
+    name = activation.name
+    scale_value = add_initializer(graph, scale, f"{name}.smooth.scale")
+    mul = ir.Node("", "Mul", [activation, scale_value], name=f"{name}.smooth.restore")
+    mul.outputs[0].name = f"{name}.smooth.restored"
+    for use in uses:
+        use.node.replace_input_with(use.idx, mul.outputs[0])
+    graph.insert_after(activation.producer(), mul)  # type: ignore[arg-type]
 
 
-def _activation_max(model: onnx.ModelProto, tensors: list[str], batches: list[Batch]) -> dict[str, np.ndarray]:
+def _activation_max(model: ir.Model, tensors: list[str], batches: list[Batch]) -> dict[str, np.ndarray]:
     """Per channel max |value| of each tensor over the non-padding tokens of `batches`."""
-    session = session_with_outputs(model, tensors)
+    session = graph_model.session(model, tensors)
     feeds = {i.name for i in session.get_inputs()}
     out: dict[str, np.ndarray] = {}
     for batch in batches:
@@ -145,11 +139,9 @@ def _activation_max(model: onnx.ModelProto, tensors: list[str], batches: list[Ba
     return out
 
 
-def _check_equivalent(before: onnx.ModelProto, after: onnx.ModelProto, batches: list[Batch]) -> float:
-    import onnxruntime as ort
-
+def _check_equivalent(before: ir.Model, after: ir.Model, batches: list[Batch]) -> float:
     worst = 0.0
-    sessions = [ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]) for m in (before, after)]
+    sessions = [graph_model.session(m) for m in (before, after)]
     feeds = {i.name for i in sessions[0].get_inputs()}
     for batch in batches:
         inputs = {k: v for k, v in batch.items() if k in feeds}
@@ -164,6 +156,6 @@ def _check_equivalent(before: onnx.ModelProto, after: onnx.ModelProto, batches: 
 
 
 def smooth_file(src: Path, out: Path, batches: list[Batch], alpha: float) -> SmoothReport:
-    model, report = smooth(onnx.load(str(src)), batches, alpha)
-    onnx.save(model, str(out))
+    model, report = smooth(graph_model.load(src), batches, alpha)
+    graph_model.save(model, out)
     return report

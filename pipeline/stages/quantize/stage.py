@@ -34,7 +34,8 @@ import numpy as np
 from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.errors import ShipyardError
-from pipeline.graph.proof import drop_dead, prove_runs
+from pipeline.graph import model as graph_model
+from pipeline.graph.proof import prove_runs
 from pipeline.names import QuantFormat
 from pipeline.parity.policy import stamp
 from pipeline.parity.runners import OrtRunner
@@ -59,14 +60,6 @@ def _quiet_quantizer() -> Iterator[None]:
             yield
     finally:
         root.setLevel(level)
-
-
-def _input_names(onnx_path: Path) -> list[str]:
-    import onnx
-
-    model = onnx.load(str(onnx_path), load_external_data=False)
-    initializers = {i.name for i in model.graph.initializer}
-    return [i.name for i in model.graph.input if i.name not in initializers]
 
 
 def _calibration_method(spec: QuantizeSpec) -> tuple[Any, dict[str, Any]]:
@@ -105,7 +98,7 @@ def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSp
 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"qdq-{len(excluded)}.onnx"
-        reader = ort_calibration_reader(batches, _input_names(prepared), uniform=spec.method != "minmax")
+        reader = ort_calibration_reader(batches, graph_model.input_names(prepared), uniform=spec.method != "minmax")
         quantize_static(
             str(prepared), str(out), reader,
             quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
@@ -128,23 +121,20 @@ def _float_inputs_for_excluded(path: Path, excluded: list[str]) -> None:
     LayerNorm output feeding Q, K and V), and the excluded node then reads the dequantized copy:
     it loses the precision it was kept in float for, and TensorRT sees a MatMul quantized on one
     input only. Rewired here, in place; Q/DQ pairs nobody reads any more are removed."""
-    import onnx
-
     if not excluded:
         return
-    model = onnx.load(str(path))
-    producer = {o: n for n in model.graph.node for o in n.output}
+    model = graph_model.load(path)
     names = set(excluded)
-    for node in model.graph.node:
+    for node in model.graph:
         if node.name not in names:
             continue
-        for i, tensor in enumerate(node.input):
-            dq = producer.get(tensor)
-            q = producer.get(dq.input[0]) if dq is not None and dq.op_type == "DequantizeLinear" else None
+        for i, value in enumerate(node.inputs):
+            dq = value.producer() if value is not None else None
+            q = dq.inputs[0].producer() if dq is not None and dq.op_type == "DequantizeLinear" and dq.inputs[0] else None
             if q is not None and q.op_type == "QuantizeLinear":
-                node.input[i] = q.input[0]
-    drop_dead(model)
-    onnx.save(model, str(path))
+                node.replace_input_with(i, q.inputs[0])
+    graph_model.drop_dead(model)
+    graph_model.save(model, path)
 
 
 def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | None = None):
@@ -212,11 +202,9 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         chosen, excluded, trials = sensitivity.search(
             quantize, evaluate, ranking, spec.fallback.min_agreement, spec.fallback.max_nodes,
         )
-        import onnx
-
-        model = onnx.load(str(chosen))
+        model = graph_model.load(chosen)
         stamp(model, "int8", seen_rows)
-        onnx.save(model, str(tmp))
+        graph_model.save(model, tmp)
         prove_runs(tmp, f"quantize {out}")
     return {
         "format": fmt, **options, "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)),
