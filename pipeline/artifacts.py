@@ -24,6 +24,23 @@ def sha256_file(path: Path) -> str:
     return digest.hexdigest()
 
 
+def external_data_files(path: Path) -> list[Path]:
+    """The external data files an ONNX graph file keeps its weights in (beside it), in the order
+    the weights name them; [] for any other file or a graph with its weights inline. A model over
+    protobuf's 2 GB limit has one: it is part of the artifact, hashed, cached and shipped with it."""
+    path = Path(path)
+    if path.suffix != ".onnx" or not path.is_file():
+        return []
+    import onnx
+
+    graph = onnx.load(str(path), load_external_data=False).graph
+    names: dict[str, None] = {}
+    for tensor in graph.initializer:
+        if tensor.data_location == onnx.TensorProto.EXTERNAL:
+            names.setdefault(next(e.value for e in tensor.external_data if e.key == "location"))
+    return [path.parent / name for name in names]
+
+
 @dataclass
 class Artifact:
     """A file a stage wrote, identified by its content. `kind` (fp32, pruned, fp16, int8) picks
@@ -38,6 +55,7 @@ class Artifact:
     sha256: str = ""
     size_bytes: int = 0
     kind: str = ""
+    external_data: dict[str, str] = field(default_factory=dict)  # data file name beside `path` -> sha256
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -46,9 +64,15 @@ class Artifact:
             self.refresh()
 
     def refresh(self) -> None:
-        """Re-read hash and size from disk (after a move, say)."""
+        """Re-read hashes and size (the graph's and its external data's) from disk."""
         self.sha256 = sha256_file(self.path)
-        self.size_bytes = self.path.stat().st_size
+        data = external_data_files(self.path) if self.format == "onnx" else []
+        self.external_data = {p.name: sha256_file(p) for p in data}
+        self.size_bytes = sum(p.stat().st_size for p in [self.path, *data])
+
+    def files(self) -> list[Path]:
+        """The artifact's files: the graph or engine, then its external data."""
+        return [self.path, *(self.path.parent / name for name in self.external_data)]
 
 
 @dataclass

@@ -76,14 +76,26 @@ def save(model: ir.Model, path: Path, data_name: str | None = None) -> list[Path
     """Write `model` to `path`, its weights inline, or in `data_name` (default `<path name>_data`)
     beside it when they exceed `EXTERNAL_DATA_ABOVE`. Returns the files written."""
     path = Path(path)
-    if weight_bytes(model) <= EXTERNAL_DATA_ABOVE:
-        with _initializers_untyped(model):
-            ir.save(model, str(path))
-        return [path]
-    data_name = data_name or external_data_name(path)
+    inline = weight_bytes(model) <= EXTERNAL_DATA_ABOVE
+    data = path.with_name(data_name or external_data_name(path))
+    # onnx-ir writes a tensor it read from external data back as a reference to that file, and
+    # invalidates the tensors that read the file it overwrites: read those into memory first. A
+    # Constant node's tensor is never moved to the new file (torch's exporter puts the position ids
+    # of a large model in external data), so it always is.
+    for value in model.graph.initializers.values():
+        tensor = value.const_value
+        if isinstance(tensor, ir.ExternalTensor) and (inline or Path(tensor.path).resolve() == data.resolve()):
+            value.const_value = ir.tensor(tensor.numpy(), name=value.name)
+    for node in model.graph:
+        for name, attribute in list(node.attributes.items()):
+            if attribute.type == ir.AttributeType.TENSOR and isinstance(attribute.value, ir.ExternalTensor):
+                node.attributes[name] = ir.AttrTensor(name, ir.tensor(attribute.value.numpy(), name=attribute.value.name))
     with _initializers_untyped(model):
-        ir.save(model, str(path), external_data=data_name, size_threshold_bytes=1024)
-    return [path, path.with_name(data_name)]
+        if inline:
+            ir.save(model, str(path))
+            return [path]
+        ir.save(model, str(path), external_data=data.name, size_threshold_bytes=1024)
+    return [path, data]
 
 
 def constant(value: ir.Value | None) -> np.ndarray | None:

@@ -63,7 +63,10 @@ class ArtifactRecord(_Strict):
     format: str
     precision: str
     sha256: str
-    size_bytes: int
+    size_bytes: int = Field(description="the file's size, with its external data")
+    external_data: dict[str, str] = Field(
+        default_factory=dict, description="a graph over protobuf's 2 GB limit: its external data files (beside it, by "
+        "name) and their sha256, verified with it")
     stage: str
     kind: str = Field(description="fp32, pruned, fp16 or int8: which thresholds gate it")
     options: dict[str, Any]
@@ -81,7 +84,7 @@ class ArtifactRecord(_Strict):
         passed = passed and (source_parity is None or bool(source_parity["passed"]))
         return cls(name=artifact.name, path=str(artifact.path.relative_to(folder)), format=artifact.format,
                    precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
-                   stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity,
+                   external_data=artifact.external_data, stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity,
                    source_parity=source_parity, passed=passed)
 
 

@@ -92,11 +92,24 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
             problems.append(f"{record.path}: listed in the manifest but missing")
         elif sha256_file(path) != record.sha256:
             problems.append(f"{record.path}: sha256 differs from the manifest")
+        elif data_problems := _external_data_problems(folder, record):
+            problems += data_problems
         elif record.format == "onnx":
             try:
                 check_onnx_file(path)
             except ShipyardError as err:
                 problems.append(f"{record.path}: {err}")
+    return problems
+
+
+def _external_data_problems(folder: Path, record) -> list[str]:
+    problems = []
+    for name, sha in record.external_data.items():
+        path = folder / Path(record.path).parent / name
+        if not path.is_file():
+            problems.append(f"{path.relative_to(folder)}: {record.path}'s external data, listed in the manifest but missing")
+        elif sha256_file(path) != sha:
+            problems.append(f"{path.relative_to(folder)}: {record.path}'s external data, sha256 differs from the manifest")
     return problems
 
 

@@ -30,7 +30,7 @@ from typing import Any, ParamSpec
 import numpy as np
 from pydantic import BaseModel
 
-from pipeline.artifacts import Artifact, StageResult, sha256_file
+from pipeline.artifacts import Artifact, StageResult, external_data_files, sha256_file
 from pipeline.errors import OutputError
 
 P = ParamSpec("P")  # a stage's parameters: `call` is type-checked against the stage it calls
@@ -210,14 +210,16 @@ def call_identity(value: Any, work: Path) -> Any:
     if value is None or isinstance(value, (bool, int, float, str)):
         return value
     if isinstance(value, Artifact):
-        return {"artifact": value.sha256, "name": value.name, "kind": value.kind, "precision": value.precision}
+        return {"artifact": value.sha256, "name": value.name, "kind": value.kind, "precision": value.precision,
+                **({"external_data": value.external_data} if value.external_data else {})}
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
     if isinstance(value, Path):
         if value.resolve().is_relative_to(work.resolve()):
             return {"in_work": str(value.resolve().relative_to(work.resolve()))}
         if value.is_file():
-            return {"file": sha256_file(value)}
+            data = {p.name: sha256_file(p) for p in external_data_files(value)}
+            return {"file": sha256_file(value), **({"external_data": data} if data else {})}
         return {"folder": folder_sha256(value)} if value.is_dir() else {"missing": str(value)}
     if isinstance(value, (list, tuple)):
         if value and all(isinstance(b, dict) and all(isinstance(a, np.ndarray) for a in b.values()) for b in value):
@@ -246,7 +248,7 @@ class CachedStages:
         if record is not None:
             return self._result(record), record["extra"]
         result = produce()
-        files = {str(p.relative_to(self.work)): p for p in [a.path for a in result.artifacts] + result.files}
+        files = {str(p.relative_to(self.work)): p for p in [f for a in result.artifacts for f in a.files()] + result.files}
         made: dict[str, Any] = extra(result)
         record = {"result": {k: getattr(result, k) for k in ("stage", "passed", "message", "seconds", "details")},
                   "artifacts": [{**{k: getattr(a, k) for k in ("name", "format", "precision", "stage", "options",

@@ -91,7 +91,7 @@ def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[P, S
         called = [work / out.name if a is OUT else a for a in args]
         result, _ = CachedStages(cache or StageCache(None), work).call(stage, fn, *called, **kwargs)  # type: ignore[arg-type]
         moved = {}
-        for path in [a.path for a in result.artifacts] + result.files:
+        for path in [f for a in result.artifacts for f in a.files()] + result.files:
             moved[path] = out.parent / path.relative_to(work)
             os.replace(path, moved[path])
     for artifact in result.artifacts:

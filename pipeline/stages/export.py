@@ -11,7 +11,8 @@ from pathlib import Path
 
 import numpy as np
 
-from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.artifacts import Artifact, StageResult, atomic_file, external_data_files
+from pipeline.graph import model as graph_model
 from pipeline.parity.runners import OrtRunner, TorchRunner
 from pipeline.parity.tasks import Task, collect, max_abs_diff
 from pipeline.recipe import ExportSpec
@@ -20,12 +21,13 @@ Batch = dict[str, np.ndarray]
 
 
 def export_onnx(model_dir: Path, out_path: Path, opset: int, task: str = "text-classification") -> None:
-    """Optimum export of `model_dir` to one ONNX file at `out_path` (written atomically)."""
+    """Optimum export of `model_dir` to `out_path` (written atomically; a model over 2 GB keeps its
+    weights in `<name>_data` beside it)."""
     with atomic_file(out_path) as tmp_file:
-        _export_into(model_dir, tmp_file, opset, task)
+        _export_into(model_dir, tmp_file, opset, task, out_path)
 
 
-def _export_into(model_dir: Path, tmp_file: Path, opset: int, task: str) -> None:
+def _export_into(model_dir: Path, tmp_file: Path, opset: int, task: str, out_path: Path) -> None:
     import transformers
     from optimum.exporters.onnx import main_export
 
@@ -44,7 +46,11 @@ def _export_into(model_dir: Path, tmp_file: Path, opset: int, task: str) -> None
                 local_files_only=True,
                 trust_remote_code=False,  # never run code shipped in a model folder
             )
-        shutil.move(str(Path(work) / "model.onnx"), tmp_file)
+        exported = Path(work) / "model.onnx"
+        if external_data_files(exported):  # Optimum's model.onnx_data: renamed after the artifact
+            graph_model.save(graph_model.load(exported), tmp_file, graph_model.external_data_name(out_path))
+        else:
+            shutil.move(str(exported), tmp_file)
 
 
 def run(
@@ -61,7 +67,7 @@ def run(
     # The file is renamed into place only once the gate has run (pass or fail): a crash on the
     # way leaves no unchecked ONNX behind.
     with atomic_file(out_path) as tmp_file:
-        _export_into(model_dir, tmp_file, spec.opset, task.name)
+        _export_into(model_dir, tmp_file, spec.opset, task.name, out_path)
         expected = collect(reference, validation_batches, task)
         got = collect(OrtRunner(tmp_file), validation_batches, task)
     artifact = Artifact(

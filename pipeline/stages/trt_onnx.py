@@ -79,7 +79,7 @@ def to_float16(src: Path, out: Path, output_fp16: bool, kind: str = "fp16") -> d
     typed = graph_model.from_proto(wrapped.model)
     stamp(typed, kind)
     with atomic_file(out) as tmp:
-        graph_model.save(typed, tmp)
+        graph_model.save(typed, tmp, graph_model.external_data_name(out))
         prove_runs(tmp, f"typed ONNX {out}")
     return {
         "conversion": "onnxruntime.transformers float16", "float32_ops": FLOAT32_OPS,

@@ -351,7 +351,7 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
         stamp(model, "pruned", seen)
         model.metadata_props[PRUNED_MARK] = json.dumps({"recovered": True})
         with atomic_file(out) as out_tmp:
-            graph_model.save(model, out_tmp)
+            graph_model.save(model, out_tmp, graph_model.external_data_name(out))
             prove_runs(out_tmp, f"recover {out}")
         if folder.exists():
             shutil.rmtree(folder)

@@ -133,7 +133,7 @@ class Pruner:
         with atomic_file(out_path) as tmp:
             keep, pruned, sparse, plan = self.build(fraction)
             stamp(pruned, "pruned", seen_rows)
-            graph_model.save(pruned, tmp)
+            graph_model.save(pruned, tmp, graph_model.external_data_name(out_path))
             prove_runs(tmp, f"prune {out_path}")
         config = pruned_config(self.model_config, keep, heads_remove, sparse)
         config_path = out_path.with_name(out_path.stem + ".config.json")

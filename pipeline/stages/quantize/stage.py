@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import io
 import logging
-import shutil
 import tempfile
 import time
 from collections.abc import Callable, Iterator, Sequence
@@ -32,7 +31,7 @@ from typing import Any
 import numpy as np
 
 from calibration.readers import ort_calibration_reader
-from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.artifacts import Artifact, StageResult, atomic_file, external_data_files
 from pipeline.errors import ShipyardError
 from pipeline.graph import model as graph_model
 from pipeline.graph.proof import prove_runs
@@ -84,7 +83,8 @@ def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSp
 
     prepared = work / "prepared.onnx"
     # Symbolic shape inference fails on Optimum's BERT export; ONNX shape inference suffices.
-    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True)
+    large = bool(external_data_files(src))  # past protobuf's 2 GB: every tool writes external data
+    quant_pre_process(str(src), str(prepared), skip_symbolic_shape=True, save_as_external_data=large)
     method, method_options = _calibration_method(spec)
     extra = {
         "ActivationSymmetric": True,
@@ -104,7 +104,7 @@ def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSp
             quant_format=QuantFormat.QDQ, op_types_to_quantize=QUANTIZED_OPS, per_channel=True,
             activation_type=QuantType.QInt8, weight_type=QuantType.QInt8,
             calibrate_method=method, nodes_to_exclude=excluded, extra_options=extra,
-            calibration_cache_path=str(cache),
+            calibration_cache_path=str(cache), use_external_data_format=large,
         )
         _float_inputs_for_excluded(out, excluded)
         return out
@@ -146,14 +146,15 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | 
     # num_heads/hidden_size 0: the optimizer reads them from the graph's Reshape shapes.
     optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
     fused_ops = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
-    optimized.save_model_to_file(str(fused))
+    large = bool(external_data_files(src))  # past protobuf's 2 GB: every tool writes external data
+    optimized.save_model_to_file(str(fused), use_external_data_format=large)
     smoothing = smooth_with(fused) if smooth_with else None  # after fusion: it keeps Attention fusable
 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"cpu-{len(excluded)}.onnx"
         quantize_dynamic(
             str(fused), str(out), weight_type=QuantType.QInt8, per_channel=True,
-            nodes_to_exclude=excluded,
+            nodes_to_exclude=excluded, use_external_data_format=large,
             # The fused graph loses some value_info; without a default type the quantizer stops.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -177,14 +178,14 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         work = Path(work_dir)
         smoothing = spec.smoothing if fmt in spec.smoothing.formats else None
 
-        def smooth_with(path: Path) -> dict:  # in place: the graph is this stage's own copy
-            return smooth_file(path, path, batches, spec.smoothing.alpha).to_dict()
+        def smooth_with(path: Path, into: Path | None = None) -> dict:  # by default in place: the stage's own copy
+            return smooth_file(path, into or path, batches, spec.smoothing.alpha).to_dict()
 
         if fmt == "qdq":
             smoothed = {}
             if smoothing:
-                shutil.copyfile(src, work / "smoothed.onnx")
-                src, smoothed = work / "smoothed.onnx", {"smoothing": smooth_with(work / "smoothed.onnx")}
+                smoothed = {"smoothing": smooth_with(src, work / "smoothed.onnx")}
+                src = work / "smoothed.onnx"
             graph, quantize, options = _qdq_quantizer(src, work, batches, spec)
             options.update(smoothed)
         else:
@@ -204,7 +205,7 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         )
         model = graph_model.load(chosen)
         stamp(model, "int8", seen_rows)
-        graph_model.save(model, tmp)
+        graph_model.save(model, tmp, graph_model.external_data_name(out))
         prove_runs(tmp, f"quantize {out}")
     return {
         "format": fmt, **options, "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)),
