@@ -80,3 +80,32 @@ def test_standalone_export_gates_on_data_rows_as_a_run_does(tiny, tiny_holdout_s
     assert json.loads(probes.output)["rows"] == 8
     missing = invoke("export", "--model", tiny.model, "--out", tmp_path / "n.onnx", "--data", tmp_path / "no.csv")
     assert missing.exit_code == 2 and "no.csv not found" in missing.output and not (tmp_path / "n.onnx").exists()
+
+
+def test_prune_standalone_and_in_a_run_give_the_same_bytes(tiny, tiny_holdout_small, tmp_path):
+    """The run's prune stage records the rows it scored on (calibration), as the standalone
+    command does; it recorded the tuning rows too, which it never read."""
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={
+        "prune": {"enabled": True, "ffn_fraction": 0.25, "heads_per_layer": 1}, "quantize": {"formats": ["cpu"]}})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"] = {"calibration": {"path": str(tiny_holdout_small), "samples": 64},
+                   "evaluation": {"path": str(tiny_holdout_small), "samples": 100},
+                   "tuning_samples": 32, "max_length": 48, "text_column": "text", "padding": "max_length"}
+    raw["thresholds"] = {"int8": {"min_agreement": 0.5}, "pruned": {"min_agreement": 0.5}}
+    recipe.write_text(yaml.safe_dump(raw))
+    run = invoke("run", recipe, "--out", tmp_path / "release", "--no-cache", "--json")
+    assert run.exit_code == 0, run.output
+    in_run = {a["name"]: a for a in json.loads(run.output)["manifest"]["artifacts"]}
+
+    (tmp_path / "alone").mkdir()
+    exported, pruned = tmp_path / "alone" / "model.onnx", tmp_path / "alone" / "model.pruned.onnx"
+    assert invoke("export", "--model", tiny.model, "--out", exported, "--no-cache", "--quiet").exit_code == 0
+    result = invoke("prune", "--model", exported, "--out", pruned, "--calibration", tiny_holdout_small,
+                    "--tokenizer", tiny.model, "--ffn", 0.25, "--heads-per-layer", 1, "--samples", 64,
+                    "--max-length", 48, "--no-cache", "--json")
+    assert result.exit_code == 0, result.output
+    alone = json.loads(result.output)
+    assert alone["sha256"] == in_run["model.pruned"]["sha256"]
+    assert alone["options"] == in_run["model.pruned"]["options"]
+    for name in ("model.pruned.config.json", "model.pruned.plan.json"):
+        assert (tmp_path / "alone" / name).read_bytes() == (tmp_path / "release" / name).read_bytes()

@@ -199,9 +199,9 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
     prune_spec = spec.model_copy(update={"recover": RecoverSpec()})
     out = work / "model.pruned.onnx"
     with progress.task("prune (FFN neurons, attention heads)"):
-        if spec.budget is None:
+        if spec.budget is None:  # scored on the calibration rows, and those are all it saw
             pruned, _ = stages.call("prune", prune.run, fp32, prune_spec, out, prepared.calibration.batches,
-                                    inputs.info.config, seen)
+                                    inputs.info.config, sorted(set(prepared.calibration.digests)))
         else:
             trial_recovery = recovery if spec.budget.recovered else None
             settings = {"reference": recipe.model.path, "max_length": recipe.data.max_length,
