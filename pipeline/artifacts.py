@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import OutputError
-from pipeline.names import Precision
+from pipeline.names import Kind, Precision
 
 
 def sha256_file(path: Path) -> str:
@@ -41,10 +41,18 @@ def external_data_files(path: Path) -> list[Path]:
     return [path.parent / name for name in names]
 
 
+def kind_of(precision: str, from_pruned: bool) -> Kind:
+    """The gate an artifact answers to: float models made from a pruned one take the pruned gate
+    (pruning, not precision, dominates their error); INT8 ones always take the INT8 gate."""
+    return "pruned" if from_pruned and precision != "int8" else precision  # type: ignore[return-value]
+
+
 @dataclass
 class Artifact:
-    """A file a stage wrote, identified by its content. `kind` (fp32, pruned, fp16, int8) picks
-    the gate that judges it; the stage that makes the artifact decides it (`pipeline.parity.policy`)."""
+    """A file a stage wrote, identified by its content. Its lineage, `from_pruned` (a pruned or
+    recovered graph is the artifact or in its ancestry), is set once by the stage that makes it,
+    from its source's; `kind` (fp32, pruned, fp16, int8), the gate that judges it, follows from
+    that and its precision (`kind_of`)."""
 
     name: str
     path: Path
@@ -55,11 +63,12 @@ class Artifact:
     sha256: str = ""
     size_bytes: int = 0
     kind: str = ""
+    from_pruned: bool = False
     external_data: dict[str, str] = field(default_factory=dict)  # data file name beside `path` -> sha256
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
-        self.kind = self.kind or self.precision
+        self.kind = self.kind or kind_of(self.precision, self.from_pruned)
         if not self.sha256 and self.path.exists():
             self.refresh()
 

@@ -177,6 +177,12 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     int8 = next(a for a in manifest["artifacts"] if a["name"] == "model.int8.qdq")
     assert recovered["kind"] == "pruned" and recovered["parity"]["gate"]["max_abs_diff"] is None
     assert int8["options"]["source_sha256"] == recovered["sha256"]
+    # Lineage, recorded once by each stage from its source's: everything after the recovery has it.
+    assert {a["name"]: a["from_pruned"] for a in manifest["artifacts"]} == {
+        a["name"]: a["name"] != "model.fp32" for a in manifest["artifacts"]}
+    from pipeline.run.standalone import artifact_kind
+
+    assert artifact_kind(release / "model.int8.qdq.onnx") == ("int8", "int8", True)  # what shipyard build records
     trials = stages["prune"]["details"]["budget_trials"]  # each candidate judged after 4 recovery steps
     assert len(trials) in (1, 2, 3)
     passing = [t["ffn_fraction"] for t in trials if t["agreement"] >= 0.9]  # the budget's min_agreement

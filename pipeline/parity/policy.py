@@ -22,6 +22,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
+from pipeline.artifacts import kind_of as kind_of
 from pipeline.errors import RecipeError
 from pipeline.names import METRICS, Kind, Padding
 from pipeline.recipe import Gate, Thresholds
@@ -58,12 +59,6 @@ def gated_metric(chosen: str | None, task: str, labelled: bool, where: str = "th
     if not labelled or not allowed:
         return None
     return chosen or allowed[0]
-
-
-def kind_of(precision: str, pruned: bool) -> Kind:
-    """Float models made from a pruned one take the pruned gate (pruning, not precision,
-    dominates their error); INT8 ones always take the INT8 gate."""
-    return "pruned" if pruned and precision != "int8" else precision  # type: ignore[return-value]
 
 
 def gate_for(thresholds: Thresholds, kind: str, labelled: bool) -> Gate:

@@ -69,6 +69,8 @@ class ArtifactRecord(_Strict):
         "name) and their sha256, verified with it")
     stage: str
     kind: str = Field(description="fp32, pruned, fp16 or int8: which thresholds gate it")
+    from_pruned: bool = Field(False, description="a pruned or recovered graph is this artifact or in its ancestry "
+                              "(then it is also gated against that graph)")
     options: dict[str, Any]
     parity: dict[str, Any] | None = Field(None, description="ParityReport against PyTorch")
     source_parity: dict[str, Any] | None = Field(
@@ -84,7 +86,7 @@ class ArtifactRecord(_Strict):
         passed = passed and (source_parity is None or bool(source_parity["passed"]))
         return cls(name=artifact.name, path=str(artifact.path.relative_to(folder)), format=artifact.format,
                    precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
-                   external_data=artifact.external_data, stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity,
+                   external_data=artifact.external_data, from_pruned=artifact.from_pruned, stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity,
                    source_parity=source_parity, passed=passed)
 
 

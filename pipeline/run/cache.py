@@ -211,6 +211,7 @@ def call_identity(value: Any, work: Path) -> Any:
         return value
     if isinstance(value, Artifact):
         return {"artifact": value.sha256, "name": value.name, "kind": value.kind, "precision": value.precision,
+                "from_pruned": value.from_pruned,
                 **({"external_data": value.external_data} if value.external_data else {})}
     if isinstance(value, BaseModel):
         return value.model_dump(mode="json")
@@ -252,7 +253,7 @@ class CachedStages:
         made: dict[str, Any] = extra(result)
         record = {"result": {k: getattr(result, k) for k in ("stage", "passed", "message", "seconds", "details")},
                   "artifacts": [{**{k: getattr(a, k) for k in ("name", "format", "precision", "stage", "options",
-                                                                   "kind")}, "path": str(a.path.relative_to(self.work))}
+                                                                   "kind", "from_pruned")}, "path": str(a.path.relative_to(self.work))}
                                 for a in result.artifacts],
                   "files": [str(p.relative_to(self.work)) for p in result.files], "extra": made}
         self.cache.store(key, files, json.loads(json.dumps(record, default=str)))

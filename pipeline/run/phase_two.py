@@ -77,19 +77,20 @@ def _typed_onnx(manifest: Manifest, release: Path, name: str) -> tuple[Artifact,
     if artifact is None:
         raise ShipyardError(f"{release}: target {name}'s ONNX {record.onnx} is not a listed artifact; re-run the release")
     typed = Artifact(name=artifact.name, path=release / artifact.path, format=artifact.format,
-                     precision=cast(Precision, artifact.precision), stage=artifact.stage, options=artifact.options, kind=artifact.kind)
+                     precision=cast(Precision, artifact.precision), stage=artifact.stage, options=artifact.options, kind=artifact.kind,
+                     from_pruned=artifact.from_pruned)
     return typed, record.onnx
 
 
 def _pruned_source(manifest: Manifest, release: Path) -> Artifact | None:
     """The release's pruned (or recovered) FP32 graph, which its engines are also gated against
     (`pipeline.parity.policy.gates_for`); None for a release that does not prune."""
-    record = next((a for a in manifest.artifacts if a.kind == "pruned" and a.stage in ("prune", "recover")), None)
+    record = next((a for a in manifest.artifacts if a.from_pruned and a.stage in ("prune", "recover")), None)
     if record is None:
         return None
     return Artifact(name=record.name, path=release / record.path, format=record.format, precision=cast(Precision, record.precision),
                     stage=record.stage, options=record.options, sha256=record.sha256, size_bytes=record.size_bytes,
-                    kind=record.kind)
+                    kind=record.kind, from_pruned=True)
 
 
 def build_from_release(release: Path, target_name: str, out: Path, overwrite: bool = False,

@@ -24,6 +24,7 @@ from pipeline.inputs.model import check_max_length, inspect_model
 from pipeline.names import METRICS, Precision, QuantFormat
 from pipeline.parity.compare import ParityReport
 from pipeline.parity.policy import (
+    PRUNED_MARK,
     STANDALONE_BATCH,
     STANDALONE_SEED,
     gated_metric,
@@ -193,8 +194,9 @@ def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, method: str, ca
 
 def input_artifact(path: Path) -> Artifact:
     """An ONNX file given on the command line, with the kind its record (or its graph) says."""
-    precision, kind = artifact_kind(path)
-    return Artifact(name=Path(path).stem, path=path, format="onnx", precision=precision, stage="input", kind=kind)
+    precision, kind, from_pruned = artifact_kind(path)
+    return Artifact(name=Path(path).stem, path=path, format="onnx", precision=precision, stage="input", kind=kind,
+                    from_pruned=from_pruned)
 
 
 def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
@@ -237,21 +239,23 @@ def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_
         return one_stage("prune", out, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, used)
 
 
-def artifact_kind(path: Path) -> tuple[Precision, str]:
-    """(precision, kind) of an artifact, as the stage that made it recorded it (`pipeline.parity.policy`);
-    an engine's come from the build record `shipyard build` wrote beside it, and an ONNX file
-    Shipyard did not write is classified from its graph."""
+def artifact_kind(path: Path) -> tuple[Precision, str, bool]:
+    """(precision, kind, from_pruned) of an artifact, as the stage that made it recorded them
+    (`pipeline.parity.policy`): an ONNX file's in its metadata (the prune mark travels into every
+    graph made from a pruned one), an engine's in the build record `shipyard build` wrote beside
+    it. An ONNX file Shipyard did not write is classified from its graph."""
     import onnx_ir as ir
 
     if Path(path).suffix in ENGINE_SUFFIXES:
         record = _engine_record(path)
         built = cast(Precision, record["precision"])
-        return built, record.get("kind") or kind_of(built, record.get("pruned", False))
+        from_pruned = bool(record.get("pruned", False)) or record.get("kind") == "pruned"
+        return built, record.get("kind") or kind_of(built, from_pruned), from_pruned
     model = graph_model.load(path)
     kind = recorded_kind(model) or graph_kind(model)
     fp16 = any(v.dtype == ir.DataType.FLOAT16 for v in model.graph.initializers.values())
     precision: Precision = "int8" if kind == "int8" else "fp16" if fp16 else "fp32"
-    return precision, kind
+    return precision, kind, PRUNED_MARK in model.metadata_props or kind == "pruned"
 
 
 def _engine_record(engine: Path) -> dict:
@@ -275,7 +279,7 @@ def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path) -> Tar
     if ref not in ARCHITECTURES:
         raise ShipyardError(f"--target {ref}: pass --recipe to use a recipe target, or an architecture "
                             f"({', '.join(ARCHITECTURES)})")
-    precision, _ = artifact_kind(model_path)
+    precision, _, _ = artifact_kind(model_path)
     return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE])
 
 
@@ -292,8 +296,8 @@ def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path |
     if not readiness:
         return None, readiness
     record = build.build_engine(build.plan_build(target, model_path), out, env)
-    precision, kind = artifact_kind(model_path)
-    write_json(Path(f"{out}.json"), {**vars(record), "precision": precision, "kind": kind, "pruned": kind == "pruned",
+    precision, kind, from_pruned = artifact_kind(model_path)
+    write_json(Path(f"{out}.json"), {**vars(record), "precision": precision, "kind": kind, "pruned": from_pruned,
                                      "target": json.loads(target.model_dump_json()),
                                      "readiness": readiness.to_dict()})
     return record, None
@@ -329,7 +333,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     rows = datamod.load_sample(data, columns, samples, STANDALONE_SEED, "evaluation", encoding, exclude=seen)
     encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, "max_length", spec.name)
     evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
-    precision, kind = artifact_kind(artifact)
+    precision, kind, from_pruned = artifact_kind(artifact)
     gates = gates_for(Thresholds(), kind, precision, source is not None, labelled)
     default = gates.source or gates.reference  # the artifact's own gate, which explicit thresholds set
     own = Gate(
@@ -341,7 +345,8 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     with progress.task("PyTorch reference", total=len(rows)) as advance:
         runner = TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle)
         reference_outputs = collect(runner, evaluation.batches, spec, advance)
-    target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input", kind=kind)
+    target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input", kind=kind,
+                      from_pruned=from_pruned)
     with progress.task(f"validate {artifact.name}", total=len(rows)) as advance:
         _, report = validate.run(target, reference_outputs, evaluation, gate, chosen_metric, info.id2label, spec,
                                  advance)

@@ -102,9 +102,8 @@ def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: Readine
             message=f"failed: {failed}", details={"target": target.name, "status": BUILD_FAILED, "reason": str(failed)},
         )
     artifact = Artifact(name=f"engine.{target.name}", path=out, format="tensorrt-engine",
-                        precision=onnx.precision, stage="build", kind=onnx.kind,
+                        precision=onnx.precision, stage="build", from_pruned=onnx.from_pruned,
                         options={"target": target.name, "arch": target.arch, "source": onnx.name,
-                                 "pruned": onnx.kind == "pruned" or bool(onnx.options.get("pruned")),
                                  "trt_version": record.trt_version, "gpu": record.gpu_name,
                                  "compute_capability": record.compute_capability})
     return artifact, vars(record), StageResult(

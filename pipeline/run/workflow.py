@@ -151,7 +151,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
                 target_onnx.update(dict.fromkeys(names, typed))
 
         # Artifacts converted from a pruned graph are also gated against it (`pipeline.parity.policy.gates_for`).
-        source_outputs = inputs.source_outputs(dense, cache, progress) if dense.kind == "pruned" else None
+        source_outputs = inputs.source_outputs(dense, cache, progress) if dense.from_pruned else None
 
         def validate_artifact(artifact: Artifact) -> None:
             converted = source_outputs if artifact not in (fp32, dense) else None

@@ -93,12 +93,11 @@ def run(variant: TypedVariant, source: Artifact, out_dir: Path, targets: list[st
     started = time.perf_counter()
     out = Path(out_dir) / f"{variant.name}.onnx"
     precision: Precision = "int8" if variant.precision == "int8" else "fp16"
-    pruned = source.kind == "pruned" or bool(source.options.get("pruned"))
-    kind = kind_of(precision, pruned)
-    options = to_float16(source.path, out, variant.output_dtype == "fp16", kind)
+    options = to_float16(source.path, out, variant.output_dtype == "fp16", kind_of(precision, source.from_pruned))
     artifact = Artifact(
-        name=variant.name, path=out, format="onnx", precision=precision, stage="trt-onnx", kind=kind,
-        options={"source": source.name, "source_sha256": source.sha256, "targets": targets, "pruned": pruned,
+        name=variant.name, path=out, format="onnx", precision=precision, stage="trt-onnx",
+        from_pruned=source.from_pruned,
+        options={"source": source.name, "source_sha256": source.sha256, "targets": targets,
                  "non_quantized": variant.non_quantized, **options},
     )
     return StageResult(

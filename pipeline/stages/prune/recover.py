@@ -357,7 +357,7 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
             shutil.rmtree(folder)
         shutil.move(str(model_dir), str(folder))
     artifact = Artifact(name="model.recovered", path=Path(out), format="onnx", precision="fp32", stage="recover",
-                        kind="pruned", options={"model_folder": folder.name, "recovery": report.to_dict()})
+                        from_pruned=True, options={"model_folder": folder.name, "recovery": report.to_dict()})
     return StageResult(
         stage="recover", artifacts=[artifact], seconds=report.seconds,
         message=(f"{report.steps} steps on {report.training_rows} rows in {report.seconds:.0f} s: tuning agreement "

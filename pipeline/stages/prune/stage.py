@@ -143,7 +143,7 @@ class Pruner:
         with atomic_file(plan_file) as tmp:
             tmp.write_text(plan.to_json())
         artifact = Artifact(
-            name="model.pruned", path=out_path, format="onnx", precision="fp32", stage="prune", kind="pruned",
+            name="model.pruned", path=out_path, format="onnx", precision="fp32", stage="prune", from_pruned=True,
             options={
                 "source_sha256": src.sha256, "ffn_fraction": fraction, "ffn_scope": spec.ffn_scope,
                 "intermediate_sizes": config["shipyard_pruning"]["intermediate_sizes"],

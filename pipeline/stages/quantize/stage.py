@@ -223,8 +223,8 @@ def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, cal
     started = time.perf_counter()
     options = quantize_to(src.path, out_path, fmt, spec, calibration_batches, tuning_batches, task, seen_rows)
     artifact = Artifact(
-        name=f"model.int8.{fmt}", path=out_path, format="onnx", precision="int8", kind="int8",
-        stage="quantize", options={"source_sha256": src.sha256, "pruned": src.kind == "pruned", **options},
+        name=f"model.int8.{fmt}", path=out_path, format="onnx", precision="int8", from_pruned=src.from_pruned,
+        stage="quantize", options={"source_sha256": src.sha256, **options},
     )
     chosen = next(t for t in options["fallback"]["trials"] if t["excluded"] == len(options["float_nodes"]))
     return StageResult(
