@@ -49,9 +49,10 @@ def _agreement(tiny, data, artifact) -> dict:
 def test_recovery_wins_back_agreement_on_rows_it_never_saw(tiny, tiny_holdout_small, heavy, tmp_path):
     _, pruned = heavy
     out = tmp_path / "recovered.onnx"
-    result = invoke("recover", "--reference", tiny.model, "--pruned", pruned, "--data", tiny_holdout_small,
-                    "--label-column", "sentiment", "--samples", "320", "--tuning-samples", "64",
-                    "--max-steps", "40", "--learning-rate", "1e-4", "--max-length", "64", "--out", out, "--json")
+    args = ("recover", "--reference", tiny.model, "--pruned", pruned, "--data", tiny_holdout_small,
+            "--label-column", "sentiment", "--samples", "320", "--tuning-samples", "64", "--max-steps", "40",
+            "--learning-rate", "1e-4", "--max-length", "64", "--cache-dir", tmp_path / "cache", "--json")
+    result = invoke(*args, "--out", out)
     assert result.exit_code == 0, result.output
     report = json.loads(result.output)
     assert report["steps"] >= 10 and report["agreement_after"] > report["agreement_before"]
@@ -69,6 +70,17 @@ def test_recovery_wins_back_agreement_on_rows_it_never_saw(tiny, tiny_holdout_sm
     assert after["gate"]["max_abs_diff"] is None  # gated with the pruned thresholds
     assert after["details"]["left_out_rows_the_artifact_saw"] == seen
     assert after["agreement"] > before["agreement"], (before["agreement"], after["agreement"])
+
+    # The run's recover stage, through the same stage cache: served, the model folder with it.
+    entries = sorted((tmp_path / "cache" / "stages").iterdir())
+    (tmp_path / "again").mkdir()
+    again = invoke(*args, "--out", tmp_path / "again" / "recovered.onnx")
+    assert again.exit_code == 0, again.output
+    assert sorted((tmp_path / "cache" / "stages").iterdir()) == entries
+    assert (tmp_path / "again" / "recovered.onnx").read_bytes() == out.read_bytes()
+    assert {p.name: p.read_bytes() for p in (tmp_path / "again" / "recovered.model").iterdir()} == {
+        p.name: p.read_bytes() for p in folder.iterdir()}
+    assert not [p for p in (tmp_path / "again").iterdir() if p.name.startswith(".")]
 
 
 def test_recover_refuses_a_graph_without_a_plan_or_with_uneven_layers(tiny, tiny_holdout_small, heavy, tmp_path):

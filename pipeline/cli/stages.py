@@ -194,18 +194,21 @@ def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: 
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="Default: the reference model head's task.")
 @encoding_option
+@cache_options
 @output_options
 def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
                 text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
                 learning_rate: float, batch_size: int, temperature: float, label_weight: float, hidden_weight: float,
                 dropout: bool, samples: int, tuning_samples: int, eval_every: int, patience: int, max_length: int,
-                seed: int, task: str | None, encoding: str | None, quiet: bool, as_json: bool) -> None:
+                seed: int, task: str | None, encoding: str | None, cache, quiet: bool, as_json: bool) -> None:
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
     from calibration.sampling import Columns
     from pipeline.parity.runners import check_onnx_file
     from pipeline.recipe import RecoverSpec
-    from pipeline.stages.prune.recover import TrainingData, recover
+    from pipeline.run.standalone import OUT, input_artifact, one_stage
+    from pipeline.stages.prune import recover as recover_stage
+    from pipeline.stages.prune.recover import TrainingData
 
     check_onnx_file(pruned_path)
     spec = RecoverSpec(enabled=True, epochs=epochs, max_steps=max_steps, learning_rate=learning_rate,
@@ -213,9 +216,12 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
                        hidden_weight=hidden_weight, dropout=dropout, tuning_samples=tuning_samples,
                        eval_every=eval_every, patience=patience, seed=seed)
     training = TrainingData(data, Columns(text_column, text_pair_column, label_column), samples, encoding)
-    result, report = recover(reference, pruned_path, training, out, spec, max_length, task,
-                             progress_for(quiet, as_json))
-    finish(result.passed, {"out": str(out), **report.to_dict()}, f"recover {out}: {result.message}", quiet, as_json)
+    # As a run's recover stage: the same call, through the same stage cache.
+    result = one_stage("recover", out, cache, recover_stage.run, reference, input_artifact(pruned_path), training, OUT,
+                       spec, max_length, task, schema_default("export.opset"), (),
+                       progress=progress_for(quiet, as_json))
+    finish(result.passed, {"out": str(out), **result.details["recovery"]}, f"recover {out}: {result.message}", quiet,
+           as_json)
 
 
 @cli.command("validate")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -91,10 +92,13 @@ def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[P, S
         work = Path(tmp)
         called = [work / out.name if a is OUT else a for a in args]
         result, _ = CachedStages(cache or StageCache(None), work).call(stage, fn, *called, **kwargs)  # type: ignore[arg-type]
-        moved = {}
-        for path in [f for a in result.artifacts for f in a.files()] + result.files:
-            moved[path] = out.parent / path.relative_to(work)
-            os.replace(path, moved[path])
+        moved = {path: out.parent / path.relative_to(work)
+                 for path in [f for a in result.artifacts for f in a.files()] + result.files}
+        # Files and whole folders (recover's model folder) replace what is beside `out`.
+        for top in dict.fromkeys(path.relative_to(work).parts[0] for path in moved):
+            if (work / top).is_dir() and (out.parent / top).is_dir():
+                shutil.rmtree(out.parent / top)
+            os.replace(work / top, out.parent / top)
     for artifact in result.artifacts:
         artifact.path = moved[artifact.path]
     result.files = [moved[p] for p in result.files]

@@ -20,7 +20,6 @@ from pipeline.artifacts import (
     StageResult,
     atomic_dir,
     check_output_dir,
-    sha256_file,
 )
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, RecoverSpec
@@ -43,8 +42,7 @@ from pipeline.run.context import RunInputs
 from pipeline.run.lock import release_lock
 from pipeline.stages import export, prune, quantize, trt_onnx
 from pipeline.stages.build import BuildUnavailable
-from pipeline.stages.prune.plan import plan_path
-from pipeline.stages.prune.recover import recover
+from pipeline.stages.prune import recover as recover_stage
 
 
 @dataclass
@@ -212,16 +210,11 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
     if recovery is None:
         return [pruned], pruned.artifacts[0]
     source = pruned.artifacts[0]
-
-    def distil() -> StageResult:
-        result, _ = recover(recipe.model.path, source.path, recovery.data, work / "model.recovered.onnx",
-                            recovery.spec, recipe.data.max_length, task.name, progress, recipe.stages.export.opset,
-                            tuple(seen))
-        return result
-
-    recovered, _ = stages.run("recover", {"pruned": source.sha256, "plan": sha256_file(plan_path(source.path)),
-                                          **recovery.key}, distil)
-    source.path.unlink()
+    recovered, _ = stages.call("recover", recover_stage.run, recipe.model.path, source, recovery.data,
+                               work / "model.recovered.onnx", recovery.spec, recipe.data.max_length, task.name,
+                               recipe.stages.export.opset, tuple(seen), progress=progress)
+    for path in source.files():
+        path.unlink()
     return [pruned, recovered], recovered.artifacts[0]
 
 

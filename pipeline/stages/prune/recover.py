@@ -86,6 +86,14 @@ class TrainingData:
     encoding: str | None = None
     exclude: frozenset[str] = frozenset()  # row digests: a recipe's evaluation and tuning rows
 
+    def cache_identity(self) -> dict[str, Any]:
+        """What the stage cache's key records of the training data: its content, not its path."""
+        from pipeline.release.manifest import folder_sha256
+
+        content = sha256_file(self.path) if Path(self.path).is_file() else folder_sha256(self.path)
+        return {"content": content, "columns": [self.columns.text, self.columns.text_pair, self.columns.label],
+                "samples": self.samples, "encoding": self.encoding, "exclude": sorted(self.exclude)}
+
 
 @dataclass
 class RecoverReport:
@@ -192,6 +200,14 @@ def _split_rows(data: TrainingData, tuning_samples: int, seed: int) -> tuple[lis
     tuning = [rows[i] for i in order[:tuning_samples]]
     training = [rows[i] for i in order[tuning_samples:tuning_samples + data.samples]]
     return training, tuning
+
+
+def run(reference: Path, src: Artifact, data: TrainingData, out: Path, spec: RecoverSpec, max_length: int,
+        task_name: str | None, opset: int, seen: tuple[str, ...] = (), progress: Progress = SILENT) -> StageResult:
+    """The recover stage as `shipyard run` and `shipyard recover` call it (through the stage cache):
+    `recover` of the pruned artifact `src`, its plan beside it; the report is in the result's details."""
+    result, _ = recover(reference, src.path, data, out, spec, max_length, task_name, progress, opset, seen)
+    return result
 
 
 def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
