@@ -109,3 +109,37 @@ def test_prune_standalone_and_in_a_run_give_the_same_bytes(tiny, tiny_holdout_sm
     assert alone["options"] == in_run["model.pruned"]["options"]
     for name in ("model.pruned.config.json", "model.pruned.plan.json"):
         assert (tmp_path / "alone" / name).read_bytes() == (tmp_path / "release" / name).read_bytes()
+
+
+def test_validate_standalone_and_in_a_run_give_the_same_figures(tiny, tiny_holdout_small, tmp_path):
+    """`shipyard validate` of a release's artifact on the release's evaluation rows gives the run's
+    verdict: the same rows, padding, gate and figures."""
+    import csv
+
+    with tiny_holdout_small.open(newline="", encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
+    held = {r["text"] for r in rows[:150]}
+    evaluation, calibration = tmp_path / "eval.csv", tmp_path / "calibration.csv"
+    for path, part in ((evaluation, rows[:150]), (calibration, [r for r in rows[150:] if r["text"] not in held])):
+        with path.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+            writer.writeheader()
+            writer.writerows(part)
+    recipe = write_recipe(tmp_path, tiny.model, calibration, stages={"quantize": {"formats": ["qdq"]}})
+    raw = yaml.safe_load(recipe.read_text())
+    raw["data"]["calibration"]["samples"] = 64
+    raw["data"]["evaluation"] = {"path": str(evaluation), "samples": len({r["text"] for r in rows[:150]})}
+    raw["data"].update(max_length=48, tuning_samples=32)
+    recipe.write_text(yaml.safe_dump(raw))
+    run = invoke("run", recipe, "--out", tmp_path / "release", "--no-cache", "--json")
+    assert run.exit_code == 0, run.output
+    in_run = next(a for a in json.loads(run.output)["manifest"]["artifacts"] if a["name"] == "model.int8.qdq")["parity"]
+
+    result = invoke("validate", "--reference", tiny.model, "--artifact", tmp_path / "release" / "model.int8.qdq.onnx",
+                    "--data", evaluation, "--label-column", "sentiment", "--max-length", 48, "--min-agreement", 0.95,
+                    "--max-metric-drop", 0.03, "--json")
+    assert result.exit_code == 0, result.output
+    alone = json.loads(result.output)
+    assert (alone["samples"], alone["gate"]) == (in_run["samples"], in_run["gate"])
+    for key in ("agreement", "max_abs_diff", "mean_abs_diff", "reference_metrics", "artifact_metrics", "metric_drop"):
+        assert alone[key] == pytest.approx(in_run[key], abs=1e-6), key

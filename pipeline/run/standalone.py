@@ -335,7 +335,9 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     columns = Columns(text_column, text_pair_column, label_column)
     seen = frozenset(_seen_rows(artifact))
     rows = datamod.load_sample(data, columns, samples, STANDALONE_SEED, "evaluation", encoding, exclude=seen)
-    encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, "max_length", spec.name)
+    # Padded as a run pads evaluation rows by default, so the figures are the run's.
+    encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, schema_default("data.padding"),
+                      spec.name)
     evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
     precision, kind, from_pruned = artifact_kind(artifact)
     gates = gates_for(Thresholds(), kind, precision, source is not None, labelled)
