@@ -10,20 +10,20 @@ from pipeline.cli.group import cli
 from pipeline.cli.options import (
     allow_pickle_option,
     cache_options,
+    calibration_rows_options,
     encoding_option,
     finish,
     gate_help,
     output_options,
     progress_for,
+    prune_spec_options,
     schema_default,
 )
 from pipeline.names import (
     CALIBRATION_METHODS,
-    FFN_SCOPES,
     METRIC_NAMES,
     METRICS,
     QUANT_FORMATS,
-    SPARSITY_24,
     TASKS,
     QuantFormat,
 )
@@ -72,42 +72,34 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, d
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="FP32 ONNX file (from shipyard export).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="INT8 ONNX file to write.")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="Calibration data (.csv .jsonl .txt .parquet or saved dataset folder).")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="Folder with the model's tokenizer.")
-@click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
-@click.option("--text-pair-column", default=None)
+@calibration_rows_options("Calibration data (.csv .jsonl .txt .parquet or saved dataset folder).",
+                          "Folder with the model's tokenizer.")
 @click.option("--method", type=click.Choice(CALIBRATION_METHODS), default=schema_default("quantize.method"),
               show_default=True)
-@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
-              help="Calibration rows to draw (seeded).")
 @click.option("--tuning-samples", type=click.IntRange(min=0), default=schema_default("data.tuning_samples"),
               show_default=True,
               help="Rows drawn after the calibration rows that choose the float fallback; 0 quantizes every node.")
-@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
 @click.option("--format", "fmt", type=click.Choice(QUANT_FORMATS), default="qdq", show_default=True,
               help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
 @click.option("--smooth/--no-smooth", default=None,
               help="Smooth activations before INT8 (SmoothQuant, exact in float) [default: for qdq, not for cpu].")
 @click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=schema_default("smoothing.alpha"), show_default=True,
               help="How much of each channel's range smoothing moves into the weights.")
-@encoding_option
 @output_options
 @cache_options
-def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
-                 text_column: str, text_pair_column: str | None, method: str, samples: int, tuning_samples: int,
-                 max_length: int, fmt: QuantFormat, smooth: bool | None, smooth_alpha: float, encoding: str | None,
-                 cache, quiet: bool, as_json: bool) -> None:
+def quantize_cmd(model_path: Path, out: Path, rows, method: str, tuning_samples: int, fmt: QuantFormat,
+                 smooth: bool | None, smooth_alpha: float, cache, quiet: bool, as_json: bool) -> None:
     """Post-training INT8 quantization of an ONNX model.
 
     The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
     same file leaves them out."""
+    from pipeline.recipe import QuantizeSpec, SmoothingSpec
     from pipeline.run.standalone import quantize_file
 
-    result = quantize_file(model_path, out, fmt, method, calibration, tokenizer, text_column,
-                           text_pair_column, samples, max_length, progress_for(quiet, as_json), tuning_samples,
-                           encoding, smooth, smooth_alpha, cache)
+    spec = QuantizeSpec(formats=[fmt], method=method)
+    smoothed = fmt in spec.smoothing.formats if smooth is None else smooth
+    spec.smoothing = SmoothingSpec(formats=[fmt] if smoothed else [], alpha=smooth_alpha)
+    result = quantize_file(model_path, out, fmt, spec, rows, tuning_samples, progress_for(quiet, as_json), cache)
     art = result.artifacts[0]
     finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)
@@ -117,39 +109,18 @@ def quantize_cmd(model_path: Path, out: Path, calibration: Path | None, tokenize
 @click.option("--model", "model_path", required=True, type=click.Path(path_type=Path),
               help="FP32 ONNX file from shipyard export (unfused).")
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Pruned ONNX file to write.")
-@click.option("--calibration", type=click.Path(path_type=Path), default=None,
-              help="Calibration data to score neurons and heads (needed by --ffn and --heads-per-layer).")
-@click.option("--tokenizer", type=click.Path(path_type=Path), default=None,
-              help="The model folder the graph was exported from (tokenizer, and config.json that the blocks found "
-                   "are checked against); required.")
-@click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
-@click.option("--text-pair-column", default=None)
-@click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
-@click.option("--ffn", "ffn_fraction", type=click.FloatRange(0, 1, max_open=True), default=schema_default("prune.ffn_fraction"),
-              show_default=True, help="Fraction of FFN neurons to remove per layer, in [0, 1).")
-@click.option("--ffn-scope", type=click.Choice(FFN_SCOPES), default=schema_default("prune.ffn_scope"), show_default=True)
-@click.option("--heads-per-layer", type=click.IntRange(min=0), default=schema_default("prune.heads_per_layer"), show_default=True,
-              help="Remove this many lowest-scored heads in every layer.")
-@click.option("--prune-heads", "heads_json", default=None, metavar="JSON",
-              help='Exact heads to remove, e.g. \'{"0": [1, 2], "2": [0]}\' (needs no data).')
-@click.option("--sparsity-24", type=click.Choice(SPARSITY_24), default=schema_default("prune.sparsity_24"),
-              show_default=True, help="2:4 semi-structured sparsity on these MatMul weights.")
-@click.option("--compensate/--no-compensate", default=schema_default("prune.compensate"), show_default=True,
-              help="Fold removed units' mean output into the next bias (scored pruning only).")
-@encoding_option
+@calibration_rows_options(
+    "Calibration data to score neurons and heads (needed by --ffn and --heads-per-layer).",
+    "The model folder the graph was exported from (tokenizer, and config.json that the blocks found are checked "
+    "against); required.")
+@prune_spec_options
 @output_options
 @cache_options
-def prune_cmd(model_path: Path, out: Path, calibration: Path | None, tokenizer: Path | None,
-              text_column: str, text_pair_column: str | None, samples: int, max_length: int,
-              ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-              sparsity_24: str, compensate: bool, encoding: str | None, cache, quiet: bool, as_json: bool) -> None:
+def prune_cmd(model_path: Path, out: Path, rows, spec, cache, quiet: bool, as_json: bool) -> None:
     """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
     from pipeline.run.standalone import prune_file
 
-    result = prune_file(model_path, out, calibration, tokenizer, text_column, text_pair_column,
-                        samples, max_length, ffn_fraction, ffn_scope, heads_per_layer, heads_json,
-                        sparsity_24, compensate, progress_for(quiet, as_json), encoding, cache)
+    result = prune_file(model_path, out, spec, rows, progress_for(quiet, as_json), cache)
     art = result.artifacts[0]
     finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)

@@ -52,7 +52,6 @@ from pipeline.recipe import (
     PruneSpec,
     QuantizeSpec,
     Range,
-    SmoothingSpec,
     TargetSpec,
     Thresholds,
     load_recipe,
@@ -171,29 +170,39 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
     return Task(name, pooling)
 
 
-def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, method: str, calibration: Path | None,
-                  tokenizer_dir: Path | None, text_column: str, text_pair_column: str | None,
-                  samples: int, max_length: int, progress: Progress = SILENT, tuning_samples: int = 256,
-                  encoding: str | None = None, smooth: bool | None = None, smooth_alpha: float = 0.5,
-                  cache: StageCache | None = None) -> StageResult:
+@dataclass(frozen=True)
+class CalibrationRows:
+    """The rows a standalone `prune` or `quantize` draws (seeded, as a run draws them): the file,
+    the model folder whose tokenizer encodes them (and whose config.json prune checks the graph
+    against), the columns, how many rows and their length."""
+
+    data: Path | None
+    model_dir: Path | None
+    columns: Columns
+    samples: int
+    max_length: int
+    encoding: str | None = None
+
+
+def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, rows: CalibrationRows,
+                  tuning_samples: int, progress: Progress = SILENT, cache: StageCache | None = None) -> StageResult:
+    """`spec` (from the CLI's options) for format `fmt`, calibrated on `rows` and `tuning_samples`
+    rows after them (0: no float fallback to choose)."""
     check_onnx_file(model_path)
     check_writable_parent(out)
-    if calibration is None or tokenizer_dir is None:
+    if rows.data is None or rows.model_dir is None:
         raise ShipyardError(
             "quantize needs --calibration DATA and --tokenizer DIR (activation scales and the "
             "float-fallback check are measured on them)"
         )
-    task = graph_task_of(model_path, tokenizer_dir)
-    batches, tuning, used = calibration_batches(calibration, tokenizer_dir, Columns(text_column, text_pair_column),
-                                                samples, tuning_samples, max_length, task.name, encoding)
-    source = input_artifact(model_path)
+    task = graph_task_of(model_path, rows.model_dir)
+    batches, tuning, used = calibration_batches(rows.data, rows.model_dir, rows.columns, rows.samples, tuning_samples,
+                                                rows.max_length, task.name, rows.encoding)
+    if not tuning:  # --tuning-samples 0 quantizes every node, as its help says: no fallback to choose
+        spec = spec.model_copy(update={"fallback": FallbackSpec(max_nodes=0)})
     with progress.task(f"quantize INT8 ({fmt})"):
-        # --tuning-samples 0 quantizes every node, as its help says: no rows, no fallback to choose.
-        spec = QuantizeSpec(formats=[fmt], method=method, fallback=FallbackSpec(max_nodes=0) if not tuning else FallbackSpec())
-        smoothed = fmt in spec.smoothing.formats if smooth is None else smooth
-        spec.smoothing = SmoothingSpec(formats=[fmt] if smoothed else [], alpha=smooth_alpha)
-        return one_stage(f"quantize[{fmt}]", out, cache, quantize.run, source, spec, fmt, OUT, batches, tuning, task,
-                         used)
+        return one_stage(f"quantize[{fmt}]", out, cache, quantize.run, input_artifact(model_path), spec, fmt, OUT,
+                         batches, tuning, task, used)
 
 
 def input_artifact(path: Path) -> Artifact:
@@ -203,42 +212,25 @@ def input_artifact(path: Path) -> Artifact:
                     from_pruned=from_pruned)
 
 
-def _parse_heads(heads_json: str | None) -> dict[int, list[int]] | None:
-    if heads_json is None:
-        return None
-    try:
-        raw = json.loads(heads_json)
-        return {int(layer): [int(h) for h in heads] for layer, heads in raw.items()}
-    except (ValueError, TypeError, AttributeError):
-        raise ShipyardError(
-            f"--prune-heads {heads_json!r}: expected JSON like '{{\"0\": [1, 2], \"2\": [0]}}'"
-        ) from None
-
-
-def prune_file(model_path: Path, out: Path, calibration: Path | None, tokenizer_dir: Path | None,
-               text_column: str, text_pair_column: str | None, samples: int, max_length: int,
-               ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-               sparsity_24: str, compensate: bool = True, progress: Progress = SILENT,
-               encoding: str | None = None, cache: StageCache | None = None) -> StageResult:
+def prune_file(model_path: Path, out: Path, spec: PruneSpec, rows: CalibrationRows, progress: Progress = SILENT,
+               cache: StageCache | None = None) -> StageResult:
+    """`spec` (from the CLI's options) on the graph at `model_path`, scored on `rows`."""
     check_onnx_file(model_path)
     check_writable_parent(out)
-    spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope,
-                     heads_per_layer=heads_per_layer, heads=_parse_heads(heads_json), sparsity_24=sparsity_24,
-                     compensate=compensate)
     batches: list[Batch] = []
     used: list[str] = []
-    scored = ffn_fraction > 0 or heads_per_layer > 0
-    if scored and (calibration is None or tokenizer_dir is None):
+    scored = spec.ffn_fraction > 0 or spec.heads_per_layer > 0
+    if scored and (rows.data is None or rows.model_dir is None):
         raise ShipyardError("--ffn and --heads-per-layer score on data: pass --calibration DATA --tokenizer DIR")
     # As in a run, the blocks found are checked against the model's config.json (layers, heads,
     # sizes): a graph that is not the model's, or blocks found wrongly, fail here, not after surgery.
-    if tokenizer_dir is None:
+    if rows.model_dir is None:
         raise ShipyardError("prune checks the graph's blocks against the model's config.json: pass --tokenizer "
                             "MODEL_DIR, the folder the graph was exported from")
-    config = inspect_model(tokenizer_dir).config
-    if scored and calibration is not None:
-        batches, _, used = calibration_batches(calibration, tokenizer_dir, Columns(text_column, text_pair_column),
-                                               samples, 0, max_length, encoding=encoding)
+    config = inspect_model(rows.model_dir).config
+    if scored and rows.data is not None:
+        batches, _, used = calibration_batches(rows.data, rows.model_dir, rows.columns, rows.samples, 0,
+                                               rows.max_length, encoding=rows.encoding)
     with progress.task("prune (FFN neurons, attention heads)"):
         return one_stage("prune", out, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, used)
 
