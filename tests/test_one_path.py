@@ -143,3 +143,18 @@ def test_validate_standalone_and_in_a_run_give_the_same_figures(tiny, tiny_holdo
     assert (alone["samples"], alone["gate"]) == (in_run["samples"], in_run["gate"])
     for key in ("agreement", "max_abs_diff", "mean_abs_diff", "reference_metrics", "artifact_metrics", "metric_drop"):
         assert alone[key] == pytest.approx(in_run[key], abs=1e-6), key
+
+
+def test_trt_check_of_a_release_target_gives_the_runs_readiness_record(tiny_release):
+    """`shipyard trt-check ONNX --recipe R --target T` is the check a run records for T: the same
+    TensorRT version, profiles, findings and counts."""
+    recipe = tiny_release.out.parent / "recipe.yaml"
+    manifest = json.loads((tiny_release.out / "manifest.json").read_text())
+    assert manifest["targets"]
+    for target in manifest["targets"]:
+        result = invoke("trt-check", tiny_release.out / target["onnx"], "--recipe", recipe, "--target",
+                        target["name"], "--json")
+        assert result.exit_code == 0, result.output
+        alone = json.loads(result.output)
+        assert {k: v for k, v in alone.items() if k != "path"} == \
+            {k: v for k, v in target["readiness"].items() if k != "path"}, target["name"]
