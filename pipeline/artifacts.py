@@ -29,8 +29,8 @@ def external_data_files(path: Path) -> list[Path]:
     the weights name them; [] for any other file or a graph with its weights inline. A model over
     protobuf's 2 GB limit has one: it is part of the artifact, hashed, cached and shipped with it."""
     path = Path(path)
-    if path.suffix != ".onnx" or not path.is_file():
-        return []
+    if path.suffix != ".onnx" or not path.is_file() or not _mentions(path, b"location"):
+        return []  # every external reference names its file under the key "location": no parse needed
     import onnx
 
     graph = onnx.load(str(path), load_external_data=False).graph
@@ -39,6 +39,16 @@ def external_data_files(path: Path) -> list[Path]:
         if tensor.data_location == onnx.TensorProto.EXTERNAL:
             names.setdefault(next(e.value for e in tensor.external_data if e.key == "location"))
     return [path.parent / name for name in names]
+
+
+def _mentions(path: Path, needle: bytes) -> bool:
+    """Whether the file's bytes contain `needle` (a scan at memory speed, no parse)."""
+    import mmap
+
+    if path.stat().st_size == 0:
+        return False
+    with path.open("rb") as f, mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ) as data:
+        return data.find(needle) >= 0
 
 
 def kind_of(precision: str, from_pruned: bool) -> Kind:

@@ -86,7 +86,8 @@ class ArtifactRecord(_Strict):
         passed = passed and (source_parity is None or bool(source_parity["passed"]))
         return cls(name=artifact.name, path=str(artifact.path.relative_to(folder)), format=artifact.format,
                    precision=artifact.precision, sha256=artifact.sha256, size_bytes=artifact.size_bytes,
-                   external_data=artifact.external_data, from_pruned=artifact.from_pruned, stage=artifact.stage, kind=artifact.kind, options=artifact.options, parity=parity,
+                   external_data=artifact.external_data, from_pruned=artifact.from_pruned, stage=artifact.stage,
+                   kind=artifact.kind, options=artifact.options, parity=parity,
                    source_parity=source_parity, passed=passed)
 
 
