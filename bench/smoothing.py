@@ -47,11 +47,11 @@ def main() -> None:
     inputs = RunInputs.of(recipe)
     prepared, task = inputs.prepared, inputs.task
     evaluation = prepared.evaluation
-    reference = collect(inputs.torch_runner(), evaluation.batches, task)
+    reference = collect(inputs.gating.torch, evaluation.batches, task)
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         exported = export.run(recipe.model.path, work / "model.onnx", recipe.stages.export, evaluation.batches[:2],
-                              inputs.torch_runner(), task)
+                              inputs.gating.torch, task)
         source: Artifact = exported.artifacts[0]
         if recipe.stages.prune.enabled:
             from pipeline.run.cache import StageCache

@@ -7,17 +7,12 @@ import json
 
 import pytest
 import yaml
-from click.testing import CliRunner
-from conftest import write_recipe
+from conftest import invoke, write_recipe
 
 from pipeline.artifacts import sha256_file
-from pipeline.cli import cli
 
 pytestmark = pytest.mark.slow
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def test_quantize_standalone_and_in_a_run_give_the_same_bytes_and_figures(tiny, tiny_holdout_small, tmp_path):
@@ -158,3 +153,30 @@ def test_trt_check_of_a_release_target_gives_the_runs_readiness_record(tiny_rele
         alone = json.loads(result.output)
         assert {k: v for k, v in alone.items() if k != "path"} == \
             {k: v for k, v in target["readiness"].items() if k != "path"}, target["name"]
+
+
+def test_validate_goes_through_the_stage_cache(tiny, tiny_holdout_small, tiny_release, tmp_path):
+    """A standalone validate is the run's gating: its verdict and PyTorch's outputs are cached
+    stages, so the same check again is served from the cache, and a changed gate is a new verdict
+    on the cached reference outputs, not a stale one."""
+    from pipeline.run.cache import StageCache
+    from pipeline.run.standalone import validate_file
+
+    artifact = tiny_release.out / "model.int8.qdq.onnx"
+
+    def check(cache, min_agreement):
+        return validate_file(tiny.model, artifact, tiny_holdout_small, "text", None, "sentiment", 60, 48,
+                             min_agreement, None, 0.5, None, None, cache=cache)
+
+    cache = StageCache.at(tmp_path / "cache")
+    first = check(cache, 0.5)
+    assert cache.hits == []
+    again = StageCache.at(tmp_path / "cache")
+    assert check(again, 0.5) == first
+    assert again.hits == ["validate[model.int8.qdq]"]  # the verdict, without running PyTorch or the artifact
+    stricter = StageCache.at(tmp_path / "cache")
+    strict = check(stricter, 1.0)
+    assert stricter.hits == ["pytorch-reference"]
+    assert strict["gate"]["min_agreement"] == 1.0 and first["gate"]["min_agreement"] == 0.5
+    assert strict["agreement"] == first["agreement"]
+    assert strict["passed"] == (first["agreement"] == 1.0)

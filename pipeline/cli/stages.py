@@ -231,26 +231,28 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
                    f"the default pruned gate ({PRUNED_GATE}), as shipyard run does.")
 @encoding_option
 @allow_pickle_option
+@cache_options
 @output_options
 def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
                  text_pair_column: str | None, label_column: str | None, samples: int | None,
                  max_length: int, min_agreement: float | None, max_abs_diff: float | None,
                  max_metric_drop: float | None, metric: str | None, task: str | None, max_answer_tokens: int,
                  min_cosine: float, report_path: Path | None, source: Path | None, encoding: str | None,
-                 allow_pickle: bool, quiet: bool, as_json: bool) -> None:
+                 allow_pickle: bool, cache, quiet: bool, as_json: bool) -> None:
     """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail.
 
     Rows the artifact was calibrated or tuned on (recorded inside it by shipyard quantize,
-    prune and run) are left out of the evaluation rows."""
+    prune and run) are left out of the evaluation rows. The reference's outputs and the verdict
+    go through the stage cache, as a run's do."""
     from pipeline.run.standalone import validate_file
 
     report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
                            samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
                            metric, report_path, progress_for(quiet, as_json), task, max_answer_tokens, min_cosine,
-                           encoding, allow_pickle, source)
-    step = report.details.get("source")
-    line = (f"validate {artifact}: {'PASS' if report else 'FAIL'} {report.task} agreement {report.agreement:.4f} "
-            f"over {report.units} {report.unit}, max |diff| {report.max_abs_diff:.3g}"
+                           encoding, allow_pickle, source, cache)
+    step = report["details"].get("source")
+    line = (f"validate {artifact}: {'PASS' if report['passed'] else 'FAIL'} {report['task']} agreement "
+            f"{report['agreement']:.4f} over {report['units']} {report['unit']}, max |diff| {report['max_abs_diff']:.3g}"
             + (f"; vs {source.name}: agreement {step['agreement']:.4f}" if step and source else "")
-            + ("" if report else "; " + "; ".join(report.failures)))
-    finish(report.passed, report.to_dict(), line, quiet, as_json)
+            + ("" if report["passed"] else "; " + "; ".join(report["failures"])))
+    finish(report["passed"], report, line, quiet, as_json)

@@ -38,6 +38,12 @@ class EvalSet:
     columns: Columns
     fingerprint: str
 
+    def cache_identity(self) -> dict[str, Any]:
+        """What a validation's cache key records of its rows: their content, tokens and columns
+        (the gold labels follow from the rows and the model's labels, which the key records too)."""
+        return {"rows": self.fingerprint, "batches": self.batches,
+                "columns": [self.columns.text, self.columns.text_pair, self.columns.label]}
+
 
 @dataclass
 class Split:

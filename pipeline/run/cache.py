@@ -264,10 +264,13 @@ class CachedStages:
         """`fn(*args, **kwargs)`, or its outputs from the cache: the key is derived from what `fn` is
         called with (`call_identity` of each argument), so a stage that gains a parameter cannot be
         served an entry made without it."""
-        inputs = {"fn": f"{fn.__module__}.{fn.__qualname__}",
-                  "args": [call_identity(a, self.work) for a in args],
-                  "kwargs": {k: call_identity(v, self.work) for k, v in sorted(kwargs.items())}}
-        return self.run(stage, inputs, lambda: fn(*args, **kwargs))
+        return self.run(stage, self.identity(fn, *args, **kwargs), lambda: fn(*args, **kwargs))
+
+    def identity(self, fn: Callable, *args: Any, **kwargs: Any) -> dict[str, Any]:
+        """The cache key's inputs for calling `fn` with these arguments (`call_identity` of each)."""
+        return {"fn": f"{fn.__module__}.{fn.__qualname__}",
+                "args": [call_identity(a, self.work) for a in args],
+                "kwargs": {k: call_identity(v, self.work) for k, v in sorted(kwargs.items())}}
 
     def _result(self, record: dict) -> StageResult:
         artifacts = [Artifact(**{**a, "path": self.work / a["path"]}) for a in record["artifacts"]]

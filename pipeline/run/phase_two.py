@@ -120,9 +120,10 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
         artifacts = []
         if engine is not None:
             source = _pruned_source(manifest, release)
-            gates, parity, source_parity = inputs.validate(
-                engine, CachedStages(StageCache(None), work), inputs.reference_outputs(cache, progress), progress,
-                inputs.source_outputs(source, cache, progress) if source is not None else None)
+            gating = inputs.gating
+            gates, parity, source_parity = gating.validate(
+                engine, CachedStages(StageCache(None), work), gating.reference_outputs(cache, progress), progress,
+                gating.source_outputs(source, cache, progress) if source is not None else None)
             results.extend(gates)
             artifacts.append(ArtifactRecord.of(engine, work, parity, parity["passed"], source_parity))
         small = manifest.model_copy(update={

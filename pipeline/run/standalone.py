@@ -23,13 +23,12 @@ from pipeline.graph import model as graph_model
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
 from pipeline.names import METRICS, Precision, QuantFormat
-from pipeline.parity.compare import ParityReport
 from pipeline.parity.policy import (
     PRUNED_MARK,
     STANDALONE_BATCH,
     STANDALONE_SEED,
+    gate_for,
     gated_metric,
-    gates_for,
     graph_kind,
     kind_of,
     recorded_kind,
@@ -37,11 +36,10 @@ from pipeline.parity.policy import (
 )
 from pipeline.parity.runners import (
     ENGINE_SUFFIXES,
-    OrtRunner,
     TorchRunner,
     check_onnx_file,
 )
-from pipeline.parity.tasks import Pooling, Task, collect, graph_task
+from pipeline.parity.tasks import Pooling, Task, graph_task
 from pipeline.platforms import ARCHITECTURES
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import (
@@ -57,9 +55,10 @@ from pipeline.recipe import (
     load_recipe,
 )
 from pipeline.recipe.defaults import schema_default
-from pipeline.release.manifest import write_json
+from pipeline.release.manifest import folder_sha256, write_json
 from pipeline.run.cache import CachedStages, StageCache
-from pipeline.stages import build, export, prune, quantize, validate
+from pipeline.run.gating import Gating
+from pipeline.stages import build, export, prune, quantize
 from pipeline.trt.readiness import check_model_file
 
 Batch = dict[str, Any]
@@ -305,9 +304,10 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   max_metric_drop: float | None, metric: str | None, report_path: Path | None,
                   progress: Progress = SILENT, task: str | None = None, max_answer_tokens: int = 30,
                   min_cosine: float = 0.99, encoding: str | None = None, allow_pickle: bool = False,
-                  source: Path | None = None) -> ParityReport:
+                  source: Path | None = None, cache: StageCache | None = None) -> dict[str, Any]:
     """Gate `artifact` against the PyTorch `reference` on rows of `data` it was not calibrated
-    or tuned on (the digests recorded inside it), with the policy's gate for its kind.
+    or tuned on (the digests recorded inside it), with the policy's gate for its kind, as a run
+    gates it (`pipeline.run.gating`, through the stage cache). Returns the parity report.
 
     With `source`, the pruned FP32 graph the artifact was converted from, the policy's two gates
     apply (`pipeline.parity.policy.gates_for`): the pruned gate against `reference` and the artifact
@@ -317,6 +317,8 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     check_max_length(info, max_length, "--max-length")
     spec = info.task(max_answer_tokens, min_cosine)
     labelled = label_column is not None and bool(METRICS[spec.name])
+    if max_metric_drop is not None and not labelled:
+        raise ShipyardError("--max-metric-drop needs gold labels: pass --label-column (or drop the threshold)")
     chosen_metric = gated_metric(metric, spec.name, labelled, "--metric")
     if Path(artifact).suffix not in ENGINE_SUFFIXES:
         check_onnx_file(artifact)
@@ -332,34 +334,32 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                       spec.name)
     evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
     precision, kind, from_pruned = artifact_kind(artifact)
-    gates = gates_for(Thresholds(), kind, precision, source is not None, labelled)
-    default = gates.source or gates.reference  # the artifact's own gate, which explicit thresholds set
-    own = Gate(
+    # The artifact's own gate (its precision's against --source, else its kind's) is what the
+    # explicit thresholds set; the policy gives every other gate.
+    own = precision if source is not None else kind
+    default = gate_for(Thresholds(), own, labelled)
+    thresholds = Thresholds(**{own: Gate(
         min_agreement=default.min_agreement if min_agreement is None else min_agreement,
         max_abs_diff=default.max_abs_diff if max_abs_diff is None else max_abs_diff,
         max_metric_drop=default.max_metric_drop if max_metric_drop is None else max_metric_drop,
-    )
-    gate = gates.reference if source is not None else own
-    with progress.task("PyTorch reference", total=len(rows)) as advance:
-        runner = TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle)
-        reference_outputs = collect(runner, evaluation.batches, spec, advance)
-    target = Artifact(name=artifact.name, path=artifact, format="onnx", precision=precision, stage="input", kind=kind,
+    )})
+    gating = Gating(thresholds, evaluation, spec, chosen_metric, labelled, info.id2label,
+                    TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle), folder_sha256(info.path))
+    cache = cache or StageCache(None)
+    target = Artifact(name=Path(artifact).stem, path=artifact, format="onnx", precision=precision, stage="input", kind=kind,
                       from_pruned=from_pruned)
-    with progress.task(f"validate {artifact.name}", total=len(rows)) as advance:
-        _, report = validate.run(target, reference_outputs, evaluation, gate, chosen_metric, info.id2label, spec,
-                                 advance)
-    report.details["left_out_rows_the_artifact_saw"] = len(seen)
-    if source is not None:
-        with progress.task(f"{Path(source).name} reference", total=len(rows)) as advance:
-            source_outputs = collect(OrtRunner(source), evaluation.batches, spec, advance)
-        with progress.task(f"validate {artifact.name} vs {Path(source).name}", total=len(rows)) as advance:
-            _, step = validate.run(target, source_outputs, evaluation, own, chosen_metric, info.id2label,
-                                   spec, advance)
-        report.details["source"] = {"path": str(source), **step.to_dict()}
-        report.failures += [f"vs {Path(source).name}: {failure}" for failure in step.failures]
+    with tempfile.TemporaryDirectory() as work:
+        sources = None if source is None else gating.source_outputs(input_artifact(source), cache, progress)
+        _, report, step = gating.validate(target, CachedStages(cache, Path(work)),
+                                          gating.reference_outputs(cache, progress), progress, sources)
+    report["details"]["left_out_rows_the_artifact_saw"] = len(seen)
+    if step is not None:
+        report["details"]["source"] = {"path": str(source), **step}
+        report["failures"] += [f"vs {Path(str(source)).name}: {failure}" for failure in step["failures"]]
+        report["passed"] = not report["failures"]
     if report_path is not None:
         with atomic_file(report_path) as tmp:
-            write_json(tmp, report.to_dict())
+            write_json(tmp, report)
     return report
 
 

@@ -108,8 +108,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
 
     with atomic_dir(out, options.overwrite) as work:
         stages = CachedStages(cache, work)
-        torch_reference = inputs.torch_runner()
-        reference_outputs = inputs.reference_outputs(cache, progress)
+        torch_reference = inputs.gating.torch
+        reference_outputs = inputs.gating.reference_outputs(cache, progress)
 
         spec = recipe.stages.export
         gate_batches = evaluation.batches[:max(1, spec.validation_samples // recipe.data.batch_size)]
@@ -149,11 +149,11 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
                 target_onnx.update(dict.fromkeys(names, typed))
 
         # Artifacts converted from a pruned graph are also gated against it (`pipeline.parity.policy.gates_for`).
-        source_outputs = inputs.source_outputs(dense, cache, progress) if dense.from_pruned else None
+        source_outputs = inputs.gating.source_outputs(dense, cache, progress) if dense.from_pruned else None
 
         def validate_artifact(artifact: Artifact) -> None:
             converted = source_outputs if artifact not in (fp32, dense) else None
-            stage_results, parity[artifact.name], source_parity[artifact.name] = inputs.validate(
+            stage_results, parity[artifact.name], source_parity[artifact.name] = inputs.gating.validate(
                 artifact, stages, reference_outputs, progress, converted)
             results.extend(stage_results)
 
