@@ -57,8 +57,9 @@ class DataSpec(Strict):
         "(token classification) or the answer text(s) (question answering)")
     max_length: int = Field(128, ge=8, le=512)
     padding: Padding = Field(
-        "max_length", description="evaluation and tuning batches (longest: rows ordered by length, each batch "
-        "padded to its longest row); calibration batches are always max_length"
+        "max_length", description="evaluation and tuning batches, and calibration batches with the minmax "
+        "calibrator (longest: rows ordered by length, each batch padded to its longest row); entropy and "
+        "percentile calibrate on max_length batches, since they stack every batch's activations"
     )
     sampling: Sampling = "stratified"
     seed: int = 0

@@ -27,6 +27,7 @@ from pipeline.parity.policy import (
     PRUNED_MARK,
     STANDALONE_BATCH,
     STANDALONE_SEED,
+    calibration_padding,
     gate_for,
     gated_metric,
     graph_kind,
@@ -144,16 +145,18 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
 
 def calibration_batches(calibration: Path, tokenizer_dir: Path, columns: Columns, samples: int,
                         tuning_samples: int, max_length: int, task: str = "text-classification",
-                        encoding: str | None = None) -> tuple[list, list, list[str]]:
-    """Seeded calibration rows and tuning rows after them (as `run` draws them), tokenized to
-    max_length for `task`, in batches; and the digests of every row used."""
+                        encoding: str | None = None, method: str = "minmax") -> tuple[list, list, list[str]]:
+    """Seeded calibration rows and tuning rows after them (as `run` draws them), tokenized for
+    `task` and padded as a recipe with the schema's padding pads them for calibrator `method`
+    (`pipeline.parity.policy.calibration_padding`), in batches; and the digests of every row used."""
     raw = datamod.load_rows(calibration, encoding)
     datamod.require_columns(raw, columns.needed(), calibration)
     side = Side(raw, columns, calibration)
     # Evaluation gets nothing here: it is drawn by `validate`, which leaves these rows out.
     splits = disjoint_splits(side, Side([], columns, calibration), samples, tuning_samples, 0, STANDALONE_SEED,
                              "stratified")
-    encoder = Encoder(load_tokenizer(tokenizer_dir, task), columns, max_length, "max_length", task)
+    padding = calibration_padding(method, schema_default("data.padding"))
+    encoder = Encoder(load_tokenizer(tokenizer_dir, task), columns, max_length, padding, task)
     used = [row_digest(columns, r) for r in splits.calibration + splits.tuning]
     return (list(encoder.batches(splits.calibration, STANDALONE_BATCH)),
             list(encoder.batches(splits.tuning, STANDALONE_BATCH)), used)
@@ -196,7 +199,7 @@ def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, spec: QuantizeS
         )
     task = graph_task_of(model_path, rows.model_dir)
     batches, tuning, used = calibration_batches(rows.data, rows.model_dir, rows.columns, rows.samples, tuning_samples,
-                                                rows.max_length, task.name, rows.encoding)
+                                                rows.max_length, task.name, rows.encoding, spec.method)
     if not tuning:  # --tuning-samples 0 quantizes every node, as its help says: no fallback to choose
         spec = spec.model_copy(update={"fallback": FallbackSpec(max_nodes=0)})
     with progress.task(f"quantize INT8 ({fmt})"):
