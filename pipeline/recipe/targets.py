@@ -42,9 +42,11 @@ class ProfileSpec(Strict):
 class TargetSpec(Strict):
     """One GPU a release ships an engine for; engines are built on a GPU of this architecture."""
 
-    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
+    name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="names the target in the "
+                      "manifest, --target and engines/NAME.engine")
     arch: Arch = Field(description="compute capability: " + ", ".join(f"{k} {v}" for k, v in ARCHITECTURES.items()))
-    precision: Precision
+    precision: Precision = Field(description="fp32: the FP32 graph; fp16: a converted float16 graph; int8: the "
+                                 "Q/DQ graph (its float layers in non_quantized)")
     non_quantized: Literal["fp16", "fp32"] = Field(
         "fp16", description="int8 targets: precision of the layers the Q/DQ graph leaves in float")
     output_dtype: Literal["fp32", "fp16"] = Field("fp32", description="type of the logits output")
@@ -52,8 +54,9 @@ class TargetSpec(Strict):
     workspace_mb: int = Field(2048, gt=0, description="builder workspace memory pool limit")
     optimization_level: int = Field(3, ge=0, le=5, description="TensorRT builder optimization level")
     timing_cache: Path | None = Field(None, description="loaded if present, saved after the build")
-    hardware_compatibility: Literal["none", "ampere_plus"] = "none"
-    version_compatible: bool = False
+    hardware_compatibility: Literal["none", "ampere_plus"] = Field(
+        "none", description="ampere_plus: one engine runs on every sm_80+ desktop/server GPU (slower)")
+    version_compatible: bool = Field(False, description="an engine later TensorRT versions of the same major load")
     sparse_weights: bool = Field(False, description="needs stages.prune.sparsity_24 != none")
     dla_core: int | None = Field(None, ge=0, description="Jetson DLA core; other layers fall back to the GPU; "
                                  "every profile must be static (min = opt = max)")

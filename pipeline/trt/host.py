@@ -11,8 +11,7 @@ from pipeline.errors import ShipyardError
 from pipeline.platforms import DLA_TRT_VERSIONS, trt_has_dla
 from pipeline.recipe import TargetSpec
 
-DOCKER_HINT = ("engine builds run on a GPU host: docker run --gpus all ... shipyard-trt (see the README, "
-               "'TensorRT targets and engines')")
+DOCKER_HINT = ("engine builds run on a GPU host: docker run --gpus all ... shipyard-trt (see docs/tensorrt.md)")
 
 
 class BuildUnavailable(ShipyardError):

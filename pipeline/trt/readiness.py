@@ -7,7 +7,7 @@ parity gate would then not have tested); a `warning` builds and runs but may cos
 speed. A graph is ready when it has no errors. `RULES` names each rule's severity and its source:
 the ONNX-TensorRT importers (onnxOpImporters.cpp, ModelImporter.cpp), its operator support matrix
 (docs/operators.md, shipped as data in `pipeline/trt/ops/<version>.json`), the ONNX operator spec,
-or TensorRT's developer guide on explicit quantization. The README lists them.
+or TensorRT's developer guide on explicit quantization. docs/tensorrt.md lists them (generated from `RULES`).
 """
 
 from __future__ import annotations
