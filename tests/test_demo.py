@@ -1,5 +1,4 @@
 import csv
-import random
 
 from click.testing import CliRunner
 from conftest import TINY
@@ -9,14 +8,18 @@ from pipeline.run.demo import prepare_demo, read_tweets
 
 
 def test_holdout_never_overlaps_the_fine_tuning_rows(tiny):
-    rows = read_tweets()
-    random.Random(0).shuffle(rows)
-    trained = {r["text"] for r in rows[: TINY["train_rows"]]}
+    """The rows the model was fine-tuned on (written beside the hold-out) and the hold-out share no
+    text, and together they are the corpus's rows, none lost."""
+    def texts(path):
+        with path.open(newline="", encoding="utf-8") as f:  # texts hold line breaks
+            return [r["text"] for r in csv.DictReader(f)]
+
+    trained, holdout = texts(tiny.training), texts(tiny.holdout)
+    assert len(trained) == TINY["train_rows"] and len(holdout) > 30000
+    assert not set(trained) & set(holdout)
+    assert set(trained) | set(holdout) == {r["text"] for r in read_tweets()}
     with tiny.holdout.open(encoding="utf-8") as f:
-        holdout = list(csv.DictReader(f))
-    assert len(holdout) > 30000
-    assert not trained & {r["text"] for r in holdout}
-    assert {r["sentiment"] for r in holdout} == {"negative", "neutral", "positive"}
+        assert {r["sentiment"] for r in csv.DictReader(f)} == {"negative", "neutral", "positive"}
 
 
 def test_prepare_is_cached(tiny):

@@ -195,6 +195,7 @@ def demo_prepare(home: Path | None, layers: int, train_rows: int, force: bool, q
 
     with progress_for(quiet, as_json).task("fine-tune MiniLM on tweets", total=train_rows) as advance:
         paths = prepare_demo(home or DEFAULT_HOME, layers, train_rows, force=force, progress=advance)
-    finish(True, {"model": str(paths.model), "holdout": str(paths.holdout), "embeddings": str(paths.embeddings)},
+    finish(True, {"model": str(paths.model), "holdout": str(paths.holdout), "training": str(paths.training),
+                  "embeddings": str(paths.embeddings)},
             f"demo model: {paths.model}\nhold-out data: {paths.holdout}\nembeddings model: {paths.embeddings}",
             quiet, as_json)

@@ -57,12 +57,13 @@ def read_tweets() -> list[dict[str, str]]:
 class DemoPaths:
     model: Path
     holdout: Path
+    training: Path  # the rows the demo model was fine-tuned on (none of them is in the hold-out)
     embeddings: Path  # a link to all-MiniLM-L6-v2 as shipped, for the embeddings demo
 
 
 def demo_paths(home: Path) -> DemoPaths:
     return DemoPaths(model=home / "minilm-tweets", holdout=home / "tweets-holdout.csv",
-                     embeddings=home / "minilm-embeddings")
+                     training=home / "tweets-train.csv", embeddings=home / "minilm-embeddings")
 
 
 def link_embedding_model(link: Path) -> None:
@@ -159,10 +160,11 @@ def prepare_demo(
     with atomic_dir(paths.model, overwrite=True) as tmp:
         fine_tune(tmp, train, layers=layers, batch_size=batch_size, learning_rate=learning_rate,
                   seed=seed, progress=progress)
-    with atomic_file(paths.holdout) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
-        writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])
-        writer.writeheader()
-        writer.writerows(holdout)
+    for path, part in ((paths.holdout, holdout), (paths.training, train)):
+        with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])
+            writer.writeheader()
+            writer.writerows(part)
     record = json.dumps({"settings": stamp, "files": _file_hashes(paths)})
     with atomic_file(stamp_file) as tmp:  # written last: it vouches for everything above
         tmp.write_text(record)
@@ -171,4 +173,4 @@ def prepare_demo(
 
 def _file_hashes(paths: DemoPaths) -> dict[str, str]:
     files = [p for p in sorted(paths.model.iterdir()) if p.is_file() and p.name != "shipyard-demo.json"]
-    return {p.name: sha256_file(p) for p in files + [paths.holdout]}
+    return {p.name: sha256_file(p) for p in files + [paths.holdout, paths.training] if p.is_file()}
