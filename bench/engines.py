@@ -12,7 +12,7 @@ service sees them (host-to-device copies, execution on the runner's stream, devi
 Machines are noisy: compare ratios within one run.
 
 Needs TensorRT and a CUDA device (the Dockerfile's image on a GPU host); it has not been run on a
-GPU by the project yet, so the README's engine table waits for the first GPU host's output.
+GPU by the project yet, so docs/benchmarks.md's engine table waits for the first GPU host's output.
 """
 
 from __future__ import annotations
@@ -144,10 +144,10 @@ def main() -> None:
             (bmin, bmax), (smin, smax) = profile.batch, profile.sequence
             sequence = min(max(SEQ, smin), smax)
             small, large = batch_of(bmin, sequence), batch_of(bmax, sequence)
-            trt_small = median_ms(lambda: runner.run_profile(index, small))
-            trt_large = median_ms(lambda: runner.run_profile(index, large), 10)
-            torch_small = median_ms(lambda: torch_runner.infer(small))
-            torch_large = median_ms(lambda: torch_runner.infer(large), 10)
+            trt_small = median_ms(lambda r=runner, i=index, b=small: r.run_profile(i, b))
+            trt_large = median_ms(lambda r=runner, i=index, b=large: r.run_profile(i, b), 10)
+            torch_small = median_ms(lambda b=small: torch_runner.infer(b))
+            torch_large = median_ms(lambda b=large: torch_runner.infer(b), 10)
             print(f"{f'{name} profile {index}':40s} {size / 1e6:6.1f} {bmin:5d} {trt_small:8.2f} "
                   f"{torch_small / trt_small:5.2f} {bmax:5d} {bmax / trt_large * 1000:9.1f} "
                   f"{torch_large / trt_large:5.2f} {accuracy:8.4f} {agreement:6.4f}")

@@ -63,7 +63,7 @@ def measure_all(runners, batch1, batch32, rounds: int = 5) -> list[tuple[float, 
         for i, runner in enumerate(runners):
             b1[i] += time_calls(runner, batch1, 12)
             b32[i] += time_calls(runner, batch32, 2)
-    return [(statistics.median(a) * 1000, 32 / statistics.median(b)) for a, b in zip(b1, b32)]
+    return [(statistics.median(a) * 1000, 32 / statistics.median(b)) for a, b in zip(b1, b32, strict=True)]
 
 
 def cpu_candidates(fp32: Path, work: Path) -> dict[str, Path]:
@@ -163,7 +163,7 @@ def main() -> None:
         print("-" * len(header))
         base = reference = None
         timings = measure_all([runner for _, runner, _ in entries], batch1, batch32)
-        for (name, runner, size), (latency, throughput) in zip(entries, timings):
+        for (name, runner, size), (latency, throughput) in zip(entries, timings, strict=True):
             base = base or (latency, throughput)
             outputs = collect(runner, evaluation.batches, task)
             reference = outputs if reference is None else reference

@@ -35,10 +35,24 @@ def pytest_configure(config):
     os.environ["SHIPYARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="shipyard-test-cache-")
 
 
+# What makes a test slow, and so `slow` whatever its module says: the fine-tuned test model (every
+# fixture built on it needs it), or a module that builds models (tests/zoo.py) or runs the demo.
+SLOW_FIXTURES = {"tiny"}
+SLOW_NAMES = ("make_model", "reference_pruned_export", "prepare_demo")
+
+
+def _is_slow(item) -> bool:
+    module = getattr(item, "module", None)
+    return bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ()))) or any(
+        hasattr(module, name) for name in SLOW_NAMES)
+
+
 def pytest_collection_modifyitems(config, items):
     no_trt = importlib.util.find_spec("tensorrt") is None
     no_gpu = not _has_cuda()
     for item in items:
+        if _is_slow(item):
+            item.add_marker(pytest.mark.slow)
         if "trt" in item.keywords and no_trt:
             item.add_marker(pytest.mark.skip(reason="needs the tensorrt package: run on a GPU host or in the Docker image"))
         if "gpu" in item.keywords and no_gpu:
@@ -72,14 +86,32 @@ def tiny_holdout_small(tiny, tmp_path_factory) -> Path:
     return out
 
 
-def write_recipe(folder: Path, model: Path, data: Path, **sections) -> Path:
-    """A small recipe for the tiny model; keyword sections are merged over the defaults."""
+def merged(base: dict, over: dict) -> dict:
+    """`over` merged into `base` at every depth (a dict value merges, anything else replaces)."""
+    out = dict(base)
+    for key, value in over.items():
+        out[key] = merged(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def invoke(*args):
+    """The shipyard CLI in-process, as a user types it (every argument as text)."""
+    from click.testing import CliRunner
+
+    from pipeline.cli import cli
+
+    return CliRunner().invoke(cli, [str(a) for a in args])
+
+
+def write_recipe(folder: Path, model_dir: Path, rows: Path, /, **sections) -> Path:
+    """The one recipe builder of the suite: a small recipe for the tiny model, with keyword
+    sections deep-merged over the defaults (`data={"evaluation": {"samples": 64}}` keeps its path)."""
     recipe = {
         "name": "tiny",
-        "model": {"path": str(model)},
+        "model": {"path": str(model_dir)},
         "data": {
-            "calibration": {"path": str(data), "samples": 128},
-            "evaluation": {"path": str(data), "samples": 400},
+            "calibration": {"path": str(rows), "samples": 128},
+            "evaluation": {"path": str(rows), "samples": 400},
             "text_column": "text",
             "label_column": "sentiment",
             "max_length": 64,
@@ -89,11 +121,7 @@ def write_recipe(folder: Path, model: Path, data: Path, **sections) -> Path:
         # 0.25 points, so its INT8 gate is looser than the defaults the demo model meets.
         "thresholds": {"int8": {"min_agreement": 0.95, "max_metric_drop": 0.03}},
     }
-    for key, value in sections.items():
-        if isinstance(value, dict) and isinstance(recipe.get(key), dict):
-            recipe[key] = {**recipe[key], **value}
-        else:
-            recipe[key] = value
+    recipe = merged(recipe, sections)
     path = folder / "recipe.yaml"
     path.write_text(yaml.safe_dump(recipe))
     return path

@@ -8,10 +8,9 @@ from collections import Counter
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 from zoo import make_model, reference_pruned_export
 
-from pipeline.cli import cli
 from pipeline.graph import model as graph_model
 from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
 from pipeline.graph.proof import GraphCheckError, prove_runs
@@ -21,9 +20,6 @@ from pipeline.stages.export import export_onnx
 pytestmark = pytest.mark.slow
 HEADS = {0: [0, 2], 1: [3]}
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")

@@ -62,7 +62,7 @@ def test_entropy_and_percentile_calibration(tiny, tiny_holdout_small, exported, 
         result = CliRunner().invoke(cli, [
             "quantize", "--model", str(exported[0]), "--out", str(out), "--calibration",
             str(tiny_holdout_small), "--tokenizer", str(tiny.model), "--method", method,
-            "--samples", "32", "--max-length", "64", "--json"])
+            "--samples", "32", "--max-length", "64", "--tuning-samples", "0", "--json"])  # no fallback search
         assert result.exit_code == 0, result.output
         assert json.loads(result.output)["options"]["method"] == method
 

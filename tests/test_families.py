@@ -5,10 +5,10 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 from zoo import FAMILIES, make_model, reference_pruned_export
 
-from pipeline.cli import cli
+from pipeline.artifacts import sha256_file
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
 
@@ -17,17 +17,15 @@ PRUNABLE = [f for f in FAMILIES if f != "albert"]
 HEADS = {0: [1], 1: [0, 2]}
 
 
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
-
 
 @pytest.fixture(scope="module")
 def family_models(tmp_path_factory):
-    """family -> (model folder, exported ONNX), made once for the module."""
+    """family -> (model folder, its ONNX export), made once for the module, whatever runs first."""
     root = tmp_path_factory.mktemp("families")
     made = {}
     for family in FAMILIES:
         folder = make_model(root / family, family)
+        export_onnx(folder, root / f"{family}.onnx", 17)
         made[family] = (folder, root / f"{family}.onnx")
     return made
 
@@ -44,9 +42,11 @@ def _token_batches(folder):
 @pytest.mark.parametrize("family", FAMILIES)
 def test_family_exports_quantizes_checks_and_validates(family, family_models, tiny_holdout_small, tmp_path):
     folder, exported = family_models[family]
-    result = invoke("export", "--model", folder, "--out", exported, "--json")
+    alone = tmp_path / "model.onnx"
+    result = invoke("export", "--model", folder, "--out", alone, "--json")
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["max_abs_diff"] <= 1e-4
+    assert sha256_file(alone) == sha256_file(exported)  # the CLI's export is the stage's
 
     result = invoke("validate", "--reference", folder, "--artifact", exported, "--data", tiny_holdout_small,
                     "--samples", "96", "--max-length", "48", "--json")
@@ -56,7 +56,8 @@ def test_family_exports_quantizes_checks_and_validates(family, family_models, ti
     for fmt in ("qdq", "cpu"):
         out = tmp_path / f"int8.{fmt}.onnx"
         result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, "--calibration",
-                        tiny_holdout_small, "--tokenizer", folder, "--samples", "64", "--max-length", "48", "--quiet")
+                        tiny_holdout_small, "--tokenizer", folder, "--samples", "64", "--max-length", "48",
+                        "--tuning-samples", "0", "--quiet")  # every node quantized: the fallback is not the subject
         assert result.exit_code == 0, result.output
         result = invoke("validate", "--reference", folder, "--artifact", out, "--data", tiny_holdout_small,
                         "--samples", "96", "--max-length", "48", "--min-agreement", "0.8", "--json")
@@ -68,8 +69,6 @@ def test_family_exports_quantizes_checks_and_validates(family, family_models, ti
 @pytest.mark.parametrize("family", PRUNABLE)
 def test_head_pruning_matches_pytorch_prune_heads_for_each_family(family, family_models, tmp_path):
     folder, exported = family_models[family]
-    if not exported.exists():
-        export_onnx(folder, exported, 17)
     reference = reference_pruned_export(folder, tmp_path, HEADS)
 
     ours = tmp_path / "ours.onnx"
@@ -84,8 +83,6 @@ def test_head_pruning_matches_pytorch_prune_heads_for_each_family(family, family
 
 def test_albert_is_refused_for_pruning_with_its_reason(family_models, tmp_path):
     folder, exported = family_models["albert"]
-    if not exported.exists():
-        export_onnx(folder, exported, 17)
     out = tmp_path / "p.onnx"
     result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", folder, "--prune-heads", '{"1": [0]}')
     assert result.exit_code == 2, result.output
@@ -103,8 +100,6 @@ def test_pruning_plan_applies_to_each_familys_pytorch_model(family, family_model
     from pipeline.stages.prune.plan import PruningPlan, apply_to_torch, plan_path
 
     folder, exported = family_models[family]
-    if not exported.exists():
-        export_onnx(folder, exported, 17)
     ours = tmp_path / "ours.onnx"
     result = invoke("prune", "--model", exported, "--out", ours, "--calibration", tiny_holdout_small,
                     "--tokenizer", folder, "--ffn", "0.5", "--sparsity-24", "ffn", "--samples", "32",

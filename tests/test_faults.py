@@ -13,14 +13,9 @@ from pathlib import Path
 import pytest
 import yaml
 from click.testing import CliRunner
-from conftest import write_recipe
+from conftest import invoke, merged, write_recipe
 
 from pipeline.cli import cli
-
-
-def run_cli(args):
-    result = CliRunner().invoke(cli, [str(a) for a in args])
-    return result
 
 
 def assert_clean_failure(result, *fragments, out: Path | None = None):
@@ -37,7 +32,7 @@ def assert_clean_failure(result, *fragments, out: Path | None = None):
 
 def test_model_folder_missing(tmp_path):
     out = tmp_path / "m.onnx"
-    result = run_cli(["export", "--model", tmp_path / "nope", "--out", out])
+    result = invoke("export", "--model", tmp_path / "nope", "--out", out)
     assert_clean_failure(result, "model folder", "not found", out=out)
 
 
@@ -45,7 +40,7 @@ def test_folder_without_tokenizer(model_copy, tmp_path):
     for name in ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "special_tokens_map.json"):
         (model_copy / name).unlink(missing_ok=True)
     out = tmp_path / "m.onnx"
-    result = run_cli(["export", "--model", model_copy, "--out", out])
+    result = invoke("export", "--model", model_copy, "--out", out)
     assert_clean_failure(result, "has no tokenizer", "save_pretrained", out=out)
 
 
@@ -54,22 +49,22 @@ def test_model_type_not_bert_family(model_copy, tmp_path):
     config["model_type"] = "gpt2"
     (model_copy / "config.json").write_text(json.dumps(config))
     out = tmp_path / "m.onnx"
-    result = run_cli(["export", "--model", model_copy, "--out", out])
+    result = invoke("export", "--model", model_copy, "--out", out)
     assert_clean_failure(result, "'gpt2'", "not BERT-family", out=out)
 
 
 def test_unknown_task(tiny, tmp_path):
-    result = run_cli(["export", "--model", tiny.model, "--out", tmp_path / "m.onnx", "--task", "translation"])
+    result = invoke("export", "--model", tiny.model, "--out", tmp_path / "m.onnx", "--task", "translation")
     assert result.exit_code == 2 and "translation" in result.output and "Traceback" not in result.output
     recipe = write_recipe(tmp_path, tiny.model, tmp_path / "d.csv")
-    result = run_cli(["run", recipe, "--set", "model.task=translation", "--out", tmp_path / "r"])
+    result = invoke("run", recipe, "--set", "model.task=translation", "--out", tmp_path / "r")
     assert_clean_failure(result, "model.task", out=tmp_path / "r")
 
 
 @pytest.fixture(scope="module")
 def onnx_file(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("onnx") / "model.onnx"
-    assert run_cli(["export", "--model", tiny.model, "--out", out, "--quiet"]).exit_code == 0
+    assert invoke("export", "--model", tiny.model, "--out", out, "--quiet").exit_code == 0
     return out
 
 
@@ -79,18 +74,18 @@ def test_truncated_or_corrupt_onnx(onnx_file, tiny, tiny_holdout_small, tmp_path
     data = onnx_file.read_bytes()
     broken.write_bytes(data[: len(data) // 3] if damage == "truncated" else b"not an onnx model")
     out = tmp_path / "q.onnx"
-    result = run_cli(["quantize", "--model", broken, "--out", out, "--format", "cpu"])
+    result = invoke("quantize", "--model", broken, "--out", out, "--format", "cpu")
     assert_clean_failure(result, "broken.onnx", "truncated or corrupt", out=out)
-    result = run_cli(["validate", "--reference", tiny.model, "--artifact", broken, "--data", tiny_holdout_small])
+    result = invoke("validate", "--reference", tiny.model, "--artifact", broken, "--data", tiny_holdout_small)
     assert_clean_failure(result, "truncated or corrupt")
 
 
 def test_data_missing_empty_or_without_column(tiny, onnx_file, tiny_holdout_small, tmp_path):
     base = ["validate", "--reference", tiny.model, "--artifact", onnx_file]
-    assert_clean_failure(run_cli(base + ["--data", tmp_path / "none.csv"]), "none.csv", "not found")
+    assert_clean_failure(invoke(*base, "--data", tmp_path / "none.csv"), "none.csv", "not found")
     (tmp_path / "empty.jsonl").write_text("")
-    assert_clean_failure(run_cli(base + ["--data", tmp_path / "empty.jsonl"]), "empty.jsonl", "is empty")
-    assert_clean_failure(run_cli(base + ["--data", tiny_holdout_small, "--text-column", "tweet"]),
+    assert_clean_failure(invoke(*base, "--data", tmp_path / "empty.jsonl"), "empty.jsonl", "is empty")
+    assert_clean_failure(invoke(*base, "--data", tiny_holdout_small, "--text-column", "tweet"),
                          "no column 'tweet'", "columns: text, sentiment")
 
 
@@ -98,25 +93,25 @@ def test_labels_unknown_to_the_model(tiny, onnx_file, tmp_path):
     data = tmp_path / "d.jsonl"
     data.write_text("".join(json.dumps({"text": f"t{i}", "label": lab}) + "\n"
                             for i, lab in enumerate(["positive", "furious", "neutral"])))
-    result = run_cli(["validate", "--reference", tiny.model, "--artifact", onnx_file, "--data", data,
-                      "--label-column", "label"])
+    result = invoke("validate", "--reference", tiny.model, "--artifact", onnx_file, "--data", data,
+                      "--label-column", "label")
     assert_clean_failure(result, "['furious']", "id2label")
 
 
 def test_fewer_calibration_rows_than_asked(tiny, tiny_holdout_small, tmp_path):
     recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small)
     out = tmp_path / "release"
-    result = run_cli(["run", recipe, "--out", out, "--set", "data.calibration.samples=5000"])
+    result = invoke("run", recipe, "--out", out, "--set", "data.calibration.samples=5000")
     assert_clean_failure(result, "calibration asks for 5000 rows", out=out)
 
 
 def test_output_folder_not_writable(tiny, tiny_holdout_small, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
-    result = run_cli(["export", "--model", tiny.model, "--out", blocker / "sub" / "m.onnx"])
+    result = invoke("export", "--model", tiny.model, "--out", blocker / "sub" / "m.onnx")
     assert_clean_failure(result, "not writable", "--out")
     recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small)
-    result = run_cli(["run", recipe, "--out", blocker / "release"])
+    result = invoke("run", recipe, "--out", blocker / "release")
     assert_clean_failure(result, "not writable")
 
 
@@ -125,29 +120,26 @@ def test_recipe_unknown_key_and_wrong_type(tiny, tiny_holdout_small, tmp_path):
     raw = yaml.safe_load(recipe.read_text())
     raw["stages"] = {"quantize": {"formats": ["qdq"], "bits": 4}}
     recipe.write_text(yaml.safe_dump(raw))
-    assert_clean_failure(run_cli(["run", recipe, "--out", tmp_path / "r"]), "stages.quantize.bits", "unknown key")
+    assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "r"), "stages.quantize.bits", "unknown key")
     raw["stages"] = {"quantize": {"formats": "int8"}}
     recipe.write_text(yaml.safe_dump(raw))
-    assert_clean_failure(run_cli(["run", recipe, "--out", tmp_path / "r"]), "stages.quantize.formats")
+    assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "r"), "stages.quantize.formats")
 
 
 def test_quantize_without_calibration_data(onnx_file, tmp_path):
     out = tmp_path / "q.onnx"
-    assert_clean_failure(run_cli(["quantize", "--model", onnx_file, "--out", out]),
+    assert_clean_failure(invoke("quantize", "--model", onnx_file, "--out", out),
                          "--calibration", out=out)
 
 
 # --- faults: the disk, signals, locks, damaged files, data the tool did not make --------------
 
-def quick_recipe(folder: Path, model: Path, data: Path, **sections) -> Path:
+def quick_recipe(folder: Path, model: Path, data: Path, /, **sections) -> Path:
     """Export and validate only, on few rows: a whole run in seconds."""
-    stages = {"quantize": {"enabled": False}, **sections.pop("stages", {})}
-    path = write_recipe(folder, model, data, stages=stages, **sections)
-    recipe = yaml.safe_load(path.read_text())
-    recipe["data"].update({"calibration": {"path": str(data), "samples": 32}, "tuning_samples": 32,
-                           "evaluation": {"path": str(data), "samples": 64}, "max_length": 32})
-    path.write_text(yaml.safe_dump(recipe))
-    return path
+    quick = {"stages": {"quantize": {"enabled": False}},
+             "data": {"calibration": {"samples": 32}, "tuning_samples": 32, "evaluation": {"samples": 64},
+                      "max_length": 32}}
+    return write_recipe(folder, model, data, **merged(quick, sections))
 
 
 def leftovers(out: Path) -> list[Path]:
@@ -156,7 +148,7 @@ def leftovers(out: Path) -> list[Path]:
 
 def test_output_folder_that_cannot_be_created(tiny):
     out = Path("/proc/nope/x.onnx")
-    assert_clean_failure(run_cli(["export", "--model", tiny.model, "--out", out]), "/proc", "not writable", "--out")
+    assert_clean_failure(invoke("export", "--model", tiny.model, "--out", out), "/proc", "not writable", "--out")
 
 
 def test_disk_full_mid_write_leaves_nothing(tiny, tiny_holdout_small, tmp_path, monkeypatch):
@@ -169,7 +161,7 @@ def test_disk_full_mid_write_leaves_nothing(tiny, tiny_holdout_small, tmp_path, 
 
     monkeypatch.setattr(pipeline.run.workflow, "write_json", full)
     out = tmp_path / "release"
-    result = run_cli(["run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache"])
+    result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache")
     assert_clean_failure(result, "No space left on device writing", "free some space", out=out)
 
 
@@ -181,7 +173,7 @@ def test_internal_error_exits_3_with_the_traceback_in_a_named_log(tiny, tiny_hol
 
     monkeypatch.setattr(pipeline.stages.export, "run", broken)
     out = tmp_path / "release"
-    result = run_cli(["run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache"])
+    result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache")
     assert result.exit_code == 3, result.output
     lines = [line for line in result.output.splitlines() if line.startswith("error:")]
     assert len(lines) == 1 and "internal error (RuntimeError: simulated bug)" in lines[0], result.output
@@ -198,7 +190,7 @@ def test_interrupt_exits_130_and_removes_partial_outputs(tiny, tiny_holdout_smal
 
     monkeypatch.setattr(pipeline.stages.export, "run", interrupted)
     out = tmp_path / "release"
-    result = run_cli(["run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache"])
+    result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache")
     assert result.exit_code == 130 and "interrupted" in result.output
     assert not out.exists() and not leftovers(out)
 
@@ -254,7 +246,7 @@ def test_nan_in_the_reference_model_is_bad_input(model_copy, tmp_path):
     weights["classifier.bias"] = torch.full_like(weights["classifier.bias"], float("nan"))
     save_file(weights, str(model_copy / "model.safetensors"), metadata={"format": "pt"})
     out = tmp_path / "m.onnx"
-    assert_clean_failure(run_cli(["export", "--model", model_copy, "--out", out]), "NaN or Inf outputs", out=out)
+    assert_clean_failure(invoke("export", "--model", model_copy, "--out", out), "NaN or Inf outputs", out=out)
 
 
 def test_nan_in_an_artifact_fails_its_gate(tiny, onnx_file, tiny_holdout_small, tmp_path):
@@ -269,39 +261,39 @@ def test_nan_in_an_artifact_fails_its_gate(tiny, onnx_file, tiny_holdout_small, 
     weights[name].CopyFrom(numpy_helper.from_array(np.full_like(numpy_helper.to_array(weights[name]), np.nan), name))
     broken = tmp_path / "nan.onnx"
     onnx.save(model, str(broken))
-    result = run_cli(["validate", "--reference", tiny.model, "--artifact", broken, "--data", tiny_holdout_small,
-                      "--samples", 40])
+    result = invoke("validate", "--reference", tiny.model, "--artifact", broken, "--data", tiny_holdout_small,
+                      "--samples", 40)
     assert result.exit_code == 1 and "40 of 40 rows have NaN or Inf outputs" in result.output, result.output
 
 
 def test_texts_longer_than_the_model_allows(tiny, onnx_file, model_copy, tmp_path):
     long = tmp_path / "long.csv"
     long.write_text("text\n" + "".join(" ".join(f"word{i}" for i in range(n)) + "\n" for n in (900, 1500, 3)))
-    result = run_cli(["validate", "--reference", tiny.model, "--artifact", onnx_file, "--data", long,
-                      "--max-length", 512])
+    result = invoke("validate", "--reference", tiny.model, "--artifact", onnx_file, "--data", long,
+                      "--max-length", 512)
     assert result.exit_code == 0, result.output  # truncated to the model's 512 positions, as PyTorch does
     config = json.loads((model_copy / "config.json").read_text())
     config["max_position_embeddings"] = 128
     (model_copy / "config.json").write_text(json.dumps(config))
-    result = run_cli(["validate", "--reference", model_copy, "--artifact", onnx_file, "--data", long,
-                      "--max-length", 512])
+    result = invoke("validate", "--reference", model_copy, "--artifact", onnx_file, "--data", long,
+                      "--max-length", 512)
     assert_clean_failure(result, "--max-length 512 is longer than model", "128 positions", "set it to 128 or less")
 
 
 def test_non_utf8_csv_names_the_byte_and_the_encoding_option(tiny, onnx_file, tmp_path):
     data = tmp_path / "latin1.csv"
-    data.write_bytes("text,sentiment\n".encode() + "".join(f"caf\xe9 number {i},neutral\n" for i in range(20)).encode("latin-1"))
+    data.write_bytes(b"text,sentiment\n" + "".join(f"caf\xe9 number {i},neutral\n" for i in range(20)).encode("latin-1"))
     base = ["validate", "--reference", tiny.model, "--artifact", onnx_file, "--data", data]
-    assert_clean_failure(run_cli(base), "byte 0xe9", "not valid UTF-8", "--encoding")
-    assert run_cli(base + ["--encoding", "latin-1"]).exit_code == 0
-    assert_clean_failure(run_cli(base + ["--encoding", "klingon"]), "unknown encoding 'klingon'")
+    assert_clean_failure(invoke(*base), "byte 0xe9", "not valid UTF-8", "--encoding")
+    assert invoke(*base, "--encoding", "latin-1").exit_code == 0
+    assert_clean_failure(invoke(*base, "--encoding", "klingon"), "unknown encoding 'klingon'")
 
 
 def test_evaluation_split_left_empty_by_sampling(tiny, tiny_holdout_small, tmp_path):
     out = tmp_path / "release"
     recipe = quick_recipe(tmp_path, tiny.model, tiny_holdout_small)
-    result = run_cli(["run", recipe, "--out", out, "--set", "data.calibration.samples=600",
-                      "--set", "data.tuning_samples=90"])
+    result = invoke("run", recipe, "--out", out, "--set", "data.calibration.samples=600",
+                      "--set", "data.tuning_samples=90")
     assert_clean_failure(result, "evaluation (after the calibration and tuning rows) asks for 64 rows", out=out)
 
 
@@ -312,16 +304,16 @@ def test_pickle_weights_need_allow_pickle(model_copy, tmp_path):
     torch.save(load_file(str(model_copy / "model.safetensors")), model_copy / "pytorch_model.bin")
     (model_copy / "model.safetensors").unlink()
     out = tmp_path / "m.onnx"
-    assert_clean_failure(run_cli(["export", "--model", model_copy, "--out", out]),
+    assert_clean_failure(invoke("export", "--model", model_copy, "--out", out),
                          "only pickle weights", "--allow-pickle", out=out)
-    assert run_cli(["export", "--model", model_copy, "--out", out, "--allow-pickle", "--quiet"]).exit_code == 0
+    assert invoke("export", "--model", model_copy, "--out", out, "--allow-pickle", "--quiet").exit_code == 0
 
 
 def test_truncated_weights_name_the_file(model_copy, tmp_path):
     weights = model_copy / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100_000])
     out = tmp_path / "m.onnx"
-    assert_clean_failure(run_cli(["export", "--model", model_copy, "--out", out]),
+    assert_clean_failure(invoke("export", "--model", model_copy, "--out", out),
                          "model.safetensors are truncated or corrupt", out=out)
 
 
@@ -338,7 +330,7 @@ def test_corrupt_cached_demo_model_is_made_again(tiny, tmp_path, monkeypatch):
     weights = home / "minilm-tweets" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:1000])
     recipe = quick_recipe(tmp_path, home / "minilm-tweets", home / "tweets-holdout.csv")
-    assert_clean_failure(run_cli(["run", recipe, "--out", tmp_path / "r"]), "truncated or corrupt",
+    assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "r"), "truncated or corrupt",
                          "demo prepare --force")
     fitted = []
 
@@ -367,18 +359,18 @@ def test_a_live_run_holds_the_folder_and_a_dead_one_does_not(tiny, tiny_holdout_
     out = tmp_path / "release"
     holder = hold_lock(out, 600)
     recipe = quick_recipe(tmp_path, tiny.model, tiny_holdout_small)
-    result = run_cli(["run", recipe, "--out", out])
+    result = invoke("run", recipe, "--out", out)
     assert_clean_failure(result, "is being written by another run", f"pid {holder.pid}", "--wait", out=out)
     holder.kill()  # SIGKILL: the kernel frees the lock; the owner file stays behind, stale
     holder.wait()
-    result = run_cli(["run", recipe, "--out", out, "--quiet"])
+    result = invoke("run", recipe, "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
 
 
 def test_wait_takes_the_folder_when_the_holder_finishes(tiny, tiny_holdout_small, tmp_path):
     out = tmp_path / "release"
     holder = hold_lock(out, 3)
-    result = run_cli(["run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--wait", "--quiet"])
+    result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--wait", "--quiet")
     assert result.exit_code == 0 and holder.wait() == 0, result.output
 
 
@@ -389,7 +381,7 @@ def test_stale_partial_folders_are_removed(tiny, tiny_holdout_small, tmp_path):
     (stale / "model.onnx").write_bytes(b"half an onnx file")
     other = tmp_path / ".release-v2.abcdefgh.partial"  # another release's: not ours to remove
     other.mkdir()
-    result = run_cli(["run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--quiet"])
+    result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     assert not stale.exists() and other.exists()
 
@@ -398,18 +390,18 @@ def test_cache_folder_not_writable(tiny, tiny_holdout_small, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")
     out = tmp_path / "release"
-    result = run_cli(["run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out,
-                      "--cache-dir", blocker])
+    result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out,
+                      "--cache-dir", blocker)
     assert_clean_failure(result, "cache folder", "not writable", "--no-cache", out=out)
 
 
 def test_bad_signing_keys(tiny, tiny_holdout_small, tmp_path):
     recipe = quick_recipe(tmp_path, tiny.model, tiny_holdout_small)
     out = tmp_path / "release"
-    assert_clean_failure(run_cli(["run", recipe, "--out", out, "--sign-key", tmp_path / "none.pem"]),
+    assert_clean_failure(invoke("run", recipe, "--out", out, "--sign-key", tmp_path / "none.pem"),
                          "private key", "not found", out=out)
     (tmp_path / "junk.pem").write_text("not a key")
-    assert_clean_failure(run_cli(["run", recipe, "--out", out, "--sign-key", tmp_path / "junk.pem"]),
+    assert_clean_failure(invoke("run", recipe, "--out", out, "--sign-key", tmp_path / "junk.pem"),
                          "not a PEM private key", out=out)
 
 
@@ -427,14 +419,14 @@ def signed_release(tiny, tiny_holdout_small, tmp_path_factory):
     recipe = quick_recipe(folder, tiny.model, tiny_holdout_small, stages={
         "quantize": {"enabled": True, "formats": ["qdq"], "fallback": {"max_nodes": 0}}},
         thresholds={"int8": {"min_agreement": 0.5, "max_metric_drop": 0.5}})
-    result = run_cli(["run", recipe, "--out", folder / "out", "--sign-key", folder / "release.key", "--quiet"])
+    result = invoke("run", recipe, "--out", folder / "out", "--sign-key", folder / "release.key", "--quiet")
     assert result.exit_code == 0, result.output
     return folder
 
 
 def test_verify_passes_a_signed_release_and_catches_a_flipped_byte_in_any_artifact(signed_release):
     out, pub = signed_release / "out", signed_release / "release.pub"
-    ok = run_cli(["verify", out, "--public-key", pub])
+    ok = invoke("verify", out, "--public-key", pub)
     assert ok.exit_code == 0 and "intact" in ok.output, ok.output
     manifest = json.loads((out / "manifest.json").read_text())
     assert len(manifest["artifacts"]) >= 2
@@ -445,7 +437,7 @@ def test_verify_passes_a_signed_release_and_catches_a_flipped_byte_in_any_artifa
         flipped[len(flipped) // 2] ^= 0x01
         path.write_bytes(bytes(flipped))
         try:
-            result = run_cli(["verify", out, "--public-key", pub])
+            result = invoke("verify", out, "--public-key", pub)
             assert result.exit_code == 1 and f"{record['path']}: sha256 differs" in result.output, result.output
         finally:
             path.write_bytes(original)
@@ -461,27 +453,27 @@ def test_verify_catches_a_hand_edited_manifest(signed_release, tmp_path):
     manifest = json.loads(manifest_path.read_text())
     manifest["passed"] = not manifest["passed"]  # the hash-consistent lie only a signature catches
     manifest_path.write_text(json.dumps(manifest, indent=2))
-    assert run_cli(["verify", out]).exit_code == 0  # unsigned check: every hash still matches
-    result = run_cli(["verify", out, "--public-key", pub])
+    assert invoke("verify", out).exit_code == 0  # unsigned check: every hash still matches
+    result = invoke("verify", out, "--public-key", pub)
     assert result.exit_code == 1 and "manifest.json.sig: does not match manifest.json" in result.output
     del manifest["artifacts"][0]["sha256"]
     manifest_path.write_text(json.dumps(manifest))
-    result = run_cli(["verify", out])
+    result = invoke("verify", out)
     assert result.exit_code == 1 and "manifest.json: artifacts.0.sha256: Field required" in result.output
     manifest_path.unlink()
-    assert run_cli(["verify", out]).exit_code == 1
-    assert run_cli(["verify", tmp_path / "nowhere"]).exit_code == 2
+    assert invoke("verify", out).exit_code == 1
+    assert invoke("verify", tmp_path / "nowhere").exit_code == 2
 
 
 def test_damaged_cache_entry_is_recomputed_not_trusted(tiny, tiny_holdout_small, tmp_path):
     cache = tmp_path / "cache"
     recipe = quick_recipe(tmp_path, tiny.model, tiny_holdout_small)
-    first = run_cli(["run", recipe, "--out", tmp_path / "a", "--cache-dir", cache, "--quiet"])
+    first = invoke("run", recipe, "--out", tmp_path / "a", "--cache-dir", cache, "--quiet")
     assert first.exit_code == 0, first.output
     entry = next(p.parent for p in (cache / "stages").glob("*/model.onnx"))
     onnx_file = entry / "model.onnx"
     onnx_file.write_bytes(onnx_file.read_bytes()[:-10] + b"0123456789")
-    second = run_cli(["run", recipe, "--out", tmp_path / "b", "--cache-dir", cache, "--quiet"])
+    second = invoke("run", recipe, "--out", tmp_path / "b", "--cache-dir", cache, "--quiet")
     assert second.exit_code == 0, second.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["invocation"]["cache"]["damaged_and_recomputed"] == ["export"]

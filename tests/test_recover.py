@@ -11,18 +11,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from click.testing import CliRunner
+from conftest import invoke, write_recipe
 from test_tasks import COLUMNS, TASKS, task_data, task_models  # noqa: F401 (fixtures)
 
-from pipeline.cli import cli
 from pipeline.graph import model as graph_model
 from pipeline.parity.policy import recorded_kind, seen_rows
 
 pytestmark = pytest.mark.slow
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 @pytest.fixture(scope="module")
@@ -141,22 +137,20 @@ def test_recovery_keeps_24_sparsity(tiny, tiny_holdout_small, heavy, tmp_path):
         assert ((groups != 0).sum(-1) <= 2).all()
 
 
+LOOSE = {"min_agreement": 0.5, "max_metric_drop": 0.3}
+
+
 def _recovery_recipe(tiny, data, folder, **prune):
-    import yaml
-    from conftest import write_recipe
 
     path = write_recipe(
         folder, tiny.model, data,
         stages={"prune": {"enabled": True, "heads_per_layer": 8, **prune,
                           "recover": {"enabled": True, "max_steps": 12, "eval_every": 6, "tuning_samples": 32,
                                       "learning_rate": 1e-4}},
-                "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 0}}})
-    raw = yaml.safe_load(path.read_text())
-    raw["data"]["training"] = {"path": str(data), "samples": 160}
-    # A dozen steps on the 2-layer model after removing 8 of 12 heads: loose gates, so the run passes.
-    loose = {"min_agreement": 0.5, "max_metric_drop": 0.3}
-    raw["thresholds"] = {**raw["thresholds"], "pruned": loose, "int8": loose}
-    path.write_text(yaml.safe_dump(raw))
+                "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 0}}},
+        data={"training": {"path": str(data), "samples": 160}},
+        # A dozen steps on the 2-layer model after removing 8 of 12 heads: loose gates, so the run passes.
+        thresholds={"pruned": LOOSE, "int8": LOOSE})
     return path
 
 

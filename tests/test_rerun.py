@@ -9,14 +9,7 @@ import time
 from pathlib import Path
 
 import yaml
-from click.testing import CliRunner
-from conftest import write_recipe
-
-from pipeline.cli import cli
-
-
-def run_cli(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
+from conftest import invoke, write_recipe
 
 
 def recipe_for(folder: Path, tiny, data: Path, **data_section) -> Path:
@@ -25,11 +18,9 @@ def recipe_for(folder: Path, tiny, data: Path, **data_section) -> Path:
         "prune": {"enabled": True, "ffn_fraction": 0.1},
         "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 2, "min_agreement": 0.999}}},
         thresholds={"int8": {"min_agreement": 0.5, "max_metric_drop": 0.5},
-                    "pruned": {"min_agreement": 0.5, "max_metric_drop": 0.5}})
-    recipe = yaml.safe_load(path.read_text())
-    recipe["data"].update({"calibration": {"path": str(data), "samples": 48}, "tuning_samples": 48,
-                           "evaluation": {"path": str(data), "samples": 96}, "max_length": 32, **data_section})
-    path.write_text(yaml.safe_dump(recipe))
+                    "pruned": {"min_agreement": 0.5, "max_metric_drop": 0.5}},
+        data={"calibration": {"samples": 48}, "tuning_samples": 48, "evaluation": {"samples": 96}, "max_length": 32,
+              **data_section})
     return path
 
 
@@ -87,7 +78,7 @@ def test_calibration_without_labels_and_evaluation_with_its_own_column_names(tin
     raw["data"]["evaluation"] = {"path": str(evaluation), "samples": 96, "text_column": "sentence",
                                  "label_column": "gold"}
     recipe.write_text(yaml.safe_dump(raw))
-    result = run_cli("run", recipe, "--out", tmp_path / "out", "--quiet")
+    result = invoke("run", recipe, "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
     fp32 = next(a for a in manifest["artifacts"] if a["name"] == "model.fp32")
@@ -97,14 +88,14 @@ def test_calibration_without_labels_and_evaluation_with_its_own_column_names(tin
 
 def test_standalone_quantize_then_validate_on_one_file_use_disjoint_rows(tiny, tiny_holdout_small, tmp_path):
     exported = tmp_path / "m.onnx"
-    assert run_cli("export", "--model", tiny.model, "--out", exported, "--quiet").exit_code == 0
+    assert invoke("export", "--model", tiny.model, "--out", exported, "--quiet").exit_code == 0
     int8 = tmp_path / "q.onnx"
-    result = run_cli("quantize", "--model", exported, "--out", int8, "--calibration", tiny_holdout_small,
+    result = invoke("quantize", "--model", exported, "--out", int8, "--calibration", tiny_holdout_small,
                      "--tokenizer", tiny.model, "--samples", 100, "--tuning-samples", 50, "--max-length", 32,
                      "--format", "cpu", "--quiet")
     assert result.exit_code == 0, result.output
     report = tmp_path / "report.json"
-    result = run_cli("validate", "--reference", tiny.model, "--artifact", int8, "--data", tiny_holdout_small,
+    result = invoke("validate", "--reference", tiny.model, "--artifact", int8, "--data", tiny_holdout_small,
                      "--max-length", 32, "--report", report, "--min-agreement", 0, "--quiet")
     assert result.exit_code == 0, result.output
     parity = json.loads(report.read_text())
@@ -115,14 +106,14 @@ def test_standalone_quantize_then_validate_on_one_file_use_disjoint_rows(tiny, t
 def test_rerun_reuses_every_stage_and_one_changed_option_reruns_only_its_dependents(tiny, tiny_holdout_small, tmp_path):
     recipe = recipe_for(tmp_path, tiny, tiny_holdout_small)
     cache = tmp_path / "cache"
-    first = run_cli("run", recipe, "--out", tmp_path / "a", "--cache-dir", cache, "--quiet")
+    first = invoke("run", recipe, "--out", tmp_path / "a", "--cache-dir", cache, "--quiet")
     assert first.exit_code == 0, first.output
-    again = run_cli("run", recipe, "--out", tmp_path / "b", "--cache-dir", cache, "--quiet")
+    again = invoke("run", recipe, "--out", tmp_path / "b", "--cache-dir", cache, "--quiet")
     assert again.exit_code == 0, again.output
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert all(s["cached"] for s in manifest["stages"] if not s["stage"].startswith(("trt-check", "build")))
     assert hashes(tmp_path / "a") == hashes(tmp_path / "b") and figures(tmp_path / "a") == figures(tmp_path / "b")
-    changed = run_cli("run", recipe, "--out", tmp_path / "c", "--cache-dir", cache, "--quiet",
+    changed = invoke("run", recipe, "--out", tmp_path / "c", "--cache-dir", cache, "--quiet",
                       "--set", "thresholds.int8.min_agreement=0.6")
     assert changed.exit_code == 0, changed.output
     stages = {s["stage"]: s["cached"] for s in json.loads((tmp_path / "c" / "manifest.json").read_text())["stages"]}
@@ -136,9 +127,9 @@ def test_sigkill_then_rerun_gives_the_same_bytes_as_an_uninterrupted_run(tiny, t
     """Also the determinism check: two uncached runs, and a cached rerun, agree byte for byte."""
     recipe = recipe_for(tmp_path, tiny, tiny_holdout_small)
     clean = tmp_path / "clean"
-    assert run_cli("run", recipe, "--out", clean, "--no-cache", "--quiet").exit_code == 0
+    assert invoke("run", recipe, "--out", clean, "--no-cache", "--quiet").exit_code == 0
     again = tmp_path / "again"
-    assert run_cli("run", recipe, "--out", again, "--no-cache", "--quiet").exit_code == 0
+    assert invoke("run", recipe, "--out", again, "--no-cache", "--quiet").exit_code == 0
     assert hashes(clean) == hashes(again) and figures(clean) == figures(again)
 
     out, cache = tmp_path / "killed", tmp_path / "cache"
@@ -154,8 +145,8 @@ def test_sigkill_then_rerun_gives_the_same_bytes_as_an_uninterrupted_run(tiny, t
     proc.send_signal(signal.SIGKILL)
     proc.wait()
     assert not out.exists() and list(tmp_path.glob(".killed.????????.partial"))  # what a kill leaves
-    rerun = run_cli("run", recipe, "--out", out, "--cache-dir", cache, "--quiet")
+    rerun = invoke("run", recipe, "--out", out, "--cache-dir", cache, "--quiet")
     assert rerun.exit_code == 0, rerun.output
     assert not list(tmp_path.glob(".killed.*.partial")) and not list((cache / "stages").glob(".*.partial"))
     assert hashes(out) == hashes(clean) and figures(out) == figures(clean)
-    assert run_cli("verify", out).exit_code == 0
+    assert invoke("verify", out).exit_code == 0

@@ -8,20 +8,15 @@ import json
 import numpy as np
 import onnx
 import pytest
-from click.testing import CliRunner
-from conftest import without_tensorrt, write_recipe
+from conftest import invoke, without_tensorrt, write_recipe
 from zoo import FAMILIES, make_model
 
-from pipeline.cli import cli
 from pipeline.graph import model as graph_model
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.quantize.smooth import smooth
 
 pytestmark = pytest.mark.slow
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def _batches(folder, texts=("hello there", "a rather longer sentence about trains and snow in march", "ok")):
@@ -57,7 +52,7 @@ def test_smoothing_is_exact_in_float_on_unfused_and_fused_graphs(family, tmp_pat
         assert all(s["activation_max_after"] < s["activation_max_before"] for s in report.smoothed)
         out = tmp_path / f"smoothed-{source.name}"
         graph_model.save(smoothed, out)
-        for before, after in zip(_outputs(source, calibration), _outputs(out, calibration)):  # other shapes too
+        for before, after in zip(_outputs(source, calibration), _outputs(out, calibration), strict=True):  # other shapes too
             for name in before:
                 np.testing.assert_allclose(after[name], before[name], atol=1e-4, rtol=1e-4)
 

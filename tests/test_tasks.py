@@ -6,10 +6,9 @@ import json
 
 import numpy as np
 import pytest
-from click.testing import CliRunner
+from conftest import invoke
 from zoo import make_model
 
-from pipeline.cli import cli
 from pipeline.parity.metrics import entities, entity_scores, squad_scores
 from pipeline.parity.tasks import Pooling, Task, best_spans, max_abs_diff
 from pipeline.run.demo import minilm_dir, read_tweets
@@ -21,9 +20,6 @@ COLUMNS = {  # the CLI's column options per task: words and tags, question/conte
     "feature-extraction": ["--text-column", "text"],
 }
 
-
-def invoke(*args):
-    return CliRunner().invoke(cli, [str(a) for a in args])
 
 
 def _tags(words):
@@ -103,7 +99,7 @@ def test_each_task_goes_through_every_stage_from_the_cli(task, task_models, task
 def test_recipe_runs_each_task_end_to_end(task, task_models, task_data, tmp_path):
     import yaml
 
-    columns = dict(zip(COLUMNS[task][::2], COLUMNS[task][1::2]))
+    columns = dict(zip(COLUMNS[task][::2], COLUMNS[task][1::2], strict=True))
     data = {"calibration": {"path": str(task_data[task]), "samples": 32},
             "evaluation": {"path": str(task_data[task]), "samples": 96},
             "tuning_samples": 32,
