@@ -17,7 +17,7 @@ from pipeline.parity.policy import calibration_padding, gated_metric
 from pipeline.parity.runners import TorchRunner
 from pipeline.recipe import Recipe
 from pipeline.release.manifest import folder_sha256
-from pipeline.run.cache import batches_digest, digest_of
+from pipeline.run.cache import digest_of
 from pipeline.run.gating import Gating
 from pipeline.stages.prune.recover import TrainingData
 
@@ -67,7 +67,6 @@ class RunInputs:
     metric: str | None
     labelled: bool
     prepared: Any
-    digests: dict[str, str]
     gating: Gating
     recovery: RecoveryInputs | None = None  # when the recipe recovers after pruning
 
@@ -82,15 +81,12 @@ class RunInputs:
         prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
                                    calibration_padding(recipe.stages.quantize.method, recipe.data.padding),
                                    encode_fitting=not for_engines)
-        digests = {"calibration": batches_digest(prepared.calibration.batches),
-                   "tuning": batches_digest(prepared.tuning.batches),
-                   "evaluation": batches_digest(prepared.evaluation.batches)}
         labelled = recipe.data.evaluation_label is not None
         metric = gated_metric(recipe.thresholds.metric, task.name, labelled)
         model_sha = folder_sha256(info.path)
         torch = TorchRunner(recipe.model.path, task=task.name, allow_pickle=recipe.model.allow_pickle)
         gating = Gating(recipe.thresholds, prepared.evaluation, task, metric, labelled, info.id2label, torch, model_sha)
-        inputs = cls(recipe, info, model_sha, task, metric, labelled, prepared, digests, gating)
+        inputs = cls(recipe, info, model_sha, task, metric, labelled, prepared, gating)
         prune = recipe.stages.prune
         if prune.enabled and prune.recover.enabled and not for_engines:
             inputs.recovery = RecoveryInputs.of(inputs)
