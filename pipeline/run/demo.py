@@ -147,7 +147,7 @@ def prepare_demo(
     stamp = {"layers": layers, "train_rows": train_rows, "seed": seed, "batch_size": batch_size,
              "learning_rate": learning_rate}
     stamp_file = paths.model / "shipyard-demo.json"
-    if not force and paths.holdout.is_file() and stamp_file.is_file():
+    if not force and paths.holdout.is_file() and paths.training.is_file() and stamp_file.is_file():
         recorded = json.loads(stamp_file.read_text())
         # A damaged cache (a truncated weights file, an edited hold-out CSV) is made again.
         if recorded.get("settings") == stamp and recorded.get("files") == _file_hashes(paths):
@@ -173,4 +173,4 @@ def prepare_demo(
 
 def _file_hashes(paths: DemoPaths) -> dict[str, str]:
     files = [p for p in sorted(paths.model.iterdir()) if p.is_file() and p.name != "shipyard-demo.json"]
-    return {p.name: sha256_file(p) for p in files + [paths.holdout, paths.training] if p.is_file()}
+    return {p.name: sha256_file(p) for p in files + [paths.holdout, paths.training]}
