@@ -42,8 +42,8 @@ def _batches(tiny):
 def test_blocks_are_found_by_structure(exported):
     g = Graph(graph_model.load(exported))
     ffn, attention = find_ffn_blocks(g), find_attention_blocks(g)
-    assert [b.layer for b in ffn] == [0, 1] and [b.size for b in ffn] == [1536, 1536]
-    assert [(b.num_heads, b.head_dim) for b in attention] == [(12, 32), (12, 32)]
+    assert [b.layer for b in ffn] == [0, 1] and [b.size for b in ffn] == [384, 384]
+    assert [(b.num_heads, b.head_dim) for b in attention] == [(12, 8), (12, 8)]
     assert all(b.w1.startswith("onnx::MatMul") for b in ffn)  # names say nothing: structure does
 
 
@@ -105,11 +105,11 @@ def test_scored_pruning_shrinks_and_stays_close(tiny, tiny_holdout_small, export
         "--max-length", "64", "--json"])
     assert result.exit_code == 0, result.output
     options = json.loads(result.output)["options"]
-    assert options["intermediate_sizes"] == [1152, 1152]
+    assert options["intermediate_sizes"] == [288, 288]
     assert all(len(h) == 2 for h in options["heads_removed"].values())
     assert out.stat().st_size < exported.stat().st_size
     config = json.loads((tmp_path / "pruned.config.json").read_text())
-    assert config["intermediate_size"] == 1152 and config["shipyard_pruning"]["num_attention_heads_per_layer"] == [10, 10]
+    assert config["intermediate_size"] == 288 and config["shipyard_pruning"]["num_attention_heads_per_layer"] == [10, 10]
     result = CliRunner().invoke(cli, ["validate", "--reference", str(tiny.model), "--artifact", str(out),
                                       "--data", str(tiny_holdout_small), "--samples", "300", "--max-length", "64",
                                       "--min-agreement", "0.9", "--json"])
@@ -158,7 +158,7 @@ def test_24_sparsity_keeps_two_of_every_four(exported, tmp_path):
 
 def test_budget_search_keeps_the_largest_passing_fraction(tiny, tiny_holdout_small, tmp_path):
     recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={
-        "prune": {"enabled": True, "budget": {"min_agreement": 0.95, "max_fraction": 0.8, "steps": 3}},
+        "prune": {"enabled": True, "budget": {"min_agreement": 0.99, "max_fraction": 0.8, "steps": 3}},
         "quantize": {"formats": ["cpu"]},
     })
     out = tmp_path / "release"
@@ -171,11 +171,11 @@ def test_budget_search_keeps_the_largest_passing_fraction(tiny, tiny_holdout_sma
     manifest = json.loads((out / "manifest.json").read_text())
     pruned = next(a for a in manifest["artifacts"] if a["name"] == "model.pruned")
     trials = pruned["options"]["budget_trials"]
-    assert len(trials) >= 2
+    assert len(trials) >= 2, trials
     chosen = pruned["options"]["ffn_fraction"]
-    passing = [t["ffn_fraction"] for t in trials if t["agreement"] >= 0.95]
+    passing = [t["ffn_fraction"] for t in trials if t["agreement"] >= 0.99]
     assert chosen == max(passing) and 0 < chosen < 0.8
-    assert all(t["agreement"] < 0.95 for t in trials if t["ffn_fraction"] > chosen)
+    assert all(t["agreement"] < 0.99 for t in trials if t["ffn_fraction"] > chosen)
     assert pruned["passed"] and pruned["parity"]["agreement"] >= 0.95
     assert (out / "model.pruned.config.json").is_file()
     int8 = next(a for a in manifest["artifacts"] if a["name"] == "model.int8.cpu")
@@ -267,8 +267,11 @@ def test_pruning_plan_applies_to_pytorch_exactly(tiny, tiny_holdout_small, expor
     plan = PruningPlan.load(plan_path(out))
     model = AutoModelForSequenceClassification.from_pretrained(str(tiny.model)).eval()
     apply_to_torch(model, plan)
-    assert sum(p.numel() for p in model.parameters()) < 0.9 * sum(
-        p.numel() for p in AutoModelForSequenceClassification.from_pretrained(str(tiny.model)).parameters())
+    def layer_weights(m):  # the vocabulary's embeddings are most of a small model and never pruned
+        return sum(p.numel() for n, p in m.named_parameters() if "encoder.layer" in n)
+
+    assert layer_weights(model) < 0.9 * layer_weights(
+        AutoModelForSequenceClassification.from_pretrained(str(tiny.model)))
     for batch in _batches(tiny):
         with torch.inference_mode():
             torch_logits = model(**{k: torch.from_numpy(v) for k, v in batch.items()}).logits.numpy()

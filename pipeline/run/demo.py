@@ -87,8 +87,11 @@ def fine_tune(
     learning_rate: float = 8e-5,
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
+    hidden: int | None = None,
 ) -> None:
-    """One pass of full fine-tuning of the first `layers` MiniLM layers; writes a HF folder."""
+    """One pass of full fine-tuning of the first `layers` MiniLM layers; writes a HF folder.
+
+    `hidden` makes a narrower BERT instead (see `_narrow_bert`)."""
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -96,17 +99,20 @@ def fine_tune(
     transformers.logging.set_verbosity_error()  # "classifier newly initialized" is the point here
     torch.manual_seed(seed)
     tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True, trust_remote_code=False)
-    model = AutoModelForSequenceClassification.from_pretrained(
-        str(minilm_dir()),
-        local_files_only=True,
-        num_labels=len(LABELS),
-        id2label=dict(enumerate(LABELS)),
-        label2id={name: i for i, name in enumerate(LABELS)},
-        num_hidden_layers=layers,
-        architectures=["BertForSequenceClassification"],
-        trust_remote_code=False,
-        use_safetensors=True,
-    )
+    labels = {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)),
+              "label2id": {name: i for i, name in enumerate(LABELS)}}
+    if hidden is not None:
+        model = _narrow_bert(layers, hidden, labels)
+    else:
+        model = AutoModelForSequenceClassification.from_pretrained(
+            str(minilm_dir()),
+            local_files_only=True,
+            num_hidden_layers=layers,
+            architectures=["BertForSequenceClassification"],
+            trust_remote_code=False,
+            use_safetensors=True,
+            **labels,
+        )
     steps = (len(rows) + batch_size - 1) // batch_size
     optimizer = torch.optim.AdamW(model.parameters(), lr=learning_rate, weight_decay=0.01)
     schedule = torch.optim.lr_scheduler.LambdaLR(
@@ -131,6 +137,32 @@ def fine_tune(
     tokenizer.save_pretrained(str(out_dir))
 
 
+def _narrow_bert(layers: int, hidden: int, labels: dict):
+    """A BERT classifier `hidden` wide with MiniLM's 12 heads, vocabulary and positions: its word
+    embeddings are MiniLM's projected onto their top `hidden` principal components (so tokens
+    start with meaning; scaled to a standard deviation of 0.05, which trained to 66% accuracy on
+    2,000 tweets where BERT's 0.02 initial scale left the classifier predicting one class), every
+    other weight freshly initialised. About 16 times less arithmetic
+    per layer than MiniLM: the test suite's classifier, trained by the same loop."""
+    import torch
+    from transformers import AutoConfig, AutoModel, BertForSequenceClassification
+
+    base = AutoConfig.from_pretrained(str(minilm_dir()), local_files_only=True)
+    config = AutoConfig.for_model(
+        "bert", vocab_size=base.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
+        num_attention_heads=base.num_attention_heads, intermediate_size=4 * hidden,
+        max_position_embeddings=base.max_position_embeddings, architectures=["BertForSequenceClassification"],
+        **labels)
+    model = BertForSequenceClassification(config)
+    words = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True,
+                                      use_safetensors=True).embeddings.word_embeddings.weight.detach()
+    _, _, components = torch.pca_lowrank(words, q=hidden, center=True)
+    projected = (words - words.mean(0)) @ components[:, :hidden]
+    with torch.no_grad():
+        model.bert.embeddings.word_embeddings.weight.copy_(projected / projected.std() * 0.05)
+    return model
+
+
 def prepare_demo(
     home: Path = DEFAULT_HOME,
     layers: int = 6,
@@ -140,12 +172,14 @@ def prepare_demo(
     learning_rate: float = 8e-5,
     force: bool = False,
     progress: Callable[[int], None] | None = None,
+    hidden: int | None = None,
 ) -> DemoPaths:
-    """Fine-tune once and cache: a second call returns the cached folder unless `force`."""
+    """Fine-tune once and cache: a second call returns the cached folder unless `force`.
+    `hidden` trains a narrower BERT (see `_narrow_bert`) instead of MiniLM's first layers."""
     paths = demo_paths(Path(home))
     link_embedding_model(paths.embeddings)
     stamp = {"layers": layers, "train_rows": train_rows, "seed": seed, "batch_size": batch_size,
-             "learning_rate": learning_rate}
+             "learning_rate": learning_rate, **({"hidden": hidden} if hidden is not None else {})}
     stamp_file = paths.model / "shipyard-demo.json"
     if not force and paths.holdout.is_file() and paths.training.is_file() and stamp_file.is_file():
         recorded = json.loads(stamp_file.read_text())
@@ -159,7 +193,7 @@ def prepare_demo(
     holdout = [r for r in rows[train_rows:] if r["text"] not in seen]
     with atomic_dir(paths.model, overwrite=True) as tmp:
         fine_tune(tmp, train, layers=layers, batch_size=batch_size, learning_rate=learning_rate,
-                  seed=seed, progress=progress)
+                  seed=seed, progress=progress, hidden=hidden)
     for path, part in ((paths.holdout, holdout), (paths.training, train)):
         with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])
