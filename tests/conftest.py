@@ -30,11 +30,36 @@ def _has_cuda() -> bool:
 
 
 def pytest_configure(config):
-    # The stage cache of a test session is its own: never the user's, never shared between runs.
+    # The stage cache of a test session is its own: never the user's, never shared between runs
+    # (each pytest-xdist worker has its own too).
     import os
     import tempfile
 
     os.environ["SHIPYARD_CACHE_DIR"] = tempfile.mkdtemp(prefix="shipyard-test-cache-")
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        _one_thread_each()
+
+
+def _one_thread_each() -> None:
+    """The suite runs in two workers (addopts `-n 2`) on a 2-core machine, most of a test being
+    single-threaded Python: each worker's torch and ONNX Runtime keep to one thread, which
+    spins on none, or four threads fight over two cores (measured: slower than one worker)."""
+    import os
+
+    os.environ["OMP_NUM_THREADS"] = "1"  # before torch is imported
+    import onnxruntime
+    import torch
+
+    torch.set_num_threads(1)
+    original = onnxruntime.InferenceSession.__init__
+
+    def single_threaded(self, path_or_bytes, sess_options=None, *args, **kwargs):
+        options = sess_options or onnxruntime.SessionOptions()
+        options.intra_op_num_threads = options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        original(self, path_or_bytes, options, *args, **kwargs)
+
+    onnxruntime.InferenceSession.__init__ = single_threaded
 
 
 # What makes a test slow, and so `slow` whatever its module says: the fine-tuned test model (every

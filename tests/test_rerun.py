@@ -124,13 +124,11 @@ def test_rerun_reuses_every_stage_and_one_changed_option_reruns_only_its_depende
 
 
 def test_sigkill_then_rerun_gives_the_same_bytes_as_an_uninterrupted_run(tiny, tiny_holdout_small, tmp_path):
-    """Also the determinism check: two uncached runs, and a cached rerun, agree byte for byte."""
+    """Also the determinism check: the killed run computes every stage afresh into its own cache
+    (the rerun computes what the kill interrupted), and the result equals an uncached run's bytes."""
     recipe = recipe_for(tmp_path, tiny, tiny_holdout_small)
     clean = tmp_path / "clean"
     assert invoke("run", recipe, "--out", clean, "--no-cache", "--quiet").exit_code == 0
-    again = tmp_path / "again"
-    assert invoke("run", recipe, "--out", again, "--no-cache", "--quiet").exit_code == 0
-    assert hashes(clean) == hashes(again) and figures(clean) == figures(again)
 
     out, cache = tmp_path / "killed", tmp_path / "cache"
     exe = Path(sys.executable).with_name("shipyard")
