@@ -11,7 +11,6 @@ import time
 from pathlib import Path
 
 import pytest
-import yaml
 from click.testing import CliRunner
 from conftest import invoke, merged, write_recipe
 
@@ -116,13 +115,9 @@ def test_output_folder_not_writable(tiny, tiny_holdout_small, tmp_path):
 
 
 def test_recipe_unknown_key_and_wrong_type(tiny, tiny_holdout_small, tmp_path):
-    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["stages"] = {"quantize": {"formats": ["qdq"], "bits": 4}}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"quantize": {"formats": ["qdq"], "bits": 4}})
     assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "r"), "stages.quantize.bits", "unknown key")
-    raw["stages"] = {"quantize": {"formats": "int8"}}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"quantize": {"formats": "int8"}})
     assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "r"), "stages.quantize.formats")
 
 

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 
 import pytest
-import yaml
 from conftest import invoke, write_recipe
 
 from pipeline.artifacts import sha256_file
@@ -16,13 +15,10 @@ pytestmark = pytest.mark.slow
 
 
 def test_quantize_standalone_and_in_a_run_give_the_same_bytes_and_figures(tiny, tiny_holdout_small, tmp_path):
-    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"quantize": {"formats": ["qdq", "cpu"]}})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["data"] = {"calibration": {"path": str(tiny_holdout_small), "samples": 64},
-                   "evaluation": {"path": str(tiny_holdout_small), "samples": 100},
-                   "tuning_samples": 32, "max_length": 48, "text_column": "text"}
-    raw["thresholds"] = {"int8": {"min_agreement": 0.5}}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"quantize": {"formats": ["qdq", "cpu"]}},
+                          data={"calibration": {"samples": 64}, "evaluation": {"samples": 100}, "tuning_samples": 32,
+                                "max_length": 48, "label_column": None},
+                          thresholds={"int8": {"min_agreement": 0.5, "max_metric_drop": None}})
     run = invoke("run", recipe, "--out", tmp_path / "release", "--no-cache", "--json")
     assert run.exit_code == 0, run.output
     in_run = {a["name"]: a for a in json.loads(run.output)["manifest"]["artifacts"]}
@@ -81,13 +77,10 @@ def test_prune_standalone_and_in_a_run_give_the_same_bytes(tiny, tiny_holdout_sm
     """The run's prune stage records the rows it scored on (calibration), as the standalone
     command does; it recorded the tuning rows too, which it never read."""
     recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={
-        "prune": {"enabled": True, "ffn_fraction": 0.25, "heads_per_layer": 1}, "quantize": {"formats": ["cpu"]}})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["data"] = {"calibration": {"path": str(tiny_holdout_small), "samples": 64},
-                   "evaluation": {"path": str(tiny_holdout_small), "samples": 100},
-                   "tuning_samples": 32, "max_length": 48, "text_column": "text", "padding": "max_length"}
-    raw["thresholds"] = {"int8": {"min_agreement": 0.5}, "pruned": {"min_agreement": 0.5}}
-    recipe.write_text(yaml.safe_dump(raw))
+        "prune": {"enabled": True, "ffn_fraction": 0.25, "heads_per_layer": 1}, "quantize": {"formats": ["cpu"]}},
+        data={"calibration": {"samples": 64}, "evaluation": {"samples": 100}, "tuning_samples": 32, "max_length": 48,
+              "label_column": None, "padding": "max_length"},
+        thresholds={"int8": {"min_agreement": 0.5, "max_metric_drop": None}, "pruned": {"min_agreement": 0.5}})
     run = invoke("run", recipe, "--out", tmp_path / "release", "--no-cache", "--json")
     assert run.exit_code == 0, run.output
     in_run = {a["name"]: a for a in json.loads(run.output)["manifest"]["artifacts"]}
@@ -120,12 +113,9 @@ def test_validate_standalone_and_in_a_run_give_the_same_figures(tiny, tiny_holdo
             writer = csv.DictWriter(f, fieldnames=list(rows[0]))
             writer.writeheader()
             writer.writerows(part)
-    recipe = write_recipe(tmp_path, tiny.model, calibration, stages={"quantize": {"formats": ["qdq"]}})
-    raw = yaml.safe_load(recipe.read_text())
-    raw["data"]["calibration"]["samples"] = 64
-    raw["data"]["evaluation"] = {"path": str(evaluation), "samples": len({r["text"] for r in rows[:150]})}
-    raw["data"].update(max_length=48, tuning_samples=32)
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = write_recipe(tmp_path, tiny.model, calibration, stages={"quantize": {"formats": ["qdq"]}},
+                          data={"calibration": {"samples": 64}, "max_length": 48, "tuning_samples": 32,
+                                "evaluation": {"path": str(evaluation), "samples": len(held)}})
     run = invoke("run", recipe, "--out", tmp_path / "release", "--no-cache", "--json")
     assert run.exit_code == 0, run.output
     in_run = next(a for a in json.loads(run.output)["manifest"]["artifacts"] if a["name"] == "model.int8.qdq")["parity"]

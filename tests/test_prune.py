@@ -1,13 +1,13 @@
 """Structured pruning on the ONNX graph: exactness against PyTorch, scoring, budget, errors."""
 
 import json
-import shutil
 
 import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
 from conftest import write_recipe
+from zoo import reference_pruned_export
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns
@@ -50,22 +50,13 @@ def test_blocks_are_found_by_structure(exported):
 @pytest.mark.parametrize("heads", [{0: [1, 2], 1: [1, 2]}, {0: [0, 3, 7, 11], 1: [5]}],
                          ids=["uniform", "non-uniform"])
 def test_head_pruning_matches_pytorch_prune_heads(tiny, exported, tmp_path, heads):
-    from transformers import AutoModelForSequenceClassification
-
-    model = AutoModelForSequenceClassification.from_pretrained(str(tiny.model)).eval()
-    model.prune_heads(heads)
-    model.save_pretrained(str(tmp_path / "pt"))
-    for name in ("tokenizer.json", "tokenizer_config.json", "vocab.txt", "special_tokens_map.json"):
-        if (tiny.model / name).exists():
-            shutil.copy(tiny.model / name, tmp_path / "pt" / name)
-    export_onnx(tmp_path / "pt", tmp_path / "pt.onnx", 17)
-
+    reference = reference_pruned_export(tiny.model, tmp_path, heads)
     result = CliRunner().invoke(cli, ["prune", "--model", str(exported), "--out", str(tmp_path / "ours.onnx"),
                                       "--tokenizer", str(tiny.model), "--quiet",
                                       "--prune-heads", json.dumps({str(k): v for k, v in heads.items()})])
     assert result.exit_code == 0, result.output
     for batch in _batches(tiny):  # dynamic batch and sequence length
-        expected = OrtRunner(tmp_path / "pt.onnx").infer(batch)["logits"]
+        expected = OrtRunner(reference).infer(batch)["logits"]
         got = OrtRunner(tmp_path / "ours.onnx").infer(batch)["logits"]
         assert np.abs(expected - got).max() <= 1e-4
 

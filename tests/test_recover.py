@@ -11,7 +11,7 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import invoke, write_recipe
+from conftest import invoke, merged, write_recipe
 from test_tasks import COLUMNS, TASKS, task_data, task_models  # noqa: F401 (fixtures)
 
 from pipeline.graph import model as graph_model
@@ -140,7 +140,7 @@ def test_recovery_keeps_24_sparsity(tiny, tiny_holdout_small, heavy, tmp_path):
 LOOSE = {"min_agreement": 0.5, "max_metric_drop": 0.3}
 
 
-def _recovery_recipe(tiny, data, folder, **prune):
+def _recovery_recipe(tiny, data, folder, data_section=None, **prune):
 
     path = write_recipe(
         folder, tiny.model, data,
@@ -148,7 +148,7 @@ def _recovery_recipe(tiny, data, folder, **prune):
                           "recover": {"enabled": True, "max_steps": 12, "eval_every": 6, "tuning_samples": 32,
                                       "learning_rate": 1e-4}},
                 "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 0}}},
-        data={"training": {"path": str(data), "samples": 160}},
+        data=merged({"training": {"path": str(data), "samples": 160}}, data_section or {}),
         # A dozen steps on the 2-layer model after removing 8 of 12 heads: loose gates, so the run passes.
         thresholds={"pruned": LOOSE, "int8": LOOSE})
     return path
@@ -206,12 +206,7 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
 
 
 def test_recipe_recovery_needs_training_data(tiny, tiny_holdout_small, tmp_path):
-    import yaml
-
-    path = _recovery_recipe(tiny, tiny_holdout_small, tmp_path)
-    raw = yaml.safe_load(path.read_text())
-    del raw["data"]["training"]
-    path.write_text(yaml.safe_dump(raw))
+    path = _recovery_recipe(tiny, tiny_holdout_small, tmp_path, {"training": None})
     result = invoke("run", path, "--out", tmp_path / "rel")
     assert result.exit_code == 2 and "needs data.training" in result.output, result.output
     assert len(result.output.strip().splitlines()) == 1 and not (tmp_path / "rel").exists()
@@ -220,14 +215,10 @@ def test_recipe_recovery_needs_training_data(tiny, tiny_holdout_small, tmp_path)
 def test_recipe_training_data_is_checked_before_any_stage(tiny, tiny_holdout_small, tmp_path):
     """A training file without the text column fails at once, naming the file and the column,
     before export spends any time (nothing reaches the stage cache)."""
-    import yaml
-
-    path = _recovery_recipe(tiny, tiny_holdout_small, tmp_path)
-    raw = yaml.safe_load(path.read_text())
     other = tmp_path / "other.csv"
     other.write_text("body,gold\nfine,positive\n")
-    raw["data"]["training"] = {"path": str(other), "samples": 160}
-    path.write_text(yaml.safe_dump(raw))
+    path = _recovery_recipe(tiny, tiny_holdout_small, tmp_path,
+                            {"training": {"path": str(other), "samples": 160}})
     cache = tmp_path / "cache"
     result = invoke("run", path, "--out", tmp_path / "rel", "--cache-dir", cache)
     assert result.exit_code == 2, result.output

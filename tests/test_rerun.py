@@ -8,7 +8,6 @@ import sys
 import time
 from pathlib import Path
 
-import yaml
 from conftest import invoke, write_recipe
 
 
@@ -72,12 +71,10 @@ def test_calibration_without_labels_and_evaluation_with_its_own_column_names(tin
         writer = csv.writer(f)
         writer.writerow(["sentence", "gold"])
         writer.writerows([r["text"], r["sentiment"]] for r in rows)
-    recipe = recipe_for(tmp_path, tiny, tiny_holdout_small, label_column=None)
-    raw = yaml.safe_load(recipe.read_text())
-    raw["data"]["calibration"]["path"] = str(calibration)
-    raw["data"]["evaluation"] = {"path": str(evaluation), "samples": 96, "text_column": "sentence",
-                                 "label_column": "gold"}
-    recipe.write_text(yaml.safe_dump(raw))
+    recipe = recipe_for(tmp_path, tiny, tiny_holdout_small, label_column=None,
+                        calibration={"path": str(calibration), "samples": 48},
+                        evaluation={"path": str(evaluation), "samples": 96, "text_column": "sentence",
+                                    "label_column": "gold"})
     result = invoke("run", recipe, "--out", tmp_path / "out", "--quiet")
     assert result.exit_code == 0, result.output
     manifest = json.loads((tmp_path / "out" / "manifest.json").read_text())
