@@ -156,17 +156,74 @@ def check_output_dir(path: Path, overwrite: bool) -> None:
 
 @contextmanager
 def atomic_dir(path: Path, overwrite: bool) -> Iterator[Path]:
-    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds."""
+    """Yield a temporary folder beside `path`; it becomes `path` only if the block succeeds
+    (replacing an old one as `replace_dir` does)."""
     path = Path(path)
+    restore_replaced(path)
     check_output_dir(path, overwrite)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.", suffix=".partial", dir=path.parent))
     try:
         yield tmp
         os.chmod(tmp, 0o777 & ~_umask())
-        if path.exists():
-            shutil.rmtree(path) if path.is_dir() else path.unlink()
-        os.replace(tmp, path)
+        replace_dir(tmp, path)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
+
+
+def aside(path: Path) -> Path:
+    """Where `replace_dir` parks the old `path` while the new one is renamed in (no exchange)."""
+    return path.with_name(f".{path.name}.replaced")
+
+
+def replace_dir(new: Path, path: Path) -> None:
+    """Put folder `new` at `path`, so that a SIGKILL at any instant leaves a whole release there
+    or restorable: where the kernel can swap two names in one step (Linux renameat2
+    RENAME_EXCHANGE) `path` holds the old or the new folder at every instant, and the old one,
+    now under `new`'s temporary name, is deleted after; elsewhere the old folder is renamed to
+    `aside(path)`, the new one renamed into place, then the old one deleted, and a kill between
+    the two renames is undone by `restore_replaced` before the next write."""
+    if not path.exists():
+        os.replace(new, path)
+        return
+    if _exchange(new, path):
+        shutil.rmtree(new) if new.is_dir() else new.unlink()
+        return
+    parked = aside(path)
+    if parked.exists():
+        shutil.rmtree(parked)
+    os.replace(path, parked)
+    os.replace(new, path)
+    shutil.rmtree(parked) if parked.is_dir() else parked.unlink()
+
+
+def restore_replaced(path: Path) -> None:
+    """Undo a replacement a kill interrupted: the old folder parked aside goes back to `path` if
+    nothing is there, else (the new one made it) it is deleted."""
+    parked = aside(Path(path))
+    if not parked.exists():
+        return
+    if Path(path).exists():
+        shutil.rmtree(parked) if parked.is_dir() else parked.unlink()
+    else:
+        os.replace(parked, path)
+
+
+def _exchange(a: Path, b: Path) -> bool:
+    """Swap the names `a` and `b` atomically (Linux renameat2 with RENAME_EXCHANGE, through libc,
+    which Python's os module does not expose); False where the system or file system has none."""
+    import ctypes
+    import errno
+
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.EINVAL, errno.ENOSYS, errno.EOPNOTSUPP, errno.EXDEV):
+        return False
+    raise OSError(code, os.strerror(code), str(b))
