@@ -7,7 +7,7 @@ import numpy as np
 import onnx
 import pytest
 from click.testing import CliRunner
-from conftest import write_recipe
+from conftest import invoke, write_recipe
 from onnx import numpy_helper
 
 from pipeline.cli import cli
@@ -162,3 +162,18 @@ def test_a_metric_the_task_does_not_have_is_refused_alike_by_run_and_validate(ti
     assert run.output.strip() == f"error: thresholds.metric {tail}"
     assert validate.output.strip() == f"error: --metric {tail}"
     assert not (tmp_path / "out").exists()
+
+
+def test_validate_gates_on_the_agreement_intervals_lower_end(tiny, tiny_holdout_small, exported, tmp_path):
+    """96 rows that all agree show at best 0.9615 at 95% (Wilson): a lower-bound gate of 0.99
+    fails where the point gate passes, and the JSON report gives the interval."""
+    args = ("validate", "--reference", tiny.model, "--artifact", exported[0], "--data", tiny_holdout_small,
+            "--samples", 96, "--label-column", "sentiment", "--json")
+    strict = invoke(*args, "--min-agreement-lower", 0.99)
+    assert strict.exit_code == 1, strict.output
+    report = json.loads(strict.output)
+    assert report["agreement"] == 1.0 and report["agreement_interval"] == [round(96 / (96 + 1.959963984540054**2), 6),
+                                                                          1.0]
+    assert report["failures"] == ["agreement's 95% lower bound 0.9615 < 0.99 (96 rows)"]
+    assert report["mcnemar"] == {"reference_only_correct": 0, "artifact_only_correct": 0, "p_value": 1.0}
+    assert invoke(*args, "--min-agreement-lower", 0.95).exit_code == 0

@@ -1,6 +1,7 @@
 import numpy as np
 
 from pipeline.parity.compare import compare_logits, macro_f1
+from pipeline.parity.uncertainty import mcnemar_exact, wilson
 from pipeline.recipe import Gate
 
 
@@ -47,3 +48,33 @@ def test_count_ratios_on_the_limit_pass():
     report = compare_logits("a", ref, cand, Gate(min_agreement=0.98, max_metric_drop=0.02), "accuracy", labels)
     assert report.metric_drop > 0.02 and report.agreement == 0.98
     assert report, report.failures
+
+
+def test_wilson_interval_matches_published_values():
+    # Wilson 95% for 988 of 1,000 and for 400 of 400 (upper end 1, lower end 1 - 3.84/403.84).
+    low, high = wilson(988, 1000)
+    assert round(low, 4) == 0.9791 and round(high, 4) == 0.9931
+    low, high = wilson(400, 400)
+    assert abs(low - 400 / (400 + 1.959963984540054**2)) < 1e-12 and high == 1.0
+
+
+def test_mcnemar_counts_only_the_rows_where_one_side_is_right():
+    reference = np.array([1] * 10 + [0] * 2 + [1] * 50, bool)
+    artifact = np.array([0] * 10 + [1] * 2 + [1] * 50, bool)
+    test = mcnemar_exact(reference, artifact)
+    assert (test["reference_only_correct"], test["artifact_only_correct"]) == (10, 2)
+    assert abs(test["p_value"] - 2 * sum(__import__("math").comb(12, i) for i in range(3)) / 2**12) < 1e-12
+    assert mcnemar_exact(reference, reference)["p_value"] == 1.0
+
+
+def test_lower_bound_gate_fails_where_the_point_passes():
+    """97 of 100 rows agree: above a 0.95 point gate, but the rows cannot show 0.95 at 95%."""
+    labels = np.zeros(100, dtype=int)
+    ref = np.tile([[1.0, 0.0]], (100, 1))
+    cand = ref.copy()
+    cand[:3] = [0.0, 1.0]
+    point = compare_logits("a", ref, cand, Gate(min_agreement=0.95), "accuracy", labels)
+    assert point and point.agreement_interval[0] < 0.95 < point.agreement
+    lower = compare_logits("a", ref, cand, Gate(min_agreement_lower=0.95), "accuracy", labels)
+    assert not lower and lower.failures == ["agreement's 95% lower bound 0.9155 < 0.95 (100 rows)"]
+    assert lower.mcnemar == {"reference_only_correct": 3, "artifact_only_correct": 0, "p_value": 0.25}

@@ -279,9 +279,9 @@ def test_artifacts_made_from_a_pruned_graph_are_gated_against_it_and_against_pyt
 
     from conftest import TINY_TARGETS, without_tensorrt
 
-    pruned_gate = {"min_agreement": 0.5, "max_abs_diff": None, "max_metric_drop": 0.5}
-    int8_gate = {"min_agreement": 0.6, "max_abs_diff": None, "max_metric_drop": 0.4}
-    fp16_gate = {"min_agreement": 0.9, "max_abs_diff": None, "max_metric_drop": 0.1}
+    pruned_gate = {"min_agreement": 0.5, "min_agreement_lower": None, "max_abs_diff": None, "max_metric_drop": 0.5}
+    int8_gate = {"min_agreement": 0.6, "min_agreement_lower": None, "max_abs_diff": None, "max_metric_drop": 0.4}
+    fp16_gate = {"min_agreement": 0.9, "min_agreement_lower": None, "max_abs_diff": None, "max_metric_drop": 0.1}
     recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=TINY_TARGETS[1:],
                           stages={"prune": {"enabled": True, "ffn_fraction": 0.5},
                                   "quantize": {"formats": ["qdq"], "fallback": {"max_nodes": 0}}},

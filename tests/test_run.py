@@ -46,11 +46,18 @@ def test_int8_artifacts_pass_their_gate(tiny_release):
         parity = by_name[name].parity
         assert by_name[name].passed and parity["passed"], parity
         # Judged by the recipe's INT8 gate, not the default one (0.98, 0.01).
-        assert parity["gate"] == {"min_agreement": 0.95, "max_abs_diff": None, "max_metric_drop": 0.03}, parity
+        assert parity["gate"] == {"min_agreement": 0.95, "min_agreement_lower": None, "max_abs_diff": None, "max_metric_drop": 0.03}, parity
         trials = by_name[name].options["fallback"]["trials"]
         assert trials and trials[0]["excluded"] == 0
     fp32 = by_name["model.fp32"].parity
     assert fp32["agreement"] == 1.0 and fp32["max_abs_diff"] <= 1e-3
+    for artifact in tiny_release.manifest.artifacts:  # each agreement's 95% interval, and the paired test
+        low, high = artifact.parity["agreement_interval"]
+        assert low <= artifact.parity["agreement"] <= high and high - low < 0.06
+        assert 0 <= artifact.parity["mcnemar"]["p_value"] <= 1
+    report = (tiny_release.out / "report.md").read_text()
+    low, high = fp32["agreement_interval"]
+    assert f"1.0000 [{low:.3f}, {high:.3f}]" in report and "(p 1)" in report
 
 
 def test_qdq_artifact_is_tensorrt_shaped(tiny_release):

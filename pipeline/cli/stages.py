@@ -209,6 +209,9 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
 @click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help=gate_help("min_agreement"))
+@click.option("--min-agreement-lower", type=click.FloatRange(0, 1), default=None,
+              help="Fail unless the lower end of agreement's 95% Wilson interval reaches this " +
+                   gate_help("min_agreement_lower") + ".")
 @click.option("--max-abs-diff", type=click.FloatRange(min=0), default=None,
               help=gate_help("max_abs_diff"))
 @click.option("--max-metric-drop", type=click.FloatRange(0, 1), default=None,
@@ -238,7 +241,8 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
                  max_length: int, min_agreement: float | None, max_abs_diff: float | None,
                  max_metric_drop: float | None, metric: str | None, task: str | None, max_answer_tokens: int,
                  min_cosine: float, report_path: Path | None, source: Path | None, encoding: str | None,
-                 allow_pickle: bool, cache, quiet: bool, as_json: bool) -> None:
+                 allow_pickle: bool, cache, quiet: bool, as_json: bool,
+                 min_agreement_lower: float | None = None) -> None:
     """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail.
 
     Rows the artifact was calibrated or tuned on (recorded inside it by shipyard quantize,
@@ -249,7 +253,7 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
     report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
                            samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
                            metric, report_path, progress_for(quiet, as_json), task, max_answer_tokens, min_cosine,
-                           encoding, allow_pickle, source, cache)
+                           encoding, allow_pickle, source, cache, min_agreement_lower=min_agreement_lower)
     step = report["details"].get("source")
     line = (f"validate {artifact}: {'PASS' if report['passed'] else 'FAIL'} {report['task']} agreement "
             f"{report['agreement']:.4f} over {report['units']} {report['unit']}, max |diff| {report['max_abs_diff']:.3g}"

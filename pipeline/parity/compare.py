@@ -16,6 +16,7 @@ import numpy as np
 from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX, split_words
 from pipeline.parity.metrics import accuracy, entity_scores, macro_f1, squad_scores
 from pipeline.parity.tasks import Task, cosine, max_abs_diff
+from pipeline.parity.uncertainty import mcnemar_exact, wilson
 from pipeline.recipe import Gate
 
 Batch = dict[str, np.ndarray]
@@ -48,6 +49,8 @@ class ParityReport:
     reference_metrics: dict[str, float] = field(default_factory=dict)
     artifact_metrics: dict[str, float] = field(default_factory=dict)
     metric_drop: float | None = None
+    agreement_interval: list[float] | None = None  # 95% Wilson interval over `units`
+    mcnemar: dict[str, Any] | None = None  # exact test of the accuracy change (classification, with labels)
     failures: list[str] = field(default_factory=list)
     flips: list[Flip] = field(default_factory=list)
 
@@ -99,6 +102,7 @@ def compare_logits(
                 "macro_f1": macro_f1(preds, labels, num_classes),
             })
         report.metric_drop = report.reference_metrics[metric] - report.artifact_metrics[metric]
+        report.mcnemar = mcnemar_exact(ref_pred == labels, cand_pred == labels)
 
     apply_gate(report, gate)
     for i in np.flatnonzero(ref_pred != cand_pred)[:max_flips]:
@@ -113,12 +117,18 @@ def compare_logits(
 
 
 def apply_gate(report: ParityReport, gate: Gate) -> None:
-    """Record every threshold of `gate` the report misses in `report.failures`."""
+    """Record the agreement's 95% interval, then every threshold of `gate` the report misses in
+    `report.failures`."""
     # Agreement and metric drops are ratios of counts: compare them with a tolerance so that
     # 8 rows of 400 (a drop of 0.02) meets a 0.02 limit despite float subtraction.
     eps = 1e-9
+    low, high = wilson(round(report.agreement * report.units), report.units)
+    report.agreement_interval = [round(low, 6), round(high, 6)]
     if gate.min_agreement is not None and report.agreement < gate.min_agreement - eps:
         report.failures.append(f"agreement {report.agreement:.4f} < {gate.min_agreement}")
+    if gate.min_agreement_lower is not None and low < gate.min_agreement_lower - eps:
+        report.failures.append(f"agreement's 95% lower bound {low:.4f} < {gate.min_agreement_lower} "
+                               f"({report.units} {report.unit})")
     if gate.max_abs_diff is not None and report.max_abs_diff > gate.max_abs_diff:
         report.failures.append(f"max |output diff| {report.max_abs_diff:.3g} > {gate.max_abs_diff}")
     if gate.max_metric_drop is not None:

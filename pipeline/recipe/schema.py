@@ -20,6 +20,8 @@ class Gate(Strict):
 
     min_agreement: float | None = Field(None, ge=0, le=1, description="share of units (rows, tokens) whose "
                                         "prediction equals the reference's")
+    min_agreement_lower: float | None = Field(None, ge=0, le=1, description="the lower end of agreement's 95% "
+                                              "Wilson interval: passes only when the evaluation rows show it")
     max_abs_diff: float | None = Field(None, ge=0, description="largest |output difference| from the reference")
     max_metric_drop: float | None = Field(
         None, ge=0, le=1, description="fraction: 0.01 is one accuracy point"

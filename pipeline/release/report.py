@@ -19,6 +19,20 @@ def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
 
 
+def _agreement(parity: dict) -> str:
+    """Agreement with its 95% interval: "0.9880 [0.979, 0.993]"."""
+    interval = parity.get("agreement_interval")
+    text = _fmt(parity.get("agreement"))
+    return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
+
+
+def _change(parity: dict) -> str:
+    """The label metric's drop and, for classification, McNemar's p-value of the accuracy change."""
+    test = parity.get("mcnemar")
+    text = _fmt(parity.get("metric_drop"))
+    return f"{text} (p {test['p_value']:.2g})" if test else text
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -50,8 +64,8 @@ def render_markdown(manifest: Manifest) -> str:
         "", "## Artifacts", "",
         f"Task: {task}. Agreement is over {unit}: {AGREEMENT_MEANS.get(task, '')}.",
         "",
-        f"| artifact | precision | size MB | agreement | max abs diff | PyTorch {metric or 'metric'} "
-        f"| artifact {metric or 'metric'} | drop | verdict |",
+        f"| artifact | precision | size MB | agreement [95% interval] | max abs diff | PyTorch {metric or 'metric'} "
+        f"| artifact {metric or 'metric'} | drop (McNemar p) | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for art in manifest.artifacts:
@@ -59,8 +73,8 @@ def render_markdown(manifest: Manifest) -> str:
         ref = (p.get("reference_metrics") or {}).get(metric) if metric else None
         got = (p.get("artifact_metrics") or {}).get(metric) if metric else None
         lines.append(
-            f"| `{art.path}` | {art.precision} | {art.size_bytes / 1e6:.1f} | {_fmt(p.get('agreement'))} "
-            f"| {_fmt(p.get('max_abs_diff'), '.3g')} | {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
+            f"| `{art.path}` | {art.precision} | {art.size_bytes / 1e6:.1f} | {_agreement(p)} "
+            f"| {_fmt(p.get('max_abs_diff'), '.3g')} | {_fmt(ref)} | {_fmt(got)} | {_change(p)} "
             f"| {'pass' if art.passed else 'FAIL'} |"
         )
     converted = [(a, a.source_parity) for a in manifest.artifacts if a.source_parity]
@@ -72,15 +86,15 @@ def render_markdown(manifest: Manifest) -> str:
             "(above: what the compressed release loses in all) and their precision's gate against "
             f"`{source}` (below: what the conversion lost).",
             "",
-            f"| artifact | agreement | max abs diff | source {metric or 'metric'} | artifact {metric or 'metric'} "
-            "| drop | verdict |",
+            f"| artifact | agreement [95% interval] | max abs diff | source {metric or 'metric'} "
+            f"| artifact {metric or 'metric'} | drop (McNemar p) | verdict |",
             "|---|---|---|---|---|---|---|",
         ]
         for art, p in converted:
             ref = (p.get("reference_metrics") or {}).get(metric) if metric else None
             got = (p.get("artifact_metrics") or {}).get(metric) if metric else None
-            lines.append(f"| `{art.path}` | {_fmt(p.get('agreement'))} | {_fmt(p.get('max_abs_diff'), '.3g')} "
-                         f"| {_fmt(ref)} | {_fmt(got)} | {_fmt(p.get('metric_drop'))} "
+            lines.append(f"| `{art.path}` | {_agreement(p)} | {_fmt(p.get('max_abs_diff'), '.3g')} "
+                         f"| {_fmt(ref)} | {_fmt(got)} | {_change(p)} "
                          f"| {'pass' if p.get('passed') else 'FAIL'} |")
     for art, p in converted:
         if p.get("details"):

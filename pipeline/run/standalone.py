@@ -307,7 +307,8 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   max_metric_drop: float | None, metric: str | None, report_path: Path | None,
                   progress: Progress = SILENT, task: str | None = None, max_answer_tokens: int = 30,
                   min_cosine: float = 0.99, encoding: str | None = None, allow_pickle: bool = False,
-                  source: Path | None = None, cache: StageCache | None = None) -> dict[str, Any]:
+                  source: Path | None = None, cache: StageCache | None = None,
+                  min_agreement_lower: float | None = None) -> dict[str, Any]:
     """Gate `artifact` against the PyTorch `reference` on rows of `data` it was not calibrated
     or tuned on (the digests recorded inside it), with the policy's gate for its kind, as a run
     gates it (`pipeline.run.gating`, through the stage cache). Returns the parity report.
@@ -343,6 +344,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     default = gate_for(Thresholds(), own, labelled)
     thresholds = Thresholds(**{own: Gate(
         min_agreement=default.min_agreement if min_agreement is None else min_agreement,
+        min_agreement_lower=default.min_agreement_lower if min_agreement_lower is None else min_agreement_lower,
         max_abs_diff=default.max_abs_diff if max_abs_diff is None else max_abs_diff,
         max_metric_drop=default.max_metric_drop if max_metric_drop is None else max_metric_drop,
     )})
