@@ -51,3 +51,5 @@ NOT_READY = "not built: the ONNX is not TensorRT-ready"
 BUILD_FAILED = "build failed"
 DEFERRED = "deferred to shipyard engines"
 ENGINE_STATUSES: tuple[str, ...] = (BUILT, NEEDS_GPU_HOST, NOT_READY, BUILD_FAILED, DEFERRED)
+# A build never attempted: JUnit and the report say "skipped" with the reason, never "pass".
+NOT_ATTEMPTED: tuple[str, ...] = (NEEDS_GPU_HOST, NOT_READY, DEFERRED)

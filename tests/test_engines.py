@@ -318,6 +318,12 @@ def test_a_failed_engine_build_fails_the_run_with_exit_1_and_keeps_every_cpu_art
     assert deferred.exit_code == 0, deferred.output
     target = json.loads((out / "manifest.json").read_text())["targets"][0]
     assert target["engine_status"] == "deferred to shipyard engines" and target["engine"] is None
+    # Never attempted is not passed: JUnit skips the build case with its reason, the report says so.
+    import xml.etree.ElementTree as ET
+
+    case = next(c for c in ET.parse(out / "junit.xml").getroot() if c.get("name") == "build[a100]")
+    assert [e.tag for e in case] == ["skipped"] and "deferred to shipyard engines" in case[0].get("message")
+    assert "| build[a100] | skipped |" in (out / "report.md").read_text()
 
 
 # --- shipyard engines RELEASE_DIR -----------------------------------------------------------------

@@ -5,7 +5,7 @@ from __future__ import annotations
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-from pipeline.names import NEEDS_GPU_HOST
+from pipeline.names import NOT_ATTEMPTED
 from pipeline.release.manifest import Manifest
 
 AGREEMENT_MEANS = {
@@ -33,6 +33,12 @@ def _change(parity: dict) -> str:
     return f"{text} (p {test['p_value']:.2g})" if test else text
 
 
+def _stage_verdict(stage) -> str:
+    if stage.details.get("status") in NOT_ATTEMPTED:
+        return "skipped"
+    return "pass" if stage.passed else "FAIL"
+
+
 def _cell(text: str) -> str:
     return text.replace("|", "\\|").replace("\n", " ")
 
@@ -56,7 +62,7 @@ def render_markdown(manifest: Manifest) -> str:
         lines.append(f"| {split} | `{record.source}` | {record.rows} | `{record.fingerprint[:12]}` |")
     lines += ["", "## Stages", "", "| stage | result | seconds | detail |", "|---|---|---|---|"]
     for stage in manifest.stages:
-        lines.append(f"| {stage.stage} | {'pass' if stage.passed else 'FAIL'} | {stage.seconds:.1f} | {_cell(stage.message)} |")
+        lines.append(f"| {stage.stage} | {_stage_verdict(stage)} | {stage.seconds:.1f} | {_cell(stage.message)} |")
     metric = next((a.parity.get("metric") for a in manifest.artifacts if a.parity and a.parity.get("metric")), None)
     task = manifest.model.task
     unit = next((a.parity.get("unit") for a in manifest.artifacts if a.parity), "rows")
@@ -147,7 +153,7 @@ def render_junit(manifest: Manifest) -> str:
             continue
         case = ET.SubElement(suite, "testcase", classname=f"shipyard.{manifest.recipe_name}",
                              name=stage.stage, time=f"{stage.seconds:.3f}")
-        if stage.details.get("status") == NEEDS_GPU_HOST:
+        if stage.details.get("status") in NOT_ATTEMPTED:  # deferred, not ready, or no GPU here
             skipped += 1
             ET.SubElement(case, "skipped", message=stage.message)
         elif not stage.passed:
