@@ -149,12 +149,12 @@ def test_output_folder_that_cannot_be_created(tiny):
 def test_disk_full_mid_write_leaves_nothing(tiny, tiny_holdout_small, tmp_path, monkeypatch):
     import errno
 
-    import pipeline.run.workflow
+    import pipeline.release.manifest
 
     def full(path, data):
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(pipeline.run.workflow, "write_json", full)
+    monkeypatch.setattr(pipeline.release.manifest, "write_json", full)  # the manifest, the run's last write
     out = tmp_path / "release"
     result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--no-cache")
     assert_clean_failure(result, "No space left on device writing", "free some space", out=out)
@@ -419,23 +419,45 @@ def signed_release(tiny, tiny_holdout_small, tmp_path_factory):
     return folder
 
 
-def test_verify_passes_a_signed_release_and_catches_a_flipped_byte_in_any_artifact(signed_release):
+def test_verify_passes_a_signed_release_and_catches_a_flipped_byte_in_any_file(signed_release):
     out, pub = signed_release / "out", signed_release / "release.pub"
     ok = invoke("verify", out, "--public-key", pub)
     assert ok.exit_code == 0 and "intact" in ok.output, ok.output
     manifest = json.loads((out / "manifest.json").read_text())
-    assert len(manifest["artifacts"]) >= 2
-    for record in manifest["artifacts"]:
-        path = out / record["path"]
+    on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
+    assert set(manifest["files"]) == on_disk - {"manifest.json", "manifest.json.sig"}
+    assert {r["role"] for r in manifest["files"].values()} == {"artifact", "report", "junit"}
+    for name in manifest["files"]:
+        path = out / name
         original = path.read_bytes()
         flipped = bytearray(original)
         flipped[len(flipped) // 2] ^= 0x01
         path.write_bytes(bytes(flipped))
         try:
             result = invoke("verify", out, "--public-key", pub)
-            assert result.exit_code == 1 and f"{record['path']}: sha256 differs" in result.output, result.output
+            assert result.exit_code == 1 and f"{name}: " in result.output and "sha256 differs" in result.output, \
+                result.output
         finally:
             path.write_bytes(original)
+
+
+def test_a_file_the_manifest_does_not_list_fails_verify_and_collect(signed_release, tmp_path):
+    import shutil
+
+    out = tmp_path / "copy"
+    shutil.copytree(signed_release / "out", out)
+    (out / "notes.txt").write_text("dropped in after the run")
+    result = invoke("verify", out)
+    assert result.exit_code == 1 and "notes.txt: not listed in the manifest" in result.output, result.output
+    merged = tmp_path / "merged"
+    assert_clean_failure(invoke("collect", out, "--out", merged), "notes.txt: not listed in the manifest", out=merged)
+    (out / "notes.txt").unlink()
+    manifest = json.loads((out / "manifest.json").read_text())
+    manifest["files"]["../outside.txt"] = {"sha256": "0" * 64, "role": "file"}
+    (out / "manifest.json").write_text(json.dumps(manifest))
+    result = invoke("verify", out)
+    assert result.exit_code == 1 and "../outside.txt: listed with a path that is absolute or leaves the folder" \
+        in result.output, result.output
 
 
 def test_verify_catches_a_hand_edited_manifest(signed_release, tmp_path):

@@ -199,6 +199,18 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     trained = set(seen_rows(graph_model.load(release / "model.recovered.onnx")))
     assert trained and not trained & evaluation
 
+    # The recovered PyTorch model, plan and config ship listed and verified like the graphs.
+    roles = {name: record["role"] for name, record in manifest["files"].items()}
+    assert roles["model.recovered.model/model.safetensors"] == "recovered-model"
+    assert roles["model.pruned.plan.json"] == "plan" and roles["model.pruned.config.json"] == "config"
+    weights = release / "model.recovered.model" / "model.safetensors"
+    original = weights.read_bytes()
+    weights.write_bytes(original[:-1] + bytes([original[-1] ^ 1]))
+    damaged = invoke("verify", release)
+    assert damaged.exit_code == 1 and "model.recovered.model/model.safetensors: recovered-model, sha256 differs" \
+        in damaged.output, damaged.output
+    weights.write_bytes(original)
+
     again = invoke("run", recipe, "--out", tmp_path / "rel", "--overwrite", "--cache-dir", cache, "--json")
     assert again.exit_code == first.exit_code, again.output
     rerun = {s["stage"]: s for s in json.loads((release / "manifest.json").read_text())["stages"]}

@@ -25,9 +25,8 @@ from pipeline.artifacts import atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
 from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS
 from pipeline.recipe import Recipe
-from pipeline.release.manifest import ArtifactRecord, Manifest, TargetRecord, write_json
-from pipeline.release.report import write_reports
-from pipeline.release.signing import verify_folder
+from pipeline.release.manifest import ArtifactRecord, Manifest, TargetRecord
+from pipeline.release.signing import verify_folder, write_release
 
 GENERATED = ("manifest.json", "manifest.json.sig", "report.md", "junit.xml")  # made anew for the merge
 
@@ -152,12 +151,10 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
         "collected_from": [str(Path(f).resolve()) for f in folders], "release": None,
     })
     with atomic_dir(out, overwrite) as work:
-        for folder in folders:
-            for path in sorted(Path(folder).rglob("*")):
-                relative = path.relative_to(folder)
-                if path.is_file() and str(relative) not in GENERATED and not (work / relative).exists():
+        for folder, manifest in zip(folders, manifests, strict=True):  # only what each manifest lists (verified)
+            for relative in manifest.files:
+                if relative not in GENERATED and not (work / relative).exists():
                     (work / relative).parent.mkdir(parents=True, exist_ok=True)
-                    shutil.copy2(path, work / relative)
-        write_json(work / "manifest.json", json.loads(merged.model_dump_json()))
-        write_reports(merged, work)
+                    shutil.copy2(Path(folder) / relative, work / relative)
+        merged = write_release(merged, work)
     return merged

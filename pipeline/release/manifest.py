@@ -18,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.artifacts import sha256_file
 
-MANIFEST_VERSION = 2
+MANIFEST_VERSION = 3  # 3: `files` lists every file of the release
 # Every library that shapes an artifact's bytes or a figure in the manifest.
 TOOLS = ("bert-shipyard", "torch", "transformers", "tokenizers", "safetensors", "optimum", "optimum-onnx", "onnx",
          "onnxruntime", "onnxslim", "numpy", "pyarrow", "datasets", "tensorrt")
@@ -128,6 +128,11 @@ class InvocationRecord(_Strict):
             "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged)})
 
 
+class FileRecord(_Strict):
+    sha256: str
+    role: str = Field(description="artifact, external-data, plan, config, recovered-model, report, junit or file")
+
+
 class Manifest(_Strict):
     manifest_version: int = MANIFEST_VERSION
     recipe_name: str
@@ -145,6 +150,45 @@ class Manifest(_Strict):
         "sha256 of that release's manifest.json")
     recipe: dict[str, Any] = Field(description="the resolved recipe; rerun it with shipyard run")
     invocation: InvocationRecord | None = None
+    files: dict[str, FileRecord] = Field(
+        default_factory=dict, description="every file of the release but manifest.json and its signature, by path "
+        "relative to the folder: shipyard verify refuses any other file, and the signature covers the list")
+
+
+# Written after the file list is made, so not in it.
+UNLISTED = ("manifest.json", "manifest.json.sig")
+
+
+def file_role(relative: str, manifest: Manifest) -> str:
+    """What a release file is, for the manifest's `files`."""
+    artifacts = {a.path for a in manifest.artifacts}
+    data = {str(Path(a.path).parent / name) for a in manifest.artifacts for name in a.external_data}
+    name = Path(relative).name
+    if relative in artifacts:
+        return "artifact"
+    if relative in data:
+        return "external-data"
+    if any(part.endswith(".model") for part in Path(relative).parts[:-1]):
+        return "recovered-model"
+    if name.endswith(".plan.json"):
+        return "plan"
+    if name.endswith(".config.json"):
+        return "config"
+    return {"report.md": "report", "junit.xml": "junit"}.get(relative, "file")
+
+
+def list_files(manifest: Manifest, folder: Path) -> Manifest:
+    """`manifest` with `files` set to every file under `folder` (but manifest.json and its
+    signature), each with its sha256 and role."""
+    from pipeline.artifacts import sha256_file
+
+    folder = Path(folder)
+    files = {}
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        relative = str(path.relative_to(folder))
+        if relative not in UNLISTED:
+            files[relative] = FileRecord(sha256=sha256_file(path), role=file_role(relative, manifest))
+    return manifest.model_copy(update={"files": files})
 
 
 def tool_versions() -> dict[str, str]:

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import base64
 import json
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 
 from pipeline.artifacts import atomic_file, sha256_file
 from pipeline.errors import ShipyardError
@@ -52,6 +52,21 @@ def _load_pem(path: Path, loader, what: str):
                             "Ed25519 PEM file") from None
 
 
+def write_release(manifest, folder: Path, sign_key: Path | None = None):
+    """The last step of every command that writes a release folder (run, engines, collect):
+    report.md and junit.xml, then manifest.json listing every file with its sha256 and role,
+    then its signature. Returns the manifest as written."""
+    from pipeline.release.manifest import list_files, write_json
+    from pipeline.release.report import write_reports
+
+    write_reports(manifest, folder)
+    listed = list_files(manifest, folder)
+    write_json(Path(folder) / "manifest.json", json.loads(listed.model_dump_json()))
+    if sign_key is not None:
+        sign_manifest(folder, sign_key)
+    return listed
+
+
 def sign_manifest(folder: Path, key_path: Path) -> Path:
     """Write `manifest.json.sig`: the base64 Ed25519 signature of manifest.json's bytes."""
     key = load_signing_key(key_path)
@@ -88,7 +103,9 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
         return problems + ["manifest.json: not valid JSON"]
     for record in manifest.artifacts:
         path = folder / record.path
-        if not path.is_file():
+        if not _inside(record.path):
+            problems.append(f"{record.path}: an artifact path that is absolute or leaves the folder; not followed")
+        elif not path.is_file():
             problems.append(f"{record.path}: listed in the manifest but missing")
         elif sha256_file(path) != record.sha256:
             problems.append(f"{record.path}: sha256 differs from the manifest")
@@ -99,6 +116,37 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
                 check_onnx_file(path)
             except ShipyardError as err:
                 problems.append(f"{record.path}: {err}")
+    return problems + _file_list_problems(folder, manifest)
+
+
+def _inside(name: str) -> bool:
+    """Whether a manifest path stays inside the release folder (relative, no `..`)."""
+    path = PurePosixPath(name)
+    return not path.is_absolute() and ".." not in path.parts and not Path(name).is_absolute()
+
+
+def _file_list_problems(folder: Path, manifest) -> list[str]:
+    """The manifest's `files` against the folder: every listed file present with its sha256
+    (artifacts and their external data are checked above), and no file it does not list."""
+    from pipeline.release.manifest import UNLISTED
+
+    checked = {a.path for a in manifest.artifacts} | {
+        str(Path(a.path).parent / name) for a in manifest.artifacts for name in a.external_data}
+    problems = []
+    for name, record in manifest.files.items():
+        if not _inside(name):
+            problems.append(f"{name}: listed with a path that is absolute or leaves the folder; not followed")
+        elif name in checked:
+            continue
+        elif not (folder / name).is_file():
+            problems.append(f"{name}: {record.role}, listed in the manifest but missing")
+        elif sha256_file(folder / name) != record.sha256:
+            problems.append(f"{name}: {record.role}, sha256 differs from the manifest")
+    for path in sorted(p for p in folder.rglob("*") if p.is_file()):
+        name = str(path.relative_to(folder))
+        if name not in UNLISTED and name not in manifest.files:
+            problems.append(f"{name}: not listed in the manifest (added after the release was written); "
+                            "remove it or write the release again")
     return problems
 
 

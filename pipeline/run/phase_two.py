@@ -18,7 +18,6 @@ its bytes cannot differ across x86 and aarch64 runners.
 
 from __future__ import annotations
 
-import json
 import sys
 from datetime import datetime, timezone
 from pathlib import Path
@@ -34,10 +33,8 @@ from pipeline.release.manifest import (
     InvocationRecord,
     Manifest,
     StageRecord,
-    write_json,
 )
-from pipeline.release.report import write_reports
-from pipeline.release.signing import load_signing_key, sign_manifest, verify_folder
+from pipeline.release.signing import load_signing_key, verify_folder, write_release
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.context import RunInputs
 from pipeline.run.workflow import target_stages
@@ -134,10 +131,7 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
             "release": {"path": str(release.resolve()), "manifest_sha256": sha256_file(release / "manifest.json")},
             "invocation": InvocationRecord.now(sys.argv, cache),
         })
-        write_json(work / "manifest.json", json.loads(small.model_dump_json()))
-        write_reports(small, work)
-        if sign_key is not None:
-            sign_manifest(work, sign_key)
+        small = write_release(small, work, sign_key)
     return small
 
 

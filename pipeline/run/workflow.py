@@ -32,10 +32,8 @@ from pipeline.release.manifest import (
     StageRecord,
     TargetRecord,
     tool_versions,
-    write_json,
 )
-from pipeline.release.report import write_reports
-from pipeline.release.signing import load_signing_key, sign_manifest
+from pipeline.release.signing import load_signing_key, write_release
 from pipeline.run import searches, targets
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.context import RunInputs
@@ -174,10 +172,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         invocation = InvocationRecord.now(list(options.command), cache)
         manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, source_parity, work,
                              target_records, invocation)
-        write_json(work / "manifest.json", json.loads(manifest.model_dump_json()))
-        write_reports(manifest, work)
-        if options.sign_key is not None:
-            sign_manifest(work, options.sign_key)
+        manifest = write_release(manifest, work, options.sign_key)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
 
 
