@@ -155,19 +155,25 @@ class Manifest(_Strict):
         "relative to the folder: shipyard verify refuses any other file, and the signature covers the list")
 
 
+    def artifact_files(self) -> dict[str, str]:
+        """Path -> role of the artifacts' own files: each graph or engine and its external data."""
+        files = {}
+        for artifact in self.artifacts:
+            files[artifact.path] = "artifact"
+            for name in artifact.external_data:
+                files[str(Path(artifact.path).parent / name)] = "external-data"
+        return files
+
+
 # Written after the file list is made, so not in it.
 UNLISTED = ("manifest.json", "manifest.json.sig")
 
 
 def file_role(relative: str, manifest: Manifest) -> str:
     """What a release file is, for the manifest's `files`."""
-    artifacts = {a.path for a in manifest.artifacts}
-    data = {str(Path(a.path).parent / name) for a in manifest.artifacts for name in a.external_data}
     name = Path(relative).name
-    if relative in artifacts:
-        return "artifact"
-    if relative in data:
-        return "external-data"
+    if relative in (own := manifest.artifact_files()):
+        return own[relative]
     if any(part.endswith(".model") for part in Path(relative).parts[:-1]):
         return "recovered-model"
     if name.endswith(".plan.json"):

@@ -130,8 +130,7 @@ def _file_list_problems(folder: Path, manifest) -> list[str]:
     (artifacts and their external data are checked above), and no file it does not list."""
     from pipeline.release.manifest import UNLISTED
 
-    checked = {a.path for a in manifest.artifacts} | {
-        str(Path(a.path).parent / name) for a in manifest.artifacts for name in a.external_data}
+    checked = manifest.artifact_files()
     problems = []
     for name, record in manifest.files.items():
         if not _inside(name):
