@@ -154,7 +154,6 @@ class Manifest(_Strict):
         default_factory=dict, description="every file of the release but manifest.json and its signature, by path "
         "relative to the folder: shipyard verify refuses any other file, and the signature covers the list")
 
-
     def artifact_files(self) -> dict[str, str]:
         """Path -> role of the artifacts' own files: each graph or engine and its external data."""
         files = {}
@@ -186,8 +185,6 @@ def file_role(relative: str, manifest: Manifest) -> str:
 def list_files(manifest: Manifest, folder: Path) -> Manifest:
     """`manifest` with `files` set to every file under `folder` (but manifest.json and its
     signature), each with its sha256 and role."""
-    from pipeline.artifacts import sha256_file
-
     folder = Path(folder)
     files = {}
     for path in sorted(p for p in folder.rglob("*") if p.is_file()):

@@ -122,7 +122,7 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
 def _inside(name: str) -> bool:
     """Whether a manifest path stays inside the release folder (relative, no `..`)."""
     path = PurePosixPath(name)
-    return not path.is_absolute() and ".." not in path.parts and not Path(name).is_absolute()
+    return not path.is_absolute() and ".." not in path.parts
 
 
 def _file_list_problems(folder: Path, manifest) -> list[str]:

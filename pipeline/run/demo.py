@@ -142,20 +142,20 @@ def _narrow_bert(layers: int, hidden: int, labels: dict):
     embeddings are MiniLM's projected onto their top `hidden` principal components (so tokens
     start with meaning; scaled to a standard deviation of 0.05, which trained to 66% accuracy on
     2,000 tweets where BERT's 0.02 initial scale left the classifier predicting one class), every
-    other weight freshly initialised. About 16 times less arithmetic
-    per layer than MiniLM: the test suite's classifier, trained by the same loop."""
+    other weight freshly initialised. About 16 times less arithmetic per layer than MiniLM: the
+    test suite's classifier, trained by the same loop."""
     import torch
     from transformers import AutoConfig, AutoModel, BertForSequenceClassification
 
-    base = AutoConfig.from_pretrained(str(minilm_dir()), local_files_only=True)
+    minilm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True, use_safetensors=True)
+    base = minilm.config
     config = AutoConfig.for_model(
         "bert", vocab_size=base.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
         num_attention_heads=base.num_attention_heads, intermediate_size=4 * hidden,
         max_position_embeddings=base.max_position_embeddings, architectures=["BertForSequenceClassification"],
         **labels)
     model = BertForSequenceClassification(config)
-    words = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True,
-                                      use_safetensors=True).embeddings.word_embeddings.weight.detach()
+    words = minilm.embeddings.word_embeddings.weight.detach()
     _, _, components = torch.pca_lowrank(words, q=hidden, center=True)
     projected = (words - words.mean(0)) @ components[:, :hidden]
     with torch.no_grad():
