@@ -4,6 +4,7 @@ claimed falsely. Exit codes: 2 bad input or environment, 3 internal error, 130 i
 1 a gate (or `verify`) failed."""
 
 import json
+import os
 import signal
 import subprocess
 import sys
@@ -342,9 +343,9 @@ def test_corrupt_cached_demo_model_is_made_again(tiny, tmp_path, monkeypatch):
     assert len(fitted) == 1  # intact now: reused
 
 
-def hold_lock(out: Path, seconds: float) -> subprocess.Popen:
-    """Another process holding the release folder's lock for `seconds`."""
-    holder = subprocess.Popen([sys.executable, "-c", (
+def hold_lock(out: Path, seconds: float, prefix: tuple[str, ...] = ()) -> subprocess.Popen:
+    """Another process (run under `prefix`, e.g. `unshare`) holding the release folder's lock for `seconds`."""
+    holder = subprocess.Popen([*prefix, sys.executable, "-c", (
         "import time\nfrom pipeline.run.lock import release_lock\n"
         f"with release_lock({str(out)!r}):\n    print('held', flush=True)\n    time.sleep({seconds})")],
         stdout=subprocess.PIPE, text=True)
@@ -352,12 +353,38 @@ def hold_lock(out: Path, seconds: float) -> subprocess.Popen:
     return holder
 
 
+def wait_until_free(lock: Path) -> None:
+    """Wait until the process in another namespace that held `lock` is gone: `unshare`'s child is
+    killed (with --kill-child) after `unshare` itself, so it can outlive `wait()` by a moment."""
+    from pipeline.run.lock import try_hold
+
+    for _ in range(200):
+        fd = try_hold(lock)
+        if fd is not None:
+            os.close(fd)  # free: the file stays for the code under test to take and remove
+            return
+        time.sleep(0.05)
+    raise AssertionError(f"{lock} is still held 10 s after its holder was killed")
+
+
+def other_pid_namespace() -> tuple[str, ...]:
+    """A command prefix that runs a process in a new PID namespace, as a container does."""
+    prefix = ("unshare", "--user", "--map-root-user", "--pid", "--fork", "--kill-child")
+    try:
+        subprocess.run([*prefix, "true"], check=True, capture_output=True, timeout=30)
+    except (OSError, subprocess.SubprocessError):
+        pytest.skip("unshare cannot make a user and PID namespace on this machine (util-linux, "
+                    "kernel.unprivileged_userns_clone)")
+    return prefix
+
+
 def test_a_live_run_holds_the_folder_and_a_dead_one_does_not(tiny, tiny_holdout_small, tmp_path):
     out = tmp_path / "release"
     holder = hold_lock(out, 600)
     recipe = quick_recipe(tmp_path, tiny.model, tiny_holdout_small)
     result = invoke("run", recipe, "--out", out)
-    assert_clean_failure(result, "is being written by another run", f"pid {holder.pid}", "--wait", out=out)
+    assert_clean_failure(result, "is being written by another run", f"pid {holder.pid}", "--wait")
+    assert not out.exists() and [p.name for p in tmp_path.glob(".release*")] == [".release.lock"]  # the holder's
     holder.kill()  # SIGKILL: the kernel frees the lock; the owner file stays behind, stale
     holder.wait()
     result = invoke("run", recipe, "--out", out, "--quiet")
@@ -371,6 +398,68 @@ def test_wait_takes_the_folder_when_the_holder_finishes(tiny, tiny_holdout_small
     assert result.exit_code == 0 and holder.wait() == 0, result.output
 
 
+def test_a_folder_named_through_a_symlink_meets_the_same_lock(tiny, tiny_holdout_small, tmp_path):
+    """A run into `link/release`, `link` a symlink to the folder a live run (in another PID
+    namespace, as a container's is) writes into, exits 2 naming the holder, and leaves the
+    holder's lock and partial outputs alone."""
+    real = tmp_path / "real"
+    real.mkdir()
+    (tmp_path / "link").symlink_to(real, target_is_directory=True)
+    holder = hold_lock(real / "release", 600, other_pid_namespace())
+    try:
+        busy = tmp_path / "real" / ".release.abcd1234.partial"  # the holder's work in progress
+        busy.mkdir()
+        recipe = quick_recipe(tmp_path, tiny.model, tiny_holdout_small)
+        result = invoke("run", recipe, "--out", tmp_path / "link" / "release")
+        assert_clean_failure(result, "is being written by another run", "pid 1 on", "--wait")
+        assert busy.exists() and (real / ".release.lock").exists()
+    finally:
+        holder.kill()
+        holder.wait()
+    wait_until_free(real / ".release.lock")
+    result = invoke("run", recipe, "--out", tmp_path / "link" / "release", "--quiet")
+    assert result.exit_code == 0, result.output
+    assert not busy.exists() and (real / "release" / "manifest.json").exists()
+    assert sorted(p.name for p in real.iterdir()) == ["release"]  # the lock file went with its run
+
+
+def test_a_symlinked_release_folder_meets_the_same_lock(tiny, tiny_holdout_small, tmp_path):
+    """`--out alias`, alias a symlink to the release folder itself, is the folder's lock too."""
+    (tmp_path / "release").mkdir()
+    (tmp_path / "alias").symlink_to(tmp_path / "release", target_is_directory=True)
+    holder = hold_lock(tmp_path / "release", 600)
+    try:
+        result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out",
+                        tmp_path / "alias", "--overwrite")
+        assert_clean_failure(result, f"pid {holder.pid}", "--wait")
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_cache_partials_are_removed_only_when_their_writer_is_gone(tmp_path):
+    """A half-written cache entry of a live writer in another PID namespace survives the sweep a
+    run makes when it opens the cache; once the writer is killed, the next sweep removes it."""
+    from pipeline.run.cache import StageCache
+
+    writer = subprocess.Popen([*other_pid_namespace(), sys.executable, "-c", (
+        "import time\nfrom pathlib import Path\nfrom pipeline.run.cache import StageCache\n"
+        f"cache = StageCache.at(Path({str(tmp_path)!r}))\n"
+        "tmp, lock, fd = cache._partial('f' * 64)\n(tmp / 'model.onnx').write_bytes(b'half')\n"
+        "print(tmp, flush=True)\ntime.sleep(600)")], stdout=subprocess.PIPE, text=True)
+    try:
+        partial = Path(writer.stdout.readline().strip())
+        assert partial.is_dir() and partial.parent == tmp_path / "stages"
+        StageCache.at(tmp_path)
+        assert (partial / "model.onnx").exists(), "a live writer's entry was swept"
+    finally:
+        writer.kill()
+        writer.wait()
+    wait_until_free(partial.with_name(partial.name + ".lock"))
+    StageCache.at(tmp_path)
+    assert not partial.exists() and not list((tmp_path / "stages").glob(".*.partial*"))
+
+
 def test_stale_partial_folders_are_removed(tiny, tiny_holdout_small, tmp_path):
     out = tmp_path / "release"
     stale = tmp_path / ".release.k1ll3d00.partial"
@@ -381,6 +470,30 @@ def test_stale_partial_folders_are_removed(tiny, tiny_holdout_small, tmp_path):
     result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--quiet")
     assert result.exit_code == 0, result.output
     assert not stale.exists() and other.exists()
+
+
+def test_the_crash_log_never_follows_a_planted_name(tmp_path, monkeypatch):
+    """With Shipyard's log folder unwritable the crash log falls back to the shared temporary
+    folder; a symlink planted there under the name a log would have had is not followed."""
+    import tempfile
+
+    from pipeline.run.cache import write_crash_log
+
+    blocker = tmp_path / "not-a-folder"
+    blocker.write_text("x")
+    monkeypatch.setenv("SHIPYARD_CACHE_DIR", str(blocker))
+    shared = tmp_path / "tmp"
+    shared.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(shared))
+    victim = tmp_path / "victim"
+    victim.write_text("precious")
+    stamp = time.strftime("%Y%m%dT%H%M%S")
+    for pid in range(os.getpid() - 2, os.getpid() + 3):
+        (shared / f"shipyard-crash-{stamp}-{pid}.log").symlink_to(victim)
+    log = write_crash_log(RuntimeError("boom"), ["shipyard", "run"])
+    assert victim.read_text() == "precious"
+    assert log.parent == shared and not log.is_symlink() and "RuntimeError: boom" in log.read_text()
+    assert log.stat().st_mode & 0o777 == 0o600
 
 
 def test_cache_folder_not_writable(tiny, tiny_holdout_small, tmp_path):

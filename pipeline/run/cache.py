@@ -32,9 +32,11 @@ from pydantic import BaseModel
 
 from pipeline.artifacts import Artifact, StageResult, external_data_files, sha256_file
 from pipeline.errors import OutputError
+from pipeline.run.lock import guard, release, try_hold
 
 P = ParamSpec("P")  # a stage's parameters: `call` is type-checked against the stage it calls
 CACHE_FORMAT = 1
+SWEEP_LOCK = ".sweep.lock"  # held shared while a partial entry is made, exclusive by a sweep
 
 
 def shipyard_home() -> Path:
@@ -46,15 +48,19 @@ def shipyard_home() -> Path:
 
 
 def write_crash_log(err: BaseException, argv: list[str]) -> Path:
-    """Write the traceback of an unexpected error where the user can find it; returns the path."""
+    """Write the traceback of an unexpected error where the user can find it; returns the path.
+
+    The file is created new under a random name (mkstemp: O_EXCL, mode 0600), so a name
+    planted in a shared /tmp, or a symlink there, is never followed or overwritten."""
     text = f"shipyard {' '.join(argv[1:])}\n\n" + "".join(traceback.format_exception(err))
     stamp = time.strftime("%Y%m%dT%H%M%S")
     for folder in (shipyard_home() / "logs", Path(tempfile.gettempdir())):
         try:
             folder.mkdir(parents=True, exist_ok=True)
-            path = folder / f"shipyard-crash-{stamp}-{os.getpid()}.log"
-            path.write_text(text)
-            return path
+            fd, name = tempfile.mkstemp(prefix=f"shipyard-crash-{stamp}-", suffix=".log", dir=folder)
+            with os.fdopen(fd, "w") as log:
+                log.write(text)
+            return Path(name)
         except OSError:
             continue
     return Path("<no writable log folder>")
@@ -163,7 +169,7 @@ class StageCache:
         final = self.root / key
         if final.exists():
             return
-        tmp = Path(tempfile.mkdtemp(prefix=f".{key[:16]}.{os.getpid()}.", suffix=".partial", dir=self.root))
+        tmp, lock, fd = self._partial(key)
         try:
             hashes = {}
             for name, path in files.items():
@@ -178,26 +184,43 @@ class StageCache:
                     raise
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
+            release(lock, fd)
+
+    def _partial(self, key: str) -> tuple[Path, Path, int]:
+        """A new partial entry `.KEY.RANDOM.partial`, and its lock file held by this process.
+
+        Both are made while the cache's sweep lock is held shared, so a sweep (which holds it
+        exclusive) never sees a lock file that is not yet locked."""
+        assert self.root is not None
+        with guard(self.root / SWEEP_LOCK, exclusive=False):
+            handle, name = tempfile.mkstemp(prefix=f".{key[:16]}.", suffix=".partial.lock", dir=self.root)
+            os.close(handle)
+            lock = Path(name)
+            fd = try_hold(lock)
+            assert fd is not None, "a fresh lock file is free"
+            tmp = lock.with_suffix("")
+            tmp.mkdir()
+        return tmp, lock, fd
 
     def _remove_stale_partials(self) -> None:
-        """Remove partial entries of runs that died (their pid is no longer alive)."""
+        """Remove the partial entries of writers that died: those whose lock file can be taken
+        (the kernel freed it with its holder, in whatever PID namespace it ran). Skipped while
+        another process is creating an entry; its next run sweeps."""
         if self.root is None:
             return
-        for tmp in self.root.glob(".*.partial"):
-            parts = tmp.name.split(".")
-            pid = int(parts[2]) if len(parts) > 3 and parts[2].isdigit() else None
-            if pid is None or not _alive(pid):
-                shutil.rmtree(tmp, ignore_errors=True)
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+        with guard(self.root / SWEEP_LOCK, exclusive=True) as held:
+            if not held:
+                return
+            for tmp in self.root.glob(".*.partial"):
+                lock = tmp.with_name(tmp.name + ".lock")
+                fd = try_hold(lock)  # a partial without its lock file is a dead writer's too
+                if fd is not None:
+                    shutil.rmtree(tmp, ignore_errors=True)
+                    release(lock, fd)
+            for lock in self.root.glob(".*.partial.lock"):  # a writer that died after its rename
+                fd = try_hold(lock)
+                if fd is not None:
+                    release(lock, fd)
 
 
 def call_identity(value: Any, work: Path) -> Any:

@@ -1,17 +1,27 @@
-"""One writer per release folder, and no leftovers of writers that died.
+"""One writer per release folder whatever path names it, and no leftovers of writers that died.
 
-The lock is `filelock`'s (an OS file lock, `flock`): the kernel releases it when its process
-dies, SIGKILL included, so a stale lock is simply free for the next run. It lives in Shipyard's
-own folder (`shipyard_home()/locks`, named by the release path's hash), not beside the release,
-so a release folder's parent holds nothing but releases; an owner file names the holder (pid,
-host, start time, command) for the message a second run prints.
+A lock is an OS file lock (`flock`) on a file that lives with what it guards: `.NAME.lock` in
+the release folder's real parent (symlinks resolved), so a symlinked path, or a container that
+bind-mounts the folder's parent at another path, meets the same file and so the same lock; a
+lock keyed by a path string under $HOME could not. The kernel releases a lock when its holder
+dies, SIGKILL included, and across PID namespaces: a lock that can be taken is a lock whose
+owner is gone, which is the only liveness test used here (a pid means nothing in another
+container). The lock file also names the holder (pid, host, start time, command) for the
+message a second run prints, and is unlinked by its holder before release; a run that finds the
+file replaced after it took the lock takes the new one (the usual flock-and-unlink protocol).
+
 Temporary `.NAME.*.partial` folders beside the release can only belong to a run that held the
-lock, so the next holder removes them.
+lock, so the next holder removes them. The stage cache's half-written entries follow the same
+rule (`try_hold`, `guard`): each has a lock file its writer holds, and only an entry whose
+lock can be taken is removed.
+
+Written on `fcntl` rather than `filelock`: `filelock` truncates the file when it opens it, which
+would erase the holder's name while the holder runs.
 """
 
 from __future__ import annotations
 
-import hashlib
+import fcntl
 import json
 import os
 import shutil
@@ -23,51 +33,90 @@ from contextlib import contextmanager
 from pathlib import Path
 
 from pipeline.errors import OutputError
-from pipeline.run.cache import shipyard_home
 
 
-def _paths(out: Path) -> tuple[Path, Path]:
-    name = hashlib.sha256(str(Path(out).resolve()).encode()).hexdigest()[:32]
-    folder = shipyard_home() / "locks"
-    return folder / f"{name}.lock", folder / f"{name}.owner"
+def lock_path(out: Path) -> Path:
+    """The lock file of release folder `out`: beside the folder its path resolves to."""
+    real = Path(out).resolve()
+    return real.with_name(f".{real.name}.lock")
+
+
+def try_hold(path: Path, wait: bool = False) -> int | None:
+    """Open and lock `path` (created if missing); the open descriptor while it is held, None
+    when another process holds it (at once, unless `wait`)."""
+    while True:
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+        except BlockingIOError:
+            os.close(fd)
+            return None
+        except BaseException:
+            os.close(fd)
+            raise
+        try:  # the holder we waited for unlinked the file we locked: lock the current one
+            if os.stat(path).st_ino == os.fstat(fd).st_ino:
+                return fd
+        except FileNotFoundError:
+            pass
+        os.close(fd)
+
+
+def release(path: Path, fd: int) -> None:
+    """Unlink the lock file `path` held through `fd`, then free it."""
+    try:
+        if os.stat(path).st_ino == os.fstat(fd).st_ino:
+            os.unlink(path)
+    except FileNotFoundError:
+        pass
+    finally:
+        os.close(fd)
+
+
+@contextmanager
+def guard(path: Path, exclusive: bool) -> Iterator[bool]:
+    """Hold the permanent lock file `path` for the block: shared (waiting for an exclusive
+    holder), or exclusive without waiting; yields whether it is held."""
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+        except BlockingIOError:
+            yield False
+            return
+        yield True
+    finally:
+        os.close(fd)
 
 
 @contextmanager
 def release_lock(out: Path, wait: bool = False) -> Iterator[None]:
     """Hold the lock of release folder `out` for the block; a live holder makes this raise
     `OutputError` at once (or wait for it when `wait`)."""
-    from filelock import FileLock, Timeout
-
-    lock_path, owner_path = _paths(out)
+    path = lock_path(out)
     try:
-        lock_path.parent.mkdir(parents=True, exist_ok=True)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = try_hold(path, wait)
     except OSError as err:
-        raise OutputError(f"lock folder {lock_path.parent} cannot be created ({err.strerror}); set "
-                          "SHIPYARD_CACHE_DIR to a writable folder") from None
-    lock = FileLock(str(lock_path))
+        raise OutputError(f"output {out}: its lock {path} cannot be created ({err.strerror}); choose a "
+                          "writable --out") from None
+    if fd is None:
+        raise OutputError(f"output {out} is being written by another run ({_holder(path)}); wait for it, "
+                          "pass --wait, or choose another --out")
     try:
-        lock.acquire(timeout=-1 if wait else 0)
-    except Timeout:
-        raise OutputError(f"output {out} is being written by another run ({_holder(owner_path)}); wait for it, "
-                          "pass --wait, or choose another --out") from None
-    except PermissionError:
-        raise OutputError(f"lock folder {lock_path.parent} is not writable; set SHIPYARD_CACHE_DIR to a writable "
-                          "folder") from None
-    try:
-        owner_path.write_text(json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(),
-            "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"), "command": " ".join(sys.argv),
-        }))
+        os.write(fd, json.dumps({
+            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "command": " ".join(sys.argv), "folder": str(Path(out).resolve()),
+        }).encode())
         remove_stale_partials(out)
         yield
     finally:
-        owner_path.unlink(missing_ok=True)
-        lock.release()
+        release(path, fd)
 
 
-def _holder(owner_path: Path) -> str:
+def _holder(path: Path) -> str:
     try:
-        owner = json.loads(owner_path.read_text())
+        owner = json.loads(path.read_text())
         return f"pid {owner['pid']} on {owner['host']}, started {owner['started']}"
     except (OSError, ValueError, KeyError):
         return "holder unknown"
