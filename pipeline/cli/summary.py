@@ -43,4 +43,7 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
         console.print(f"reused from the stage cache: {escape(', '.join(cache['reused']))}")
     if cache.get("damaged_and_recomputed"):
         console.print(f"[yellow]damaged cache entries recomputed[/]: {escape(', '.join(cache['damaged_and_recomputed']))}")
+    if cache.get("evicted"):
+        console.print(f"stage cache over its cap: {cache['evicted']} least recently used entries removed "
+                      "(shipyard cache ls; SHIPYARD_CACHE_MAX_SIZE sets the cap)")
     console.print(f"release: {outcome.out} (manifest.json, report.md, junit.xml)")

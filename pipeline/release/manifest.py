@@ -7,6 +7,7 @@ manifest never lists a file that is not there with that hash.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import platform
@@ -107,6 +108,8 @@ class TargetRecord(_Strict):
 class MachineRecord(_Strict):
     platform: str
     cpu: str
+    cpu_features: str = Field("", description="architecture and the CPU features ONNX Runtime's kernels choose by "
+                              "(also in the stage cache's key), e.g. 'x86_64:avx,avx2,f16c,fma'")
     cores: int
     gpu: str | None = None
     gpu_driver: str | None = None
@@ -116,7 +119,8 @@ class InvocationRecord(_Strict):
     command: list[str] = Field(description="the exact command line")
     cwd: str
     machine: MachineRecord
-    cache: dict[str, Any] = Field(description="enabled, folder, stages reused, entries found damaged")
+    cache: dict[str, Any] = Field(description="enabled, folder, stages reused, entries found damaged, size cap (bytes), "
+                                  "entries evicted to stay under it")
 
     @classmethod
     def now(cls, command: list[str], cache) -> InvocationRecord:
@@ -125,7 +129,8 @@ class InvocationRecord(_Strict):
 
         return cls(command=list(command), cwd=os.getcwd(), machine=machine(), cache={
             "enabled": cache.enabled, "folder": str(cache.root) if cache.root else None,
-            "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged)})
+            "reused": list(cache.hits), "damaged_and_recomputed": list(cache.damaged),
+            "max_size": cache.max_size, "evicted": len(cache.evicted)})
 
 
 class FileRecord(_Strict):
@@ -204,6 +209,29 @@ def tool_versions() -> dict[str, str]:
     return versions
 
 
+# The CPU features ONNX Runtime's MLAS kernels (and torch's) choose their code paths by: an
+# entry calibrated or exported on an AVX-512 VNNI machine has other bytes than one made on AVX2.
+KERNEL_CPU_FEATURES = frozenset({
+    "sse4_1", "sse4_2", "avx", "avx2", "fma", "f16c", "avx_vnni", "avx512f", "avx512bw", "avx512dq",
+    "avx512vl", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_tile", "amx_int8", "amx_bf16",
+    "asimd", "asimddp", "asimdhp", "i8mm", "bf16", "sve", "sve2", "sme"})
+
+
+@functools.cache
+def cpu_kernel_features() -> str:
+    """The machine's architecture and which of KERNEL_CPU_FEATURES its CPU has (Linux's
+    /proc/cpuinfo "flags" or "Features"), e.g. "x86_64:avx,avx2,f16c,fma"."""
+    flags: set[str] = set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            name, _, value = line.partition(":")
+            if name.strip() in ("flags", "Features"):
+                flags.update(value.split())
+    except OSError:  # not Linux: the architecture alone
+        pass
+    return f"{platform.machine()}:{','.join(sorted(flags & KERNEL_CPU_FEATURES))}"
+
+
 def machine() -> MachineRecord:
     """CPU model and cores, and the GPU and driver where one is present (without importing torch)."""
     import os
@@ -228,7 +256,8 @@ def machine() -> MachineRecord:
                 gpu, driver = (part.strip() for part in out[0].split(",", 1))
         except (OSError, subprocess.SubprocessError, ValueError):
             pass
-    return MachineRecord(platform=platform.platform(), cpu=cpu, cores=os.cpu_count() or 0, gpu=gpu, gpu_driver=driver)
+    return MachineRecord(platform=platform.platform(), cpu=cpu, cpu_features=cpu_kernel_features(),
+                         cores=os.cpu_count() or 0, gpu=gpu, gpu_driver=driver)
 
 
 def folder_sha256(folder: Path) -> str:

@@ -17,6 +17,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import shutil
 import tempfile
 import time
@@ -31,12 +32,48 @@ import numpy as np
 from pydantic import BaseModel
 
 from pipeline.artifacts import Artifact, StageResult, external_data_files, sha256_file
-from pipeline.errors import OutputError
+from pipeline.errors import OutputError, ShipyardError
 from pipeline.run.lock import guard, release, try_hold
 
 P = ParamSpec("P")  # a stage's parameters: `call` is type-checked against the stage it calls
 CACHE_FORMAT = 1
 SWEEP_LOCK = ".sweep.lock"  # held shared while a partial entry is made, exclusive by a sweep
+DEFAULT_MAX_SIZE = 20 * 10**9  # bytes; SHIPYARD_CACHE_MAX_SIZE sets another ("none": no cap)
+MAX_SIZE_ENV = "SHIPYARD_CACHE_MAX_SIZE"
+_SIZE_UNITS = {"": 1, "b": 1, "k": 10**3, "kb": 10**3, "m": 10**6, "mb": 10**6, "g": 10**9, "gb": 10**9,
+               "t": 10**12, "tb": 10**12, "kib": 2**10, "mib": 2**20, "gib": 2**30, "tib": 2**40}
+_AGE_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 7 * 86400}
+
+
+def parse_size(text: str, what: str) -> int:
+    """Bytes in `text` ("500MB", "20GB", "1.5GiB", "1000"); `what` names the option in the error."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([a-zA-Z]*)\s*", text)
+    if not match or match.group(2).lower() not in _SIZE_UNITS:
+        raise ShipyardError(f"{what} {text!r} is not a size; give a number and a unit, e.g. 500MB or 20GB")
+    return int(float(match.group(1)) * _SIZE_UNITS[match.group(2).lower()])
+
+
+def parse_age(text: str, what: str) -> float:
+    """Seconds in `text` ("90m", "12h", "30d", "2w")."""
+    match = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([smhdw])\s*", text)
+    if not match:
+        raise ShipyardError(f"{what} {text!r} is not an age; give a number and s, m, h, d or w, e.g. 30d")
+    return float(match.group(1)) * _AGE_UNITS[match.group(2)]
+
+
+def human_size(size: int) -> str:
+    for unit, scale in (("GB", 10**9), ("MB", 10**6), ("kB", 10**3)):
+        if size >= scale:
+            return f"{size / scale:.1f} {unit}"
+    return f"{size} B"
+
+
+def configured_max_size() -> int | None:
+    """The cache's size cap: $SHIPYARD_CACHE_MAX_SIZE ("none" for no cap), else 20 GB."""
+    value = os.environ.get(MAX_SIZE_ENV, "").strip()
+    if not value:
+        return DEFAULT_MAX_SIZE
+    return None if value.lower() == "none" else parse_size(value, MAX_SIZE_ENV)
 
 
 def shipyard_home() -> Path:
@@ -82,10 +119,11 @@ def source_digest() -> str:
 @cache
 def keyed_versions() -> dict[str, str]:
     """The manifest's tool versions (every library that shapes an artifact), Shipyard's source
-    digest and the cache layout's version."""
-    from pipeline.release.manifest import tool_versions
+    digest, the cache layout's version and the CPU the kernels ran on."""
+    from pipeline.release.manifest import cpu_kernel_features, tool_versions
 
-    return {**tool_versions(), "shipyard-source": source_digest(), "cache-format": str(CACHE_FORMAT)}
+    return {**tool_versions(), "shipyard-source": source_digest(), "cache-format": str(CACHE_FORMAT),
+            "cpu": cpu_kernel_features()}
 
 
 def digest_of(value: Any) -> str:
@@ -110,15 +148,18 @@ class StageCache:
     each file's sha256 and the stage's record (its result, artifacts and figures)."""
 
     root: Path | None  # None: caching off (--no-cache)
+    max_size: int | None = DEFAULT_MAX_SIZE  # bytes, least-recently-used entries removed past it
     hits: list[str] = field(default_factory=list)
     damaged: list[str] = field(default_factory=list)
+    evicted: list[str] = field(default_factory=list)  # keys removed to stay under max_size
 
     @classmethod
     def at(cls, folder: Path | None, enabled: bool = True) -> StageCache:
         """The cache in `folder` (default: shipyard_home()), entries under its `stages/`; checked
-        writable up front."""
+        writable up front, capped at `configured_max_size()`."""
         if not enabled:
             return cls(None)
+        max_size = configured_max_size()
         root = (Path(folder).expanduser() if folder is not None else shipyard_home()) / "stages"
         try:
             root.mkdir(parents=True, exist_ok=True)
@@ -127,7 +168,7 @@ class StageCache:
         except OSError as err:
             raise OutputError(f"cache folder {root} is not writable ({err.strerror}); set SHIPYARD_CACHE_DIR, "
                               "pass --cache-dir DIR, or --no-cache") from None
-        cache = cls(root)
+        cache = cls(root, max_size)
         cache._remove_stale_partials()
         return cache
 
@@ -141,26 +182,63 @@ class StageCache:
     def load(self, stage: str, key: str, dest: Path) -> dict[str, Any] | None:
         """Copy a verified entry's files into `dest` and return its record, or None (a miss).
 
-        An entry whose files do not match their recorded sha256 is deleted and reported as a miss."""
+        An entry whose files do not match their recorded sha256 is deleted and reported as a miss.
+        A hit marks the entry used now (its entry.json's mtime), for `prune`'s LRU order; loads
+        hold the sweep lock shared, so a prune never deletes an entry while it is being copied."""
         if self.root is None:
             return None
         entry = self.root / key
-        try:
-            meta = json.loads((entry / "entry.json").read_text())
-            files = meta["files"]
-            if any(sha256_file(entry / name) != sha for name, sha in files.items()):
-                raise ValueError("a file differs from its recorded sha256")
-        except FileNotFoundError:
-            return None
-        except (OSError, ValueError, KeyError, TypeError):
-            self.damaged.append(stage)
-            shutil.rmtree(entry, ignore_errors=True)
-            return None
-        for name in files:
-            (dest / name).parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(entry / name, dest / name)
+        with guard(self.root / SWEEP_LOCK, exclusive=False):
+            try:
+                meta = json.loads((entry / "entry.json").read_text())
+                files = meta["files"]
+                if any(sha256_file(entry / name) != sha for name, sha in files.items()):
+                    raise ValueError("a file differs from its recorded sha256")
+            except FileNotFoundError:
+                if not entry.exists():
+                    return None
+                self.damaged.append(stage)  # a file of the entry is gone
+                _delete_entry(entry)
+                return None
+            except (OSError, ValueError, KeyError, TypeError):
+                self.damaged.append(stage)
+                _delete_entry(entry)
+                return None
+            for name in files:
+                (dest / name).parent.mkdir(parents=True, exist_ok=True)
+                shutil.copyfile(entry / name, dest / name)
+            try:
+                os.utime(entry / "entry.json")
+            except OSError:  # a read-only shared cache: LRU order is its owner's business
+                pass
         self.hits.append(stage)
         return meta["record"]
+
+    def entries(self) -> list[CacheEntry]:
+        """Every finished entry, most recently used first."""
+        if self.root is None:
+            return []
+        found = [CacheEntry.of(folder) for folder in self.root.iterdir()
+                 if folder.is_dir() and not folder.name.startswith(".")]
+        return sorted(found, key=lambda e: e.last_used, reverse=True)
+
+    def prune(self, max_size: int | None = None, older_than: float | None = None) -> list[CacheEntry]:
+        """Remove entries unused for more than `older_than` seconds, then the least recently used
+        until the rest fit in `max_size` bytes; returns those removed. Waits for loads in progress."""
+        if self.root is None:
+            return []
+        removed = []
+        with guard(self.root / SWEEP_LOCK, exclusive=True, wait=True):
+            total, now, full = 0, time.time(), False
+            for entry in self.entries():  # newest first: keep the newest that fit
+                full = full or (max_size is not None and total + entry.size > max_size)
+                if full or (older_than is not None and now - entry.last_used > older_than):
+                    removed.append(entry)
+                else:
+                    total += entry.size
+            for entry in removed:
+                _delete_entry(self.root / entry.key)
+        return removed
 
     def store(self, key: str, files: dict[str, Path], record: dict[str, Any]) -> None:
         """Store `files` (name in the entry -> path) and `record` under `key`, atomically."""
@@ -185,6 +263,8 @@ class StageCache:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
             release(lock, fd)
+        if self.max_size is not None:
+            self.evicted += [entry.key for entry in self.prune(self.max_size)]
 
     def _partial(self, key: str) -> tuple[Path, Path, int]:
         """A new partial entry `.KEY.RANDOM.partial`, and its lock file held by this process.
@@ -221,6 +301,38 @@ class StageCache:
                 fd = try_hold(lock)
                 if fd is not None:
                     release(lock, fd)
+
+
+@dataclass(frozen=True)
+class CacheEntry:
+    """One finished entry as `shipyard cache ls` shows it."""
+
+    key: str
+    stage: str
+    size: int  # bytes
+    last_used: float  # epoch seconds: stored, or last copied into a run
+
+    @classmethod
+    def of(cls, folder: Path) -> CacheEntry:
+        size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
+        meta = folder / "entry.json"
+        try:
+            stage = json.loads(meta.read_text())["record"]["result"]["stage"]
+            last_used = meta.stat().st_mtime
+        except (OSError, ValueError, KeyError, TypeError):
+            stage, last_used = "damaged", folder.stat().st_mtime
+        return cls(folder.name, str(stage), size, last_used)
+
+
+def _delete_entry(entry: Path) -> None:
+    """Remove a finished entry: renamed first to a partial's name (one step, so a kill never
+    leaves half an entry under its key), which the next sweep removes if this one cannot."""
+    doomed = entry.with_name(f".{entry.name[:16]}.{os.urandom(4).hex()}.partial")
+    try:
+        os.replace(entry, doomed)
+    except FileNotFoundError:
+        return
+    shutil.rmtree(doomed, ignore_errors=True)
 
 
 def call_identity(value: Any, work: Path) -> Any:

@@ -74,13 +74,13 @@ def release(path: Path, fd: int) -> None:
 
 
 @contextmanager
-def guard(path: Path, exclusive: bool) -> Iterator[bool]:
+def guard(path: Path, exclusive: bool, wait: bool = False) -> Iterator[bool]:
     """Hold the permanent lock file `path` for the block: shared (waiting for an exclusive
-    holder), or exclusive without waiting; yields whether it is held."""
+    holder), or exclusive (waiting only when `wait`); yields whether it is held."""
     fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
     try:
         try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB if exclusive else fcntl.LOCK_SH)
+            fcntl.flock(fd, (fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB)) if exclusive else fcntl.LOCK_SH)
         except BlockingIOError:
             yield False
             return
