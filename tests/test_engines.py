@@ -365,7 +365,8 @@ def test_engines_refuses_another_model_on_the_gpu_host(tiny_release, model_copy,
 
 
 @pytest.mark.slow
-def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tmp_path, monkeypatch):
+def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tiny, tiny_holdout_small, tmp_path,
+                                                              monkeypatch):
     """The whole second phase on CPU. Only TensorRT is faked: the "engine" file is the typed ONNX's
     bytes and it runs on ONNX Runtime; the verification, gate, manifest and merge are the real ones."""
     _fake_gpu_host(monkeypatch)
@@ -381,7 +382,13 @@ def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tmp_pa
     monkeypatch.setattr(build, "build_engine", fake_build)
     from pipeline.stages import validate
 
-    monkeypatch.setattr(validate, "runner_for", lambda path: OrtRunner(path))
+    host_code = []
+
+    def ort_for(path, host_code_allowed=False):
+        host_code.append(host_code_allowed)
+        return OrtRunner(path)
+
+    monkeypatch.setattr(validate, "runner_for", ort_for)
     out = tmp_path / "engines" / "a100-int8"
     result = _engines(tiny_release.out, "--target", "a100-int8", "--out", out)
     assert result.exit_code == 0, result.output
@@ -404,6 +411,57 @@ def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tmp_pa
     assert verify_folder(merged) == []
     alone = CliRunner().invoke(cli, ["collect", str(out), "--out", str(tmp_path / "x")])
     assert alone.exit_code == 2 and "which is not among the folders given" in alone.output
+    assert host_code == [False]  # built here, but not version-compatible: no host code needed
+    check_engine_trust(merged, tiny.model, tiny_holdout_small, tmp_path, host_code)
+
+
+def check_engine_trust(merged: Path, model: Path, holdout: Path, tmp_path: Path, host_code: list) -> None:
+    """Host code only for an engine its verified release records as built version-compatible."""
+    from cryptography.hazmat.primitives import serialization
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from pipeline.release.signing import engine_trust, sign_manifest
+
+    engine = merged / "engines" / "a100-int8.engine"
+    trust = engine_trust(engine)
+    assert not trust.host_code and "built without version compatibility" in trust.reason
+    assert trust.record.precision == "int8"
+
+    manifest = json.loads((merged / "manifest.json").read_text())  # the release now claims version compatibility
+    target = next(t for t in manifest["targets"] if t["name"] == "a100-int8")
+    target["engine"]["plan"]["flags"].append("VERSION_COMPATIBLE")
+    (merged / "manifest.json").write_text(json.dumps(manifest))
+    trust = engine_trust(engine)
+    assert trust.host_code and "--public-key" in trust.reason  # unsigned: integrity, not authorship
+    key = Ed25519PrivateKey.generate()
+    (tmp_path / "k.pem").write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
+                                                       serialization.NoEncryption()))
+    (tmp_path / "k.pub").write_bytes(key.public_key().public_bytes(serialization.Encoding.PEM,
+                                                                   serialization.PublicFormat.SubjectPublicKeyInfo))
+    sign_manifest(merged, tmp_path / "k.pem")
+    assert engine_trust(engine, tmp_path / "k.pub").host_code
+
+    other = Ed25519PrivateKey.generate().public_key()
+    (tmp_path / "other.pub").write_bytes(other.public_bytes(serialization.Encoding.PEM,
+                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    assert not engine_trust(engine, tmp_path / "other.pub").host_code  # signed by someone else
+    loose = tmp_path / "loose.engine"  # the same bytes outside any release
+    shutil.copyfile(engine, loose)
+    assert engine_trust(loose).reason == "no release manifest.json records it"
+    with engine.open("r+b") as f:  # one byte of the engine changed
+        f.seek(100)
+        f.write(b"\xff")
+    trust = engine_trust(engine)
+    assert not trust.host_code and "does not verify" in trust.reason and "engines/a100-int8.engine" in trust.reason
+
+    # shipyard validate on an engine no release records says it ran it without host code.
+    (tmp_path / "loose.engine.json").write_text(json.dumps({"precision": "int8", "kind": "int8"}))
+    result = CliRunner().invoke(cli, ["validate", "--reference", str(model), "--artifact", str(loose),
+                                      "--data", str(holdout), "--samples", "64", "--max-length", "32",
+                                      "--min-agreement", "0", "--no-cache"])
+    assert result.exit_code == 0, result.output
+    assert "engine deserialized without host code: no release manifest.json records it" in result.output
+    assert host_code[-1] is False
 
 
 def test_phase_two_prepares_only_what_gating_an_engine_needs(tiny, tiny_holdout_small, tmp_path):

@@ -198,7 +198,7 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
 @cli.command("validate")
 @click.option("--reference", required=True, type=click.Path(path_type=Path),
               help="The fine-tuned PyTorch model folder (the reference).")
-@click.option("--artifact", required=True, type=click.Path(path_type=Path), help="ONNX file to check.")
+@click.option("--artifact", required=True, type=click.Path(path_type=Path), help="ONNX file or TensorRT engine to check.")
 @click.option("--data", required=True, type=click.Path(path_type=Path), help="Evaluation data.")
 @click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
 @click.option("--text-pair-column", default=None)
@@ -232,6 +232,9 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
               help="The pruned (or recovered) FP32 ONNX the artifact was converted from: gate the artifact against "
                    "it with its precision's gate (which the threshold options set), and against --reference with "
                    f"the default pruned gate ({PRUNED_GATE}), as shipyard run does.")
+@click.option("--public-key", type=click.Path(path_type=Path), default=None,
+              help="An engine's release signing key (PEM): its manifest's signature must verify too before the "
+                   "engine is deserialized with TensorRT host code.")
 @encoding_option
 @allow_pickle_option
 @cache_options
@@ -242,7 +245,7 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
                  max_metric_drop: float | None, metric: str | None, task: str | None, max_answer_tokens: int,
                  min_cosine: float, report_path: Path | None, source: Path | None, encoding: str | None,
                  allow_pickle: bool, cache, quiet: bool, as_json: bool,
-                 min_agreement_lower: float | None = None) -> None:
+                 min_agreement_lower: float | None = None, public_key: Path | None = None) -> None:
     """Gate an artifact's parity with its PyTorch reference: exit 0 pass, 1 fail.
 
     Rows the artifact was calibrated or tuned on (recorded inside it by shipyard quantize,
@@ -253,10 +256,13 @@ def validate_cmd(reference: Path, artifact: Path, data: Path, text_column: str,
     report = validate_file(reference, artifact, data, text_column, text_pair_column, label_column,
                            samples, max_length, min_agreement, max_abs_diff, max_metric_drop,
                            metric, report_path, progress_for(quiet, as_json), task, max_answer_tokens, min_cosine,
-                           encoding, allow_pickle, source, cache, min_agreement_lower=min_agreement_lower)
+                           encoding, allow_pickle, source, cache, min_agreement_lower=min_agreement_lower,
+                           public_key=public_key)
     step = report["details"].get("source")
+    engine = report["details"].get("engine")
     line = (f"validate {artifact}: {'PASS' if report['passed'] else 'FAIL'} {report['task']} agreement "
             f"{report['agreement']:.4f} over {report['units']} {report['unit']}, max |diff| {report['max_abs_diff']:.3g}"
             + (f"; vs {source.name}: agreement {step['agreement']:.4f}" if step and source else "")
-            + ("" if report["passed"] else "; " + "; ".join(report["failures"])))
+            + ("" if report["passed"] else "; " + "; ".join(report["failures"]))
+            + ("" if not engine or engine["host_code"] else f"\n  engine deserialized without host code: {engine['why']}"))
     finish(report["passed"], report, line, quiet, as_json)

@@ -223,8 +223,11 @@ class TrtRunner:
     a CUDA stream of its own (TensorRT warns about, and synchronises on, the default stream).
     """
 
-    def __init__(self, engine_path: Path) -> None:
+    def __init__(self, engine_path: Path, host_code: bool = False) -> None:
         self.path = Path(engine_path)
+        # Host code runs code the engine carries: only for an engine its caller vouches for
+        # (built version-compatible in this process, or so recorded by a verified release).
+        self.host_code = host_code
         # TensorRT's and torch's objects, made on first use (`_load`); untyped: tensorrt ships no stubs.
         self._engine: Any = None
         self._context: Any = None
@@ -243,10 +246,14 @@ class TrtRunner:
             if not self.path.is_file():
                 raise ArtifactError(f"engine {self.path} not found; build it with shipyard build")
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
-            runtime.engine_host_code_allowed = True  # version-compatible engines carry their runtime
+            runtime.engine_host_code_allowed = self.host_code
             engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
             if engine is None:
-                raise ArtifactError(f"engine {self.path} does not deserialize with this TensorRT/GPU; rebuild it here")
+                hint = "" if self.host_code else (
+                    " (a version-compatible engine needs host code, allowed only for one its verified release "
+                    "records as built so)")
+                raise ArtifactError(f"engine {self.path} does not deserialize with this TensorRT/GPU{hint}; rebuild "
+                                    "it here")
             self._io = describe_engine(engine, trt.TensorIOMode.INPUT)
             self._context = engine.create_execution_context()
             self._stream = torch.cuda.Stream()
@@ -301,6 +308,6 @@ class TrtRunner:
         return {name: value.float().cpu().numpy() for name, value in outputs.items()}
 
 
-def runner_for(path: Path):
+def runner_for(path: Path, host_code: bool = False):
     """The runner for an artifact file: TensorRT for engines, ONNX Runtime for ONNX."""
-    return TrtRunner(path) if Path(path).suffix in ENGINE_SUFFIXES else OrtRunner(path)
+    return TrtRunner(path, host_code) if Path(path).suffix in ENGINE_SUFFIXES else OrtRunner(path)

@@ -13,7 +13,9 @@ from __future__ import annotations
 
 import base64
 import json
+from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
+from typing import Any
 
 from pipeline.artifacts import atomic_file, sha256_file
 from pipeline.errors import ShipyardError
@@ -179,3 +181,43 @@ def manifest_summary(folder: Path) -> dict:
     data = json.loads((Path(folder) / "manifest.json").read_text())
     return {"recipe": data.get("recipe_name"), "artifacts": len(data.get("artifacts", [])),
             "passed": data.get("passed")}
+
+
+@dataclass(frozen=True)
+class EngineTrust:
+    """Whether an engine may be deserialized with TensorRT host code, why, and its release's
+    record of it (precision, kind, lineage) when a verified release lists it."""
+
+    host_code: bool
+    reason: str
+    record: Any = None  # the release's ArtifactRecord of the engine
+
+
+def engine_trust(engine: Path, public_key: Path | None = None) -> EngineTrust:
+    """An engine is executable code (NVIDIA's guidance: deserialize only engines you built or
+    received authenticated), and host code runs the code a version-compatible engine carries.
+    It is allowed only when the release folder the engine is in (its folder or up to two above)
+    verifies (every listed file's sha256, no unlisted file, and with `public_key` the
+    signature), lists the engine with this sha256, and records its build as version-compatible."""
+    from pipeline.release.manifest import Manifest
+
+    engine = Path(engine).resolve()
+    folder = next((f for f in list(engine.parents)[:3] if (f / "manifest.json").is_file()), None)
+    if folder is None:
+        return EngineTrust(False, "no release manifest.json records it")
+    problems = verify_folder(folder, public_key)
+    if problems:
+        return EngineTrust(False, f"its release {folder} does not verify ({problems[0]})")
+    manifest = Manifest.model_validate_json((folder / "manifest.json").read_bytes())
+    relative = engine.relative_to(folder).as_posix()
+    record = next((a for a in manifest.artifacts if a.path == relative), None)
+    if record is None:
+        return EngineTrust(False, f"its release {folder} does not list it as an artifact")
+    built = next((t.engine for t in manifest.targets if t.engine and t.engine.get("path") == relative), None)
+    if built is None or built.get("sha256") != record.sha256:
+        return EngineTrust(False, f"its release {folder} has no build record of it", record)
+    if "VERSION_COMPATIBLE" not in built.get("plan", {}).get("flags", []):
+        return EngineTrust(False, "its release records it as built without version compatibility, which needs none",
+                           record)
+    signed = " and signed" if public_key is not None else " (pass --public-key to check who signed it too)"
+    return EngineTrust(True, f"recorded as built version-compatible by its verified release {folder}{signed}", record)

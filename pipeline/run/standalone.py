@@ -57,6 +57,7 @@ from pipeline.recipe import (
 )
 from pipeline.recipe.defaults import schema_default
 from pipeline.release.manifest import folder_sha256, write_json
+from pipeline.release.signing import engine_trust
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.gating import Gating
 from pipeline.stages import build, export, prune, quantize
@@ -308,7 +309,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
                   progress: Progress = SILENT, task: str | None = None, max_answer_tokens: int = 30,
                   min_cosine: float = 0.99, encoding: str | None = None, allow_pickle: bool = False,
                   source: Path | None = None, cache: StageCache | None = None,
-                  min_agreement_lower: float | None = None) -> dict[str, Any]:
+                  min_agreement_lower: float | None = None, public_key: Path | None = None) -> dict[str, Any]:
     """Gate `artifact` against the PyTorch `reference` on rows of `data` it was not calibrated
     or tuned on (the digests recorded inside it), with the policy's gate for its kind, as a run
     gates it (`pipeline.run.gating`, through the stage cache). Returns the parity report.
@@ -316,7 +317,11 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     With `source`, the pruned FP32 graph the artifact was converted from, the policy's two gates
     apply (`pipeline.parity.policy.gates_for`): the pruned gate against `reference` and the artifact
     precision's gate against `source`, which the explicit thresholds then set; the second's
-    report is `details["source"]` and its misses are failures of the one report."""
+    report is `details["source"]` and its misses are failures of the one report.
+
+    An engine is deserialized with TensorRT host code only when its verified release records it
+    as built version-compatible (`engine_trust`, with `public_key` checking the signature too);
+    `details["engine"]` says which and why."""
     info = inspect_model(reference, task, allow_pickle)
     check_max_length(info, max_length, "--max-length")
     spec = info.task(max_answer_tokens, min_cosine)
@@ -337,7 +342,12 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, schema_default("data.padding"),
                       spec.name)
     evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
-    precision, kind, from_pruned = artifact_kind(artifact)
+    trust = engine_trust(artifact, public_key) if Path(artifact).suffix in ENGINE_SUFFIXES else None
+    if trust is not None and trust.record is not None:  # the release's record, verified, over a sidecar
+        record = trust.record
+        precision, kind, from_pruned = cast(Precision, record.precision), record.kind, record.from_pruned
+    else:
+        precision, kind, from_pruned = artifact_kind(artifact)
     # The artifact's own gate (its precision's against --source, else its kind's) is what the
     # explicit thresholds set; the policy gives every other gate.
     own = precision if source is not None else kind
@@ -351,13 +361,16 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     gating = Gating(thresholds, evaluation, spec, chosen_metric, labelled, info.id2label,
                     TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle), folder_sha256(info.path))
     cache = cache or StageCache(None)
-    target = Artifact(name=Path(artifact).stem, path=artifact, format="onnx", precision=precision, stage="input", kind=kind,
-                      from_pruned=from_pruned)
+    target = Artifact(name=Path(artifact).stem, path=artifact, format="onnx" if trust is None else "tensorrt-engine",
+                      precision=precision, stage="input", kind=kind, from_pruned=from_pruned,
+                      options={} if trust is None else {"version_compatible": trust.host_code})
     with tempfile.TemporaryDirectory() as work:
         sources = None if source is None else gating.source_outputs(input_artifact(source), cache, progress)
         _, report, step = gating.validate(target, CachedStages(cache, Path(work)),
                                           gating.reference_outputs(cache, progress), progress, sources)
     report["details"]["left_out_rows_the_artifact_saw"] = len(seen)
+    if trust is not None:
+        report["details"]["engine"] = {"host_code": trust.host_code, "why": trust.reason}
     if step is not None:
         report["details"]["source"] = {"path": str(source), **step}
         report["failures"] += [f"vs {Path(str(source)).name}: {failure}" for failure in step["failures"]]

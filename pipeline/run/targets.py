@@ -105,7 +105,8 @@ def try_build(target: TargetSpec, onnx: Artifact, work: Path, readiness: Readine
                         precision=onnx.precision, stage="build", from_pruned=onnx.from_pruned,
                         options={"target": target.name, "arch": target.arch, "source": onnx.name,
                                  "trt_version": record.trt_version, "gpu": record.gpu_name,
-                                 "compute_capability": record.compute_capability})
+                                 "compute_capability": record.compute_capability,
+                                 "version_compatible": "VERSION_COMPATIBLE" in plan.flags})
     return artifact, vars(record), StageResult(
         stage=f"build[{target.name}]", artifacts=[artifact], seconds=time.perf_counter() - started,
         message=f"built on {record.gpu_name} ({record.compute_capability}) with TensorRT {record.trt_version} "

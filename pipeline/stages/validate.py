@@ -29,7 +29,10 @@ def run(
     """Run the artifact on every evaluation batch (`evaluation` is a `pipeline.inputs.data.EvalSet`) and
     apply `gate` to its parity with the `reference` outputs."""
     started = time.perf_counter()
-    outputs = collect(runner_for(artifact.path), evaluation.batches, task, progress)
+    # An engine's `version_compatible` option is set only by who vouches for it (the build in
+    # this process, or a verified release's record): then, and only then, host code is allowed.
+    host_code = artifact.options.get("version_compatible") is True
+    outputs = collect(runner_for(artifact.path, host_code), evaluation.batches, task, progress)
     report = compare(task, artifact.name, reference, outputs, evaluation.batches, gate, metric,
                      evaluation.labels, id2label, evaluation.rows, evaluation.columns.text,
                      evaluation.columns.text_pair)
