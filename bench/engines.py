@@ -37,6 +37,7 @@ from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.parity.runners import TrtRunner, pad_batch  # noqa: E402
 from pipeline.parity.tasks import OUTPUTS, collect  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
+from pipeline.release.signing import engine_trust  # noqa: E402
 from pipeline.stages.build import build_environment  # noqa: E402
 
 
@@ -67,8 +68,15 @@ class CudaTorchRunner:
 
 
 def engines_in(folders: list[Path]) -> list[tuple[str, Path, int]]:
+    """The engines the release folders list, each folder verified first (every file's sha256, no
+    path that is absolute or leaves the folder): an engine is code, and only a listed one runs."""
+    from pipeline.release.signing import verify_folder
+
     found = []
     for folder in folders:
+        problems = verify_folder(folder)
+        if problems:
+            raise SystemExit(f"{folder} does not verify ({problems[0]}); not running its engines")
         manifest = json.loads((folder / "manifest.json").read_text())
         for art in manifest["artifacts"]:
             if art["format"] == "tensorrt-engine":
@@ -135,7 +143,8 @@ def main() -> None:
     print(f"{'PyTorch FP32 (GPU)':40s} {'-':>6s} {'':>5s} {'':>8s} {'':>5s} {'':>5s} {'':>9s} {'':>5s} "
           f"{accuracy:8.4f} {1.0:6.4f}")
     for name, path, size in engines:
-        runner = TrtRunner(path)
+        # Host code only for what the verified release records as built version-compatible.
+        runner = TrtRunner(path, engine_trust(path).host_code)
         outputs = collect(runner, evaluation.batches, task)
         agreement = task.agreement_rate(reference, outputs, evaluation.batches)
         accuracy = (float((task.predictions(outputs, evaluation.batches) == evaluation.labels).mean())

@@ -610,3 +610,101 @@ def test_damaged_cache_entry_is_recomputed_not_trusted(tiny, tiny_holdout_small,
     manifest = json.loads((tmp_path / "b" / "manifest.json").read_text())
     assert manifest["invocation"]["cache"]["damaged_and_recomputed"] == ["export"]
     assert (tmp_path / "b" / "model.onnx").read_bytes() == (tmp_path / "a" / "model.onnx").read_bytes()
+
+
+# --- errors that name their real cause ------------------------------------------------------------
+
+def test_an_artifact_with_other_outputs_than_the_reference_is_bad_input(tiny, tiny_holdout_small, tmp_path):
+    """A graph whose logits have another width (another number of labels: not this model's) is
+    exit 2 naming the output and both shapes, not an internal error."""
+    import onnx
+    from onnx import helper
+
+    exported = tmp_path / "model.onnx"
+    assert invoke("export", "--model", tiny.model, "--out", exported, "--quiet").exit_code == 0
+    model = onnx.load(str(exported))
+    producer = next(n for n in model.graph.node if "logits" in n.output)
+    producer.output[list(producer.output).index("logits")] = "logits_of_the_model"
+    model.graph.node.append(helper.make_node("Concat", ["logits_of_the_model", "logits_of_the_model"], ["logits"],
+                                             axis=-1))
+    model.graph.output[0].type.tensor_type.shape.dim[-1].dim_param = "labels"
+    other = tmp_path / "three-labels.onnx"
+    onnx.save(model, str(other))
+    result = invoke("validate", "--reference", tiny.model, "--artifact", other, "--data", tiny_holdout_small,
+                    "--samples", "32", "--max-length", "32", "--no-cache", "--report", tmp_path / "report.json")
+    assert_clean_failure(result, "output logits has shape", "where the reference's has", "--reference")
+    assert not (tmp_path / "report.json").exists()
+
+
+def test_a_file_this_user_cannot_read_is_named_as_an_input(tmp_path, monkeypatch):
+    """EACCES on a file that exists but is unreadable (model weights, data) says "reading" and the
+    fix; on anything else it is an output this user cannot write."""
+    from pipeline.cli import group
+
+    weights = tmp_path / "model.safetensors"
+    weights.write_bytes(b"weights")
+    monkeypatch.setattr(group.os, "access", lambda path, mode: False)
+    line = group.os_error_message(PermissionError(13, "Permission denied", str(weights)))
+    assert line == f"Permission denied reading {weights}; make it readable by this user (chmod, or run as its owner)"
+    monkeypatch.undo()
+    line = group.os_error_message(PermissionError(13, "Permission denied", str(tmp_path / "out" / "model.onnx")))
+    assert "writing" in line and "choose a writable --out" in line
+
+
+def test_readiness_reports_values_shape_inference_left_untyped(tmp_path):
+    """A value shape inference cannot type (an op of an unknown domain) is a named warning, not a
+    dtype rule skipped in silence."""
+    import onnx
+    from onnx import TensorProto, helper
+
+    from pipeline.trt.readiness import check_model_file
+
+    graph = helper.make_graph(
+        [helper.make_node("Mystery", ["x"], ["hidden"], domain="com.example"), helper.make_node("Relu", ["hidden"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 4])])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17), helper.make_opsetid("com.example", 1)])
+    path = tmp_path / "custom.onnx"
+    onnx.save(model, str(path))
+    report = check_model_file(path, "10.15")
+    untyped = [f for f in report.warnings if f.rule == "types-unknown"]
+    assert len(untyped) == 1 and "hidden" in untyped[0].message
+
+
+def test_the_engine_benchmark_refuses_a_release_that_does_not_verify(tiny, tiny_holdout_small, tmp_path):
+    """bench/engines.py deserializes engines: only from a release that verifies."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "bench"))
+    try:
+        from engines import engines_in
+    except ImportError as err:  # torch or the bench helpers missing would be a broken checkout
+        raise AssertionError(err) from None
+    finally:
+        sys.path.pop(0)
+    out = tmp_path / "release"
+    assert invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out, "--quiet").exit_code == 0
+    assert engines_in([out]) == []  # verified, and no engine in it
+    (out / "planted.engine").write_bytes(b"code")
+    with pytest.raises(SystemExit, match="planted.engine: not listed"):
+        engines_in([out])
+
+
+def test_validate_of_an_engine_that_is_missing_or_unrecorded(tiny, tiny_holdout_small, tmp_path):
+    args = ["validate", "--reference", tiny.model, "--data", tiny_holdout_small, "--no-cache"]
+    assert_clean_failure(invoke(*args, "--artifact", tmp_path / "gone.engine"), "engine", "not found", "shipyard build")
+    (tmp_path / "loose.engine").write_bytes(b"an engine from somewhere")
+    assert_clean_failure(invoke(*args, "--artifact", tmp_path / "loose.engine"), "has no build record",
+                         "loose.engine.json")
+
+
+def test_cache_commands_on_a_cache_folder_that_is_a_file(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("x")
+    for command in ("ls", "prune"):
+        assert_clean_failure(invoke("cache", command, "--cache-dir", blocker), "cache folder", "not writable")
+
+
+def test_a_bad_cache_size_cap_stops_a_run_before_any_work(tiny, tiny_holdout_small, tmp_path, monkeypatch):
+    monkeypatch.setenv("SHIPYARD_CACHE_MAX_SIZE", "-5GB")
+    out = tmp_path / "release"
+    assert_clean_failure(invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out", out),
+                         "SHIPYARD_CACHE_MAX_SIZE '-5GB' is not a size", "20GB", out=out)

@@ -330,3 +330,41 @@ def test_standalone_validate_gates_a_converted_artifact_against_its_source(tiny,
     code, report = validate(exported)  # the unpruned graph: not what it was made from
     assert code == 1 and not report["details"]["source"]["passed"]
     assert any(f.startswith("vs model.onnx: agreement") for f in report["failures"])
+
+
+def test_recover_honours_allow_pickle(tiny, tiny_holdout_small, heavy, model_copy, tmp_path):
+    """A reference with only pickle weights is refused in one line naming --allow-pickle, and
+    with it teacher and student load (torch.load with weights_only) and recovery runs."""
+    import torch
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(model_copy / "model.safetensors")), model_copy / "pytorch_model.bin")
+    (model_copy / "model.safetensors").unlink()
+    _, pruned = heavy
+    args = ["recover", "--reference", model_copy, "--pruned", pruned, "--data", tiny_holdout_small, "--samples", "64",
+            "--tuning-samples", "32", "--max-steps", "2", "--max-length", "64", "--quiet", "--no-cache"]
+    refused = invoke(*args, "--out", tmp_path / "r.onnx")
+    assert refused.exit_code == 2 and "--allow-pickle" in refused.output, refused.output
+    assert len(refused.output.strip().splitlines()) == 1 and not (tmp_path / "r.onnx").exists()
+    allowed = invoke(*args, "--out", tmp_path / "r.onnx", "--allow-pickle")
+    assert allowed.exit_code == 0, allowed.output
+    assert (tmp_path / "r.onnx").is_file()
+
+
+def test_a_row_whose_label_is_unknown_leaves_only_itself_out_of_the_label_loss():
+    """One training row with a label the model has no id for must not cost its batch the label
+    term: the loss is the distillation term over all rows plus cross-entropy over the known ones."""
+    import numpy as np
+    import torch
+    import torch.nn.functional as F
+
+    from pipeline.stages.prune.recover import IGNORED_LABEL, distillation_loss
+
+    torch.manual_seed(0)
+    student, teacher = {"logits": torch.randn(3, 4)}, {"logits": torch.randn(3, 4)}
+    batch = {"attention_mask": np.ones((3, 5), dtype=np.int64)}
+    labels = torch.tensor([2, IGNORED_LABEL, 1])
+    got = distillation_loss(student, teacher, batch, "text-classification", 2.0, labels, 0.5)
+    kl = distillation_loss(student, teacher, batch, "text-classification", 2.0, None, 0.0)
+    known = F.cross_entropy(student["logits"][[0, 2]], torch.tensor([2, 1]))
+    assert torch.isclose(got, 0.5 * kl + 0.5 * known)

@@ -355,6 +355,10 @@ def test_ci_example_runs_two_phases_and_collects():
     assert jobs["engine"]["needs"] == ["plan", "release"]
     assert jobs["engine"]["strategy"]["matrix"] == "${{ fromJSON(needs.plan.outputs.matrix) }}"
     assert "${{ matrix.command }}" in json.dumps(jobs["engine"])  # the plan's `shipyard engines ...`
+    # No expression is spliced into a script (GitHub's script-injection advice): values reach
+    # `run:` lines through `env:` only.
+    runs = [step["run"] for job in jobs.values() for step in job["steps"] if "run" in step]
+    assert runs and not [run for run in runs if "${{" in run]
     assert "shipyard collect release engines/" in json.dumps(jobs["collect"]) and "--require-engines" in json.dumps(jobs["collect"])
 
 

@@ -48,13 +48,22 @@ class ShipyardGroup(click.Group):
                 _fail(ctx, INTERRUPTED, INTERRUPTED_MESSAGE)
             if err.errno is None or err.errno not in USER_OS_ERRORS:
                 _internal_error(ctx, err)
-            where = f" writing {err.filename}" if err.filename else ""
-            _fail(ctx, BAD_INPUT, f"{err.strerror or os.strerror(err.errno)}{where}; {USER_OS_ERRORS[err.errno]} "
-                  "(partial outputs were removed)")
+            _fail(ctx, BAD_INPUT, os_error_message(err))
         except Exception as err:  # a bug, or a library failing in a way we did not foresee
             if _SIGNALLED:  # unless a signal interrupted a library mid-way (module docstring)
                 _fail(ctx, INTERRUPTED, INTERRUPTED_MESSAGE)
             _internal_error(ctx, err)
+
+
+def os_error_message(err: OSError) -> str:
+    """The one line for an environment error a user fixes: a file this user may not read is named
+    as an input (a model's weights, a data file), anything else as an output."""
+    reason = err.strerror or os.strerror(err.errno or 0)
+    name = err.filename
+    if err.errno == errno.EACCES and name and os.path.exists(name) and not os.access(name, os.R_OK):
+        return f"{reason} reading {name}; make it readable by this user (chmod, or run as its owner)"
+    where = f" writing {name}" if name else ""
+    return f"{reason}{where}; {USER_OS_ERRORS[err.errno or 0]} (partial outputs were removed)"
 
 
 def _fail(ctx: click.Context, code: int, message: str) -> NoReturn:

@@ -165,13 +165,15 @@ def prune_cmd(model_path: Path, out: Path, rows, spec, cache, quiet: bool, as_js
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="Default: the reference model head's task.")
 @encoding_option
+@allow_pickle_option
 @cache_options
 @output_options
 def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
                 text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
                 learning_rate: float, batch_size: int, temperature: float, label_weight: float, hidden_weight: float,
                 dropout: bool, samples: int, tuning_samples: int, eval_every: int, patience: int, max_length: int,
-                seed: int, task: str | None, encoding: str | None, cache, quiet: bool, as_json: bool) -> None:
+                seed: int, task: str | None, encoding: str | None, allow_pickle: bool, cache, quiet: bool,
+                as_json: bool) -> None:
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
     from calibration.sampling import Columns
@@ -190,7 +192,7 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     # As a run's recover stage: the same call, through the same stage cache.
     result = one_stage("recover", out, cache, recover_stage.run, reference, input_artifact(pruned_path), training, OUT,
                        spec, max_length, task, schema_default("export.opset"), (),
-                       progress=progress_for(quiet, as_json))
+                       progress=progress_for(quiet, as_json), allow_pickle=allow_pickle)
     finish(result.passed, {"out": str(out), **result.details["recovery"]}, f"recover {out}: {result.message}", quiet,
            as_json)
 

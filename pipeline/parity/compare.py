@@ -14,6 +14,7 @@ from typing import Any
 import numpy as np
 
 from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX, split_words
+from pipeline.errors import ArtifactError
 from pipeline.parity.metrics import accuracy, entity_scores, macro_f1, squad_scores
 from pipeline.parity.tasks import Task, cosine, max_abs_diff
 from pipeline.parity.uncertainty import mcnemar_exact, wilson
@@ -80,7 +81,7 @@ def compare_logits(
 ) -> ParityReport:
     """Compare two logit matrices row by row and apply `gate`."""
     if reference.shape != candidate.shape:
-        raise ValueError(f"{artifact}: logits shape {candidate.shape} != reference {reference.shape}")
+        raise _shape_error(artifact, "logits", candidate.shape, reference.shape)
     diff = np.abs(reference.astype(np.float64) - candidate.astype(np.float64))
     ref_pred, cand_pred = reference.argmax(-1), candidate.argmax(-1)
     names = id2label or {}
@@ -143,12 +144,22 @@ def compare(task: Task, artifact: str, reference: list[Batch], candidate: list[B
             text_column: str, pair_column: str | None, max_flips: int = 20) -> ParityReport:
     """Compare two runs of one task on the evaluation batches and apply `gate`; NaN or Inf in the
     candidate's outputs fails it, whatever the agreement says (an argmax of NaN is still a class)."""
+    for ref, cand in zip(reference, candidate, strict=True):
+        for name in ref.keys() & cand.keys():
+            if np.shape(ref[name]) != np.shape(cand[name]):
+                raise _shape_error(artifact, name, np.shape(cand[name]), np.shape(ref[name]))
     report = _compare(task, artifact, reference, candidate, batches, gate, metric, gold, id2label, rows,
                       text_column, pair_column, max_flips)
     bad = [i for i, row in enumerate(r for out in candidate for r in _rows_finite(out)) if not row]
     if bad:
         report.failures.insert(0, f"{len(bad)} of {report.samples} rows have NaN or Inf outputs (first: row {bad[0] + 1})")
     return report
+
+
+def _shape_error(artifact: str, output: str, got: tuple, expected: tuple) -> ArtifactError:
+    return ArtifactError(f"artifact {artifact}: output {output} has shape {tuple(got)} where the reference's has "
+                         f"{tuple(expected)}; it is not a graph of this model (another number of labels?): pass the "
+                         "--reference model it was exported from")
 
 
 def _rows_finite(outputs: Batch) -> list[bool]:

@@ -84,7 +84,7 @@ def check_onnx_file(path: Path) -> None:
         raise ArtifactError(f"ONNX file {path} not found; pass the path of an exported .onnx model")
     try:
         onnx.checker.check_model(str(path))
-    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError, Exception) as err:
+    except (onnx.checker.ValidationError, onnx.onnx_cpp2py_export.checker.ValidationError) as err:
         first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
         raise ArtifactError(f"ONNX file {path} is truncated or corrupt ({first}); re-export it") from None
 

@@ -207,7 +207,8 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
     source = pruned.artifacts[0]
     recovered, _ = stages.call("recover", recover_stage.run, recipe.model.path, source, recovery.data,
                                work / "model.recovered.onnx", recovery.spec, recipe.data.max_length, task.name,
-                               recipe.stages.export.opset, tuple(seen), progress=progress)
+                               recipe.stages.export.opset, tuple(seen), progress=progress,
+                               allow_pickle=recipe.model.allow_pickle)
     for path in source.files():
         path.unlink()
     return [pruned, recovered], recovered.artifacts[0]

@@ -63,6 +63,8 @@ RULES: dict[str, tuple[str, str]] = {
                                         "both inputs are dequantized; otherwise it runs in float"),
     "fp16-safe": (WARNING, f"{IMPORTERS}: LayerNormalization computes in its stash_type (default float32); "
                            "Softmax and reductions compute in their input type"),
+    "types-unknown": (WARNING, "shape inference (onnx) gave some values no element type: the Q/DQ and FP16 "
+                      "rules, which read types, skipped them"),
     "dynamic-axes": (ERROR, "TensorRT optimization profiles: a static input dimension must equal every "
                             "profile's min = opt = max"),
 }
@@ -133,14 +135,15 @@ def _load(path: Path) -> ir.Model:
     path = Path(path)
     if not path.is_file():
         raise ArtifactError(f"ONNX file {path} not found; pass the path of an .onnx model")
+    from google.protobuf.message import DecodeError
+
     try:
         model = graph_model.load(path)
-    except Exception:  # protobuf raises several unrelated types for a damaged file
+    except (DecodeError, ValueError):  # a truncated or damaged protobuf
         raise ArtifactError(f"ONNX file {path} is not a readable ONNX model; re-export it") from None
-    try:  # inference is a help for the dtype rules, not a requirement
-        return ShapeInferencePass(check_type=False, strict_mode=False)(model).model
-    except Exception:
-        return model
+    # The pass logs and leaves the model unchanged when inference fails: `_types_rule` reports
+    # the values left without a type, rather than the rules skipping them silently.
+    return ShapeInferencePass(check_type=False, strict_mode=False)(model).model
 
 
 def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] | None = None) -> ReadinessReport:
@@ -153,6 +156,7 @@ def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] |
     findings += _operator_rule(graph, support)
     findings += _qdq_rules(graph)
     findings += _fp16_rule(graph)
+    findings += _types_rule(graph)
     if profiles:
         findings += _dynamic_axes_rule(graph, profiles)
     report.counts = {
@@ -162,6 +166,15 @@ def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] |
         "float16_tensors": sum(v.dtype == ir.DataType.FLOAT16 for v in graph.values),
     }
     return report
+
+
+def _types_rule(graph: _Graph) -> list[Finding]:
+    untyped = [v for v in graph.values if v.dtype is None]
+    if not untyped:
+        return []
+    return [Finding("types-unknown", untyped[0].producer().name if untyped[0].producer() else "",
+                    f"{len(untyped)} value(s) have no element type after shape inference (first: {untyped[0].name}); "
+                    "the dtype rules skipped them: run onnx shape inference on the graph, or re-export it")]
 
 
 @dataclass

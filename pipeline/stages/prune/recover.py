@@ -120,6 +120,8 @@ class RecoverReport:
         return asdict(self)
 
 
+IGNORED_LABEL = -100  # cross_entropy's ignore_index: a training row whose label the model has no id for
+
 def _student_outputs(model, batch, task: str, hidden: bool = False):
     import inspect
 
@@ -165,7 +167,8 @@ def distillation_loss(student: dict, teacher: dict, batch: dict, task: str, temp
     if task == "text-classification":
         loss = kl(student["logits"], teacher["logits"])
         if labels is not None and label_weight > 0:
-            loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(student["logits"], labels)
+            loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(student["logits"], labels,
+                                                                                ignore_index=IGNORED_LABEL)
         return loss
     if task == "token-classification":
         return kl(student["logits"], teacher["logits"], mask)
@@ -203,21 +206,25 @@ def _split_rows(data: TrainingData, tuning_samples: int, seed: int) -> tuple[lis
 
 
 def run(reference: Path, src: Artifact, data: TrainingData, out: Path, spec: RecoverSpec, max_length: int,
-        task_name: str | None, opset: int, seen: tuple[str, ...] = (), progress: Progress = SILENT) -> StageResult:
+        task_name: str | None, opset: int, seen: tuple[str, ...] = (), progress: Progress = SILENT,
+        allow_pickle: bool = False) -> StageResult:
     """The recover stage as `shipyard run` and `shipyard recover` call it (through the stage cache):
     `recover` of the pruned artifact `src`, its plan beside it; the report is in the result's details."""
-    result, _ = recover(reference, src.path, data, out, spec, max_length, task_name, progress, opset, seen)
+    result, _ = recover(reference, src.path, data, out, spec, max_length, task_name, progress, opset, seen,
+                        allow_pickle)
     return result
 
 
 def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
             spec: RecoverSpec, max_length: int = 128, task_name: str | None = None,
-            progress: Progress = SILENT, opset: int = 17, seen: tuple[str, ...] = ()
+            progress: Progress = SILENT, opset: int = 17, seen: tuple[str, ...] = (), allow_pickle: bool = False
             ) -> tuple[StageResult, RecoverReport]:
     """Distil `reference` into the structure of `pruned_onnx` and export it to `out` (see module doc).
 
     `seen` are digests of rows the pruned graph was already fitted or chosen on (a recipe's
-    calibration and tuning rows); the recovered ONNX records them with its own training rows."""
+    calibration and tuning rows); the recovered ONNX records them with its own training rows.
+    `allow_pickle` (the recipe's model.allow_pickle) lets teacher and student load pickle weights,
+    with torch.load(weights_only=True), as the reference runner does."""
     import torch
     import transformers
 
@@ -231,7 +238,7 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
         raise ShipyardError(f"{pruned_onnx}: FFN widths differ per layer ({sorted(sizes)}), which a Hugging Face "
                             "config cannot express, so the recovered model could not be exported; prune with "
                             "ffn_scope uniform to recover")
-    info = inspect_model(reference, task_name)
+    info = inspect_model(reference, task_name, allow_pickle)
     task = info.task()
     tokenizer = load_tokenizer(reference, task.name)
     columns = data.columns
@@ -246,7 +253,7 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
 
     def load():
         return auto.from_pretrained(str(reference), local_files_only=True, dtype=torch.float32,
-                                    trust_remote_code=False, use_safetensors=True)
+                                    trust_remote_code=False, use_safetensors=None if allow_pickle else True)
 
     teacher = load().eval()
     student = apply_to_torch(load().eval(), plan)
@@ -294,8 +301,10 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
                     target = _student_outputs(teacher, batch, task.name, hidden)
                 labels = None
                 if labelled:
-                    ids = [label2id.get(str(r.get(columns.label))) for r in rows]
-                    labels = torch.tensor(ids) if all(i is not None for i in ids) else None
+                    # A row whose label the model does not know is left out of the label term
+                    # (ignore_index), not its whole batch.
+                    ids = [label2id.get(str(r.get(columns.label)), IGNORED_LABEL) for r in rows]
+                    labels = torch.tensor(ids) if any(i != IGNORED_LABEL for i in ids) else None
                 outputs = _student_outputs(student, batch, task.name, hidden)
                 loss = distillation_loss(outputs, target, batch, task.name, spec.temperature, labels, spec.label_weight)
                 if hidden:
