@@ -67,10 +67,10 @@ def prune_cmd(cache_dir: Path | None, max_size: str | None, older_than: str | No
         limit = cache.max_size
     removed = cache.prune(limit, age)
     kept = cache.entries()
-    payload = {"folder": str(cache.root), "removed": _rows(removed), "kept": len(kept),
-               "bytes": sum(e.size for e in kept)}
+    kept_bytes = sum(e.size for e in kept)
     if as_json:
-        click.echo(json.dumps(payload))
+        click.echo(json.dumps({"folder": str(cache.root), "removed": _rows(removed), "kept": len(kept),
+                               "bytes": kept_bytes}))
     elif not quiet:
         click.echo(f"pruned {cache.root}: removed {len(removed)} entries ({human_size(sum(e.size for e in removed))}), "
-                   f"kept {len(kept)} ({human_size(payload['bytes'])})")
+                   f"kept {len(kept)} ({human_size(kept_bytes)})")

@@ -172,7 +172,8 @@ def _types_rule(graph: _Graph) -> list[Finding]:
     untyped = [v for v in graph.values if v.dtype is None]
     if not untyped:
         return []
-    return [Finding("types-unknown", untyped[0].producer().name if untyped[0].producer() else "",
+    producer = untyped[0].producer()
+    return [Finding("types-unknown", (producer.name or "") if producer is not None else "",
                     f"{len(untyped)} value(s) have no element type after shape inference (first: {untyped[0].name}); "
                     "the dtype rules skipped them: run onnx shape inference on the graph, or re-export it")]
 
