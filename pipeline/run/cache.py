@@ -317,9 +317,10 @@ class CacheEntry:
         size = sum(f.stat().st_size for f in folder.rglob("*") if f.is_file())
         meta = folder / "entry.json"
         try:
-            stage = json.loads(meta.read_text())["record"]["result"]["stage"]
+            record = json.loads(meta.read_text())["record"]
+            stage = record.get("stage") or record.get("result", {}).get("stage") or "unnamed"
             last_used = meta.stat().st_mtime
-        except (OSError, ValueError, KeyError, TypeError):
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
             stage, last_used = "damaged", folder.stat().st_mtime
         return cls(folder.name, str(stage), size, last_used)
 

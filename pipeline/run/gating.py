@@ -54,7 +54,7 @@ class ReferenceOutputs:
                 outputs = collect(self.runner, self.batches, self.task, advance)
             arrays = {f"{i}/{name}": value for i, batch in enumerate(outputs) for name, value in batch.items()}
             np.savez(Path(tmp) / "outputs.npz", count=np.array(len(outputs)), **arrays)  # type: ignore[arg-type]
-            self.cache.store(key, {"outputs.npz": Path(tmp) / "outputs.npz"}, {"extra": {}})
+            self.cache.store(key, {"outputs.npz": Path(tmp) / "outputs.npz"}, {"extra": {}, "stage": self.stage})
         return outputs
 
 
