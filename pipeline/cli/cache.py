@@ -31,7 +31,8 @@ def _rows(entries) -> list[dict]:
 @output_options
 def ls_cmd(cache_dir: Path | None, quiet: bool, as_json: bool) -> None:
     """Every entry, most recently used first: key, stage, size and last use."""
-    from pipeline.run.cache import StageCache, human_size
+    from pipeline.run.cache import StageCache
+    from pipeline.run.cache_size import human_size
 
     cache = StageCache.at(cache_dir)
     entries = cache.entries()
@@ -58,7 +59,8 @@ def ls_cmd(cache_dir: Path | None, quiet: bool, as_json: bool) -> None:
 def prune_cmd(cache_dir: Path | None, max_size: str | None, older_than: str | None, quiet: bool, as_json: bool) -> None:
     """Remove entries: those unused for longer than --older-than, then the least recently used
     until the rest fit in --max-size. A run in progress keeps what it already copied."""
-    from pipeline.run.cache import StageCache, human_size, parse_age, parse_size
+    from pipeline.run.cache import StageCache
+    from pipeline.run.cache_size import human_size, parse_age, parse_size
 
     limit = parse_size(max_size, "--max-size") if max_size is not None else None
     age = parse_age(older_than, "--older-than") if older_than is not None else None
