@@ -158,14 +158,10 @@ class StageCache:
                 files = meta["files"]
                 if any(sha256_file(entry / name) != sha for name, sha in files.items()):
                     raise ValueError("a file differs from its recorded sha256")
-            except FileNotFoundError:
-                if not entry.exists():
-                    return None
-                self.damaged.append(stage)  # a file of the entry is gone
-                _delete_entry(entry)
-                return None
             except (OSError, ValueError, KeyError, TypeError):
-                self.damaged.append(stage)
+                if not entry.exists():  # no such entry: a miss
+                    return None
+                self.damaged.append(stage)  # unreadable, a file gone, or a file changed
                 _delete_entry(entry)
                 return None
             for name in files:
