@@ -122,6 +122,32 @@ def check_writable_parent(path: Path) -> None:
         raise OutputError(f"output {path}: folder {existing} is not writable; choose another --out") from None
 
 
+def check_output_file(path: Path, overwrite: bool) -> None:
+    """Fail before any work if a stage's output file exists (without --overwrite) or can't be made:
+    the rule `check_output_dir` applies to release folders, for the standalone stage commands."""
+    if Path(path).exists() and not overwrite:
+        raise OutputError(f"output {path} already exists; pass --overwrite or choose another --out")
+    check_writable_parent(path)
+
+
+@contextmanager
+def made_parents(path: Path) -> Iterator[list[Path]]:
+    """Create the missing folders above `path` for the block and remove them again (those still
+    empty) if it fails, so a failed command leaves no folder it made; yields the folders made."""
+    missing = [p for p in Path(path).absolute().parents if not p.exists()][::-1]
+    for folder in missing:
+        folder.mkdir(exist_ok=True)
+    try:
+        yield missing
+    except BaseException:
+        for folder in reversed(missing):
+            try:
+                folder.rmdir()
+            except OSError:  # something else wrote into it meanwhile: it stays
+                break
+        raise
+
+
 def _umask() -> int:
     mask = os.umask(0)
     os.umask(mask)

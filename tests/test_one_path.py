@@ -67,7 +67,7 @@ def test_standalone_export_gates_on_data_rows_as_a_run_does(tiny, tiny_holdout_s
                        "--no-cache", "--json")
     assert with_data.exit_code == 0, with_data.output
     assert json.loads(with_data.output)["rows"] == 64  # the schema's export.validation_samples
-    probes = invoke("export", "--model", tiny.model, "--out", out, "--no-cache", "--json")
+    probes = invoke("export", "--model", tiny.model, "--out", out, "--no-cache", "--json", "--overwrite")
     assert json.loads(probes.output)["rows"] == 8
     missing = invoke("export", "--model", tiny.model, "--out", tmp_path / "n.onnx", "--data", tmp_path / "no.csv")
     assert missing.exit_code == 2 and "no.csv not found" in missing.output and not (tmp_path / "n.onnx").exists()

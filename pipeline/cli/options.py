@@ -50,6 +50,13 @@ def output_options(func):
     return wrapper
 
 
+def overwrite_option(func):
+    """--overwrite for the stage commands: one rule with `run` (an existing output is replaced only
+    when asked)."""
+    return click.option("--overwrite", is_flag=True,
+                        help="Replace --out (and what the stage writes beside it) if it exists.")(func)
+
+
 def cache_options(func):
     """--cache-dir and --no-cache: the stage cache a command reads and writes, as `shipyard run`'s."""
 

@@ -11,6 +11,7 @@ from pipeline.cli.group import ShipyardGroup, cli
 from pipeline.cli.options import (
     finish,
     output_options,
+    overwrite_option,
     progress_for,
     set_option,
 )
@@ -80,13 +81,14 @@ def _recipe_target(recipe_file: Path | None, target_name: str | None):
 @click.option("--out", required=True, type=click.Path(path_type=Path), help="Engine file to write.")
 @click.option("--recipe", "recipe_file", type=click.Path(path_type=Path), default=None,
               help="Recipe that defines the target's profiles and builder settings.")
+@overwrite_option
 @output_options
-def build_cmd(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None, quiet: bool,
+def build_cmd(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None, overwrite: bool, quiet: bool,
               as_json: bool) -> None:
     """Build a TensorRT engine for one target (needs TensorRT and a GPU of the target's architecture)."""
     from pipeline.run.standalone import build_file
 
-    record, readiness = build_file(model_path, target_ref, out, recipe_file)
+    record, readiness = build_file(model_path, target_ref, out, recipe_file, overwrite)
     if readiness is not None:
         finish(False, readiness.to_dict(), f"build {out}: {model_path} is not TensorRT-ready: "
                 f"{readiness.errors[0]} (shipyard trt-check {model_path} lists all)", quiet, as_json)
@@ -164,9 +166,9 @@ def collect_cmd(folders: tuple[Path, ...], out: Path, overwrite: bool, require_e
                 as_json: bool) -> None:
     """Merge a release with its engine folders (shipyard engines), or per-target run folders, into one
     manifest; shared artifacts must have equal hashes."""
-    from pipeline.release.fanout import collect
+    from pipeline.run.phase_two import collect_release
 
-    merged = collect(list(folders), out, overwrite, require_engines)
+    merged = collect_release(list(folders), out, overwrite, require_engines)
     engines = sum(t.engine is not None for t in merged.targets)
     finish(merged.passed, {"out": str(out), "passed": merged.passed, "targets": len(merged.targets),
                             "engines": engines, "artifacts": len(merged.artifacts)},

@@ -15,6 +15,7 @@ from pipeline.cli.options import (
     finish,
     gate_help,
     output_options,
+    overwrite_option,
     progress_for,
     prune_spec_options,
     schema_default,
@@ -53,17 +54,18 @@ PRUNED_GATE = f"{_PRUNED.min_agreement:g} agreement, {100 * (_PRUNED.max_metric_
 @click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
 @encoding_option
 @allow_pickle_option
+@overwrite_option
 @output_options
 @cache_options
 def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, data: Path | None, samples: int,
                text_column: str, text_pair_column: str | None, max_length: int, encoding: str | None,
-               allow_pickle: bool, cache, quiet: bool, as_json: bool) -> None:
+               allow_pickle: bool, overwrite: bool, cache, quiet: bool, as_json: bool) -> None:
     """Export to ONNX with Optimum and check the logits against PyTorch on real inputs."""
     from pipeline.run.standalone import GateRows, export_and_check
 
     gate_rows = None if data is None else GateRows(data, samples, text_column, text_pair_column, max_length, encoding)
     result = export_and_check(model_dir, out, task, opset, atol, progress_for(quiet, as_json), allow_pickle, cache,
-                              gate_rows)
+                              gate_rows, overwrite)
     finish(result.passed, {"out": str(out), "passed": result.passed, "message": result.message,
                             **result.details}, f"export {out}: {result.message}", quiet, as_json)
 
@@ -85,10 +87,11 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, d
               help="Smooth activations before INT8 (SmoothQuant, exact in float) [default: for qdq, not for cpu].")
 @click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=schema_default("smoothing.alpha"), show_default=True,
               help="How much of each channel's range smoothing moves into the weights.")
+@overwrite_option
 @output_options
 @cache_options
 def quantize_cmd(model_path: Path, out: Path, rows, method: str, tuning_samples: int, fmt: QuantFormat,
-                 smooth: bool | None, smooth_alpha: float, cache, quiet: bool, as_json: bool) -> None:
+                 smooth: bool | None, smooth_alpha: float, overwrite: bool, cache, quiet: bool, as_json: bool) -> None:
     """Post-training INT8 quantization of an ONNX model.
 
     The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
@@ -99,7 +102,8 @@ def quantize_cmd(model_path: Path, out: Path, rows, method: str, tuning_samples:
     spec = QuantizeSpec(formats=[fmt], method=method)
     smoothed = fmt in spec.smoothing.formats if smooth is None else smooth
     spec.smoothing = SmoothingSpec(formats=[fmt] if smoothed else [], alpha=smooth_alpha)
-    result = quantize_file(model_path, out, fmt, spec, rows, tuning_samples, progress_for(quiet, as_json), cache)
+    result = quantize_file(model_path, out, fmt, spec, rows, tuning_samples, progress_for(quiet, as_json), cache,
+                           overwrite)
     art = result.artifacts[0]
     finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"quantize {out}: {result.message}", quiet, as_json)
@@ -114,13 +118,14 @@ def quantize_cmd(model_path: Path, out: Path, rows, method: str, tuning_samples:
     "The model folder the graph was exported from (tokenizer, and config.json that the blocks found are checked "
     "against); required.")
 @prune_spec_options
+@overwrite_option
 @output_options
 @cache_options
-def prune_cmd(model_path: Path, out: Path, rows, spec, cache, quiet: bool, as_json: bool) -> None:
+def prune_cmd(model_path: Path, out: Path, rows, spec, overwrite: bool, cache, quiet: bool, as_json: bool) -> None:
     """Shrink an exported BERT by removing FFN neurons and attention heads from the ONNX graph."""
     from pipeline.run.standalone import prune_file
 
-    result = prune_file(model_path, out, spec, rows, progress_for(quiet, as_json), cache)
+    result = prune_file(model_path, out, spec, rows, progress_for(quiet, as_json), cache, overwrite)
     art = result.artifacts[0]
     finish(True, {"out": str(out), "sha256": art.sha256, "size_bytes": art.size_bytes,
                    "options": art.options}, f"prune {out}: {result.message}", quiet, as_json)
@@ -166,14 +171,15 @@ def prune_cmd(model_path: Path, out: Path, rows, spec, cache, quiet: bool, as_js
               help="Default: the reference model head's task.")
 @encoding_option
 @allow_pickle_option
+@overwrite_option
 @cache_options
 @output_options
 def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_column: str,
                 text_pair_column: str | None, label_column: str | None, epochs: int, max_steps: int | None,
                 learning_rate: float, batch_size: int, temperature: float, label_weight: float, hidden_weight: float,
                 dropout: bool, samples: int, tuning_samples: int, eval_every: int, patience: int, max_length: int,
-                seed: int, task: str | None, encoding: str | None, allow_pickle: bool, cache, quiet: bool,
-                as_json: bool) -> None:
+                seed: int, task: str | None, encoding: str | None, allow_pickle: bool, overwrite: bool, cache,
+                quiet: bool, as_json: bool) -> None:
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
     from calibration.sampling import Columns
@@ -190,7 +196,7 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
                        eval_every=eval_every, patience=patience, seed=seed)
     training = TrainingData(data, Columns(text_column, text_pair_column, label_column), samples, encoding)
     # As a run's recover stage: the same call, through the same stage cache.
-    result = one_stage("recover", out, cache, recover_stage.run, reference, input_artifact(pruned_path), training, OUT,
+    result = one_stage("recover", out, overwrite, cache, recover_stage.run, reference, input_artifact(pruned_path), training, OUT,
                        spec, max_length, task, schema_default("export.opset"), (),
                        progress=progress_for(quiet, as_json), allow_pickle=allow_pickle)
     finish(result.passed, {"out": str(out), **result.details["recovery"]}, f"recover {out}: {result.message}", quiet,

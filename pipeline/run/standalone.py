@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -17,8 +16,17 @@ from typing import Any, ParamSpec, cast
 
 from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns, Side, disjoint_splits, row_digest
-from pipeline.artifacts import Artifact, StageResult, atomic_file, check_writable_parent
-from pipeline.errors import ArtifactError, ShipyardError
+from pipeline.artifacts import (
+    Artifact,
+    StageResult,
+    atomic_file,
+    check_output_file,
+    check_writable_parent,
+    made_parents,
+    replace_dir,
+    sha256_file,
+)
+from pipeline.errors import ArtifactError, OutputError, ShipyardError
 from pipeline.graph import model as graph_model
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
@@ -82,23 +90,32 @@ PROBE_TEXTS = [
 ]
 
 
-def one_stage(stage: str, out: Path, cache: StageCache | None, fn: Callable[P, StageResult],
+def one_stage(stage: str, out: Path, overwrite: bool, cache: StageCache | None, fn: Callable[P, StageResult],
               *args: P.args, **kwargs: P.kwargs) -> StageResult:
     """`fn(*args)` as a run calls it, through the stage cache (`CachedStages.call`), writing into a
     private folder beside `out` whose outputs are then moved into place. `OUT` in `args` stands for
-    the stage's output path in that folder, so the key does not depend on where `out` lies."""
+    the stage's output path in that folder, so the key does not depend on where `out` lies.
+
+    One rule for every standalone command, as for `run`'s release folder: an output that exists
+    (`out`, or a file or folder the stage writes beside it) is replaced only with `overwrite`.
+    Missing folders above `out` are created, and removed again if the stage fails."""
     out = Path(out)
-    with tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
+    check_output_file(out, overwrite)
+    with made_parents(out), tempfile.TemporaryDirectory(dir=out.parent, prefix=f".{out.name}.") as tmp:
         work = Path(tmp)
         called = [work / out.name if a is OUT else a for a in args]
         result, _ = CachedStages(cache or StageCache(None), work).call(stage, fn, *called, **kwargs)  # type: ignore[arg-type]
         moved = {path: out.parent / path.relative_to(work)
                  for path in [f for a in result.artifacts for f in a.files()] + result.files}
+        tops = list(dict.fromkeys(path.relative_to(work).parts[0] for path in moved))
+        taken = [out.parent / top for top in tops if (out.parent / top).exists()]
+        if taken and not overwrite:
+            raise OutputError(f"output {taken[0]} already exists (shipyard {stage} writes it beside {out.name}); "
+                              "pass --overwrite or choose another --out")
         # Files and whole folders (recover's model folder) replace what is beside `out`.
-        for top in dict.fromkeys(path.relative_to(work).parts[0] for path in moved):
-            if (work / top).is_dir() and (out.parent / top).is_dir():
-                shutil.rmtree(out.parent / top)
-            os.replace(work / top, out.parent / top)
+        for top in tops:
+            replace_dir(work / top, out.parent / top) if (work / top).is_dir() else os.replace(work / top,
+                                                                                               out.parent / top)
     for artifact in result.artifacts:
         artifact.path = moved[artifact.path]
     result.files = [moved[p] for p in result.files]
@@ -122,11 +139,12 @@ class GateRows:
 
 def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, atol: float,
                      progress: Progress = SILENT, allow_pickle: bool = False,
-                     cache: StageCache | None = None, gate_rows: GateRows | None = None) -> StageResult:
+                     cache: StageCache | None = None, gate_rows: GateRows | None = None,
+                     overwrite: bool = False) -> StageResult:
     """Export for `task` (default: the model head's task) and gate the outputs on `gate_rows`
     (seeded, tokenized and batched as a run's evaluation rows) or, without them, on probe sentences."""
     info = inspect_model(model_dir, task, allow_pickle)
-    check_writable_parent(out)
+    check_output_file(out, overwrite)
     if gate_rows is None:
         encoder = Encoder(load_tokenizer(model_dir), Columns(), max_length=128, padding="longest")
         rows = [{"text": t} for t in PROBE_TEXTS]
@@ -140,7 +158,7 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
                           schema_default("data.padding"), info.task_name)
         batches = list(encoder.batches(drawn, schema_default("data.batch_size")))
     with progress.task("export (Optimum) + check vs PyTorch"):
-        return one_stage("export", out, cache, export.run, model_dir, OUT, ExportSpec(opset=opset, atol=atol), batches,
+        return one_stage("export", out, overwrite, cache, export.run, model_dir, OUT, ExportSpec(opset=opset, atol=atol), batches,
                          TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle), info.task())
 
 
@@ -188,11 +206,12 @@ class CalibrationRows:
 
 
 def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, rows: CalibrationRows,
-                  tuning_samples: int, progress: Progress = SILENT, cache: StageCache | None = None) -> StageResult:
+                  tuning_samples: int, progress: Progress = SILENT, cache: StageCache | None = None,
+                  overwrite: bool = False) -> StageResult:
     """`spec` (from the CLI's options) for format `fmt`, calibrated on `rows` and `tuning_samples`
     rows after them (0: no float fallback to choose)."""
     check_onnx_file(model_path)
-    check_writable_parent(out)
+    check_output_file(out, overwrite)
     if rows.data is None or rows.model_dir is None:
         raise ShipyardError(
             "quantize needs --calibration DATA and --tokenizer DIR (activation scales and the "
@@ -204,7 +223,7 @@ def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, spec: QuantizeS
     if not tuning:  # --tuning-samples 0 quantizes every node, as its help says: no fallback to choose
         spec = spec.model_copy(update={"fallback": FallbackSpec(max_nodes=0)})
     with progress.task(f"quantize INT8 ({fmt})"):
-        return one_stage(f"quantize[{fmt}]", out, cache, quantize.run, input_artifact(model_path), spec, fmt, OUT,
+        return one_stage(f"quantize[{fmt}]", out, overwrite, cache, quantize.run, input_artifact(model_path), spec, fmt, OUT,
                          batches, tuning, task, used)
 
 
@@ -216,10 +235,10 @@ def input_artifact(path: Path) -> Artifact:
 
 
 def prune_file(model_path: Path, out: Path, spec: PruneSpec, rows: CalibrationRows, progress: Progress = SILENT,
-               cache: StageCache | None = None) -> StageResult:
+               cache: StageCache | None = None, overwrite: bool = False) -> StageResult:
     """`spec` (from the CLI's options) on the graph at `model_path`, scored on `rows`."""
     check_onnx_file(model_path)
-    check_writable_parent(out)
+    check_output_file(out, overwrite)
     batches: list[Batch] = []
     used: list[str] = []
     scored = spec.ffn_fraction > 0 or spec.heads_per_layer > 0
@@ -235,7 +254,7 @@ def prune_file(model_path: Path, out: Path, spec: PruneSpec, rows: CalibrationRo
         batches, _, used = calibration_batches(rows.data, rows.model_dir, rows.columns, rows.samples, 0,
                                                rows.max_length, encoding=rows.encoding)
     with progress.task("prune (FFN neurons, attention heads)"):
-        return one_stage("prune", out, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, used)
+        return one_stage("prune", out, overwrite, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, used)
 
 
 def artifact_kind(path: Path) -> tuple[Precision, str, bool]:
@@ -258,13 +277,23 @@ def artifact_kind(path: Path) -> tuple[Precision, str, bool]:
 
 
 def _engine_record(engine: Path) -> dict:
+    """The build record `shipyard build` wrote beside `engine`, checked to describe these bytes."""
     sidecar = Path(f"{engine}.json")
     if not Path(engine).is_file():
         raise ArtifactError(f"engine {engine} not found; build it with shipyard build")
     if not sidecar.is_file():
         raise ArtifactError(f"engine {engine} has no build record {sidecar.name}; build it with shipyard build, "
                             "which writes one")
-    return json.loads(sidecar.read_text())
+    try:
+        record = json.loads(sidecar.read_text())
+        precision, sha = record["precision"], record["sha256"]
+    except (ValueError, KeyError, TypeError):  # not JSON, or not the record shipyard build writes
+        raise ArtifactError(f"engine build record {sidecar} is not one shipyard build wrote (no precision and "
+                            "sha256); build the engine again") from None
+    if precision not in ("fp32", "fp16", "int8") or sha256_file(engine) != sha:
+        raise ArtifactError(f"engine {engine} is not the one its build record {sidecar.name} describes (sha256 "
+                            "or precision differs); build it again with shipyard build")
+    return record
 
 
 DEFAULT_PROFILE = ProfileSpec(batch=Range(min=1, opt=8, max=32), sequence=Range(min=1, opt=128, max=512))
@@ -282,23 +311,28 @@ def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path) -> Tar
     return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE])
 
 
-def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None = None):
+def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None = None,
+               overwrite: bool = False):
     """Build one engine; returns (record, None), or (None, readiness report) when the graph is not ready.
 
-    Bad input and a machine that cannot build raise `ShipyardError` before any work."""
+    Bad input and a machine that cannot build raise `ShipyardError` before any work. The engine
+    and its build record `OUT.json` follow `one_stage`'s rule for existing outputs and new folders."""
     check_onnx_file(model_path)
-    check_writable_parent(out)
+    sidecar = Path(f"{out}.json")
+    check_output_file(out, overwrite)
+    check_output_file(sidecar, overwrite)
     target = _resolve_target(target_ref, recipe_file, model_path)
     env = build.build_environment()
     build.check_target_arch(target, env)
     readiness = check_model_file(model_path, target.tensorrt, target.profiles)
     if not readiness:
         return None, readiness
-    record = build.build_engine(build.plan_build(target, model_path), out, env)
-    precision, kind, from_pruned = artifact_kind(model_path)
-    write_json(Path(f"{out}.json"), {**vars(record), "precision": precision, "kind": kind, "pruned": from_pruned,
-                                     "target": json.loads(target.model_dump_json()),
-                                     "readiness": readiness.to_dict()})
+    with made_parents(out):
+        record = build.build_engine(build.plan_build(target, model_path), out, env)
+        precision, kind, from_pruned = artifact_kind(model_path)
+        with atomic_file(sidecar) as tmp:
+            write_json(tmp, {**vars(record), "precision": precision, "kind": kind, "pruned": from_pruned,
+                             "target": json.loads(target.model_dump_json()), "readiness": readiness.to_dict()})
     return record, None
 
 
@@ -364,6 +398,9 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     target = Artifact(name=Path(artifact).stem, path=artifact, format="onnx" if trust is None else "tensorrt-engine",
                       precision=precision, stage="input", kind=kind, from_pruned=from_pruned,
                       options={} if trust is None else {"version_compatible": trust.host_code})
+    if trust is not None and trust.record is not None and target.sha256 != trust.record.sha256:
+        raise ArtifactError(f"engine {artifact} changed after its release was verified (sha256 differs from the "
+                            "manifest's); not deserialized: restore the release (shipyard verify) or build it again")
     with tempfile.TemporaryDirectory() as work:
         sources = None if source is None else gating.source_outputs(input_artifact(source), cache, progress)
         _, report, step = gating.validate(target, CachedStages(cache, Path(work)),
