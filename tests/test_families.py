@@ -112,3 +112,55 @@ def test_pruning_plan_applies_to_each_familys_pytorch_model(family, family_model
             accepts = set(model.forward.__code__.co_varnames)
             got = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}).logits.numpy()
         assert np.abs(OrtRunner(ours).infer(batch)["logits"] - got).max() <= 1e-4
+
+
+@pytest.mark.parametrize("family", PRUNABLE)
+def test_each_family_prunes_recovers_and_reloads_with_transformers(family, family_models, tiny_holdout_small,
+                                                                     tmp_path):
+    """Heads and FFN neurons pruned, then recovered: the recovered folder loads with
+    `from_pretrained` (its config names the pruned sizes under the family's own keys, which
+    DistilBERT calls n_heads and hidden_dim) and is the pruned graph's function (a learning rate
+    too small to move it, so the two must agree)."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    folder, exported = family_models[family]
+    pruned, recovered = tmp_path / "pruned.onnx", tmp_path / "new" / "recovered.onnx"
+    result = invoke("prune", "--model", exported, "--out", pruned, "--calibration", tiny_holdout_small,
+                    "--tokenizer", folder, "--ffn", "0.25", "--samples", "32", "--max-length", "48", "--quiet",
+                    "--prune-heads", json.dumps({str(k): v for k, v in HEADS.items()}))
+    assert result.exit_code == 0, result.output
+    config = json.loads((tmp_path / "pruned.config.json").read_text())
+    assert config["shipyard_pruning"]["num_attention_heads_per_layer"] == [4 - len(HEADS[0]), 4 - len(HEADS[1])]
+    assert config["shipyard_pruning"]["intermediate_sizes"] == [96, 96]
+    result = invoke("recover", "--reference", folder, "--pruned", pruned, "--data", tiny_holdout_small,
+                    "--label-column", "sentiment", "--samples", "64", "--tuning-samples", "16", "--max-steps", "2",
+                    "--learning-rate", "1e-12", "--max-length", "48", "--out", recovered, "--no-cache", "--quiet")
+    assert result.exit_code == 0, result.output
+    model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "new" / "recovered.model")).eval()
+    ffn = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
+           and name.endswith(("intermediate.dense", "ffn.lin1"))]
+    assert [m.out_features for m in ffn] == [96, 96]
+    for batch in _token_batches(folder):
+        with torch.inference_mode():
+            accepts = set(model.forward.__code__.co_varnames)
+            got = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}).logits.numpy()
+        assert np.abs(OrtRunner(pruned).infer(batch)["logits"] - got).max() <= 1e-4
+
+
+def test_the_family_table_names_each_config_class_s_own_keys():
+    """`pipeline.families` against transformers: each size is stored under the key the family's
+    config class reads (its `attribute_map`, and for the FFN width an attribute of its own)."""
+    from transformers import CONFIG_MAPPING
+
+    from pipeline.families import FAMILIES as TABLE
+    from pipeline.families import SIZE_NAMES
+
+    assert set(TABLE) == set(FAMILIES)  # the families the tests make are the ones the table knows
+    for model_type, family in TABLE.items():
+        config_class = CONFIG_MAPPING[model_type]
+        stored = config_class().to_dict()
+        for name in SIZE_NAMES:
+            key = family.key(name)
+            assert key in stored, (model_type, name, key)
+            assert config_class.attribute_map.get(name, key) == key, (model_type, name, config_class.attribute_map)

@@ -9,6 +9,7 @@ refused with one line.
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 from conftest import invoke, merged, write_recipe
@@ -351,20 +352,43 @@ def test_recover_honours_allow_pickle(tiny, tiny_holdout_small, heavy, model_cop
     assert (tmp_path / "r.onnx").is_file()
 
 
-def test_a_row_whose_label_is_unknown_leaves_only_itself_out_of_the_label_loss():
-    """One training row with a label the model has no id for must not cost its batch the label
-    term: the loss is the distillation term over all rows plus cross-entropy over the known ones."""
-    import numpy as np
-    import torch
-    import torch.nn.functional as F
+def test_labels_given_as_class_ids_train_as_names_do(tiny, tiny_holdout_small, heavy, tmp_path):
+    """One label mapping for gates and recovery: a training file whose labels are class ids
+    (0/1/2, the usual export of a labelled dataset) gives the label term names give, and that
+    term is really in the loss (without labels the first loss differs); an unknown label is
+    refused in one line naming it and the column, before any training, with nothing written."""
+    import csv
 
-    from pipeline.stages.prune.recover import IGNORED_LABEL, distillation_loss
+    _, pruned = heavy
+    label2id = json.loads((tiny.model / "config.json").read_text())["label2id"]
+    with tiny_holdout_small.open(encoding="utf-8") as f:
+        rows = list(csv.DictReader(f))
 
-    torch.manual_seed(0)
-    student, teacher = {"logits": torch.randn(3, 4)}, {"logits": torch.randn(3, 4)}
-    batch = {"attention_mask": np.ones((3, 5), dtype=np.int64)}
-    labels = torch.tensor([2, IGNORED_LABEL, 1])
-    got = distillation_loss(student, teacher, batch, "text-classification", 2.0, labels, 0.5)
-    kl = distillation_loss(student, teacher, batch, "text-classification", 2.0, None, 0.0)
-    known = F.cross_entropy(student["logits"][[0, 2]], torch.tensor([2, 1]))
-    assert torch.isclose(got, 0.5 * kl + 0.5 * known)
+    def data(name: str, relabel) -> Path:
+        path = tmp_path / name
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["tweet", "mood"])
+            writer.writeheader()
+            writer.writerows({"tweet": r["text"], "mood": relabel(r["sentiment"])} for r in rows)
+        return path
+
+    def recover(path: Path, *labels: str):
+        out = tmp_path / f"{path.stem}-{len(labels)}" / "r.onnx"
+        return out, invoke("recover", "--reference", tiny.model, "--pruned", pruned, "--data", path, "--text-column",
+                           "tweet", *labels, "--samples", "64", "--tuning-samples", "16", "--max-steps", "2",
+                           "--label-weight", "0.5", "--max-length", "32", "--no-cache", "--json", "--out", out)
+
+    names, ids = data("names.csv", str), data("ids.csv", lambda name: label2id[name])
+    losses = {}
+    for path, labels in ((names, ("--label-column", "mood")), (ids, ("--label-column", "mood")), (names, ())):
+        _, result = recover(path, *labels)
+        assert result.exit_code == 0, result.output
+        losses[(path.name, bool(labels))] = json.loads(result.output)["curve"]
+    assert losses[("ids.csv", True)] == losses[("names.csv", True)]
+    assert losses[("names.csv", True)][1]["loss"] != losses[("names.csv", False)][1]["loss"]
+
+    typo = data("typo.csv", lambda name: "neutrall" if name == "neutral" else name)
+    out, result = recover(typo, "--label-column", "mood")
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "'neutrall'" in result.output and "'mood'" in result.output and len(result.output.strip().splitlines()) == 1
+    assert not out.parent.exists()  # the folder the command made for --out is gone again

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import onnx_ir as ir
 
+from pipeline.families import config_size
 from pipeline.graph.model import constant, set_weight
 
 # Elementwise ops of the activations exporters emit: erf GELU, tanh GELU, the Gelu op, ReLU.
@@ -268,12 +269,9 @@ def _walk_down_to_output(g: Graph, tensor: ir.Value) -> tuple[ir.Node, ir.Node] 
 
 
 def config_sizes(config: dict) -> dict[str, int]:
-    """Layers, heads, hidden and FFN sizes from a HF config, whatever the family calls them."""
-    def pick(*keys: str) -> int:
-        return next((int(config[k]) for k in keys if k in config), 0)
-
-    return {"layers": pick("num_hidden_layers", "n_layers"), "heads": pick("num_attention_heads", "n_heads"),
-            "hidden": pick("hidden_size", "dim"), "intermediate": pick("intermediate_size", "hidden_dim")}
+    """Layers, heads, hidden and FFN sizes from a HF config, under the family's own keys."""
+    return {"layers": config_size(config, "num_hidden_layers"), "heads": config_size(config, "num_attention_heads"),
+            "hidden": config_size(config, "hidden_size"), "intermediate": config_size(config, "intermediate_size")}
 
 
 def check_blocks(g: Graph, ffn: list[FfnBlock], attention: list[AttentionBlock], config: dict) -> list[str]:

@@ -9,11 +9,12 @@ from typing import Any
 
 from calibration.encode import TOKENIZER_FILES
 from pipeline.errors import ModelError
+from pipeline.families import FAMILIES, family_of
 from pipeline.parity.tasks import Pooling, Task, resolve_task
 
 # Encoder-only models with BERT's embedding/attention/FFN layout, which Optimum exports for
 # sequence classification and ONNX Runtime's transformer optimizer fuses as model_type="bert".
-BERT_FAMILY = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
+BERT_FAMILY = tuple(FAMILIES)
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # Pickle checkpoints can run code when unpickled: refused unless the user allows them, and then
 # loaded by transformers with torch.load(weights_only=True).
@@ -56,8 +57,7 @@ def _check_safetensors(folder: Path) -> None:
 def max_positions(info: ModelInfo) -> int:
     """The longest input the model's position embeddings allow (RoBERTa-style models reserve the
     first two positions for padding)."""
-    total = int(info.config.get("max_position_embeddings", 512))
-    return total - 2 if info.model_type in ("roberta", "xlm-roberta", "camembert") else total
+    return int(info.config.get("max_position_embeddings", 512)) - family_of(info.config).reserved_positions
 
 
 def check_max_length(info: ModelInfo, max_length: int, where: str) -> None:

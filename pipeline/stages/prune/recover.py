@@ -6,7 +6,9 @@ which is checked to be the same function as the pruned ONNX before any training 
 
 - classification and token classification: temperature-scaled KL divergence on the logits (over
   non-padding tokens for token classification), plus cross-entropy on gold labels for text
-  classification when the data has them;
+  classification when the data has them (names or class ids, mapped by `calibration.encode.label_ids`
+  as the gates map them; a label the model does not know is refused before training, as the
+  gates refuse it: a typo in a class name would otherwise train on nothing, silently);
 - question answering: the same KL on start and end logits;
 - feature extraction: 1 - cosine similarity of each non-padding token's hidden state;
 - optionally (`hidden_weight`), intermediate-layer matching: every layer's hidden state against
@@ -46,7 +48,7 @@ from typing import Any
 
 import numpy as np
 
-from calibration.encode import Encoder, load_tokenizer
+from calibration.encode import Encoder, label_ids, load_tokenizer
 from calibration.sampling import Columns, row_digest
 from pipeline.artifacts import (
     Artifact,
@@ -56,6 +58,7 @@ from pipeline.artifacts import (
     sha256_file,
 )
 from pipeline.errors import ArtifactError, ShipyardError
+from pipeline.families import family_of
 from pipeline.graph import model as graph_model
 from pipeline.graph.proof import prove_runs
 from pipeline.inputs import data as datamod
@@ -120,8 +123,6 @@ class RecoverReport:
         return asdict(self)
 
 
-IGNORED_LABEL = -100  # cross_entropy's ignore_index: a training row whose label the model has no id for
-
 def _student_outputs(model, batch, task: str, hidden: bool = False):
     import inspect
 
@@ -167,8 +168,7 @@ def distillation_loss(student: dict, teacher: dict, batch: dict, task: str, temp
     if task == "text-classification":
         loss = kl(student["logits"], teacher["logits"])
         if labels is not None and label_weight > 0:
-            loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(student["logits"], labels,
-                                                                                ignore_index=IGNORED_LABEL)
+            loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(student["logits"], labels)
         return loss
     if task == "token-classification":
         return kl(student["logits"], teacher["logits"], mask)
@@ -245,8 +245,9 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
     training, tuning = _split_rows(data, spec.tuning_samples, spec.seed)
     encoder = Encoder(tokenizer, columns, max_length, "longest", task.name)
     tuning_batches = list(encoder.batches(encoder.by_length(tuning), 32))
-    labelled = task.name == "text-classification" and columns.label is not None
-    label2id = info.label2id
+    # Every training row's class id, before any work: the mapping and refusal the gates use.
+    training_labels = (label_ids(training, columns.label, info.label2id, data.path)
+                       if task.name == "text-classification" and columns.label is not None else None)
 
     torch.manual_seed(spec.seed)
     auto = getattr(transformers, AUTO_CLASSES[task.name])
@@ -294,17 +295,13 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
             for start in range(0, len(order), spec.batch_size):
                 if step >= total:
                     break
-                rows = [training[i] for i in order[start:start + spec.batch_size]]
+                chosen = order[start:start + spec.batch_size]
+                rows = [training[i] for i in chosen]
                 batch = encoder.encode(rows)
                 hidden = spec.hidden_weight > 0
                 with torch.no_grad():
                     target = _student_outputs(teacher, batch, task.name, hidden)
-                labels = None
-                if labelled:
-                    # A row whose label the model does not know is left out of the label term
-                    # (ignore_index), not its whole batch.
-                    ids = [label2id.get(str(r.get(columns.label)), IGNORED_LABEL) for r in rows]
-                    labels = torch.tensor(ids) if any(i != IGNORED_LABEL for i in ids) else None
+                labels = None if training_labels is None else torch.from_numpy(training_labels[chosen])
                 outputs = _student_outputs(student, batch, task.name, hidden)
                 loss = distillation_loss(outputs, target, batch, task.name, spec.temperature, labels, spec.label_weight)
                 if hidden:
@@ -364,7 +361,8 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
     folder = Path(out).with_suffix(".model")
     with tempfile.TemporaryDirectory(dir=Path(out).parent, prefix=f".{Path(out).name}.") as tmp:
         model_dir = Path(tmp) / "model"
-        student.config.intermediate_size = len(plan.layers[0].ffn_keep)
+        # The family's own key: DistilBERT's FFN width is hidden_dim, and BERT's name would be ignored.
+        setattr(student.config, family_of(student.config.to_dict()).key("intermediate_size"), len(plan.layers[0].ffn_keep))
         student.save_pretrained(str(model_dir), safe_serialization=True)
         tokenizer.save_pretrained(str(model_dir))
         (model_dir / "shipyard_recovery.json").write_text(json.dumps(report.to_dict(), indent=1) + "\n")

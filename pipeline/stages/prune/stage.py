@@ -19,6 +19,7 @@ import numpy as np
 import onnx_ir as ir
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
+from pipeline.families import config_size, family_of
 from pipeline.graph import model as graph_model
 from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph, check_blocks, find_attention_blocks, find_ffn_blocks
 from pipeline.graph.model import drop_shape_annotations
@@ -65,17 +66,17 @@ def blocks_of(model: ir.Model, source: Path,
 
 def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
                   heads_remove: dict[int, list[int]], sparse: list[str]) -> dict[str, Any]:
-    """config.json for the pruned model: HF's `pruned_heads`, and the per-layer sizes."""
+    """config.json for the pruned model: HF's `pruned_heads`, and the per-layer sizes (read and
+    written under the family's own keys, `pipeline.families`)."""
     out = dict(config)
     sizes = sorted({len(k) for k in ffn_keep.values()})
     if len(sizes) == 1:
-        out["intermediate_size"] = sizes[0]
+        out[family_of(config).key("intermediate_size")] = sizes[0]
     out["pruned_heads"] = {str(layer): heads for layer, heads in heads_remove.items()}
+    heads = config_size(config, "num_attention_heads")
     out["shipyard_pruning"] = {
         "intermediate_sizes": [len(ffn_keep[layer]) for layer in sorted(ffn_keep)],
-        "num_attention_heads_per_layer": [
-            config.get("num_attention_heads", 0) - len(heads_remove.get(layer, [])) for layer in sorted(ffn_keep)
-        ],
+        "num_attention_heads_per_layer": [heads - len(heads_remove.get(layer, [])) for layer in sorted(ffn_keep)],
         "sparse_24_weights": sparse,
     }
     return out
