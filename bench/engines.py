@@ -18,11 +18,11 @@ GPU by the project yet, so docs/benchmarks.md's engine table waits for the first
 from __future__ import annotations
 
 import argparse
-import json
 import statistics
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
@@ -67,21 +67,21 @@ class CudaTorchRunner:
         return {name: getattr(out, name).float().cpu().numpy() for name in OUTPUTS[self.task]}
 
 
-def engines_in(folders: list[Path]) -> list[tuple[str, Path, int]]:
+def engines_in(folders: list[Path]) -> tuple[list[tuple[str, Path, int, str]], Any]:
     """The engines the release folders list, each folder verified first (every file's sha256, no
     path that is absolute or leaves the folder): an engine is code, and only a listed one runs."""
-    from pipeline.release.signing import verify_folder
+    from pipeline.release.signing import read_verified
 
-    found = []
+    found, manifests = [], []
     for folder in folders:
-        problems = verify_folder(folder)
-        if problems:
-            raise SystemExit(f"{folder} does not verify ({problems[0]}); not running its engines")
-        manifest = json.loads((folder / "manifest.json").read_text())
-        for art in manifest["artifacts"]:
-            if art["format"] == "tensorrt-engine":
-                found.append((art["name"], folder / art["path"], art["size_bytes"]))
-    return found
+        verified = read_verified(folder)
+        manifests.append(verified.manifest)
+        if verified.problems:
+            raise SystemExit(f"{folder} does not verify ({verified.problems[0]}); not running its engines")
+        for art in verified.manifest.artifacts:  # the manifest that was verified, not read again
+            if art.format == "tensorrt-engine":
+                found.append((art.name, folder / art.path, art.size_bytes, art.sha256))
+    return found, manifests[0]
 
 
 def median_ms(call, repeats: int = 30) -> float:
@@ -104,12 +104,11 @@ def main() -> None:
         env = build_environment()
     except ShipyardError as missing:
         sys.exit(f"bench/engines.py: {missing}")
-    engines = engines_in(args.folders)
+    engines, manifest = engines_in(args.folders)
     if not engines:
         sys.exit(f"no TensorRT engines in {', '.join(map(str, args.folders))}; build them with shipyard engines")
 
-    manifest = json.loads((args.folders[0] / "manifest.json").read_text())
-    recipe = Recipe.model_validate(manifest["recipe"])
+    recipe = Recipe.model_validate(manifest.recipe)  # the first folder's manifest, as verified
     info = inspect_model(recipe.model.path, recipe.model.task)
     task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
     tokenizer = load_tokenizer(recipe.model.path, task.name)
@@ -142,9 +141,10 @@ def main() -> None:
         accuracy = float("nan")
     print(f"{'PyTorch FP32 (GPU)':40s} {'-':>6s} {'':>5s} {'':>8s} {'':>5s} {'':>5s} {'':>9s} {'':>5s} "
           f"{accuracy:8.4f} {1.0:6.4f}")
-    for name, path, size in engines:
-        # Host code only for what the verified release records as built version-compatible.
-        runner = TrtRunner(path, engine_trust(path).host_code)
+    for name, path, size, sha256 in engines:
+        # Host code only for what the verified release records as built version-compatible, and
+        # only the bytes with the verified sha256 are deserialized.
+        runner = TrtRunner(path, engine_trust(path).host_code, sha256)
         outputs = collect(runner, evaluation.batches, task)
         agreement = task.agreement_rate(reference, outputs, evaluation.batches)
         accuracy = (float((task.predictions(outputs, evaluation.batches) == evaluation.labels).mean())

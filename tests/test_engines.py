@@ -27,6 +27,7 @@ from pipeline.parity.runners import (
     ProfileRange,
     TrtRunner,
     describe_engine,
+    engine_bytes,
     pad_batch,
     plan_chunks,
     trim_output,
@@ -384,9 +385,10 @@ def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tiny, 
 
     host_code = []
 
-    def ort_for(path, host_code_allowed=False):
+    def ort_for(path, host_code_allowed=False, sha256=None):
+        """As TrtRunner reads an engine: once, checked against the hash it was given, then those bytes run."""
         host_code.append(host_code_allowed)
-        return OrtRunner(path)
+        return OrtOnBytes(engine_bytes(path, sha256))
 
     monkeypatch.setattr(validate, "runner_for", ort_for)
     out = tmp_path / "engines" / "a100-int8"
@@ -412,7 +414,60 @@ def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tiny, 
     alone = CliRunner().invoke(cli, ["collect", str(out), "--out", str(tmp_path / "x")])
     assert alone.exit_code == 2 and "which is not among the folders given" in alone.output
     assert host_code == [False]  # built here, but not version-compatible: no host code needed
+    check_a_swapped_engine_never_runs(merged, tiny.model, tiny_holdout_small, monkeypatch)
     check_engine_trust(merged, tiny.model, tiny_holdout_small, tmp_path, host_code)
+
+
+class OrtOnBytes(OrtRunner):
+    """ONNX Runtime on the bytes given, as the engine runner deserializes the bytes it checked."""
+
+    def __init__(self, plan: bytes) -> None:
+        super().__init__(Path("engine-bytes"))
+        self._plan = plan
+
+    def _load(self):
+        if self._session is None:
+            import onnxruntime as ort
+
+            self._session = ort.InferenceSession(self._plan, providers=["CPUExecutionProvider"])
+        return self._session
+
+
+def check_a_swapped_engine_never_runs(merged: Path, model: Path, holdout: Path, monkeypatch) -> None:
+    """An engine file replaced after its release was verified, or after it was hashed for the
+    gate, is refused (exit 2), not run: another valid graph would otherwise be gated and trusted."""
+    from pipeline.release import signing
+    from pipeline.run import gating, standalone
+
+    engine = merged / "engines" / "a100-int8.engine"
+    verified, other = engine.read_bytes(), (merged / "model.onnx").read_bytes()
+    args = ["validate", "--reference", str(model), "--artifact", str(engine), "--data", str(holdout), "--samples",
+            "64", "--max-length", "32", "--min-agreement", "0", "--no-cache"]
+    assert signing.verify_folder(merged) == []
+    assert CliRunner().invoke(cli, args).exit_code == 0
+
+    def trust_then_swap(path, public_key=None):
+        trust = signing.engine_trust(path, public_key)
+        engine.write_bytes(other)
+        return trust
+
+    with monkeypatch.context() as patch:
+        patch.setattr(standalone, "engine_trust", trust_then_swap)
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "changed after its release was verified" in result.output, result.output
+    engine.write_bytes(verified)
+
+    real_validate = gating.Gating.validate
+
+    def swap_then_validate(self, *args, **kwargs):
+        engine.write_bytes(other)
+        return real_validate(self, *args, **kwargs)
+
+    with monkeypatch.context() as patch:
+        patch.setattr(gating.Gating, "validate", swap_then_validate)
+        result = CliRunner().invoke(cli, args)
+    assert result.exit_code == 2 and "changed after it was hashed" in result.output, result.output
+    engine.write_bytes(verified)
 
 
 def check_engine_trust(merged: Path, model: Path, holdout: Path, tmp_path: Path, host_code: list) -> None:
@@ -455,7 +510,10 @@ def check_engine_trust(merged: Path, model: Path, holdout: Path, tmp_path: Path,
     assert not trust.host_code and "does not verify" in trust.reason and "engines/a100-int8.engine" in trust.reason
 
     # shipyard validate on an engine no release records says it ran it without host code.
-    (tmp_path / "loose.engine.json").write_text(json.dumps({"precision": "int8", "kind": "int8"}))
+    from pipeline.artifacts import sha256_file
+
+    (tmp_path / "loose.engine.json").write_text(json.dumps({"precision": "int8", "kind": "int8",
+                                                            "sha256": sha256_file(loose)}))
     result = CliRunner().invoke(cli, ["validate", "--reference", str(model), "--artifact", str(loose),
                                       "--data", str(holdout), "--samples", "64", "--max-length", "32",
                                       "--min-agreement", "0", "--no-cache"])

@@ -223,11 +223,14 @@ class TrtRunner:
     a CUDA stream of its own (TensorRT warns about, and synchronises on, the default stream).
     """
 
-    def __init__(self, engine_path: Path, host_code: bool = False) -> None:
+    def __init__(self, engine_path: Path, host_code: bool = False, sha256: str | None = None) -> None:
         self.path = Path(engine_path)
         # Host code runs code the engine carries: only for an engine its caller vouches for
         # (built version-compatible in this process, or so recorded by a verified release).
         self.host_code = host_code
+        # The hash the caller checked (a verified manifest's, a build record's): the bytes read to
+        # deserialize must have it, so a file swapped after it was hashed never runs.
+        self.sha256 = sha256
         # TensorRT's and torch's objects, made on first use (`_load`); untyped: tensorrt ships no stubs.
         self._engine: Any = None
         self._context: Any = None
@@ -239,15 +242,14 @@ class TrtRunner:
         if self._engine is None:
             from pipeline.trt.host import build_environment
 
+            plan = engine_bytes(self.path, self.sha256)  # first: a swapped file is refused on any host
             build_environment()  # one-line error when TensorRT or the GPU is missing
             import tensorrt as trt
             import torch
 
-            if not self.path.is_file():
-                raise ArtifactError(f"engine {self.path} not found; build it with shipyard build")
             runtime = trt.Runtime(trt.Logger(trt.Logger.WARNING))
             runtime.engine_host_code_allowed = self.host_code
-            engine = runtime.deserialize_cuda_engine(self.path.read_bytes())
+            engine = runtime.deserialize_cuda_engine(plan)
             if engine is None:
                 hint = "" if self.host_code else (
                     " (a version-compatible engine needs host code, allowed only for one its verified release "
@@ -308,6 +310,21 @@ class TrtRunner:
         return {name: value.float().cpu().numpy() for name, value in outputs.items()}
 
 
-def runner_for(path: Path, host_code: bool = False):
-    """The runner for an artifact file: TensorRT for engines, ONNX Runtime for ONNX."""
-    return TrtRunner(path, host_code) if Path(path).suffix in ENGINE_SUFFIXES else OrtRunner(path)
+def engine_bytes(path: Path, sha256: str | None) -> bytes:
+    """An engine file's bytes, read once and checked against `sha256` (when given): the bytes
+    that were hashed are the bytes that are deserialized."""
+    import hashlib
+
+    if not Path(path).is_file():
+        raise ArtifactError(f"engine {path} not found; build it with shipyard build")
+    plan = Path(path).read_bytes()
+    if sha256 is not None and hashlib.sha256(plan).hexdigest() != sha256:
+        raise ArtifactError(f"engine {path} changed after it was hashed and checked (sha256 is no longer "
+                            f"{sha256[:12]}); not deserialized: restore the release or build it again")
+    return plan
+
+
+def runner_for(path: Path, host_code: bool = False, sha256: str | None = None):
+    """The runner for an artifact file: TensorRT for engines (their bytes checked against `sha256`),
+    ONNX Runtime for ONNX."""
+    return TrtRunner(path, host_code, sha256) if Path(path).suffix in ENGINE_SUFFIXES else OrtRunner(path)

@@ -26,7 +26,7 @@ from pipeline.errors import ShipyardError
 from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS
 from pipeline.recipe import Recipe
 from pipeline.release.manifest import ArtifactRecord, Manifest, TargetRecord
-from pipeline.release.signing import verify_folder, write_release
+from pipeline.release.signing import VerifiedRelease, read_verified, write_release
 
 GENERATED = ("manifest.json", "manifest.json.sig", "report.md", "junit.xml")  # made anew for the merge
 
@@ -71,20 +71,24 @@ def github_matrix(jobs: list[dict[str, Any]]) -> str:
     return json.dumps({"include": jobs}, separators=(",", ":"))
 
 
-def _load(folder: Path) -> Manifest:
+def _verified(folder: Path) -> VerifiedRelease:
+    """A folder to merge, verified once (`read_verified`): what collect reads of it is the manifest
+    it verified, and what it copies is checked against that manifest again."""
     path = Path(folder) / "manifest.json"
     if not path.is_file():
         raise ShipyardError(f"{folder}: no manifest.json; pass release folders written by shipyard run")
-    try:
-        return Manifest.model_validate_json(path.read_text())
-    except ValueError:
-        raise ShipyardError(f"{path}: not a Shipyard manifest (schema recipes/manifest.schema.json)") from None
+    verified = read_verified(folder)
+    if verified.manifest is None:
+        raise ShipyardError(f"{path}: not a Shipyard manifest (schema recipes/manifest.schema.json)")
+    if verified.problems:
+        raise ShipyardError(f"{folder}: {verified.problems[0]}; the folder changed after shipyard run wrote it")
+    return verified
 
 
-def _check_engine_folders(folders: list[Path], manifests: list[Manifest]) -> None:
+def _check_engine_folders(folders: list[Path], verified: list[VerifiedRelease]) -> None:
     """Engine folders (`shipyard engines`) merge only with the release they were built from."""
-    releases = {sha256_file(Path(f) / "manifest.json"): f for f, m in zip(folders, manifests, strict=True) if m.release is None}
-    for folder, manifest in zip(folders, manifests, strict=True):
+    releases = {v.manifest_sha256: f for f, v in zip(folders, verified, strict=True) if v.manifest.release is None}
+    for folder, manifest in zip(folders, (v.manifest for v in verified), strict=True):
         if manifest.release is None:
             continue
         if manifest.release["manifest_sha256"] not in releases:
@@ -98,12 +102,9 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
     if not folders:
         raise ShipyardError("collect needs at least one release folder")
     check_output_dir(out, overwrite)
-    manifests = [_load(f) for f in folders]
-    for folder in folders:
-        problems = verify_folder(folder)
-        if problems:
-            raise ShipyardError(f"{folder}: {problems[0]}; the folder changed after shipyard run wrote it")
-    _check_engine_folders(folders, manifests)
+    verified = [_verified(f) for f in folders]
+    manifests: list[Manifest] = [v.manifest for v in verified]
+    _check_engine_folders(folders, verified)
     base = next((i for i, m in enumerate(manifests) if m.release is None), 0)
     first, first_folder = manifests[base], folders[base]
     for folder, manifest in zip(folders, manifests, strict=True):
@@ -156,5 +157,8 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
                 if relative not in GENERATED and not (work / relative).exists():
                     (work / relative).parent.mkdir(parents=True, exist_ok=True)
                     shutil.copy2(Path(folder) / relative, work / relative)
+                    if sha256_file(work / relative) != manifest.files[relative].sha256:
+                        raise ShipyardError(f"{Path(folder) / relative} changed after {folder} was verified "
+                                            "(sha256 differs from its manifest); nothing was written: collect again")
         merged = write_release(merged, work)
     return merged

@@ -78,8 +78,26 @@ def sign_manifest(folder: Path, key_path: Path) -> Path:
     return Path(folder) / SIGNATURE
 
 
+@dataclass(frozen=True)
+class VerifiedRelease:
+    """A release folder as checked once: the manifest parsed from the very bytes whose hash and
+    signature were checked (None when it does not parse), their sha256, and every problem found.
+    Whoever acts on a release reads this record, never manifest.json again."""
+
+    manifest: Any
+    manifest_sha256: str
+    problems: list[str]
+
+
 def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
     """Every problem with a release folder, one line each naming the file; [] when it is intact."""
+    return read_verified(folder, public_key).problems
+
+
+def read_verified(folder: Path, public_key: Path | None = None) -> VerifiedRelease:
+    """Check a release folder (`verify_folder`) and keep the manifest it checked (`VerifiedRelease`)."""
+    import hashlib
+
     from pydantic import ValidationError
 
     from pipeline.parity.runners import check_onnx_file
@@ -90,8 +108,10 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
     if not folder.is_dir():
         raise ShipyardError(f"release folder {folder} not found; pass a folder written by shipyard run")
     if not manifest_path.is_file():
-        return [f"manifest.json: missing; {folder} is not a release folder written by shipyard run"]
+        return VerifiedRelease(None, "", [f"manifest.json: missing; {folder} is not a release folder written by "
+                                          "shipyard run"])
     raw = manifest_path.read_bytes()
+    digest = hashlib.sha256(raw).hexdigest()
     problems = []
     if public_key is not None:
         problems += _check_signature(folder, raw, public_key)
@@ -100,9 +120,10 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
     except ValidationError as err:
         first = err.errors()[0]
         where = ".".join(str(p) for p in first["loc"]) or "manifest"
-        return problems + [f"manifest.json: {where}: {first['msg']} (schema recipes/manifest.schema.json)"]
+        return VerifiedRelease(None, digest, problems + [
+            f"manifest.json: {where}: {first['msg']} (schema recipes/manifest.schema.json)"])
     except ValueError:
-        return problems + ["manifest.json: not valid JSON"]
+        return VerifiedRelease(None, digest, problems + ["manifest.json: not valid JSON"])
     for record in manifest.artifacts:
         path = folder / record.path
         if not _inside(record.path):
@@ -118,7 +139,7 @@ def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
                 check_onnx_file(path)
             except ShipyardError as err:
                 problems.append(f"{record.path}: {err}")
-    return problems + _file_list_problems(folder, manifest)
+    return VerifiedRelease(manifest, digest, problems + _file_list_problems(folder, manifest))
 
 
 def _inside(name: str) -> bool:
@@ -190,7 +211,7 @@ class EngineTrust:
 
     host_code: bool
     reason: str
-    record: Any = None  # the release's ArtifactRecord of the engine
+    record: Any = None  # the verified release's ArtifactRecord of the engine: its sha256 is what may run
 
 
 def engine_trust(engine: Path, public_key: Path | None = None) -> EngineTrust:
@@ -199,16 +220,14 @@ def engine_trust(engine: Path, public_key: Path | None = None) -> EngineTrust:
     It is allowed only when the release folder the engine is in (its folder or up to two above)
     verifies (every listed file's sha256, no unlisted file, and with `public_key` the
     signature), lists the engine with this sha256, and records its build as version-compatible."""
-    from pipeline.release.manifest import Manifest
-
     engine = Path(engine).resolve()
     folder = next((f for f in list(engine.parents)[:3] if (f / "manifest.json").is_file()), None)
     if folder is None:
         return EngineTrust(False, "no release manifest.json records it")
-    problems = verify_folder(folder, public_key)
-    if problems:
-        return EngineTrust(False, f"its release {folder} does not verify ({problems[0]})")
-    manifest = Manifest.model_validate_json((folder / "manifest.json").read_bytes())
+    verified = read_verified(folder, public_key)
+    if verified.problems:
+        return EngineTrust(False, f"its release {folder} does not verify ({verified.problems[0]})")
+    manifest = verified.manifest
     relative = engine.relative_to(folder).as_posix()
     record = next((a for a in manifest.artifacts if a.path == relative), None)
     if record is None:

@@ -23,20 +23,22 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import cast
 
-from pipeline.artifacts import Artifact, atomic_dir, check_output_dir, sha256_file
+from pipeline.artifacts import Artifact, atomic_dir, check_output_dir
 from pipeline.errors import ShipyardError
 from pipeline.names import Precision
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, parse_recipe
+from pipeline.release.fanout import collect
 from pipeline.release.manifest import (
     ArtifactRecord,
     InvocationRecord,
     Manifest,
     StageRecord,
 )
-from pipeline.release.signing import load_signing_key, verify_folder, write_release
+from pipeline.release.signing import load_signing_key, read_verified, write_release
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.context import RunInputs
+from pipeline.run.lock import release_lock
 from pipeline.run.workflow import target_stages
 from pipeline.stages import build
 
@@ -45,23 +47,24 @@ from pipeline.stages import build
 PATH_KEYS = ("model.path", "data.calibration.path", "data.evaluation.path", "data.training.path")
 
 
-def load_release(release: Path, overrides: tuple[str, ...] = ()) -> tuple[Manifest, Recipe]:
-    """The release's manifest and resolved recipe, after checking every file against the manifest."""
+def load_release(release: Path, overrides: tuple[str, ...] = ()) -> tuple[Manifest, str, Recipe]:
+    """The release's manifest (as verified, with the sha256 of its bytes) and resolved recipe, after
+    checking every file against the manifest."""
     release = Path(release)
     path = release / "manifest.json"
     if not path.is_file():
         raise ShipyardError(f"{release}: no manifest.json; pass a release folder written by shipyard run")
-    problems = verify_folder(release)
-    if problems:
-        raise ShipyardError(f"{release}: {problems[0]}; the release changed after shipyard run wrote it "
+    verified = read_verified(release)
+    if verified.problems:
+        raise ShipyardError(f"{release}: {verified.problems[0]}; the release changed after shipyard run wrote it "
                             "(shipyard verify lists every problem)")
-    manifest = Manifest.model_validate_json(path.read_text())
+    manifest = verified.manifest  # parsed from the bytes that were verified, never read again
     for assignment in overrides:
         if assignment.partition("=")[0] not in PATH_KEYS:
             raise ShipyardError(f"--set {assignment}: engines takes only the paths {', '.join(PATH_KEYS)} (the "
                                 "release fixes everything else)")
     recipe = parse_recipe(manifest.recipe, f"{path} (recipe)", Path.cwd(), overrides)
-    return manifest, recipe
+    return manifest, verified.manifest_sha256, recipe
 
 
 def _typed_onnx(manifest: Manifest, release: Path, name: str) -> tuple[Artifact, str]:
@@ -93,10 +96,26 @@ def _pruned_source(manifest: Manifest, release: Path) -> Artifact | None:
 def build_from_release(release: Path, target_name: str, out: Path, overwrite: bool = False,
                        cache: StageCache | None = None, progress: Progress = SILENT,
                        sign_key: Path | None = None, overrides: tuple[str, ...] = ()) -> Manifest:
-    """Build and gate one target's engine from `release` into `out` (module docstring)."""
+    """Build and gate one target's engine from `release` into `out` (module docstring), holding
+    `out`'s release lock as `run` does."""
     release = Path(release)
     check_output_dir(out, overwrite)
-    manifest, recipe = load_release(release, overrides)
+    with release_lock(out):
+        return _build_locked(release, target_name, out, overwrite, cache, progress, sign_key, overrides)
+
+
+def collect_release(folders: list[Path], out: Path, overwrite: bool = False, require_engines: bool = False) -> Manifest:
+    """`pipeline.release.fanout.collect`, holding `out`'s release lock as `run` does: two collects
+    (or a collect and a run) into one folder cannot interleave their replace steps."""
+    check_output_dir(out, overwrite)
+    with release_lock(out):
+        return collect(folders, out, overwrite, require_engines)
+
+
+def _build_locked(release: Path, target_name: str, out: Path, overwrite: bool, cache: StageCache | None,
+                  progress: Progress, sign_key: Path | None, overrides: tuple[str, ...]) -> Manifest:
+    check_output_dir(out, overwrite)  # again: a writer we waited for may have written it
+    manifest, manifest_sha256, recipe = load_release(release, overrides)
     target = recipe.target(target_name)
     typed, onnx_path = _typed_onnx(manifest, release, target_name)
     env = build.build_environment()  # before any work: this host must be able to build the engine
@@ -128,7 +147,7 @@ def build_from_release(release: Path, target_name: str, out: Path, overwrite: bo
             "passed": engine is not None and all(r.passed for r in results),
             "stages": [StageRecord.of(r) for r in results], "artifacts": artifacts, "targets": [record],
             "collected_from": [],
-            "release": {"path": str(release.resolve()), "manifest_sha256": sha256_file(release / "manifest.json")},
+            "release": {"path": str(release.resolve()), "manifest_sha256": manifest_sha256},
             "invocation": InvocationRecord.now(sys.argv, cache),
         })
         small = write_release(small, work, sign_key)

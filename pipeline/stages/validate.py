@@ -32,7 +32,9 @@ def run(
     # An engine's `version_compatible` option is set only by who vouches for it (the build in
     # this process, or a verified release's record): then, and only then, host code is allowed.
     host_code = artifact.options.get("version_compatible") is True
-    outputs = collect(runner_for(artifact.path, host_code), evaluation.batches, task, progress)
+    # An engine runs only as the bytes its artifact record hashed (`runner_for`).
+    outputs = collect(runner_for(artifact.path, host_code, artifact.sha256 or None), evaluation.batches, task,
+                      progress)
     report = compare(task, artifact.name, reference, outputs, evaluation.batches, gate, metric,
                      evaluation.labels, id2label, evaluation.rows, evaluation.columns.text,
                      evaluation.columns.text_pair)
