@@ -117,7 +117,12 @@ class Encoder:
         try:
             enc = self.tokenizer(questions, contexts, padding=self.padding, truncation="only_second",
                                  max_length=self.max_length, return_offsets_mapping=True, return_tensors="np")
-        except Exception as err:  # tokenizers raises a plain Exception when a question alone is too long
+        except Exception as err:
+            # tokenizers raises a plain Exception, so the type cannot tell a question too long for
+            # max_length ("Truncation error: Second sequence not long enough to be truncated")
+            # from anything else, which keeps its own type and exit code.
+            if "Truncation error" not in str(err):
+                raise
             raise DataError(f"a question is longer than max_length {self.max_length} tokens ({str(err)[:80]}); "
                             "raise data.max_length or shorten the questions") from None
         offsets = np.asarray(enc.pop("offset_mapping"), dtype=np.int64)

@@ -62,20 +62,25 @@ def _read_txt(path: Path, encoding: str | None) -> list[Row]:
 
 
 def _read_parquet(path: Path, encoding: str | None) -> list[Row]:
+    import pyarrow as pa
     import pyarrow.parquet as pq
 
     try:
         return pq.read_table(path).to_pylist()
-    except Exception as err:  # pyarrow raises several unrelated types for a bad file
+    except (pa.ArrowInvalid, pa.ArrowNotImplementedError) as err:  # not parquet, damaged, or a feature arrow lacks
         raise DataError(f"data {path}: not a readable parquet file ({type(err).__name__})") from None
 
 
 def _read_saved_dataset(path: Path) -> list[Row]:
+    import pyarrow as pa
     from datasets import DatasetDict, load_from_disk
 
     try:
         dataset = load_from_disk(str(path))
-    except Exception as err:  # datasets raises FileNotFoundError/ValueError for foreign folders
+    # The folder exists (checked first): datasets says FileNotFoundError when it holds no dataset
+    # or misses a file of one, ValueError or ArrowInvalid for damaged ones. A folder this user may
+    # not read (PermissionError) is not caught: the CLI names it as an input to make readable.
+    except (FileNotFoundError, ValueError, pa.ArrowInvalid) as err:
         raise DataError(
             f"data {path}: folder is not a dataset saved with save_to_disk ({type(err).__name__})"
         ) from None

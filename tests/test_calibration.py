@@ -128,3 +128,18 @@ def test_calibration_reader_batches_are_uniform_for_histogram_calibrators():
     assert uniform_batches(even) is even
     ragged = [{"input_ids": np.zeros((4, 8), np.int64)}, {"input_ids": np.zeros((2, 8), np.int64)}]
     assert [b["input_ids"].shape for b in uniform_batches(ragged)] == [(1, 8)] * 6
+
+
+def test_a_damaged_parquet_or_a_folder_without_a_dataset_is_named_as_such(sources, tmp_path):
+    """What pyarrow and datasets raise for a bad file or a foreign folder is bad input, named;
+    anything else keeps its own type (see calibration/sources.py)."""
+    whole = sources["parquet"].read_bytes()
+    damaged = tmp_path / "damaged.parquet"
+    damaged.write_bytes(whole[: len(whole) // 2])
+    with pytest.raises(DataError, match="damaged.parquet: not a readable parquet file"):
+        load_rows(damaged)
+    foreign = tmp_path / "foreign"
+    foreign.mkdir()
+    (foreign / "notes.txt").write_text("not a dataset")
+    with pytest.raises(DataError, match="not a dataset saved with save_to_disk"):
+        load_rows(foreign)

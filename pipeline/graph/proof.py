@@ -60,7 +60,7 @@ def prove_runs(path: Path, what: str) -> None:
     path = Path(path)
     try:
         onnx.checker.check_model(str(path), full_check=True)
-    except Exception as err:  # onnx raises ValidationError and InferenceError with long texts
+    except (onnx.checker.ValidationError, onnx.shape_inference.InferenceError) as err:  # long texts
         raise GraphCheckError(f"{what}: the written graph fails onnx.checker ({_first_line(err)}); "
                               "this graph's structure is not supported, nothing was written") from None
     model = ir.load(str(path))  # reads the inputs; the weights stay on disk
@@ -73,11 +73,19 @@ def prove_runs(path: Path, what: str) -> None:
             if not all(np.isfinite(o).all() for o in outputs if np.issubdtype(o.dtype, np.floating)):
                 raise GraphCheckError(f"{what}: the written graph returns NaN or Inf on a probe batch; "
                                       "nothing was written")
-    except GraphCheckError:
-        raise
-    except Exception as err:  # onnxruntime's Fail, InvalidGraph, RuntimeException...
+    except ort_errors() as err:
         raise GraphCheckError(f"{what}: the written graph does not run in ONNX Runtime ({_first_line(err)}); "
                               "nothing was written") from None
+
+
+def ort_errors() -> tuple[type[Exception], ...]:
+    """What ONNX Runtime raises for a graph it cannot load or run (Fail, InvalidGraph,
+    NotImplemented, ...): only these mean "this graph is not supported". A MemoryError, an
+    interrupt or a bug elsewhere keeps its own type and exit code."""
+    from onnxruntime.capi import onnxruntime_pybind11_state as state
+
+    return tuple(value for value in vars(state).values()
+                 if isinstance(value, type) and issubclass(value, Exception) and value.__module__ == state.__name__)
 
 
 def _first_line(err: Exception) -> str:
