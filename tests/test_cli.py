@@ -57,7 +57,11 @@ def test_quantize_then_validate_passes(tiny, tiny_holdout_small, exported, tmp_p
 
 
 def test_entropy_and_percentile_calibration(tiny, tiny_holdout_small, exported, tmp_path):
-    for method in ("entropy", "percentile"):
+    """Each method sets its own activation ranges from the same rows: entropy and percentile clip
+    outliers MinMax keeps, so their activation scales differ from MinMax's (were every method run
+    as MinMax, they would be equal)."""
+    scales = {}
+    for method in ("minmax", "entropy", "percentile"):
         out = tmp_path / f"{method}.onnx"
         result = CliRunner().invoke(cli, [
             "quantize", "--model", str(exported[0]), "--out", str(out), "--calibration",
@@ -65,6 +69,19 @@ def test_entropy_and_percentile_calibration(tiny, tiny_holdout_small, exported, 
             "--samples", "32", "--max-length", "64", "--tuning-samples", "0", "--json"])  # no fallback search
         assert result.exit_code == 0, result.output
         assert json.loads(result.output)["options"]["method"] == method
+        scales[method] = _activation_scales(out)
+    assert scales["minmax"].keys() == scales["entropy"].keys() == scales["percentile"].keys()
+    for method in ("entropy", "percentile"):
+        differ = [n for n in scales["minmax"] if not np.isclose(scales[method][n], scales["minmax"][n])]
+        assert len(differ) >= len(scales["minmax"]) // 2, (method, len(differ), len(scales["minmax"]))
+
+
+def _activation_scales(path) -> dict[str, float]:
+    """Scale of each QuantizeLinear whose input is an activation (not a weight), by that input."""
+    model = onnx.load(str(path))
+    inits = {i.name: numpy_helper.to_array(i) for i in model.graph.initializer}
+    return {n.input[0]: float(inits[n.input[1]]) for n in model.graph.node
+            if n.op_type == "QuantizeLinear" and n.input[0] not in inits and inits[n.input[1]].size == 1}
 
 
 def test_perturbed_weights_fail_the_gate_with_exit_1(tiny, tiny_holdout_small, exported, tmp_path):
