@@ -34,29 +34,48 @@ def figures(folder: Path) -> list:
              a["options"]) for a in manifest["artifacts"]]
 
 
-def test_tuning_rows_are_held_out_and_recorded(tiny_release, tiny, tiny_holdout_small):
-    """The rows that choose (fallback) never overlap the rows that judge, nor the calibration rows."""
-    from calibration.encode import load_tokenizer
-    from calibration.sampling import Columns
-    from pipeline.inputs import data as datamod
-    from pipeline.inputs.model import inspect_model
-    from pipeline.recipe import Recipe
+def test_tuning_rows_are_held_out_and_recorded(tiny_release, tiny, tiny_holdout_small, tmp_path):
+    """The rows that choose (fallback) never overlap the rows that judge, nor the calibration rows.
+    Shown on files of exactly as many distinct rows as the three splits ask for: with disjoint
+    splits the run fits, one row fewer and the evaluation split comes up short (an overlapping
+    split would still find its rows); and the Q/DQ artifact records exactly the calibration and
+    tuning rows, as digests of rows of the file."""
+    import csv
+    import hashlib
+
+    from pipeline.graph import model as graph_model
+    from pipeline.parity.policy import seen_rows
 
     manifest = tiny_release.manifest
     assert set(manifest.data) == {"calibration", "tuning", "evaluation"}
     assert len({r.fingerprint for r in manifest.data.values()}) == 3
-    recipe = Recipe.model_validate(manifest.recipe)
-    label2id = inspect_model(tiny.model).label2id
-    prepared = datamod.prepare(recipe.data, load_tokenizer(tiny.model), label2id)
-    key = Columns("text").key
-    splits = [{key(r) for r in rows} for rows in
-              (prepared.calibration.rows, prepared.tuning.rows, prepared.evaluation.rows)]
-    assert [len(s) for s in splits] == [128, 64, 400]
-    assert not (splits[0] & splits[1]) and not (splits[0] & splits[2]) and not (splits[1] & splits[2])
-    assert prepared.tuning.fingerprint == manifest.data["tuning"].fingerprint
     qdq = next(a for a in manifest.artifacts if a.name == "model.int8.qdq")
     assert qdq.options["fallback"]["on"] == "tuning rows vs FP32 graph"
     assert qdq.options["fallback"]["tuning_rows"] == 64
+
+    with tiny_holdout_small.open(encoding="utf-8") as f:
+        distinct = list({r["text"]: r for r in csv.DictReader(f) if r["text"].strip()}.values())
+    sizes = {"calibration": 48, "tuning": 48, "evaluation": 96}
+
+    def exact(rows: int) -> Path:
+        path = tmp_path / f"rows-{rows}.csv"
+        with path.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])
+            writer.writeheader()
+            writer.writerows(distinct[:rows])
+        return path
+
+    total = sum(sizes.values())
+    fits = invoke("run", recipe_for(tmp_path, tiny, exact(total)), "--out", tmp_path / "fits", "--quiet")
+    assert fits.exit_code == 0, fits.output
+    short = invoke("run", recipe_for(tmp_path, tiny, exact(total - 1)), "--out", tmp_path / "short")
+    assert short.exit_code == 2 and "evaluation (after the calibration and tuning rows) asks for 96 rows" in short.output
+    written = json.loads((tmp_path / "fits" / "manifest.json").read_text())
+    assert {split: record["rows"] for split, record in written["data"].items()} == sizes
+    digests = {hashlib.sha256(json.dumps([r["text"], None], ensure_ascii=False).encode()).hexdigest()[:16]
+               for r in distinct[:total]}
+    seen = seen_rows(graph_model.load(tmp_path / "fits" / "model.int8.qdq.onnx"))
+    assert len(set(seen)) == sizes["calibration"] + sizes["tuning"] and set(seen) <= digests
 
 
 def test_calibration_without_labels_and_evaluation_with_its_own_column_names(tiny, tiny_holdout_small, tmp_path):
