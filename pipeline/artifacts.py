@@ -125,6 +125,8 @@ def check_writable_parent(path: Path) -> None:
 def check_output_file(path: Path, overwrite: bool) -> None:
     """Fail before any work if a stage's output file exists (without --overwrite) or can't be made:
     the rule `check_output_dir` applies to release folders, for the standalone stage commands."""
+    if Path(path).is_dir():
+        raise OutputError(f"output {path} is a folder; pass a file path as --out (e.g. {Path(path) / 'model.onnx'})")
     if Path(path).exists() and not overwrite:
         raise OutputError(f"output {path} already exists; pass --overwrite or choose another --out")
     check_writable_parent(path)

@@ -103,6 +103,10 @@ def test_an_out_that_cannot_be_made_is_one_line(tiny, tmp_path):
     for args in (("export", "--model", tiny.model), ("build", "--model", blocker, "--target", "sm_80")):
         result = invoke(*args, "--out", blocker / "sub" / "m.out")
         assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    folder = tmp_path / "a-folder"
+    folder.mkdir()
+    assert_clean_failure(invoke("export", "--model", tiny.model, "--out", folder, "--overwrite"),
+                         "a-folder is a folder; pass a file path")
 
 
 def test_an_existing_output_is_replaced_only_with_overwrite(tiny, tiny_holdout_small, exported, tmp_path):
