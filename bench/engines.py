@@ -75,10 +75,10 @@ def engines_in(folders: list[Path]) -> tuple[list[tuple[str, Path, int, str]], A
     found, manifests = [], []
     for folder in folders:
         verified = read_verified(folder)
-        manifests.append(verified.manifest)
         if verified.problems:
             raise SystemExit(f"{folder} does not verify ({verified.problems[0]}); not running its engines")
-        for art in verified.manifest.artifacts:  # the manifest that was verified, not read again
+        manifests.append(verified.intact())
+        for art in verified.intact().artifacts:  # the manifest that was verified, not read again
             if art.format == "tensorrt-engine":
                 found.append((art.name, folder / art.path, art.size_bytes, art.sha256))
     return found, manifests[0]

@@ -87,8 +87,8 @@ def _verified(folder: Path) -> VerifiedRelease:
 
 def _check_engine_folders(folders: list[Path], verified: list[VerifiedRelease]) -> None:
     """Engine folders (`shipyard engines`) merge only with the release they were built from."""
-    releases = {v.manifest_sha256: f for f, v in zip(folders, verified, strict=True) if v.manifest.release is None}
-    for folder, manifest in zip(folders, (v.manifest for v in verified), strict=True):
+    releases = {v.manifest_sha256: f for f, v in zip(folders, verified, strict=True) if v.intact().release is None}
+    for folder, manifest in zip(folders, (v.intact() for v in verified), strict=True):
         if manifest.release is None:
             continue
         if manifest.release["manifest_sha256"] not in releases:
@@ -103,7 +103,7 @@ def collect(folders: list[Path], out: Path, overwrite: bool = False, require_eng
         raise ShipyardError("collect needs at least one release folder")
     check_output_dir(out, overwrite)
     verified = [_verified(f) for f in folders]
-    manifests: list[Manifest] = [v.manifest for v in verified]
+    manifests = [v.intact() for v in verified]
     _check_engine_folders(folders, verified)
     base = next((i for i, m in enumerate(manifests) if m.release is None), 0)
     first, first_folder = manifests[base], folders[base]

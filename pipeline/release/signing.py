@@ -15,10 +15,13 @@ import base64
 import json
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pipeline.artifacts import atomic_file, sha256_file
 from pipeline.errors import ShipyardError
+
+if TYPE_CHECKING:
+    from pipeline.release.manifest import Manifest
 
 SIGNATURE = "manifest.json.sig"
 
@@ -84,9 +87,15 @@ class VerifiedRelease:
     signature were checked (None when it does not parse), their sha256, and every problem found.
     Whoever acts on a release reads this record, never manifest.json again."""
 
-    manifest: Any
+    manifest: Manifest | None
     manifest_sha256: str
     problems: list[str]
+
+    def intact(self) -> Manifest:
+        """The manifest of a release that verified (callers report `problems` in their words first)."""
+        if self.problems or self.manifest is None:
+            raise ShipyardError(f"release does not verify ({(self.problems or ['no manifest'])[0]})")
+        return self.manifest
 
 
 def verify_folder(folder: Path, public_key: Path | None = None) -> list[str]:
@@ -227,7 +236,7 @@ def engine_trust(engine: Path, public_key: Path | None = None) -> EngineTrust:
     verified = read_verified(folder, public_key)
     if verified.problems:
         return EngineTrust(False, f"its release {folder} does not verify ({verified.problems[0]})")
-    manifest = verified.manifest
+    manifest = verified.intact()
     relative = engine.relative_to(folder).as_posix()
     record = next((a for a in manifest.artifacts if a.path == relative), None)
     if record is None:

@@ -58,7 +58,7 @@ def load_release(release: Path, overrides: tuple[str, ...] = ()) -> tuple[Manife
     if verified.problems:
         raise ShipyardError(f"{release}: {verified.problems[0]}; the release changed after shipyard run wrote it "
                             "(shipyard verify lists every problem)")
-    manifest = verified.manifest  # parsed from the bytes that were verified, never read again
+    manifest = verified.intact()  # parsed from the bytes that were verified, never read again
     for assignment in overrides:
         if assignment.partition("=")[0] not in PATH_KEYS:
             raise ShipyardError(f"--set {assignment}: engines takes only the paths {', '.join(PATH_KEYS)} (the "
@@ -114,7 +114,7 @@ def collect_release(folders: list[Path], out: Path, overwrite: bool = False, req
 
 def _build_locked(release: Path, target_name: str, out: Path, overwrite: bool, cache: StageCache | None,
                   progress: Progress, sign_key: Path | None, overrides: tuple[str, ...]) -> Manifest:
-    check_output_dir(out, overwrite)  # again: a writer we waited for may have written it
+    check_output_dir(out, overwrite)  # again, under the lock: another writer may have just finished it
     manifest, manifest_sha256, recipe = load_release(release, overrides)
     target = recipe.target(target_name)
     typed, onnx_path = _typed_onnx(manifest, release, target_name)

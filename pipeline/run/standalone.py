@@ -114,8 +114,10 @@ def one_stage(stage: str, out: Path, overwrite: bool, cache: StageCache | None, 
                               "pass --overwrite or choose another --out")
         # Files and whole folders (recover's model folder) replace what is beside `out`.
         for top in tops:
-            replace_dir(work / top, out.parent / top) if (work / top).is_dir() else os.replace(work / top,
-                                                                                               out.parent / top)
+            if (work / top).is_dir():
+                replace_dir(work / top, out.parent / top)
+            else:
+                os.replace(work / top, out.parent / top)
     for artifact in result.artifacts:
         artifact.path = moved[artifact.path]
     result.files = [moved[p] for p in result.files]
