@@ -97,6 +97,21 @@ def test_a_command_that_fails_removes_the_folders_it_made(tiny, tiny_holdout_sma
     assert not (tmp_path / "new").exists()
 
 
+def test_a_run_that_fails_removes_the_folders_it_made(tiny, tiny_holdout_small, tmp_path, monkeypatch):
+    """The same rule for release folders: run (and engines and collect, through the same lock)."""
+    from pipeline.errors import ArtifactError
+    from pipeline.stages import export
+
+    def fails(*args, **kwargs):
+        raise ArtifactError("the export failed on purpose")
+
+    monkeypatch.setattr(export, "run", fails)
+    result = invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small), "--out",
+                    tmp_path / "new" / "deeper" / "release", "--no-cache")
+    assert_clean_failure(result, "the export failed on purpose")
+    assert not (tmp_path / "new").exists()
+
+
 def test_an_out_that_cannot_be_made_is_one_line(tiny, tmp_path):
     blocker = tmp_path / "a-file"
     blocker.write_text("x")

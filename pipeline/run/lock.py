@@ -32,6 +32,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from pipeline.artifacts import made_parents
 from pipeline.errors import OutputError
 
 
@@ -92,26 +93,27 @@ def guard(path: Path, exclusive: bool, wait: bool = False) -> Iterator[bool]:
 @contextmanager
 def release_lock(out: Path, wait: bool = False) -> Iterator[None]:
     """Hold the lock of release folder `out` for the block; a live holder makes this raise
-    `OutputError` at once (or wait for it when `wait`)."""
+    `OutputError` at once (or wait for it when `wait`). Folders above `out` that do not exist yet
+    are made, and removed again if the block fails (`made_parents`), as for every output."""
     path = lock_path(out)
-    try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        fd = try_hold(path, wait)
-    except OSError as err:
-        raise OutputError(f"output {out}: its lock {path} cannot be created ({err.strerror}); choose a "
-                          "writable --out") from None
-    if fd is None:
-        raise OutputError(f"output {out} is being written by another run ({_holder(path)}); wait for it, "
-                          "pass --wait, or choose another --out")
-    try:
-        os.write(fd, json.dumps({
-            "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "command": " ".join(sys.argv), "folder": str(Path(out).resolve()),
-        }).encode())
-        remove_stale_partials(out)
-        yield
-    finally:
-        release(path, fd)
+    with made_parents(path):
+        try:
+            fd = try_hold(path, wait)
+        except OSError as err:
+            raise OutputError(f"output {out}: its lock {path} cannot be created ({err.strerror}); choose a "
+                              "writable --out") from None
+        if fd is None:
+            raise OutputError(f"output {out} is being written by another run ({_holder(path)}); wait for it, "
+                              "pass --wait, or choose another --out")
+        try:
+            os.write(fd, json.dumps({
+                "pid": os.getpid(), "host": socket.gethostname(), "started": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "command": " ".join(sys.argv), "folder": str(Path(out).resolve()),
+            }).encode())
+            remove_stale_partials(out)
+            yield
+        finally:
+            release(path, fd)
 
 
 def _holder(path: Path) -> str:
