@@ -120,8 +120,8 @@ class QuantizeSpec(Strict):
                                        description="qdq: explicit Q/DQ ONNX for TensorRT; cpu: fused ONNX Runtime "
                                        "graph with dynamic INT8")
     method: CalibrationMethod = Field("minmax", description="how activation ranges are calibrated (ONNX Runtime's "
-                                      "calibrators; entropy searches TensorRT's 2,048-bin histogram for the "
-                                      "KL-optimal range, which takes about a second per activation)")
+                                      "calibrators; entropy at TensorRT's 2,048 bins, slow and hard on BERT's "
+                                      "attention probabilities: docs/quantization.md)")
     percentile: float = Field(99.999, gt=90, lt=100, description="used by method=percentile")
     fallback: FallbackSpec = Field(default_factory=FallbackSpec)
     smoothing: SmoothingSpec = Field(default_factory=SmoothingSpec)
