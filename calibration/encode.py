@@ -20,7 +20,7 @@ from calibration.errors import DataError, ShipyardError
 from calibration.sampling import Columns
 from calibration.sources import Row
 
-TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json", "spiece.model")
+TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json", "spiece.model", "spm.model")
 WORD_INDEX = "_word_index"
 CONTEXT_OFFSETS = "_context_offsets"
 

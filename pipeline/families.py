@@ -1,11 +1,21 @@
 """What Shipyard knows about each encoder family: one entry per Hugging Face `model_type`.
 
-Code that reads or writes a model's sizes asks this table for the family's own config key
-instead of guessing among aliases: DistilBERT calls its layers, heads, width and FFN width
-`n_layers`, `n_heads`, `dim` and `hidden_dim`, and a config written with BERT's names for it
-loads with the unpruned sizes. The first three are what transformers' `attribute_map` for the
-config class says; the FFN width is not in DistilBERT's map, which is why the table, checked
-against transformers in tests/test_families.py, is the one place these names live.
+Adding a family is adding its entry here and its tests (`tests/zoo.py` makes a small model of
+it, `tests/test_families.py` runs every stage on it and checks this entry against transformers
+and Optimum). Everything else reads the entry:
+
+- `config_keys`: the config keys of its sizes where they differ from BERT's. DistilBERT calls its
+  layers, heads, width and FFN width `n_layers`, `n_heads`, `dim` and `hidden_dim`; a config
+  written with BERT's names for it loads with the unpruned sizes. The first three are in
+  transformers' `attribute_map`, the FFN width is not, which is why this table names them.
+- `reserved_positions`: position embeddings the model keeps for padding (RoBERTa-style models
+  and MPNet start counting at 2).
+- `tasks`: the tasks Optimum's ONNX exporter registers for the family (ModernBERT has no
+  question answering): any other is refused before any work.
+- `pruning`: what the ONNX pruner can remove exactly ("heads", "ffn"), and the reason for what it
+  cannot, which a refused request quotes.
+- `layers`, `modules`: where a pruning plan finds each layer and projection in the PyTorch model
+  (recovery trains that model), as attribute paths.
 """
 
 from __future__ import annotations
@@ -14,38 +24,65 @@ from dataclasses import dataclass, field
 from types import MappingProxyType
 from typing import Any, Literal
 
+from pipeline.names import TASKS
+
 # Shipyard's names for a model's sizes (BERT's config keys).
 SizeName = Literal["num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size"]
 SIZE_NAMES: tuple[SizeName, ...] = ("num_hidden_layers", "num_attention_heads", "hidden_size", "intermediate_size")
+PruneUnit = Literal["heads", "ffn"]
+# The projections a pruning plan touches, by role (see pipeline/stages/prune/plan.py).
+ROLES = ("attention.q", "attention.k", "attention.v", "attention.out", "ffn.w1", "ffn.w2")
+
+BERT_MODULES = MappingProxyType({
+    "attention.q": "attention.self.query", "attention.k": "attention.self.key",
+    "attention.v": "attention.self.value", "attention.out": "attention.output.dense",
+    "ffn.w1": "intermediate.dense", "ffn.w2": "output.dense"})
 
 
 @dataclass(frozen=True)
 class Family:
-    """One encoder family: its config keys where they differ from BERT's, and how many positions
-    of its position embeddings are reserved (RoBERTa-style models keep the first two for padding)."""
+    """One encoder family (module docstring)."""
 
     model_type: str
     config_keys: MappingProxyType[str, str] = field(default_factory=lambda: MappingProxyType({}))
     reserved_positions: int = 0
+    tasks: tuple[str, ...] = TASKS
+    pruning: tuple[PruneUnit, ...] = ("heads", "ffn")
+    not_prunable: str = ""  # why the units missing from `pruning` cannot be removed exactly
+    layers: str = "encoder.layer"
+    modules: MappingProxyType[str, str] = field(default_factory=lambda: BERT_MODULES)
 
     def key(self, name: SizeName) -> str:
         """The config key this family stores size `name` under."""
         return self.config_keys.get(name, name)
 
 
-def _family(model_type: str, reserved_positions: int = 0, **keys: str) -> Family:
-    return Family(model_type, MappingProxyType(keys), reserved_positions)
-
-
 FAMILIES: dict[str, Family] = {f.model_type: f for f in (
-    _family("bert"),
-    _family("roberta", reserved_positions=2),
-    _family("xlm-roberta", reserved_positions=2),
-    _family("camembert", reserved_positions=2),
-    _family("distilbert", num_hidden_layers="n_layers", num_attention_heads="n_heads", hidden_size="dim",
-            intermediate_size="hidden_dim"),
-    _family("electra"),
-    _family("albert"),
+    Family("bert"),
+    Family("roberta", reserved_positions=2),
+    Family("xlm-roberta", reserved_positions=2),
+    Family("camembert", reserved_positions=2),
+    Family("distilbert", MappingProxyType({"num_hidden_layers": "n_layers", "num_attention_heads": "n_heads",
+                                           "hidden_size": "dim", "intermediate_size": "hidden_dim"}),
+           layers="transformer.layer",
+           modules=MappingProxyType({"attention.q": "attention.q_lin", "attention.k": "attention.k_lin",
+                                     "attention.v": "attention.v_lin", "attention.out": "attention.out_lin",
+                                     "ffn.w1": "ffn.lin1", "ffn.w2": "ffn.lin2"})),
+    Family("electra"),
+    Family("albert", pruning=(),
+           not_prunable="ALBERT shares one set of layer weights, so removing a unit from one layer would remove it "
+                        "from all"),
+    Family("deberta-v2", pruning=(),
+           not_prunable="DeBERTa's disentangled attention applies its query and key projections to the relative "
+                        "positions too (one embedding shared by every layer); Shipyard does not prune it yet"),
+    Family("modernbert", tasks=("text-classification", "token-classification", "feature-extraction"), pruning=(),
+           not_prunable="ModernBERT's fused Wqkv projection and gated FFN are not pruned by Shipyard yet"),
+    Family("mpnet", reserved_positions=2, pruning=("ffn",),
+           not_prunable="MPNet adds one relative-position bias per head, computed once and shared by every layer, "
+                        "so a head cannot be removed from one layer alone",
+           modules=MappingProxyType({"attention.q": "attention.attn.q", "attention.k": "attention.attn.k",
+                                     "attention.v": "attention.attn.v", "attention.out": "attention.attn.o",
+                                     "ffn.w1": "intermediate.dense", "ffn.w2": "output.dense"})),
 )}
 
 

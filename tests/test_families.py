@@ -9,11 +9,14 @@ from conftest import invoke
 from zoo import FAMILIES, make_model, reference_pruned_export
 
 from pipeline.artifacts import sha256_file
+from pipeline.families import FAMILIES as TABLE
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
 
 pytestmark = pytest.mark.slow
-PRUNABLE = [f for f in FAMILIES if f != "albert"]
+PRUNABLE = [f for f in FAMILIES if TABLE[f].pruning == ("heads", "ffn")]  # transformers' prune_heads is the oracle
+FFN_PRUNABLE = [f for f in FAMILIES if "ffn" in TABLE[f].pruning]
+REFUSED = [(f, unit) for f in FAMILIES for unit in ("heads", "ffn") if unit not in TABLE[f].pruning]
 HEADS = {0: [1], 1: [0, 2]}
 
 
@@ -81,13 +84,52 @@ def test_head_pruning_matches_pytorch_prune_heads_for_each_family(family, family
         assert np.abs(expected - got).max() <= 1e-4
 
 
-def test_albert_is_refused_for_pruning_with_its_reason(family_models, tmp_path):
-    folder, exported = family_models["albert"]
+@pytest.mark.parametrize(("family", "unit"), REFUSED)
+def test_units_a_family_cannot_lose_exactly_are_refused_with_the_reason(family, unit, family_models, tiny_holdout_small,
+                                                                       tmp_path):
+    folder, exported = family_models[family]
     out = tmp_path / "p.onnx"
-    result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", folder, "--prune-heads", '{"1": [0]}')
+    request = ("--prune-heads", '{"1": [0]}') if unit == "heads" else ("--ffn", "0.25")
+    result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", folder, "--calibration",
+                    tiny_holdout_small, "--samples", "16", "--max-length", "32", *request)
     assert result.exit_code == 2, result.output
-    assert "ALBERT shares one set of layer weights" in result.output and "Traceback" not in result.output
-    assert not out.exists()
+    assert TABLE[family].not_prunable in " ".join(result.output.split()) and "Traceback" not in result.output
+    assert not out.exists() and not list(tmp_path.glob(".p.onnx*"))
+
+
+@pytest.mark.parametrize("family", FFN_PRUNABLE)
+def test_ffn_pruning_matches_the_model_with_those_neurons_zeroed(family, family_models, tiny_holdout_small, tmp_path):
+    """The oracle for families without `prune_heads`: the unpruned PyTorch model with the removed
+    neurons' columns of the down projection zeroed is the pruned graph's function."""
+    import torch
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.stages.prune.plan import PruningPlan, plan_path
+
+    folder, exported = family_models[family]
+    ours = tmp_path / "ours.onnx"
+    result = invoke("prune", "--model", exported, "--out", ours, "--calibration", tiny_holdout_small, "--tokenizer",
+                    folder, "--ffn", "0.5", "--no-compensate", "--samples", "32", "--max-length", "48", "--quiet")
+    assert result.exit_code == 0, result.output
+    plan = PruningPlan.load(plan_path(ours))
+    model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
+    base = getattr(model, model.base_model_prefix)
+    layers = base
+    for name in TABLE[family].layers.split("."):
+        layers = getattr(layers, name)
+    with torch.no_grad():
+        for layer_plan in plan.layers:
+            down = layers[layer_plan.layer]
+            for name in TABLE[family].modules["ffn.w2"].split("."):
+                down = getattr(down, name)
+            removed = sorted(set(range(layer_plan.ffn_size)) - set(layer_plan.ffn_keep))
+            assert removed, "the plan removed nothing: test moot"
+            down.weight[:, removed] = 0
+    for batch in _token_batches(folder):
+        with torch.inference_mode():
+            accepts = set(model.forward.__code__.co_varnames)
+            expected = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}).logits.numpy()
+        assert np.abs(OrtRunner(ours).infer(batch)["logits"] - expected).max() <= 1e-4
 
 
 @pytest.mark.parametrize("family", PRUNABLE)
@@ -114,7 +156,7 @@ def test_pruning_plan_applies_to_each_familys_pytorch_model(family, family_model
         assert np.abs(OrtRunner(ours).infer(batch)["logits"] - got).max() <= 1e-4
 
 
-@pytest.mark.parametrize("family", PRUNABLE)
+@pytest.mark.parametrize("family", FFN_PRUNABLE)
 def test_each_family_prunes_recovers_and_reloads_with_transformers(family, family_models, tiny_holdout_small,
                                                                      tmp_path):
     """Heads and FFN neurons pruned, then recovered: the recovered folder loads with
@@ -126,12 +168,14 @@ def test_each_family_prunes_recovers_and_reloads_with_transformers(family, famil
 
     folder, exported = family_models[family]
     pruned, recovered = tmp_path / "pruned.onnx", tmp_path / "new" / "recovered.onnx"
+    heads = HEADS if "heads" in TABLE[family].pruning else {}
     result = invoke("prune", "--model", exported, "--out", pruned, "--calibration", tiny_holdout_small,
                     "--tokenizer", folder, "--ffn", "0.25", "--samples", "32", "--max-length", "48", "--quiet",
-                    "--prune-heads", json.dumps({str(k): v for k, v in HEADS.items()}))
+                    *(("--prune-heads", json.dumps({str(k): v for k, v in heads.items()})) if heads else ()))
     assert result.exit_code == 0, result.output
     config = json.loads((tmp_path / "pruned.config.json").read_text())
-    assert config["shipyard_pruning"]["num_attention_heads_per_layer"] == [4 - len(HEADS[0]), 4 - len(HEADS[1])]
+    assert config["shipyard_pruning"]["num_attention_heads_per_layer"] == [4 - len(heads.get(0, [])),
+                                                                            4 - len(heads.get(1, []))]
     assert config["shipyard_pruning"]["intermediate_sizes"] == [96, 96]
     result = invoke("recover", "--reference", folder, "--pruned", pruned, "--data", tiny_holdout_small,
                     "--label-column", "sentiment", "--samples", "64", "--tuning-samples", "16", "--max-steps", "2",
@@ -139,7 +183,7 @@ def test_each_family_prunes_recovers_and_reloads_with_transformers(family, famil
     assert result.exit_code == 0, result.output
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "new" / "recovered.model")).eval()
     ffn = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
-           and name.endswith(("intermediate.dense", "ffn.lin1"))]
+           and name.endswith(TABLE[family].modules["ffn.w1"])]
     assert [m.out_features for m in ffn] == [96, 96]
     for batch in _token_batches(folder):
         with torch.inference_mode():
@@ -153,7 +197,6 @@ def test_the_family_table_names_each_config_class_s_own_keys():
     config class reads (its `attribute_map`, and for the FFN width an attribute of its own)."""
     from transformers import CONFIG_MAPPING
 
-    from pipeline.families import FAMILIES as TABLE
     from pipeline.families import SIZE_NAMES
 
     assert set(TABLE) == set(FAMILIES)  # the families the tests make are the ones the table knows
@@ -164,3 +207,72 @@ def test_the_family_table_names_each_config_class_s_own_keys():
             key = family.key(name)
             assert key in stored, (model_type, name, key)
             assert config_class.attribute_map.get(name, key) == key, (model_type, name, config_class.attribute_map)
+
+
+def test_the_family_table_s_tasks_are_optimum_s_and_its_module_paths_exist(family_models):
+    """Each entry's tasks are those Optimum's ONNX exporter registers for the family, and its
+    layer and projection paths name Linear layers of the family's real PyTorch model."""
+    import optimum.exporters.onnx.model_configs  # noqa: F401 (registers the exporters' tasks)
+    import torch
+    from optimum.exporters.tasks import TasksManager
+    from transformers import AutoModelForSequenceClassification
+
+    from pipeline.names import TASKS
+
+    for family, entry in TABLE.items():
+        registered = set(TasksManager._SUPPORTED_MODEL_TYPE[family]["onnx"])
+        assert set(entry.tasks) == registered & set(TASKS), family
+        if not entry.pruning:
+            continue  # no plan is ever applied to its PyTorch model
+        model = AutoModelForSequenceClassification.from_pretrained(str(family_models[family][0]))
+        layers = getattr(model, model.base_model_prefix)
+        for name in entry.layers.split("."):
+            layers = getattr(layers, name)
+        for role, path in entry.modules.items():
+            module = layers[0]
+            for name in path.split("."):
+                module = getattr(module, name)
+            assert isinstance(module, torch.nn.Linear), (family, role, path)
+
+
+def test_a_task_optimum_does_not_export_for_a_family_is_refused_before_any_work(tiny_holdout_small, tmp_path):
+    """ModernBERT has no question-answering exporter in Optimum: refused by `recipe validate` and by
+    `export`, in one line naming the tasks it has, not as an internal error inside the exporter."""
+    from conftest import write_recipe
+
+    folder = make_model(tmp_path / "modernbert-qa", "modernbert", "question-answering")
+    out = tmp_path / "m.onnx"
+    result = invoke("export", "--model", folder, "--out", out)
+    assert result.exit_code == 2 and "Traceback" not in result.output, result.output
+    assert "Optimum exports no question-answering for modernbert" in result.output and not out.exists()
+    recipe = write_recipe(tmp_path, folder, tiny_holdout_small)
+    result = invoke("recipe", "validate", recipe)
+    assert result.exit_code == 2 and "Optimum exports no question-answering for modernbert" in result.output
+
+
+def test_a_sentence_transformers_folder_is_a_sentence_encoder_whatever_its_head(tiny_holdout_small, tmp_path):
+    """A sentence-transformers folder (modules.json) whose config.json names `*ForMaskedLM` exports
+    as feature extraction, without --task, and is gated on its Pooling module's embeddings."""
+    from pipeline.parity.tasks import Pooling
+
+    folder = make_model(tmp_path / "mpnet-st", "mpnet", "feature-extraction")
+    config = json.loads((folder / "config.json").read_text())
+    config["architectures"] = ["MPNetForMaskedLM"]
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "modules.json").write_text(json.dumps([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}]))
+    (folder / "1_Pooling").mkdir()
+    (folder / "1_Pooling" / "config.json").write_text(json.dumps({"word_embedding_dimension": 64,
+                                                                  "pooling_mode_cls_token": True}))
+    assert Pooling.of(folder) == Pooling("cls", True)
+    out = tmp_path / "st.onnx"
+    result = invoke("export", "--model", folder, "--out", out, "--data", tiny_holdout_small, "--samples", "32",
+                    "--max-length", "48", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["task"] == "feature-extraction"
+    result = invoke("validate", "--reference", folder, "--artifact", out, "--data", tiny_holdout_small, "--samples",
+                    "64", "--max-length", "48", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["agreement"] == 1.0 and json.loads(result.output)["task"] == "feature-extraction"

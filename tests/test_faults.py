@@ -50,7 +50,7 @@ def test_model_type_not_bert_family(model_copy, tmp_path):
     (model_copy / "config.json").write_text(json.dumps(config))
     out = tmp_path / "m.onnx"
     result = invoke("export", "--model", model_copy, "--out", out)
-    assert_clean_failure(result, "'gpt2'", "not BERT-family", out=out)
+    assert_clean_failure(result, "'gpt2'", "a family Shipyard does not know", out=out)
 
 
 def test_unknown_task(tiny, tmp_path):

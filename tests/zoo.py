@@ -13,7 +13,8 @@ from __future__ import annotations
 from functools import lru_cache
 from pathlib import Path
 
-FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert")
+FAMILIES = ("bert", "roberta", "xlm-roberta", "camembert", "distilbert", "electra", "albert", "deberta-v2",
+            "modernbert", "mpnet")
 TASK_HEADS = {
     "text-classification": "ForSequenceClassification",
     "token-classification": "ForTokenClassification",
@@ -21,7 +22,8 @@ TASK_HEADS = {
     "feature-extraction": "Model",
 }
 PREFIX = {"bert": "Bert", "roberta": "Roberta", "xlm-roberta": "XLMRoberta", "camembert": "Camembert",
-          "distilbert": "DistilBert", "electra": "Electra", "albert": "Albert"}
+          "distilbert": "DistilBert", "electra": "Electra", "albert": "Albert", "deberta-v2": "DebertaV2",
+          "modernbert": "ModernBert", "mpnet": "MPNet"}
 TOKEN_LABELS = ("O", "B-PER", "I-PER", "B-LOC", "I-LOC")
 
 
@@ -42,10 +44,21 @@ def _byte_level_bpe():
                                 cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
 
 
-def _config(family: str, layers: int, hidden: int, heads: int, intermediate: int, vocab: int):
+def _config(family: str, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, tokenizer):
     import transformers
 
     common = dict(vocab_size=vocab, max_position_embeddings=256)
+    if family == "deberta-v2":  # DeBERTa-v3's configuration: relative attention both ways, shared keys, no types
+        return transformers.DebertaV2Config(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
+            relative_attention=True, position_buckets=32, pos_att_type=["p2c", "c2p"], norm_rel_ebd="layer_norm",
+            share_att_key=True, position_biased_input=False, type_vocab_size=0, max_relative_positions=-1, **common)
+    if family == "modernbert":  # a sliding window shorter than the test rows, so local attention is exercised
+        return transformers.ModernBertConfig(
+            hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads, intermediate_size=intermediate,
+            local_attention=16, global_attn_every_n_layers=2, pad_token_id=tokenizer.pad_token_id,
+            bos_token_id=tokenizer.cls_token_id, eos_token_id=tokenizer.sep_token_id,
+            cls_token_id=tokenizer.cls_token_id, sep_token_id=tokenizer.sep_token_id, **common)
     if family == "distilbert":
         return transformers.DistilBertConfig(dim=hidden, n_layers=layers, n_heads=heads, hidden_dim=intermediate,
                                              **common)
@@ -79,7 +92,7 @@ def make_model(folder: Path, family: str = "bert", task: str = "text-classificat
         tokenizer = _byte_level_bpe()
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
-    config = _config(family, layers, hidden, heads, intermediate, len(tokenizer))
+    config = _config(family, layers, hidden, heads, intermediate, len(tokenizer), tokenizer)
     if task == "token-classification":
         config.id2label = dict(enumerate(TOKEN_LABELS))
         config.label2id = {name: i for i, name in enumerate(TOKEN_LABELS)}

@@ -28,11 +28,18 @@ def recipe() -> None:
 @click.argument("file", type=click.Path(path_type=Path))
 @set_option
 def recipe_validate(file: Path, overrides: tuple[str, ...]) -> None:
-    """Check a recipe against the schema and exit 0 if it is valid."""
+    """Check a recipe against the schema, and its model folder where it is on this machine (family,
+    task, weights, tokenizer: what a run checks before any stage); exit 0 if it is valid."""
+    from pipeline.inputs.model import inspect_model
     from pipeline.recipe import load_recipe
 
     loaded = load_recipe(file, overrides)
-    click.echo(f"{file}: valid recipe {loaded.name!r}")
+    model = loaded.model
+    if model.path.is_dir():
+        info = inspect_model(model.path, model.task, model.allow_pickle)
+        click.echo(f"{file}: valid recipe {loaded.name!r} ({info.model_type} {info.task_name} model checked)")
+    else:
+        click.echo(f"{file}: valid recipe {loaded.name!r} (model {model.path} is not on this machine: not checked)")
 
 
 @recipe.command("show")

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import onnx_ir as ir
-from onnx_ir.passes.common import RemoveUnusedNodesPass
+from onnx_ir.passes.common import RemoveUnusedNodesPass, TopologicalSortPass
 
 # Weights beyond this go to an external data file beside the graph: protobuf refuses a message
 # over 2 GB, and a graph with its weights inline must stay below that with room for the rest.
@@ -76,6 +76,9 @@ def save(model: ir.Model, path: Path, data_name: str | None = None) -> list[Path
     """Write `model` to `path`, its weights inline, or in `data_name` (default `<path name>_data`)
     beside it when they exceed `EXTERNAL_DATA_ABOVE`. Returns the files written."""
     path = Path(path)
+    # ONNX Runtime's quantizers leave nodes out of order on graphs with `If` subgraphs (DeBERTa's
+    # relative positions), which onnx's checker refuses; sorting a sorted graph keeps its bytes.
+    TopologicalSortPass()(model)
     inline = weight_bytes(model) <= EXTERNAL_DATA_ABOVE
     data = path.with_name(data_name or external_data_name(path))
     # onnx-ir writes a tensor it read from external data back as a reference to that file, and

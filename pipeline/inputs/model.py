@@ -12,9 +12,6 @@ from pipeline.errors import ModelError
 from pipeline.families import FAMILIES, family_of
 from pipeline.parity.tasks import Pooling, Task, resolve_task
 
-# Encoder-only models with BERT's embedding/attention/FFN layout, which Optimum exports for
-# sequence classification and ONNX Runtime's transformer optimizer fuses as model_type="bert".
-BERT_FAMILY = tuple(FAMILIES)
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # Pickle checkpoints can run code when unpickled: refused unless the user allows them, and then
 # loaded by transformers with torch.load(weights_only=True).
@@ -82,10 +79,10 @@ def inspect_model(folder: Path, task: str | None = None, allow_pickle: bool = Fa
     except json.JSONDecodeError:
         raise ModelError(f"model config {config_path} is not valid JSON; re-save the model") from None
     model_type = config.get("model_type", "")
-    if model_type not in BERT_FAMILY:
+    if model_type not in FAMILIES:
         raise ModelError(
-            f"model {folder} is {model_type or 'of unknown type'!r}, not BERT-family; "
-            f"Shipyard supports {', '.join(BERT_FAMILY)}"
+            f"model {folder} is {model_type or 'of unknown type'!r}, a family Shipyard does not know; "
+            f"it supports {', '.join(FAMILIES)} (pipeline/families.py)"
         )
     if not any((folder / name).exists() for name in SAFE_WEIGHTS):
         if not any((folder / name).exists() for name in PICKLE_WEIGHTS):
@@ -101,6 +98,9 @@ def inspect_model(folder: Path, task: str | None = None, allow_pickle: bool = Fa
         )
     _check_safetensors(folder)
     task_name = resolve_task(config, folder, task)
+    if task_name not in FAMILIES[model_type].tasks:
+        raise ModelError(f"model {folder}: Optimum exports no {task_name} for {model_type} (it exports "
+                         f"{', '.join(FAMILIES[model_type].tasks)}); choose one of those tasks")
     id2label = config.get("id2label") or {str(i): f"LABEL_{i}" for i in range(config.get("num_labels", 2))}
     label2id = {str(name): int(i) for i, name in id2label.items()}
     return ModelInfo(folder, model_type, len(id2label), label2id, config, task_name)

@@ -64,9 +64,14 @@ def head_task(architectures: list[str]) -> str | None:
 
 
 def resolve_task(config: dict[str, Any], folder: Path, asked: str | None) -> str:
-    """The task to ship: the one asked for, which must match the head, or the head's own."""
+    """The task to ship: the one asked for, which must match the head, or the head's own. A
+    sentence-transformers folder (`modules.json`) is a sentence encoder whatever head its
+    config.json names (`*ForMaskedLM` when it was fine-tuned from a masked-LM checkpoint), unless
+    that head is a task head of its own."""
     architectures = list(config.get("architectures") or [])
     found = head_task(architectures)
+    if found is None and (Path(folder) / "modules.json").is_file():
+        found = "feature-extraction"
     if architectures and found is None:
         raise ModelError(
             f"model {folder}: head {architectures[0]} is not a task Shipyard supports; it ships "

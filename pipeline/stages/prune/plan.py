@@ -20,6 +20,7 @@ from typing import Any, cast
 import numpy as np
 
 from pipeline.errors import ArtifactError
+from pipeline.families import Family, family_of
 
 PLAN_VERSION = 1
 # 2:4 targets: which projection of a layer, as the graph side names them.
@@ -80,25 +81,29 @@ def mask_24(weight: np.ndarray) -> np.ndarray:
 
 
 def _layers(model) -> list:
-    """The transformer layers of a Hugging Face encoder, whatever its task head."""
+    """The transformer layers of a Hugging Face encoder, whatever its task head, where its family's
+    entry says they are (`pipeline.families`)."""
     base = getattr(model, model.base_model_prefix, model)
-    if hasattr(base, "encoder") and hasattr(base.encoder, "layer"):
-        return list(base.encoder.layer)
-    if hasattr(base, "transformer") and hasattr(base.transformer, "layer"):  # DistilBERT
-        return list(base.transformer.layer)
-    raise ArtifactError(f"{type(model).__name__}: no encoder layers found; recovery supports BERT-family encoders")
+    found = _attribute(base, family_of(model.config.to_dict()).layers)
+    if found is None:
+        raise ArtifactError(f"{type(model).__name__}: no encoder layers at {family_of(model.config.to_dict()).layers}; "
+                            "recovery supports the families in pipeline/families.py")
+    return list(found)
 
 
-def _modules(layer) -> dict[str, tuple[Any, str]]:
-    """role -> (parent module, attribute) of each projection in one layer."""
-    if hasattr(layer, "attention") and hasattr(layer.attention, "self"):  # BERT, RoBERTa, ELECTRA, ...
-        att = layer.attention
-        return {"attention.q": (att.self, "query"), "attention.k": (att.self, "key"), "attention.v": (att.self, "value"),
-                "attention.out": (att.output, "dense"), "ffn.w1": (layer.intermediate, "dense"),
-                "ffn.w2": (layer.output, "dense")}
-    att, ffn = layer.attention, layer.ffn  # DistilBERT
-    return {"attention.q": (att, "q_lin"), "attention.k": (att, "k_lin"), "attention.v": (att, "v_lin"),
-            "attention.out": (att, "out_lin"), "ffn.w1": (ffn, "lin1"), "ffn.w2": (ffn, "lin2")}
+def _attribute(holder, path: str):
+    for name in path.split("."):
+        holder = getattr(holder, name, None)
+    return holder
+
+
+def _modules(layer, family: Family) -> dict[str, tuple[Any, str]]:
+    """role -> (parent module, attribute) of each projection in one layer, from the family's entry."""
+    modules = {}
+    for role, path in family.modules.items():
+        parent, _, name = path.rpartition(".")
+        modules[role] = (_attribute(layer, parent), name)
+    return modules
 
 
 def apply_to_torch(model, plan: PruningPlan):
@@ -106,7 +111,7 @@ def apply_to_torch(model, plan: PruningPlan):
     import torch
     from transformers.pytorch_utils import prune_linear_layer
 
-    layers = _layers(model)
+    layers, family = _layers(model), family_of(model.config.to_dict())
     if len(layers) != len(plan.layers):
         raise ArtifactError(f"the pruning plan has {len(plan.layers)} layers but the model has {len(layers)}; "
                             "pass the model the pruned graph was exported from")
@@ -115,7 +120,7 @@ def apply_to_torch(model, plan: PruningPlan):
         model.prune_heads(heads)
     with torch.no_grad():
         for p in plan.layers:
-            modules = _modules(layers[p.layer])
+            modules = _modules(layers[p.layer], family)
             if len(p.ffn_keep) < p.ffn_size:
                 index = cast(torch.LongTensor, torch.tensor(p.ffn_keep, dtype=torch.long))
                 for role, dim in (("ffn.w1", 0), ("ffn.w2", 1)):
@@ -136,10 +141,10 @@ def sparse_masks(model, plan: PruningPlan) -> list[tuple[Any, Any]]:
     (recovery multiplies them in again after every optimizer step)."""
     import torch
 
-    layers = _layers(model)
+    layers, family = _layers(model), family_of(model.config.to_dict())
     masks = []
     for layer, role in plan.sparse_24:
-        parent, name = _modules(layers[layer])[role]
+        parent, name = _modules(layers[layer], family)[role]
         linear = getattr(parent, name)
         mask = mask_24(linear.weight.detach().numpy().T).T  # ONNX keeps [in, out]; torch [out, in]
         masks.append((linear, torch.from_numpy(np.ascontiguousarray(mask)).to(linear.weight.dtype)))

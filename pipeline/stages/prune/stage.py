@@ -41,11 +41,10 @@ def blocks_of(model: ir.Model, source: Path,
     annotations dropped. Refuses shared weights and blocks
     that contradict `config`."""
     shared = shared_weights(model)
-    if shared:
-        family = "ALBERT shares one set of layer weights" if (config or {}).get("model_type") == "albert" \
-            else f"{len(shared)} weight matrices are shared between layers"
-        raise PruneError(f"ONNX file {source}: {family}, so removing a unit from one layer would remove it "
-                         "from all; Shipyard does not prune such models: disable pruning for it")
+    if shared:  # a family the table marks prunable should never get here (`refuse_what_the_family_cannot_take`)
+        raise PruneError(f"ONNX file {source}: {len(shared)} weight matrices are shared between layers, so removing "
+                         "a unit from one layer would remove it from all; Shipyard does not prune such models: "
+                         "disable pruning for it")
     untie_constants(model)
     unfold_gemms(model)
     drop_shape_annotations(model)
@@ -62,6 +61,18 @@ def blocks_of(model: ir.Model, source: Path,
         raise PruneError(f"ONNX file {source}: the blocks found do not match config.json ({problems[0]}{more}); "
                          "pass the folder of the model this graph was exported from")
     return ffn, attention
+
+
+def refuse_what_the_family_cannot_take(spec: PruneSpec, config: dict[str, Any], source: Path) -> None:
+    """A request for units the model's family cannot lose exactly (`pipeline.families`) is refused,
+    naming why, before any graph is read."""
+    family = family_of(config)
+    if not family.pruning:
+        raise PruneError(f"ONNX file {source}: {family.not_prunable}; disable pruning for this model")
+    if "heads" not in family.pruning and (spec.heads_per_layer > 0 or spec.heads):
+        raise PruneError(f"ONNX file {source}: {family.not_prunable}; prune FFN neurons only (no heads)")
+    if "ffn" not in family.pruning and (spec.ffn_fraction > 0 or spec.budget is not None):
+        raise PruneError(f"ONNX file {source}: {family.not_prunable}; prune heads only (no FFN neurons)")
 
 
 def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
@@ -102,6 +113,7 @@ class Pruner:
     @classmethod
     def of(cls, src: Artifact, spec: PruneSpec, calibration_batches: list[Batch],
            model_config: dict[str, Any]) -> Pruner:
+        refuse_what_the_family_cannot_take(spec, model_config, src.path)
         model = graph_model.load(src.path)
         ffn, attention = blocks_of(model, src.path, model_config)
         needs_scores = spec.ffn_fraction > 0 or spec.heads_per_layer > 0 or spec.budget is not None
