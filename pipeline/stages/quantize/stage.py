@@ -109,6 +109,7 @@ def _qdq_quantizer(src: Path, work: Path, batches: list[Batch], spec: QuantizeSp
             calibration_cache_path=str(cache), use_external_data_format=large,
         )
         _float_inputs_for_excluded(out, excluded)
+        graph_model.save(graph_model.load(out), out)  # in node order: ORT's quantizer may leave it unsorted
         return out
 
     if spec.method == "entropy":
@@ -189,6 +190,7 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | 
             # The fused graph loses some value_info; without a default type the quantizer stops.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
+        graph_model.save(graph_model.load(out), out)  # in node order: ORT's quantizer may leave it unsorted
         return out
 
     options = {"fusion": "onnxruntime.transformers bert", "fused_ops": fused_ops,
