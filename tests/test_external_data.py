@@ -16,8 +16,11 @@ from pipeline.release.signing import verify_folder
 
 
 @pytest.fixture
-def small_external_threshold(monkeypatch):
+def small_external_threshold(monkeypatch, tmp_path_factory):
     monkeypatch.setattr(graph_model, "EXTERNAL_DATA_ABOVE", 1 << 20)
+    # A stage cache of its own: the threshold is not in the cache key (it is a constant outside
+    # tests), so an entry another test stored with inline weights would be served here.
+    monkeypatch.setenv("SHIPYARD_CACHE_DIR", str(tmp_path_factory.mktemp("external-data-cache")))
 
 
 def test_a_release_with_external_data_is_listed_verified_and_cached(tiny, tiny_holdout_small, tmp_path,

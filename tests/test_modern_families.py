@@ -12,7 +12,10 @@ import json
 
 import pytest
 from conftest import PROFILE, invoke
+from test_tasks import COLUMNS, task_data  # noqa: F401, F811 (fixture)
+from zoo import make_model
 
+from pipeline.families import FAMILIES as TABLE
 from pipeline.run.demo import prepare_demo
 
 NEW_FAMILIES = ("deberta-v2", "modernbert", "mpnet")
@@ -41,3 +44,34 @@ def test_a_fine_tuned_model_of_each_new_family_passes_the_default_gates(family, 
     for name in ("model.int8.qdq", "model.int8.cpu", "model.trt.int8-fp16"):
         assert parity[name]["gate"]["min_agreement"] == 0.98 and parity[name]["passed"], (name, parity[name])
     assert all(t["readiness"]["ready"] for t in manifest["targets"]), manifest["targets"]
+
+
+TASK_CASES = [(family, task) for family in NEW_FAMILIES for task in TABLE[family].tasks]
+
+
+@pytest.mark.parametrize(("family", "task"), TASK_CASES)
+def test_every_task_of_each_new_family_exports_quantizes_checks_and_validates(family, task, task_data, tmp_path):  # noqa: F811
+    """Every task Optimum exports for the family, on a small random-weight model of it: the export is
+    exact, both INT8 forms are written and gated, and the Q/DQ graph is TensorRT-ready."""
+    model = make_model(tmp_path / "model", family, task, head_scale=5.0)
+    data = task_data[task] if task != "text-classification" else None
+    columns = COLUMNS.get(task, ["--text-column", "text"])
+    exported = tmp_path / "model.onnx"
+    result = invoke("export", "--model", model, "--out", exported, "--json")  # the task is read from the head
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["task"] == task and json.loads(result.output)["max_abs_diff"] <= 1e-4
+    data = data or task_data["feature-extraction"]
+    result = invoke("validate", "--reference", model, "--artifact", exported, "--data", data, "--samples", "64",
+                    "--max-length", "48", "--json", *columns)
+    assert result.exit_code == 0 and json.loads(result.output)["agreement"] == 1.0, result.output
+    calibration = columns[:4] if task == "question-answering" else columns[:2]
+    for fmt in ("qdq", "cpu"):
+        out = tmp_path / f"int8.{fmt}.onnx"
+        result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, "--calibration", data,
+                        "--tokenizer", model, "--samples", "32", "--max-length", "48", "--tuning-samples", "0",
+                        "--quiet", *calibration)
+        assert result.exit_code == 0, result.output
+        result = invoke("validate", "--reference", model, "--artifact", out, "--data", data, "--samples", "64",
+                        "--max-length", "48", "--min-agreement", "0", "--json", *columns)
+        assert result.exit_code == 0, result.output
+    assert invoke("trt-check", tmp_path / "int8.qdq.onnx").exit_code == 0
