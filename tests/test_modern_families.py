@@ -12,6 +12,7 @@ import json
 
 import pytest
 from conftest import PROFILE, invoke
+from test_faults import assert_clean_failure
 from test_tasks import COLUMNS, task_data  # noqa: F401, F811 (fixture)
 from zoo import make_model
 
@@ -75,3 +76,40 @@ def test_every_task_of_each_new_family_exports_quantizes_checks_and_validates(fa
                         "--max-length", "48", "--min-agreement", "0", "--json", *columns)
         assert result.exit_code == 0, result.output
     assert invoke("trt-check", tmp_path / "int8.qdq.onnx").exit_code == 0
+
+
+def test_a_graph_with_the_standard_onnx_attention_op(tiny, tiny_holdout_small, tmp_path):
+    """torch.onnx's dynamo exporter at opset 23 writes the standard `Attention` op: TensorRT 10.15
+    parses it (10.3 does not, and trt-check says so), both INT8 forms quantize around it (ONNX
+    Runtime's dynamic quantizer would take it for its packed contrib op and break it) and gate
+    against PyTorch, and pruning, which cannot slice its heads yet, refuses it in one line."""
+    import onnx
+    import torch
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(str(tiny.model), attn_implementation="sdpa").eval()
+    encoded = AutoTokenizer.from_pretrained(str(tiny.model))(["a first tweet", "ok"], padding=True, return_tensors="pt")
+    names = ["input_ids", "attention_mask", "token_type_ids"]
+    axes = {0: torch.export.Dim("batch"), 1: torch.export.Dim("sequence")}
+    exported = tmp_path / "dynamo.onnx"
+    torch.onnx.export(model, tuple(encoded[n] for n in names), str(exported), dynamo=True, opset_version=23,
+                      input_names=names, output_names=["logits"], dynamic_shapes=(axes, axes, axes),
+                      external_data=False)
+    assert [n.op_type for n in onnx.load(str(exported)).graph.node].count("Attention") == 2  # test moot otherwise
+
+    assert invoke("trt-check", exported, "--trt-version", "10.15").exit_code == 0
+    refused = invoke("trt-check", exported, "--trt-version", "10.3")
+    assert refused.exit_code == 1 and "Attention is not supported by TensorRT 10.3" in refused.output
+    rows = ("--calibration", tiny_holdout_small, "--tokenizer", tiny.model, "--samples", "64", "--max-length", "48")
+    for fmt in ("qdq", "cpu"):
+        out = tmp_path / f"dynamo.{fmt}.onnx"
+        result = invoke("quantize", "--model", exported, "--out", out, "--format", fmt, *rows, "--tuning-samples", "0",
+                        "--quiet")
+        assert result.exit_code == 0, result.output
+        result = invoke("validate", "--reference", tiny.model, "--artifact", out, "--data", tiny_holdout_small,
+                        "--label-column", "sentiment", "--samples", "200", "--max-length", "48",
+                        "--max-metric-drop", "0.05", "--min-agreement", "0.9", "--json")
+        assert result.exit_code == 0, result.output
+    out = tmp_path / "pruned.onnx"
+    result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", tiny.model, "--prune-heads", '{"0": [1]}')
+    assert_clean_failure(result, "standard ONNX Attention op", "shipyard export", out=out)

@@ -101,6 +101,21 @@ def save(model: ir.Model, path: Path, data_name: str | None = None) -> list[Path
     return [path, data]
 
 
+STANDARD_DOMAINS = ("", "ai.onnx")
+
+
+def is_packed_attention(node: ir.Node) -> bool:
+    """ONNX Runtime's contrib `Attention` (com.microsoft): one packed QKV weight as input 1, what its
+    optimizer fuses a BERT into. The standard ONNX `Attention` (opset 23, torch's dynamo exporter)
+    shares the name but takes Q, K and V as activations: no weight to quantize or smooth."""
+    return node.op_type == "Attention" and node.domain == "com.microsoft"
+
+
+def standard_attention_nodes(model: ir.Model) -> list[ir.Node]:
+    """The standard ONNX `Attention` nodes of a graph (see `is_packed_attention`)."""
+    return [node for node in model.graph if node.op_type == "Attention" and node.domain in STANDARD_DOMAINS]
+
+
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value of an initializer or of a `Constant` node's output (any attribute form), else None."""
     if value is None:

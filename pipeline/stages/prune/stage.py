@@ -40,6 +40,10 @@ def blocks_of(model: ir.Model, source: Path,
     through Identity or read directly untied, onnxsim's Reshape-Gemm-Reshape projections unfolded, stale shape
     annotations dropped. Refuses shared weights and blocks
     that contradict `config`."""
+    if graph_model.standard_attention_nodes(model):
+        raise PruneError(f"ONNX file {source}: its attention is the standard ONNX Attention op (torch.onnx's dynamo "
+                         "exporter at opset 23+), whose heads Shipyard does not slice yet; prune the graph shipyard "
+                         "export (Optimum) makes of the same model")
     shared = shared_weights(model)
     if shared:  # a family the table marks prunable should never get here (`refuse_what_the_family_cannot_take`)
         raise PruneError(f"ONNX file {source}: {len(shared)} weight matrices are shared between layers, so removing "

@@ -34,6 +34,8 @@ def _activation_inputs(model: ir.Model) -> dict[str, list[str]]:
     for node in model.graph:
         if node.op_type not in RANKED_OPS or not node.name:
             continue
+        if node.op_type == "Attention" and not graph_model.is_packed_attention(node):
+            continue  # the standard ONNX Attention: activations only, nothing the quantizers touch
         inputs = node.inputs[:1] if node.op_type == "Attention" else node.inputs
         acts = [i.name for i in inputs if i is not None and i.name and not i.is_initializer()]
         if acts:

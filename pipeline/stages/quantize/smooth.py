@@ -62,6 +62,8 @@ def smoothing_sites(model: ir.Model) -> dict[str, list[str]]:
     for node in model.graph:
         if node.op_type not in PROJECTIONS or len(node.inputs) < 2 or node.inputs[0] is None:
             continue
+        if node.op_type == "Attention" and not graph_model.is_packed_attention(node):
+            continue  # the standard ONNX Attention reads K and V as activations, not a packed weight
         norm, weight = node.inputs[0].producer(), node.inputs[1]
         if (norm is not None and norm.op_type in NORMALIZATIONS and node.inputs[0] is norm.outputs[0]
                 and initializer(weight) is not None and len(weight.shape or ()) == 2):  # type: ignore[union-attr]

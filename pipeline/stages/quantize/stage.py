@@ -181,12 +181,15 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | 
     large = bool(external_data_files(src))  # past protobuf's 2 GB: every tool writes external data
     optimized.save_model_to_file(str(fused), use_external_data_format=large)
     smoothing = smooth_with(fused) if smooth_with else None  # after fusion: it keeps Attention fusable
+    # ORT's dynamic quantizer takes every node named `Attention` for its packed contrib op and
+    # breaks the standard ONNX one (opset 23, torch's dynamo exporter): those stay in float.
+    standard_attention = [n.name or "" for n in graph_model.standard_attention_nodes(graph_model.load(fused))]
 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"cpu-{len(excluded)}.onnx"
         quantize_dynamic(
             str(fused), str(out), weight_type=QuantType.QInt8, per_channel=True,
-            nodes_to_exclude=excluded, use_external_data_format=large,
+            nodes_to_exclude=excluded + standard_attention, use_external_data_format=large,
             # The fused graph loses some value_info; without a default type the quantizer stops.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
