@@ -90,7 +90,7 @@ def _recipe_target(recipe_file: Path | None, target_name: str | None):
 def build_cmd(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None, overwrite: bool, quiet: bool,
               as_json: bool) -> None:
     """Build a TensorRT engine for one target (needs TensorRT and a GPU of the target's architecture)."""
-    from pipeline.run.standalone import build_file
+    from pipeline.run.build_file import build_file
 
     record, readiness = build_file(model_path, target_ref, out, recipe_file, overwrite)
     if readiness is not None:

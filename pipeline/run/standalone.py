@@ -49,27 +49,21 @@ from pipeline.parity.runners import (
     check_onnx_file,
 )
 from pipeline.parity.tasks import Pooling, Task, graph_task
-from pipeline.platforms import ARCHITECTURES
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import (
     ExportSpec,
     FallbackSpec,
     Gate,
-    ProfileSpec,
     PruneSpec,
     QuantizeSpec,
-    Range,
-    TargetSpec,
     Thresholds,
-    load_recipe,
 )
 from pipeline.recipe.defaults import schema_default
 from pipeline.release.manifest import folder_sha256, write_json
 from pipeline.release.signing import engine_trust
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.gating import Gating
-from pipeline.stages import build, export, prune, quantize
-from pipeline.trt.readiness import check_model_file
+from pipeline.stages import export, prune, quantize
 
 Batch = dict[str, Any]
 P = ParamSpec("P")
@@ -296,46 +290,6 @@ def _engine_record(engine: Path) -> dict:
         raise ArtifactError(f"engine {engine} is not the one its build record {sidecar.name} describes (sha256 "
                             "or precision differs); build it again with shipyard build")
     return record
-
-
-DEFAULT_PROFILE = ProfileSpec(batch=Range(min=1, opt=8, max=32), sequence=Range(min=1, opt=128, max=512))
-
-
-def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path) -> TargetSpec:
-    """A recipe's target by name, or an architecture with the graph's precision, default profiles and
-    the architecture's TensorRT."""
-    if recipe_file is not None:
-        return load_recipe(recipe_file).target(ref)
-    if ref not in ARCHITECTURES:
-        raise ShipyardError(f"--target {ref}: pass --recipe to use a recipe target, or an architecture "
-                            f"({', '.join(ARCHITECTURES)})")
-    precision, _, _ = artifact_kind(model_path)
-    return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE])
-
-
-def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None = None,
-               overwrite: bool = False):
-    """Build one engine; returns (record, None), or (None, readiness report) when the graph is not ready.
-
-    Bad input and a machine that cannot build raise `ShipyardError` before any work. The engine
-    and its build record `OUT.json` follow `one_stage`'s rule for existing outputs and new folders."""
-    check_onnx_file(model_path)
-    sidecar = Path(f"{out}.json")
-    check_output_file(out, overwrite)
-    check_output_file(sidecar, overwrite)
-    target = _resolve_target(target_ref, recipe_file, model_path)
-    env = build.build_environment()
-    build.check_target_arch(target, env)
-    readiness = check_model_file(model_path, target.tensorrt, target.profiles)
-    if not readiness:
-        return None, readiness
-    with made_parents(out):
-        record = build.build_engine(build.plan_build(target, model_path), out, env)
-        precision, kind, from_pruned = artifact_kind(model_path)
-        with atomic_file(sidecar) as tmp:
-            write_json(tmp, {**vars(record), "precision": precision, "kind": kind, "pruned": from_pruned,
-                             "target": json.loads(target.model_dump_json()), "readiness": readiness.to_dict()})
-    return record, None
 
 
 def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
