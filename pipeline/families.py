@@ -72,9 +72,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("albert", pruning=(),
            not_prunable="ALBERT shares one set of layer weights, so removing a unit from one layer would remove it "
                         "from all"),
-    Family("deberta-v2", pruning=(),
+    Family("deberta-v2", pruning=("ffn",),
            not_prunable="DeBERTa's disentangled attention applies its query and key projections to the relative "
-                        "positions too (one embedding shared by every layer); Shipyard does not prune it yet"),
+                        "positions too (one embedding shared by every layer), so its heads are not pruned yet",
+           modules=MappingProxyType({"attention.q": "attention.self.query_proj",
+                                     "attention.k": "attention.self.key_proj",
+                                     "attention.v": "attention.self.value_proj", "attention.out": "attention.output.dense",
+                                     "ffn.w1": "intermediate.dense", "ffn.w2": "output.dense"})),
     Family("modernbert", tasks=("text-classification", "token-classification", "feature-extraction"), pruning=(),
            not_prunable="ModernBERT's fused Wqkv projection and gated FFN are not pruned by Shipyard yet"),
     Family("mpnet", reserved_positions=2, pruning=("ffn",),

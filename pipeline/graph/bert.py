@@ -278,7 +278,8 @@ def check_blocks(g: Graph, ffn: list[FfnBlock], attention: list[AttentionBlock],
     """What the found blocks contradict in `config` (empty when they agree, or no config is given)."""
     sizes = config_sizes(config)
     problems = []
-    if sizes["layers"] and not len(ffn) == len(attention) == sizes["layers"]:
+    # No attention blocks at all is a family whose attention is not BERT's (DeBERTa), pruned in its FFN only.
+    if sizes["layers"] and (len(ffn) != sizes["layers"] or (attention and len(attention) != sizes["layers"])):
         problems.append(f"config has {sizes['layers']} layers, the graph {len(ffn)} FFN and "
                         f"{len(attention)} attention blocks")
     head_dim = sizes["hidden"] // sizes["heads"] if sizes["heads"] and sizes["hidden"] else 0

@@ -44,17 +44,20 @@ def blocks_of(model: ir.Model, source: Path,
         raise PruneError(f"ONNX file {source}: its attention is the standard ONNX Attention op (torch.onnx's dynamo "
                          "exporter at opset 23+), whose heads Shipyard does not slice yet; prune the graph shipyard "
                          "export (Optimum) makes of the same model")
-    shared = shared_weights(model)
-    if shared:  # a family the table marks prunable should never get here (`refuse_what_the_family_cannot_take`)
-        raise PruneError(f"ONNX file {source}: {len(shared)} weight matrices are shared between layers, so removing "
-                         "a unit from one layer would remove it from all; Shipyard does not prune such models: "
-                         "disable pruning for it")
+    shared = shared_weights(model)  # read before untying: untie_constants leaves shared weights alone
     untie_constants(model)
     unfold_gemms(model)
     drop_shape_annotations(model)
     g = Graph(model)
     ffn, attention = find_ffn_blocks(g), find_attention_blocks(g)
-    if not ffn or not attention or len(ffn) != len(attention):
+    # A family that loses heads needs its attention blocks found; one that prunes FFN neurons only
+    # (DeBERTa, whose attention is disentangled) needs its FFN blocks, and no weight of theirs shared.
+    heads = "heads" in family_of(config or {}).pruning
+    if shared and (heads or set(shared) & {name for b in ffn for name in (b.w1, b.w2)}):
+        raise PruneError(f"ONNX file {source}: {len(shared)} weight matrices are shared between layers, so removing "
+                         "a unit from one layer would remove it from all; Shipyard does not prune such models: "
+                         "disable pruning for it")
+    if not ffn or (heads and (not attention or len(ffn) != len(attention))):
         raise PruneError(
             f"ONNX file {source}: BERT blocks not found ({len(ffn)} FFN, {len(attention)} attention); "
             "prune an unfused FP32 export from shipyard export"
