@@ -14,8 +14,8 @@ and Optimum). Everything else reads the entry:
   question answering): any other is refused before any work.
 - `pruning`: what the ONNX pruner can remove exactly ("heads", "ffn"), and the reason for what it
   cannot, which a refused request quotes.
-- `layers`, `modules`: where a pruning plan finds each layer and projection in the PyTorch model
-  (recovery trains that model), as attribute paths.
+- `layers`, `modules`, `gated_ffn`: where a pruning plan finds each layer and projection in the
+  PyTorch model (recovery trains that model), as attribute paths, and whether W1 holds a gate half.
 """
 
 from __future__ import annotations
@@ -51,6 +51,7 @@ class Family:
     not_prunable: str = ""  # why the units missing from `pruning` cannot be removed exactly
     layers: str = "encoder.layer"
     modules: MappingProxyType[str, str] = field(default_factory=lambda: BERT_MODULES)
+    gated_ffn: bool = False  # W1 makes the activation's input and its gate (2 x intermediate rows)
 
     def key(self, name: SizeName) -> str:
         """The config key this family stores size `name` under."""
@@ -79,8 +80,13 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                      "attention.k": "attention.self.key_proj",
                                      "attention.v": "attention.self.value_proj", "attention.out": "attention.output.dense",
                                      "ffn.w1": "intermediate.dense", "ffn.w2": "output.dense"})),
-    Family("modernbert", tasks=("text-classification", "token-classification", "feature-extraction"), pruning=(),
-           not_prunable="ModernBERT's fused Wqkv projection and gated FFN are not pruned by Shipyard yet"),
+    Family("modernbert", tasks=("text-classification", "token-classification", "feature-extraction"),
+           pruning=("ffn",), gated_ffn=True, layers="layers",
+           not_prunable="ModernBERT's heads share one fused Wqkv projection, which Shipyard does not slice yet",
+           # Q, K and V are the thirds of one fused projection; the plan only ever touches the FFN.
+           modules=MappingProxyType({"attention.q": "attn.Wqkv", "attention.k": "attn.Wqkv",
+                                     "attention.v": "attn.Wqkv", "attention.out": "attn.Wo",
+                                     "ffn.w1": "mlp.Wi", "ffn.w2": "mlp.Wo"})),
     Family("mpnet", reserved_positions=2, pruning=("ffn",),
            not_prunable="MPNet adds one relative-position bias per head, computed once and shared by every layer, "
                         "so a head cannot be removed from one layer alone",

@@ -184,7 +184,7 @@ def test_each_family_prunes_recovers_and_reloads_with_transformers(family, famil
     model = AutoModelForSequenceClassification.from_pretrained(str(tmp_path / "new" / "recovered.model")).eval()
     ffn = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
            and name.endswith(TABLE[family].modules["ffn.w1"])]
-    assert [m.out_features for m in ffn] == [96, 96]
+    assert [m.out_features for m in ffn] == [96 * (2 if TABLE[family].gated_ffn else 1)] * 2  # a gated W1: both halves
     for batch in _token_batches(folder):
         with torch.inference_mode():
             accepts = set(model.forward.__code__.co_varnames)

@@ -90,6 +90,13 @@ class FfnBlock:
     b2: str | None
     activation: str  # the GELU output, W2's input
     size: int
+    # A gated FFN (ModernBERT): W1 makes 2 x size columns, split in halves into the input of the
+    # activation and its gate; neuron j is columns j and size + j of W1 and row j of W2.
+    gated: bool = False
+
+    def w1_columns(self, keep: np.ndarray) -> np.ndarray:
+        """W1's columns that hold neurons `keep` (both halves of a gated FFN)."""
+        return np.concatenate([keep, keep + self.size]) if self.gated else keep
 
 
 @dataclass
@@ -120,16 +127,33 @@ def find_ffn_blocks(g: Graph) -> list[FfnBlock]:
             continue
         # Without a bias (onnxsim folds away an all-zero one), the GELU reads the MatMul itself.
         start = next(c for c in node.outputs[0].consumers() if c.op_type == "Add").outputs[0] if b1 else node.outputs[0]
-        found = _walk_gelu_to_matmul(g, start, size)
+        found, gated = _walk_gelu_to_matmul(g, start, size), False
+        halves = _gated_halves(start)
+        if found is None and halves is not None and size % 2 == 0:
+            found, gated = _walk_gelu_to_matmul(g, halves, size // 2), True
         if found is not None:
             w2_node, activation = found
             w2 = g.weight_of(w2_node)
             assert w2 is not None and activation.name
-            blocks.append((order[id(node)], FfnBlock(0, w1, b1, w2, g.bias_after(w2_node), activation.name, size)))
+            block = FfnBlock(0, w1, b1, w2, g.bias_after(w2_node), activation.name, size // 2 if gated else size, gated)
+            blocks.append((order[id(node)], block))
     blocks.sort(key=lambda item: item[0])
     for i, (_, block) in enumerate(blocks):
         block.layer = i
     return [block for _, block in blocks]
+
+
+def _gated_halves(tensor: ir.Value) -> ir.Value | None:
+    """The first half of a gated FFN's W1 output: two `Slice` nodes split it (ModernBERT's chunk(2)),
+    the one starting at 0 feeds the activation. None for any other FFN."""
+    slices = [c for c in tensor.consumers() if c.op_type == "Slice"]
+    if len(slices) != 2 or any(c.op_type not in ("Slice", "Shape") for c in tensor.consumers()):
+        return None
+    for node in slices:
+        start = constant(node.inputs[1])
+        if start is not None and not start.any():
+            return node.outputs[0]
+    return None
 
 
 def _walk_gelu_to_matmul(g: Graph, start: ir.Value, size: int) -> tuple[ir.Node, ir.Value] | None:

@@ -122,9 +122,11 @@ def apply_to_torch(model, plan: PruningPlan):
         for p in plan.layers:
             modules = _modules(layers[p.layer], family)
             if len(p.ffn_keep) < p.ffn_size:
-                index = cast(torch.LongTensor, torch.tensor(p.ffn_keep, dtype=torch.long))
-                for role, dim in (("ffn.w1", 0), ("ffn.w2", 1)):
+                keep = np.asarray(p.ffn_keep)
+                rows = np.concatenate([keep, keep + p.ffn_size]) if family.gated_ffn else keep  # input and gate halves
+                for role, dim, kept in (("ffn.w1", 0, rows), ("ffn.w2", 1, keep)):
                     parent, name = modules[role]
+                    index = cast(torch.LongTensor, torch.tensor(kept, dtype=torch.long))
                     setattr(parent, name, prune_linear_layer(getattr(parent, name), index, dim=dim))
                 _set_intermediate_size(layers[p.layer], len(p.ffn_keep))
             for role, bias in (("ffn.w2", p.ffn_bias), ("attention.out", p.attention_bias)):

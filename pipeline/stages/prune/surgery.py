@@ -73,9 +73,9 @@ def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | No
         dropped = np.setdiff1d(np.arange(block.size), keep)
         g.set_array(block.b2, g.array(block.b2) + mean[dropped] @ g.array(block.w2)[dropped, :])
         bias = g.array(block.b2)
-    g.set_array(block.w1, g.array(block.w1)[:, keep])
+    g.set_array(block.w1, g.array(block.w1)[:, block.w1_columns(keep)])
     if block.b1 is not None:
-        g.set_array(block.b1, g.array(block.b1)[keep])
+        g.set_array(block.b1, g.array(block.b1)[block.w1_columns(keep)])
     g.set_array(block.w2, g.array(block.w2)[keep, :])
     return bias
 
