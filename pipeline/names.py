@@ -53,3 +53,7 @@ DEFERRED = "deferred to shipyard engines"
 ENGINE_STATUSES: tuple[str, ...] = (BUILT, NEEDS_GPU_HOST, NOT_READY, BUILD_FAILED, DEFERRED)
 # A build never attempted: JUnit and the report say "skipped" with the reason, never "pass".
 NOT_ATTEMPTED: tuple[str, ...] = (NEEDS_GPU_HOST, NOT_READY, DEFERRED)
+
+# The longest context a supported family has (ModernBERT's 8,192 positions): the schema's and the
+# CLI's cap on tokens per row; each model's own positions are checked when it is read.
+MAX_TOKENS = 8192

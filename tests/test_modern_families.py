@@ -113,3 +113,30 @@ def test_a_graph_with_the_standard_onnx_attention_op(tiny, tiny_holdout_small, t
     out = tmp_path / "pruned.onnx"
     result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", tiny.model, "--prune-heads", '{"0": [1]}')
     assert_clean_failure(result, "standard ONNX Attention op", "shipyard export", out=out)
+
+
+def test_the_token_cap_is_each_model_s_positions_not_bert_s(tiny, tiny_holdout_small, tmp_path):
+    """Rows and engine profiles may be as long as the model's own positions (ModernBERT's rotary
+    positions go to 8,192): 1,000 tokens pass for a ModernBERT that has them and are refused, naming
+    the model's 512 positions, for a BERT, in --max-length and in a target's profile alike."""
+    from conftest import write_recipe
+
+    folder = make_model(tmp_path / "modernbert", "modernbert", head_scale=5.0)
+    config = json.loads((folder / "config.json").read_text())
+    config["max_position_embeddings"] = 1024  # rotary: no position weights to resize
+    (folder / "config.json").write_text(json.dumps(config))
+    long = tmp_path / "long.csv"
+    long.write_text("text\n" + "".join(" ".join(f"word{i}" for i in range(n)) + "\n" for n in (900, 1500, 3)))
+    exported = tmp_path / "model.onnx"
+    assert invoke("export", "--model", folder, "--out", exported, "--quiet").exit_code == 0
+    result = invoke("validate", "--reference", folder, "--artifact", exported, "--data", long, "--max-length", "1000",
+                    "--json")
+    assert result.exit_code == 0 and json.loads(result.output)["agreement"] == 1.0, result.output
+    result = invoke("validate", "--reference", tiny.model, "--artifact", exported, "--data", long, "--max-length",
+                    "1000")
+    assert_clean_failure(result, "--max-length 1000 is longer than model", "512 positions")
+    profile = {"batch": {"min": 1, "opt": 1, "max": 4}, "sequence": {"min": 8, "opt": 64, "max": 1000}}
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small,
+                          targets=[{"name": "long", "arch": "sm_80", "precision": "fp16", "profiles": [profile]}])
+    assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "release"),
+                         "targets.long.profiles[0].sequence.max 1000 is longer than model", out=tmp_path / "release")

@@ -10,6 +10,7 @@ from pathlib import Path
 import click
 
 from pipeline.cli.group import GATE_FAILED
+from pipeline.names import MAX_TOKENS
 from pipeline.recipe import Gate, Thresholds
 from pipeline.recipe.defaults import schema_default as schema_default
 
@@ -100,7 +101,7 @@ def calibration_rows_options(calibration_help: str, tokenizer_help: str):
         @click.option("--text-pair-column", default=None)
         @click.option("--samples", type=click.IntRange(min=1), default=256, show_default=True,
                       help="Calibration rows to draw (seeded).")
-        @click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"),
+        @click.option("--max-length", type=click.IntRange(8, MAX_TOKENS), default=schema_default("data.max_length"),
                       show_default=True)
         @encoding_option
         @functools.wraps(func)

@@ -22,6 +22,7 @@ from pipeline.cli.options import (
 )
 from pipeline.names import (
     CALIBRATION_METHODS,
+    MAX_TOKENS,
     METRIC_NAMES,
     METRICS,
     QUANT_FORMATS,
@@ -51,7 +52,7 @@ PRUNED_GATE = f"{_PRUNED.min_agreement:g} agreement, {100 * (_PRUNED.max_metric_
               show_default=True, help="Rows of --data the gate runs on (seeded).")
 @click.option("--text-column", default=schema_default("data.text_column"), show_default=True)
 @click.option("--text-pair-column", default=None)
-@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
+@click.option("--max-length", type=click.IntRange(8, MAX_TOKENS), default=schema_default("data.max_length"), show_default=True)
 @encoding_option
 @allow_pickle_option
 @overwrite_option
@@ -165,7 +166,7 @@ def prune_cmd(model_path: Path, out: Path, rows, spec, overwrite: bool, cache, q
               help="Steps between checks on the tuning rows (and after the last step).")
 @click.option("--patience", type=click.IntRange(min=1), default=schema_default("recover.patience"), show_default=True,
               help="Checks that come no closer before training stops.")
-@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
+@click.option("--max-length", type=click.IntRange(8, MAX_TOKENS), default=schema_default("data.max_length"), show_default=True)
 @click.option("--seed", type=int, default=schema_default("recover.seed"), show_default=True)
 @click.option("--task", type=click.Choice(TASKS), default=None,
               help="Default: the reference model head's task.")
@@ -214,7 +215,7 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
               help="Gold labels (class, per-word IOB2 tags, or answer texts) enable the metric and its drop.")
 @click.option("--samples", type=click.IntRange(min=1), default=None,
               help="Evaluate a seeded sample of this many rows [default: all].")
-@click.option("--max-length", type=click.IntRange(8, 512), default=schema_default("data.max_length"), show_default=True)
+@click.option("--max-length", type=click.IntRange(8, MAX_TOKENS), default=schema_default("data.max_length"), show_default=True)
 @click.option("--min-agreement", type=click.FloatRange(0, 1), default=None,
               help=gate_help("min_agreement"))
 @click.option("--min-agreement-lower", type=click.FloatRange(0, 1), default=None,

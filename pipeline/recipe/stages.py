@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline.names import (
+    MAX_TOKENS,
     CalibrationMethod,
     FfnScope,
     Padding,
@@ -57,8 +58,8 @@ class DataSpec(Strict):
     label_column: str | None = Field(
         None, description="gold labels enable the metric gates: a class per row, a list of IOB2 tags per word "
         "(token classification) or the answer text(s) (question answering)")
-    max_length: int = Field(128, ge=8, le=512, description="tokens per row, at most the model's "
-                            "max_position_embeddings; longer rows are truncated")
+    max_length: int = Field(128, ge=8, le=MAX_TOKENS, description="tokens per row, at most the model's "
+                            "positions (512 for BERT, 8,192 for ModernBERT); longer rows are truncated")
     padding: Padding = Field(
         "max_length", description="evaluation and tuning batches, and calibration batches with the minmax "
         "calibrator (longest: rows ordered by length, each batch padded to its longest row); entropy and "

@@ -7,7 +7,7 @@ from typing import Literal
 
 from pydantic import Field, model_validator
 
-from pipeline.names import Precision
+from pipeline.names import MAX_TOKENS, Precision
 from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS, Arch, tensorrt_for
 from pipeline.recipe.base import Strict
 
@@ -33,9 +33,11 @@ class ProfileSpec(Strict):
     sequence: Range
 
     @model_validator(mode="after")
-    def _within_bert(self) -> ProfileSpec:
-        if self.sequence.max > 512:
-            raise ValueError("sequence.max must be <= 512 (BERT's position embeddings)")
+    def _within_longest_context(self) -> ProfileSpec:
+        # The family's own limit (512 for BERT, 8,192 for ModernBERT) is the model's positions,
+        # checked against every target when a run starts (`pipeline.run.context`).
+        if self.sequence.max > MAX_TOKENS:
+            raise ValueError(f"sequence.max must be <= {MAX_TOKENS} (the longest context of a supported family)")
         return self
 
 

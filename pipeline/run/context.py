@@ -76,6 +76,9 @@ class RunInputs:
         rows calibration and tuning took, not their tokens; no recovery data)."""
         info = inspect_model(recipe.model.path, recipe.model.task, recipe.model.allow_pickle)
         check_max_length(info, recipe.data.max_length, "data.max_length")
+        for target in recipe.targets:
+            for index, profile in enumerate(target.profiles):
+                check_max_length(info, profile.sequence.max, f"targets.{target.name}.profiles[{index}].sequence.max")
         task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
         tokenizer = load_tokenizer(recipe.model.path, task.name)
         prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
