@@ -16,6 +16,12 @@ and Optimum). Everything else reads the entry:
   cannot, which a refused request quotes.
 - `layers`, `modules`, `gated_ffn`: where a pruning plan finds each layer and projection in the
   PyTorch model (recovery trains that model), as attribute paths, and whether W1 holds a gate half.
+- `torch_heads`: how a plan removes heads from that model. "prune_heads" is transformers' own
+  (the config records `pruned_heads` and the pruned model reloads); "masked" keeps the heads and
+  zeroes their columns of the output projection, which is the pruned graph's function exactly,
+  for families transformers cannot prune: ModernBERT has no `prune_heads`, and MPNet's adds a
+  position bias of every head to fewer heads. Recovery keeps those columns zero while training
+  and slices the heads out of the recovered model's export.
 """
 
 from __future__ import annotations
@@ -52,6 +58,7 @@ class Family:
     layers: str = "encoder.layer"
     modules: MappingProxyType[str, str] = field(default_factory=lambda: BERT_MODULES)
     gated_ffn: bool = False  # W1 makes the activation's input and its gate (2 x intermediate rows)
+    torch_heads: Literal["prune_heads", "masked"] = "prune_heads"
 
     def key(self, name: SizeName) -> str:
         """The config key this family stores size `name` under."""
@@ -81,15 +88,14 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
                                      "attention.v": "attention.self.value_proj", "attention.out": "attention.output.dense",
                                      "ffn.w1": "intermediate.dense", "ffn.w2": "output.dense"})),
     Family("modernbert", tasks=("text-classification", "token-classification", "feature-extraction"),
-           pruning=("ffn",), gated_ffn=True, layers="layers",
-           not_prunable="ModernBERT's heads share one fused Wqkv projection, which Shipyard does not slice yet",
-           # Q, K and V are the thirds of one fused projection; the plan only ever touches the FFN.
+           gated_ffn=True, layers="layers", torch_heads="masked",
+           # Q, K and V are the thirds of one fused projection (the graph side slices all three).
            modules=MappingProxyType({"attention.q": "attn.Wqkv", "attention.k": "attn.Wqkv",
                                      "attention.v": "attn.Wqkv", "attention.out": "attn.Wo",
                                      "ffn.w1": "mlp.Wi", "ffn.w2": "mlp.Wo"})),
-    Family("mpnet", reserved_positions=2, pruning=("ffn",),
-           not_prunable="MPNet adds one relative-position bias per head, computed once and shared by every layer, "
-                        "so a head cannot be removed from one layer alone",
+    # One relative-position bias per head, computed once for every layer: the graph side slices
+    # it per layer where heads go.
+    Family("mpnet", reserved_positions=2, torch_heads="masked",
            modules=MappingProxyType({"attention.q": "attention.attn.q", "attention.k": "attention.attn.k",
                                      "attention.v": "attention.attn.v", "attention.out": "attention.attn.o",
                                      "ffn.w1": "intermediate.dense", "ffn.w2": "output.dense"})),

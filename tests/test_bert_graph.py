@@ -12,7 +12,8 @@ from conftest import invoke
 from zoo import make_model, reference_pruned_export
 
 from pipeline.graph import model as graph_model
-from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
+from pipeline.graph.attention import find_attention_blocks
+from pipeline.graph.bert import Graph, find_ffn_blocks
 from pipeline.graph.proof import GraphCheckError, prove_runs
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx

@@ -14,7 +14,8 @@ from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
 
 pytestmark = pytest.mark.slow
-PRUNABLE = [f for f in FAMILIES if TABLE[f].pruning == ("heads", "ffn")]  # transformers' prune_heads is the oracle
+HEAD_PRUNABLE = [f for f in FAMILIES if "heads" in TABLE[f].pruning]
+PRUNABLE = [f for f in HEAD_PRUNABLE if TABLE[f].torch_heads == "prune_heads"]  # transformers' prune_heads is the oracle
 FFN_PRUNABLE = [f for f in FAMILIES if "ffn" in TABLE[f].pruning]
 REFUSED = [(f, unit) for f in FAMILIES for unit in ("heads", "ffn") if unit not in TABLE[f].pruning]
 HEADS = {0: [1], 1: [0, 2]}
@@ -97,10 +98,19 @@ def test_units_a_family_cannot_lose_exactly_are_refused_with_the_reason(family, 
     assert not out.exists() and not list(tmp_path.glob(".p.onnx*"))
 
 
+def _module(layer, path):
+    for name in path.split("."):
+        layer = getattr(layer, name)
+    return layer
+
+
 @pytest.mark.parametrize("family", FFN_PRUNABLE)
-def test_ffn_pruning_matches_the_model_with_those_neurons_zeroed(family, family_models, tiny_holdout_small, tmp_path):
-    """The oracle for families without `prune_heads`: the unpruned PyTorch model with the removed
-    neurons' columns of the down projection zeroed is the pruned graph's function."""
+def test_pruning_matches_the_model_with_those_units_zeroed(family, family_models, tiny_holdout_small, tmp_path):
+    """The oracle independent of the graph surgery, for families without `prune_heads` too: the
+    unpruned PyTorch model with the removed neurons' columns of the down projection and the
+    removed heads' columns of the output projection zeroed is the pruned graph's function (on
+    two batch and sequence shapes). Heads go where the family allows them: through ModernBERT's
+    fused Wqkv and MPNet's shared per-head position bias."""
     import torch
     from transformers import AutoModelForSequenceClassification
 
@@ -108,31 +118,42 @@ def test_ffn_pruning_matches_the_model_with_those_neurons_zeroed(family, family_
 
     folder, exported = family_models[family]
     ours = tmp_path / "ours.onnx"
+    heads = HEADS if "heads" in TABLE[family].pruning else {}
     result = invoke("prune", "--model", exported, "--out", ours, "--calibration", tiny_holdout_small, "--tokenizer",
-                    folder, "--ffn", "0.5", "--no-compensate", "--samples", "32", "--max-length", "48", "--quiet")
+                    folder, "--ffn", "0.5", "--no-compensate", "--samples", "32", "--max-length", "48", "--quiet",
+                    *(("--prune-heads", json.dumps({str(k): v for k, v in heads.items()})) if heads else ()))
     assert result.exit_code == 0, result.output
     plan = PruningPlan.load(plan_path(ours))
+    assert {p.layer: p.heads_removed for p in plan.layers if p.heads_removed} == heads
     model = AutoModelForSequenceClassification.from_pretrained(str(folder)).eval()
-    base = getattr(model, model.base_model_prefix)
-    layers = base
-    for name in TABLE[family].layers.split("."):
-        layers = getattr(layers, name)
+    layers = _module(getattr(model, model.base_model_prefix), TABLE[family].layers)
+    head_dim = 64 // 4
     with torch.no_grad():
         for layer_plan in plan.layers:
-            down = layers[layer_plan.layer]
-            for name in TABLE[family].modules["ffn.w2"].split("."):
-                down = getattr(down, name)
             removed = sorted(set(range(layer_plan.ffn_size)) - set(layer_plan.ffn_keep))
             assert removed, "the plan removed nothing: test moot"
-            down.weight[:, removed] = 0
+            _module(layers[layer_plan.layer], TABLE[family].modules["ffn.w2"]).weight[:, removed] = 0
+            out = _module(layers[layer_plan.layer], TABLE[family].modules["attention.out"])
+            for head in layer_plan.heads_removed:
+                out.weight[:, head * head_dim:(head + 1) * head_dim] = 0
     for batch in _token_batches(folder):
         with torch.inference_mode():
             accepts = set(model.forward.__code__.co_varnames)
             expected = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}).logits.numpy()
         assert np.abs(OrtRunner(ours).infer(batch)["logits"] - expected).max() <= 1e-4
+    if heads:  # the heads are gone from the graph, not masked in it
+        unpruned, pruned = (sum(a.size for a in _weights(path)) for path in (exported, ours))
+        assert pruned < unpruned - 3 * 64 * 16 * 3
 
 
-@pytest.mark.parametrize("family", PRUNABLE)
+def _weights(path):
+    import onnx
+    from onnx import numpy_helper
+
+    return [numpy_helper.to_array(t) for t in onnx.load(str(path)).graph.initializer]
+
+
+@pytest.mark.parametrize("family", HEAD_PRUNABLE)
 def test_pruning_plan_applies_to_each_familys_pytorch_model(family, family_models, tiny_holdout_small, tmp_path):
     """FFN neurons, heads, compensation and 2:4 masks recorded by the prune stage make the family's
     PyTorch model the same function as its pruned graph (what recovery trains from)."""
@@ -185,6 +206,11 @@ def test_each_family_prunes_recovers_and_reloads_with_transformers(family, famil
     ffn = [m for name, m in model.named_modules() if isinstance(m, torch.nn.Linear)
            and name.endswith(TABLE[family].modules["ffn.w1"])]
     assert [m.out_features for m in ffn] == [96 * (2 if TABLE[family].gated_ffn else 1)] * 2  # a gated W1: both halves
+    if TABLE[family].torch_heads == "masked" and heads:  # kept at zero by every step (Adam moves a zero by ~lr)
+        layers = _module(getattr(model, model.base_model_prefix), TABLE[family].layers)
+        for layer, removed in heads.items():
+            out = _module(layers[layer], TABLE[family].modules["attention.out"]).weight
+            assert all(not out[:, h * 16:(h + 1) * 16].any() for h in removed)
     for batch in _token_batches(folder):
         with torch.inference_mode():
             accepts = set(model.forward.__code__.co_varnames)

@@ -10,13 +10,15 @@ on random-weight models of each family is in tests/test_families.py.
 
 import json
 
+import numpy as np
 import pytest
 from conftest import PROFILE, invoke
 from test_faults import assert_clean_failure
 from test_tasks import COLUMNS, task_data  # noqa: F401, F811 (fixture)
-from zoo import make_model
+from zoo import make_model, reference_pruned_export
 
 from pipeline.families import FAMILIES as TABLE
+from pipeline.parity.runners import OrtRunner
 from pipeline.run.demo import prepare_demo
 
 NEW_FAMILIES = ("deberta-v2", "modernbert", "mpnet")
@@ -82,7 +84,9 @@ def test_a_graph_with_the_standard_onnx_attention_op(tiny, tiny_holdout_small, t
     """torch.onnx's dynamo exporter at opset 23 writes the standard `Attention` op: TensorRT 10.15
     parses it (10.3 does not, and trt-check says so), both INT8 forms quantize around it (ONNX
     Runtime's dynamic quantizer would take it for its packed contrib op and break it) and gate
-    against PyTorch, and pruning, which cannot slice its heads yet, refuses it in one line."""
+    against PyTorch, and its heads prune to what PyTorch's `prune_heads` gives; an Attention node
+    whose heads are attributes (3-D Q, K and V, a form Shipyard does not slice) is refused in one
+    line."""
     import onnx
     import torch
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
@@ -111,8 +115,23 @@ def test_a_graph_with_the_standard_onnx_attention_op(tiny, tiny_holdout_small, t
                         "--max-metric-drop", "0.05", "--min-agreement", "0.9", "--json")
         assert result.exit_code == 0, result.output
     out = tmp_path / "pruned.onnx"
-    result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", tiny.model, "--prune-heads", '{"0": [1]}')
-    assert_clean_failure(result, "standard ONNX Attention op", "shipyard export", out=out)
+    result = invoke("prune", "--model", exported, "--out", out, "--tokenizer", tiny.model, "--prune-heads", '{"0": [1]}',
+                    "--quiet")
+    assert result.exit_code == 0, result.output
+    assert [n.op_type for n in onnx.load(str(out)).graph.node].count("Attention") == 2
+    reference = reference_pruned_export(tiny.model, tmp_path / "reference", {0: [1]})
+    for texts in (["a first tweet", "ok"], ["one much longer tweet about the snow on the trains today"] * 3):
+        batch = {k: v.numpy() for k, v in AutoTokenizer.from_pretrained(str(tiny.model))(
+            texts, padding=True, return_tensors="pt").items()}
+        assert np.abs(OrtRunner(out).infer(batch)["logits"] - OrtRunner(reference).infer(batch)["logits"]).max() <= 1e-4
+
+    graph = onnx.load(str(exported))  # heads as attributes: the 3-D form of the op
+    next(n for n in graph.graph.node if n.op_type == "Attention").attribute.append(onnx.helper.make_attribute("q_num_heads", 12))
+    onnx.save(graph, str(tmp_path / "attributes.onnx"))
+    out = tmp_path / "refused.onnx"
+    result = invoke("prune", "--model", tmp_path / "attributes.onnx", "--out", out, "--tokenizer", tiny.model,
+                    "--prune-heads", '{"0": [1]}')
+    assert_clean_failure(result, "standard ONNX Attention nodes take Q, K and V in a form", "shipyard export", out=out)
 
 
 def test_the_token_cap_is_each_model_s_positions_not_bert_s(tiny, tiny_holdout_small, tmp_path):

@@ -13,7 +13,8 @@ from calibration.encode import Encoder, load_tokenizer
 from calibration.sampling import Columns
 from pipeline.cli import cli
 from pipeline.graph import model as graph_model
-from pipeline.graph.bert import Graph, find_attention_blocks, find_ffn_blocks
+from pipeline.graph.attention import find_attention_blocks
+from pipeline.graph.bert import Graph, find_ffn_blocks
 from pipeline.parity.runners import OrtRunner
 from pipeline.stages.export import export_onnx
 from pipeline.stages.prune import scores as scoring

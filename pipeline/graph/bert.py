@@ -1,17 +1,18 @@
-"""Find BERT's attention and FFN blocks in an ONNX graph by structure, not by names.
+"""Find an encoder's FFN blocks in an ONNX graph by structure, not by names, and check the
+blocks found (here and in `pipeline.graph.attention`) against the model's config.
 
 Exporters name weights `onnx::MatMul_NNN` and tools like onnxslim rename or share nodes, so the
 blocks are found by shape of the graph: an FFN is MatMul(W1) -> Add(b1) -> elementwise GELU ->
-MatMul(W2) with W2 rows == W1 columns; an attention block is found from its Softmax, walking up
-to the Q/K MatMuls and the V MatMul, and down to the head-merging Reshape and the output
-MatMul. Written here because no library exposes this for ONNX BERT graphs.
+MatMul(W2) with W2 rows == W1 columns (or W1's first half, for a gated FFN). Written here because
+no library exposes this for ONNX encoder graphs.
 """
 
 from __future__ import annotations
 
 from collections import deque
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 import onnx_ir as ir
@@ -19,12 +20,14 @@ import onnx_ir as ir
 from pipeline.families import config_size
 from pipeline.graph.model import constant, set_weight
 
+if TYPE_CHECKING:
+    from pipeline.graph.attention import AttentionBlock
+
 # Elementwise ops of the activations exporters emit: erf GELU, tanh GELU, the Gelu op, ReLU.
 GELU_OPS = {"Div", "Erf", "Add", "Mul", "Gelu", "FastGelu", "BiasGelu", "Pow", "Tanh", "Sigmoid", "Sub", "Relu", "Cast"}
 # An FFN path passes one of these; a decomposed LayerNorm (opset < 17) is elementwise too, but
 # linear, so requiring one keeps the walk from running on into the next layer's projections.
 NONLINEAR_OPS = {"Erf", "Gelu", "FastGelu", "BiasGelu", "Tanh", "Sigmoid", "Relu"}
-PATH_OPS = {"Transpose", "Reshape", "Add", "Mul", "Div"}
 
 
 class Graph:
@@ -56,28 +59,28 @@ class Graph:
         if node.op_type != "MatMul" or len(node.inputs) < 2:
             return None
         value = node.inputs[1]
-        return value.name if value is not None and _matrix(value, 2) else None
+        return value.name if value is not None and matrix(value, 2) else None
 
     def bias_after(self, node: ir.Node) -> str | None:
         """The 1-D initializer of the Add that directly consumes `node`'s output, if any."""
         for consumer in node.outputs[0].consumers():
             if consumer.op_type == "Add":
                 for value in consumer.inputs:
-                    if _matrix(value, 1):
+                    if matrix(value, 1):
                         return value.name  # type: ignore[union-attr]
         return None
 
 
-def _matrix(value: ir.Value | None, ndim: int) -> bool:
+def matrix(value: ir.Value | None, ndim: int) -> bool:
     return (value is not None and value.is_initializer() and value.const_value is not None
             and len(value.const_value.shape) == ndim)
 
 
-def _is_weight(value: ir.Value | None) -> bool:
+def is_weight(value: ir.Value | None) -> bool:
     return value is not None and value.is_initializer()
 
 
-def _order(graph: ir.Graph) -> dict[int, int]:
+def order_of(graph: ir.Graph) -> dict[int, int]:
     return {id(n): i for i, n in enumerate(graph)}
 
 
@@ -99,24 +102,9 @@ class FfnBlock:
         return np.concatenate([keep, keep + self.size]) if self.gated else keep
 
 
-@dataclass
-class AttentionBlock:
-    layer: int
-    q: tuple[str, str]  # (weight, bias)
-    k: tuple[str, str]
-    v: tuple[str, str]
-    out: str  # output projection weight
-    out_bias: str | None = None
-    split_reshapes: list[str] = field(default_factory=list)  # node names
-    merge_reshape: str = ""
-    context: str = ""  # softmax @ V, [batch, heads, seq, head_dim]
-    num_heads: int = 0
-    head_dim: int = 0
-
-
 def find_ffn_blocks(g: Graph) -> list[FfnBlock]:
     blocks = []
-    order = _order(g.graph)
+    order = order_of(g.graph)
     for node in g.graph:
         w1 = g.weight_of(node)
         if w1 is None:
@@ -176,122 +164,6 @@ def _walk_gelu_to_matmul(g: Graph, start: ir.Value, size: int) -> tuple[ir.Node,
     return None
 
 
-def _walk_up_to_projection(g: Graph, tensor: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] | None:
-    """From an attention operand up through Transpose/Reshape/scale/bias to its weighted MatMul.
-    Returns that MatMul and the Reshape nodes passed on the way."""
-    reshapes: list[ir.Node] = []
-    for _ in range(8):
-        node = tensor.producer() if tensor is not None else None
-        if node is None:
-            return None
-        if g.weight_of(node) is not None:
-            return node, reshapes
-        if node.op_type not in PATH_OPS:
-            return None
-        if node.op_type == "Reshape":
-            reshapes.append(node)
-            tensor = node.inputs[0]
-            continue
-        # Follow the operand that carries activations, not the scale or bias constant.
-        candidates = [i for i in node.inputs if i is not None and not i.is_initializer()
-                      and (p := i.producer()) is not None and p.op_type in PATH_OPS | {"MatMul"}]
-        if not candidates:
-            return None
-        tensor = candidates[0]
-    return None
-
-
-def _head_axis_value(reshape: ir.Node, index: int) -> int | None:
-    shape = reshape.inputs[1]
-    value = constant(shape)
-    if value is not None:
-        return int(value[index]) if value.size > index else None
-    concat = shape.producer() if shape is not None else None
-    if concat is None or concat.op_type != "Concat" or len(concat.inputs) <= index:
-        return None
-    part = constant(concat.inputs[index])
-    return int(part.reshape(-1)[0]) if part is not None and part.size == 1 else None
-
-
-def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
-    blocks = []
-    order = _order(g.graph)
-    for softmax in (n for n in g.graph if n.op_type == "Softmax"):
-        scores = _find_scores_matmul(g, softmax)
-        contexts = [c for c in softmax.outputs[0].consumers() if c.op_type == "MatMul"]
-        if scores is None or len(contexts) != 1:
-            continue
-        context = contexts[0]
-        q = _walk_up_to_projection(g, scores.inputs[0])
-        k = _walk_up_to_projection(g, scores.inputs[1])
-        v = _walk_up_to_projection(g, context.inputs[1])
-        merge = _walk_down_to_output(g, context.outputs[0])
-        if q is None or k is None or v is None or merge is None:
-            continue
-        merge_reshape, out_node = merge
-        out = g.weight_of(out_node)
-        projections: list[tuple[str, str]] = []
-        for node, _ in (q, k, v):
-            weight, bias = g.weight_of(node), g.bias_after(node)
-            if weight is None or bias is None:
-                break
-            projections.append((weight, bias))
-        if len(projections) != 3 or out is None:
-            continue
-        splits = [r for _, rs in (q, k, v) for r in rs]
-        heads = {_head_axis_value(r, 2) for r in splits}
-        head_dims = {_head_axis_value(r, 3) for r in splits}
-        num_heads, head_dim = heads.pop() if len(heads) == 1 else None, head_dims.pop() if len(head_dims) == 1 else None
-        if num_heads is None or head_dim is None:
-            continue
-        block = AttentionBlock(
-            layer=0, q=projections[0], k=projections[1], v=projections[2], out=out,
-            out_bias=g.bias_after(out_node), split_reshapes=[r.name or "" for r in splits],
-            merge_reshape=merge_reshape.name or "", context=context.outputs[0].name or "",
-            num_heads=num_heads, head_dim=head_dim,
-        )
-        blocks.append((order[id(softmax)], block))
-    blocks.sort(key=lambda item: item[0])
-    for i, (_, block) in enumerate(blocks):
-        block.layer = i
-    return [b for _, b in blocks]
-
-
-def _find_scores_matmul(g: Graph, softmax: ir.Node) -> ir.Node | None:
-    """The Q·Kᵀ MatMul feeding a Softmax through mask Add / scale Mul or Div."""
-    queue = deque([(softmax.inputs[0], 0)])
-    while queue:
-        tensor, depth = queue.popleft()
-        node = tensor.producer() if tensor is not None else None
-        if node is None or depth > 4:
-            continue
-        if node.op_type == "MatMul" and g.weight_of(node) is None:
-            return node
-        if node.op_type in {"Add", "Mul", "Div", "Where", "Cast"}:
-            queue.extend((i, depth + 1) for i in node.inputs if not _is_weight(i))
-    return None
-
-
-def _walk_down_to_output(g: Graph, tensor: ir.Value) -> tuple[ir.Node, ir.Node] | None:
-    """From the context (softmax @ V) through Transpose to the merging Reshape and the output
-    projection MatMul."""
-    reshape = None
-    for _ in range(4):
-        # Shape nodes only read the dimensions (dynamic reshapes in ELECTRA's export): not a path.
-        consumers = [c for c in tensor.consumers() if c.op_type != "Shape"]
-        if len(consumers) != 1:
-            return None
-        node = consumers[0]
-        if node.op_type == "Reshape":
-            reshape = node
-        elif g.weight_of(node) is not None:
-            return (reshape, node) if reshape is not None else None
-        elif node.op_type != "Transpose":
-            return None
-        tensor = node.outputs[0]
-    return None
-
-
 def config_sizes(config: dict) -> dict[str, int]:
     """Layers, heads, hidden and FFN sizes from a HF config, under the family's own keys."""
     return {"layers": config_size(config, "num_hidden_layers"), "heads": config_size(config, "num_attention_heads"),
@@ -308,7 +180,7 @@ def check_blocks(g: Graph, ffn: list[FfnBlock], attention: list[AttentionBlock],
                         f"{len(attention)} attention blocks")
     head_dim = sizes["hidden"] // sizes["heads"] if sizes["heads"] and sizes["hidden"] else 0
     for block in attention:
-        q_cols = g.dims(block.q[0])[1]
+        q_cols = g.dims(block.q[0])[1] // (3 if block.fused else 1)
         if block.num_heads * block.head_dim != q_cols:
             problems.append(f"layer {block.layer}: {block.num_heads} heads x {block.head_dim} != {q_cols} Q columns")
         if head_dim and block.head_dim != head_dim:

@@ -5,8 +5,9 @@ structure in PyTorch. So the prune stage writes `model.pruned.plan.json` beside 
 per layer the FFN neurons kept, the heads removed, and the output biases that compensation
 rewrote (the values themselves, so PyTorch gets the same float32 numbers); and which weights were
 made 2:4 sparse. `apply_to_torch` makes a Hugging Face model the same function as the pruned
-graph: slicing with transformers' own `prune_linear_layer` and `prune_heads`, setting those
-biases, and masking 2:4 with the same rule on the same weights.
+graph: slicing with transformers' own `prune_linear_layer` and `prune_heads` (or, for a family
+transformers cannot prune heads of, zeroing their columns of the output projection: the family
+table's `torch_heads`), setting those biases, and masking 2:4 with the same rule on the same weights.
 Written here because no library maps ONNX-level pruning back to PyTorch modules.
 """
 
@@ -20,7 +21,7 @@ from typing import Any, cast
 import numpy as np
 
 from pipeline.errors import ArtifactError
-from pipeline.families import Family, family_of
+from pipeline.families import Family, config_size, family_of
 
 PLAN_VERSION = 1
 # 2:4 targets: which projection of a layer, as the graph side names them.
@@ -116,7 +117,7 @@ def apply_to_torch(model, plan: PruningPlan):
         raise ArtifactError(f"the pruning plan has {len(plan.layers)} layers but the model has {len(layers)}; "
                             "pass the model the pruned graph was exported from")
     heads = {p.layer: p.heads_removed for p in plan.layers if p.heads_removed}
-    if heads:
+    if heads and family.torch_heads == "prune_heads":
         model.prune_heads(heads)
     with torch.no_grad():
         for p in plan.layers:
@@ -133,18 +134,28 @@ def apply_to_torch(model, plan: PruningPlan):
                 if bias is not None:
                     parent, name = modules[role]
                     getattr(parent, name).bias.copy_(torch.tensor(bias, dtype=torch.float32))
-        for linear, mask in sparse_masks(model, plan):
+        for linear, mask in weight_masks(model, plan):
             linear.weight *= mask
     return model
 
 
-def sparse_masks(model, plan: PruningPlan) -> list[tuple[Any, Any]]:
-    """(linear layer, 0/1 mask) for each weight the plan made 2:4, from the model's current weights
-    (recovery multiplies them in again after every optimizer step)."""
+def weight_masks(model, plan: PruningPlan) -> list[tuple[Any, Any]]:
+    """(linear layer, 0/1 mask) for each weight the plan made 2:4, from the model's current weights,
+    and for each output projection whose heads are masked rather than pruned (`torch_heads`):
+    recovery multiplies them in again after every optimizer step."""
     import torch
 
     layers, family = _layers(model), family_of(model.config.to_dict())
     masks = []
+    if family.torch_heads == "masked":
+        for p in (p for p in plan.layers if p.heads_removed):
+            parent, name = _modules(layers[p.layer], family)["attention.out"]
+            linear = getattr(parent, name)
+            head_dim = linear.weight.shape[1] // config_size(model.config.to_dict(), "num_attention_heads")
+            mask = torch.ones_like(linear.weight)
+            for head in p.heads_removed:
+                mask[:, head * head_dim:(head + 1) * head_dim] = 0
+            masks.append((linear, mask))
     for layer, role in plan.sparse_24:
         parent, name = _modules(layers[layer], family)[role]
         linear = getattr(parent, name)

@@ -73,8 +73,9 @@ from pipeline.stages.prune.plan import (
     PruningPlan,
     apply_to_torch,
     plan_path,
-    sparse_masks,
+    weight_masks,
 )
+from pipeline.stages.prune.stage import slice_masked_heads
 
 EXACT = 1e-4  # the plan applied to PyTorch must reproduce the pruned graph to this before training
 
@@ -276,7 +277,7 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
         return (task.agreement_rate(teacher_tuning, outputs, tuning_batches),
                 task.distance(teacher_tuning, outputs, tuning_batches))
 
-    masks = sparse_masks(student, plan)
+    masks = weight_masks(student, plan)
     steps_per_epoch = math.ceil(len(training) / spec.batch_size)
     total = min(spec.max_steps or steps_per_epoch * spec.epochs, steps_per_epoch * spec.epochs)
     optimizer = torch.optim.AdamW(student.parameters(), lr=spec.learning_rate, weight_decay=0.01)
@@ -353,6 +354,17 @@ def _apply_masks(masks) -> None:
             linear.weight.mul_(mask)
 
 
+def _check_same(exported: Path, sliced: Path, batches: list, out: Path) -> None:
+    """The recovered export with its masked heads sliced out computes what it computed before."""
+    before, after = OrtRunner(exported), OrtRunner(sliced)
+    for batch in batches:
+        want, got = before.infer(batch), after.infer(batch)
+        worst = max(float(np.abs(want[k] - got[k]).max()) for k in want)
+        if worst > EXACT:
+            raise ArtifactError(f"slicing the masked heads out of the recovered model changed its outputs by {worst:.3g} "
+                                f"(> {EXACT}); not writing {out}")
+
+
 def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: PruningPlan,
             seen: list[str], report: RecoverReport) -> StageResult:
     """Save the student as a model folder beside `out`, export it through the export stage and its
@@ -371,6 +383,11 @@ def _export(student, tokenizer, out: Path, task, batches, opset: int, plan: Prun
         if not exported.passed:
             raise ArtifactError(f"the recovered model's export failed its gate ({exported.message}); not writing {out}")
         model = graph_model.load(Path(tmp) / "model.onnx")
+        if family_of(student.config.to_dict()).torch_heads == "masked" and any(p.heads_removed for p in plan.layers):
+            # The student kept its masked heads (zero output columns): the same function without them.
+            model = slice_masked_heads(model, plan, student.config.to_dict(), Path(out))
+            graph_model.save(model, Path(tmp) / "sliced.onnx")
+            _check_same(Path(tmp) / "model.onnx", Path(tmp) / "sliced.onnx", batches[:2], out)
         stamp(model, "pruned", seen)
         model.metadata_props[PRUNED_MARK] = json.dumps({"recovered": True})
         with atomic_file(out) as out_tmp:

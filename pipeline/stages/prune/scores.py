@@ -15,7 +15,8 @@ import onnx_ir as ir
 
 from pipeline.errors import ShipyardError
 from pipeline.graph import model as graph_model
-from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph
+from pipeline.graph.attention import AttentionBlock
+from pipeline.graph.bert import FfnBlock, Graph
 
 Batch = dict[str, np.ndarray]
 

@@ -21,7 +21,8 @@ import onnx_ir as ir
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.families import config_size, family_of
 from pipeline.graph import model as graph_model
-from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph, check_blocks, find_attention_blocks, find_ffn_blocks
+from pipeline.graph.attention import AttentionBlock, find_attention_blocks
+from pipeline.graph.bert import FfnBlock, Graph, check_blocks, find_ffn_blocks
 from pipeline.graph.model import drop_shape_annotations
 from pipeline.graph.proof import prove_runs
 from pipeline.graph.rewrites import shared_weights, unfold_gemms, untie_constants
@@ -40,16 +41,17 @@ def blocks_of(model: ir.Model, source: Path,
     through Identity or read directly untied, onnxsim's Reshape-Gemm-Reshape projections unfolded, stale shape
     annotations dropped. Refuses shared weights and blocks
     that contradict `config`."""
-    if graph_model.standard_attention_nodes(model):
-        raise PruneError(f"ONNX file {source}: its attention is the standard ONNX Attention op (torch.onnx's dynamo "
-                         "exporter at opset 23+), whose heads Shipyard does not slice yet; prune the graph shipyard "
-                         "export (Optimum) makes of the same model")
     shared = shared_weights(model)  # read before untying: untie_constants leaves shared weights alone
     untie_constants(model)
     unfold_gemms(model)
     drop_shape_annotations(model)
     g = Graph(model)
     ffn, attention = find_ffn_blocks(g), find_attention_blocks(g)
+    standard = graph_model.standard_attention_nodes(model)
+    if len(standard) > len({b.context for b in attention} & {n.outputs[0].name for n in standard}):
+        raise PruneError(f"ONNX file {source}: {len(standard)} standard ONNX Attention nodes take Q, K and V in a form "
+                         "whose heads Shipyard cannot slice (it slices the 4-D form torch.onnx's dynamo exporter "
+                         "writes); prune the graph shipyard export (Optimum) makes of the same model")
     # A family that loses heads needs its attention blocks found; one that prunes FFN neurons only
     # (DeBERTa, whose attention is disentangled) needs its FFN blocks, and no weight of theirs shared.
     heads = "heads" in family_of(config or {}).pruning
@@ -70,6 +72,16 @@ def blocks_of(model: ir.Model, source: Path,
     return ffn, attention
 
 
+def slice_masked_heads(model: ir.Model, plan: PruningPlan, config: dict[str, Any], source: Path) -> ir.Model:
+    """`model` (an export of a model whose heads the plan masked, `torch_heads`) with those heads
+    sliced out: their output-projection columns are zero, so this is the same function, smaller."""
+    ffn, attention = blocks_of(model, source, config)
+    heads = {p.layer: p.heads_removed for p in plan.layers if p.heads_removed}
+    keep = {b.layer: np.arange(b.size) for b in ffn}
+    pruned, _, _ = apply(model, ffn, attention, keep, heads, "none")
+    return pruned
+
+
 def refuse_what_the_family_cannot_take(spec: PruneSpec, config: dict[str, Any], source: Path) -> None:
     """A request for units the model's family cannot lose exactly (`pipeline.families`) is refused,
     naming why, before any graph is read."""
@@ -84,13 +96,15 @@ def refuse_what_the_family_cannot_take(spec: PruneSpec, config: dict[str, Any], 
 
 def pruned_config(config: dict[str, Any], ffn_keep: dict[int, np.ndarray],
                   heads_remove: dict[int, list[int]], sparse: list[str]) -> dict[str, Any]:
-    """config.json for the pruned model: HF's `pruned_heads`, and the per-layer sizes (read and
+    """config.json for the pruned model: HF's `pruned_heads` (where transformers prunes the family's
+    heads), and the per-layer sizes (read and
     written under the family's own keys, `pipeline.families`)."""
     out = dict(config)
     sizes = sorted({len(k) for k in ffn_keep.values()})
     if len(sizes) == 1:
         out[family_of(config).key("intermediate_size")] = sizes[0]
-    out["pruned_heads"] = {str(layer): heads for layer, heads in heads_remove.items()}
+    if family_of(config).torch_heads == "prune_heads":  # transformers would prune a masked family's and fail
+        out["pruned_heads"] = {str(layer): heads for layer, heads in heads_remove.items()}
     heads = config_size(config, "num_attention_heads")
     out["shipyard_pruning"] = {
         "intermediate_sizes": [len(ffn_keep[layer]) for layer in sorted(ffn_keep)],

@@ -10,7 +10,8 @@ from __future__ import annotations
 import numpy as np
 import onnx_ir as ir
 
-from pipeline.graph.bert import AttentionBlock, FfnBlock, Graph
+from pipeline.graph.attention import AttentionBlock
+from pipeline.graph.bert import FfnBlock, Graph
 from pipeline.graph.model import add_initializer, constant, drop_dead, unique_name
 from pipeline.parity.policy import PRUNED_MARK, pruned_mark
 from pipeline.stages.prune.plan import LayerPlan, PruningPlan, mask_24
@@ -50,20 +51,37 @@ def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean
     """Slice the heads out; returns the output bias compensation wrote (None: untouched)."""
     keep = [h for h in range(block.num_heads) if h not in heads]
     cols = np.concatenate([np.arange(h * block.head_dim, (h + 1) * block.head_dim) for h in keep])
+    qkv_cols = block.qkv_columns(keep)
     folded = None
     if context_mean is not None and block.out_bias is not None:
         w_out = g.array(block.out).reshape(block.num_heads, block.head_dim, -1)
         g.set_array(block.out_bias, g.array(block.out_bias) + sum(context_mean[h] @ w_out[h] for h in heads))
         folded = g.array(block.out_bias)
-    for weight, bias in (block.q, block.k, block.v):
-        g.set_array(weight, g.array(weight)[:, cols])
-        g.set_array(bias, g.array(bias)[cols])
+    for weight, bias in block.projections():
+        g.set_array(weight, g.array(weight)[:, qkv_cols])
+        if bias is not None:
+            g.set_array(bias, g.array(bias)[qkv_cols])
     g.set_array(block.out, g.array(block.out)[cols, :])
     nodes = {n.name: n for n in g.graph}
     for name in block.split_reshapes:
-        _patch_shape(g, nodes[name], 2, len(keep))
+        _patch_shape(g, nodes[name], block.head_axis, len(keep))
     _patch_shape(g, nodes[block.merge_reshape], 2, len(keep) * block.head_dim)
+    for name, index in block.head_biases:
+        _slice_head_bias(g, nodes[name], index, keep)
     return folded
+
+
+def _slice_head_bias(g: Graph, add: ir.Node, index: int, keep: list[int]) -> None:
+    """This layer reads only the kept heads of a per-head bias the layers share (MPNet's relative
+    positions, [B, H, S, S]): a Gather on axis 1 before its Add."""
+    bias = add.inputs[index]
+    assert bias is not None
+    indices = add_initializer(g.graph, np.asarray(keep, dtype=np.int64), f"{add.name}_kept_heads")
+    gather = ir.Node("", "Gather", [bias, indices], attributes=[ir.AttrInt64("axis", 1)],
+                     name=unique_name(g.graph, f"{add.name}_kept_heads"))
+    gather.outputs[0].name = unique_name(g.graph, f"{add.name}_kept_heads_output")
+    g.graph.insert_before(add, gather)
+    add.replace_input_with(index, gather.outputs[0])
 
 
 def slice_ffn(g: Graph, block: FfnBlock, keep: np.ndarray, mean: np.ndarray | None) -> np.ndarray | None:
@@ -116,8 +134,10 @@ def apply(model: ir.Model, ffn: list[FfnBlock], attention: list[AttentionBlock],
                                 compensation.context_mean[block.layer] if compensation else None)
             layers[block.layer].attention_bias = None if bias is None else bias.tolist()
     ffn_weights = [w for b in ffn for w in ((b.layer, "ffn.w1", b.w1), (b.layer, "ffn.w2", b.w2))]
-    attention_weights = [w for b in attention for w in ((b.layer, "attention.q", b.q[0]), (b.layer, "attention.k", b.k[0]),
-                                                        (b.layer, "attention.v", b.v[0]), (b.layer, "attention.out", b.out))]
+    # A fused Wqkv is one weight: made sparse once, under the role of its first part.
+    attention_weights = [w for b in attention for w in (
+        *((b.layer, f"attention.{part}", weight) for part, (weight, _) in zip("qkv", b.projections(), strict=False)),
+        (b.layer, "attention.out", b.out))]
     targets = {"none": [], "ffn": ffn_weights, "attention": attention_weights, "all": ffn_weights + attention_weights}
     done = sparsify_24(g, targets[sparsity])
     sparse = [name for _, _, name in done]
