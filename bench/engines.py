@@ -35,10 +35,11 @@ from pipeline.errors import ShipyardError  # noqa: E402
 from pipeline.inputs import data as datamod  # noqa: E402
 from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.parity.runners import TrtRunner, pad_batch  # noqa: E402
-from pipeline.parity.tasks import OUTPUTS, collect  # noqa: E402
+from pipeline.parity.tasks import collect  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
 from pipeline.release.signing import engine_trust  # noqa: E402
 from pipeline.stages.build import build_environment  # noqa: E402
+from pipeline.tasks import task_spec  # noqa: E402
 
 
 class CudaTorchRunner:
@@ -48,9 +49,8 @@ class CudaTorchRunner:
         import torch
         import transformers
 
-        from pipeline.parity.tasks import AUTO_CLASSES
 
-        auto = getattr(transformers, AUTO_CLASSES[task])
+        auto = getattr(transformers, task_spec(task).auto_class)
         self.model = auto.from_pretrained(str(model_dir), local_files_only=True, dtype=torch.float32,
                                           trust_remote_code=False, use_safetensors=True).eval().cuda()
         self.task = task
@@ -64,7 +64,7 @@ class CudaTorchRunner:
         with torch.inference_mode():
             out = self.model(**{k: torch.from_numpy(v).cuda() for k, v in batch.items() if k in self.accepts})
         torch.cuda.synchronize()
-        return {name: getattr(out, name).float().cpu().numpy() for name in OUTPUTS[self.task]}
+        return {name: getattr(out, name).float().cpu().numpy() for name in task_spec(self.task).outputs}
 
 
 def engines_in(folders: list[Path]) -> tuple[list[tuple[str, Path, int, str]], Any]:
@@ -111,16 +111,16 @@ def main() -> None:
     recipe = Recipe.model_validate(manifest.recipe)  # the first folder's manifest, as verified
     info = inspect_model(recipe.model.path, recipe.model.task)
     task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
-    tokenizer = load_tokenizer(recipe.model.path, task.name)
+    tokenizer = load_tokenizer(recipe.model.path, task.spec.encoding)
     evaluation = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name).evaluation
     if evaluation.fingerprint != manifest["data"]["evaluation"]["fingerprint"]:
         sys.exit("the evaluation rows differ from the release's (data changed?)")
     encoder = Encoder(tokenizer, Columns(recipe.data.text_column, recipe.data.text_pair_column), SEQ, "max_length",
-                      task.name)
+                      task.spec.encoding)
     rows = encoder.encode(evaluation.rows[:max(64, min(len(evaluation.rows), 256))])
     torch_runner = CudaTorchRunner(recipe.model.path, task.name)
     reference = collect(torch_runner, evaluation.batches, task)
-    labelled = evaluation.labels is not None and task.name == "text-classification"
+    labelled = evaluation.labels is not None and task.spec.kind == "class"
 
     print(f"{env.gpu_name} ({env.arch}), TensorRT {env.trt_version} | per profile: latency at its smallest batch "
           f"and throughput at its largest, sequence {SEQ} (clamped into the profile), against PyTorch FP32 on this "

@@ -37,6 +37,7 @@ from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
 from pipeline.parity.tasks import collect  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
+from pipeline.tasks import task_spec  # noqa: E402
 
 THREADS = 2
 SEQ = 64
@@ -95,10 +96,7 @@ def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
-    classes = {"text-classification": "ORTModelForSequenceClassification",
-               "token-classification": "ORTModelForTokenClassification",
-               "question-answering": "ORTModelForQuestionAnswering", "feature-extraction": "ORTModelForFeatureExtraction"}
-    model = getattr(ort, classes[task]).from_pretrained(str(model_dir), export=True)
+    model = getattr(ort, task_spec(task).ort_class).from_pretrained(str(model_dir), export=True)
     flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
     isa = "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
     config = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)
@@ -126,7 +124,7 @@ def main() -> None:
     model_dir = recipe.model.path
     info = inspect_model(model_dir, recipe.model.task)
     task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
-    tokenizer = load_tokenizer(model_dir, task.name)
+    tokenizer = load_tokenizer(model_dir, task.spec.encoding)
     evaluation = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name).evaluation
     for release, manifest in manifests.items():
         if evaluation.fingerprint != manifest["data"]["evaluation"]["fingerprint"]:
@@ -135,11 +133,11 @@ def main() -> None:
         if manifest["model"]["sha256"] != first["model"]["sha256"]:
             sys.exit(f"{release}: made from another model than {args.releases[0]}; compare releases of one model")
     encoder = Encoder(tokenizer, Columns(recipe.data.text_column, recipe.data.text_pair_column), SEQ, "max_length",
-                      task.name)
+                      task.spec.encoding)
     batch32 = encoder.encode(evaluation.rows[:32])
     batch1 = {k: v[:1] for k, v in batch32.items()}
 
-    entries = [("PyTorch FP32", TorchRunner(model_dir, THREADS, task.name), None)]
+    entries = [("PyTorch FP32", TorchRunner(model_dir, task=task.name, threads=THREADS), None)]
     for release, manifest in manifests.items():
         prefix = f"{manifest['recipe_name']}/" if len(manifests) > 1 else ""
         for art in manifest["artifacts"]:
@@ -167,7 +165,7 @@ def main() -> None:
             base = base or (latency, throughput)
             outputs = collect(runner, evaluation.batches, task)
             reference = outputs if reference is None else reference
-            labelled = evaluation.labels is not None and task.name == "text-classification"
+            labelled = evaluation.labels is not None and task.spec.kind == "class"
             predicted = task.predictions(outputs, evaluation.batches)
             accuracy = float((predicted == evaluation.labels).mean()) if labelled else float("nan")
             agreement = task.agreement_rate(reference, outputs, evaluation.batches)

@@ -71,7 +71,8 @@ def main() -> None:
                     got = collect(OrtRunner(out, THREADS), evaluation.batches, task)
                     rows.append((fmt, fallback, smoothed, task.agreement_rate(reference, got, evaluation.batches),
                                  len(options["float_nodes"]), out))
-        encoder = Encoder(load_tokenizer(recipe.model.path, task.name), evaluation.columns, SEQ, "max_length", task.name)
+        encoder = Encoder(load_tokenizer(recipe.model.path, task.spec.encoding), evaluation.columns, SEQ, "max_length",
+                          task.spec.encoding)
         batch32 = encoder.encode(evaluation.rows[:32])
         timings = measure_all([OrtRunner(r[-1], THREADS) for r in rows], {k: v[:1] for k, v in batch32.items()},
                               batch32, rounds=3)

@@ -20,6 +20,9 @@ from calibration.errors import DataError, ShipyardError
 from calibration.sampling import Columns
 from calibration.sources import Row
 
+# How a row becomes tokens (each task's `encoding`, `pipeline.tasks`): text with an optional pair,
+# pre-split words whose first sub-tokens are scored, or a question and its context.
+Encoding = Literal["text", "words", "question-context"]
 TOKENIZER_FILES = ("tokenizer.json", "vocab.txt", "tokenizer_config.json", "vocab.json", "spiece.model", "spm.model")
 WORD_INDEX = "_word_index"
 CONTEXT_OFFSETS = "_context_offsets"
@@ -36,10 +39,10 @@ def as_text(value: Any) -> str:
     return " ".join(split_words(value)) if isinstance(value, (list, tuple)) else str(value)
 
 
-def load_tokenizer(folder: Path, task: str = "text-classification") -> Any:
-    """The tokenizer saved in a model folder; never downloads.
+def load_tokenizer(folder: Path, encoding: Encoding) -> Any:
+    """The tokenizer saved in a model folder, for rows encoded as `encoding`; never downloads.
 
-    For token classification it is loaded with `add_prefix_space=True`: byte-level BPE tokenizers
+    For pre-split words (token classification) it is loaded with `add_prefix_space=True`: byte-level BPE tokenizers
     (RoBERTa's) refuse pre-split words without it and tag every word as if it began the text;
     WordPiece and SentencePiece tokenizers ignore the flag."""
     folder = Path(folder)
@@ -52,7 +55,7 @@ def load_tokenizer(folder: Path, task: str = "text-classification") -> Any:
         )
     from transformers import AutoTokenizer
 
-    options = {"add_prefix_space": True} if task == "token-classification" else {}
+    options = {"add_prefix_space": True} if encoding == "words" else {}
     return AutoTokenizer.from_pretrained(str(folder), local_files_only=True, trust_remote_code=False, **options)
 
 
@@ -62,14 +65,14 @@ class Encoder:
 
     tokenizer: Any
     columns: Columns
-    max_length: int = 128
-    padding: Literal["max_length", "longest"] = "max_length"
-    task: str = "text-classification"
+    max_length: int
+    padding: Literal["max_length", "longest"]
+    encoding: Encoding
 
     def encode(self, rows: list[Row]) -> dict[str, np.ndarray]:
-        if self.task == "token-classification":
+        if self.encoding == "words":
             return self._encode_words(rows)
-        if self.task == "question-answering":
+        if self.encoding == "question-context":
             return self._encode_question_context(rows)
         texts = [as_text(r[self.columns.text]) for r in rows]
         pairs = [as_text(r[self.columns.text_pair]) for r in rows] if self.columns.text_pair else None
@@ -85,7 +88,7 @@ class Encoder:
 
     def _require_fast(self) -> None:
         if not getattr(self.tokenizer, "is_fast", False):
-            raise DataError(f"{self.task} needs a fast tokenizer (tokenizer.json) to map tokens to words and "
+            raise DataError(f"encoding {self.encoding} needs a fast tokenizer (tokenizer.json) to map tokens to words and "
                             "characters; save one with tokenizer.save_pretrained from a *TokenizerFast")
 
     def _encode_words(self, rows: list[Row]) -> dict[str, np.ndarray]:
@@ -110,7 +113,7 @@ class Encoder:
         back to characters of the context."""
         self._require_fast()
         if not self.columns.text_pair:
-            raise DataError("question-answering needs question and context columns: set text_column (the "
+            raise DataError("question answering needs question and context columns: set text_column (the "
                             "question) and text_pair_column (the context)")
         questions = [str(r[self.columns.text]) for r in rows]
         contexts = [str(r[self.columns.text_pair]) for r in rows]

@@ -10,19 +10,12 @@ from __future__ import annotations
 
 from typing import Literal, get_args
 
-# Tasks as Optimum names them.
+# Tasks as Optimum names them; what each one is, is its entry in `pipeline.tasks`.
 TaskName = Literal["text-classification", "token-classification", "question-answering", "feature-extraction"]
 TASKS: tuple[str, ...] = get_args(TaskName)
 
 MetricName = Literal["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
-# Label metrics each task reports (the first is the default gated one); embeddings have none.
-METRICS: dict[str, tuple[str, ...]] = {
-    "text-classification": ("accuracy", "macro_f1"),
-    "token-classification": ("entity_f1", "token_accuracy"),
-    "question-answering": ("f1", "exact_match"),
-    "feature-extraction": (),
-}
 
 # The two INT8 forms: explicit Q/DQ for TensorRT, fused for ONNX Runtime's CPU provider.
 QuantFormat = Literal["qdq", "cpu"]

@@ -26,7 +26,7 @@ HEADS = {0: [0, 2], 1: [3]}
 @pytest.fixture(scope="module")
 def tiny_export(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("graphs") / "model.onnx"
-    export_onnx(tiny.model, out, 17)
+    export_onnx(tiny.model, out, 17, "text-classification")
     return out
 
 
@@ -38,7 +38,7 @@ def _assert_same_logits(a, b, folder):
     from calibration.encode import Encoder, load_tokenizer
     from calibration.sampling import Columns
 
-    encoder = Encoder(load_tokenizer(folder), Columns(), 48, "longest")
+    encoder = Encoder(load_tokenizer(folder, "text"), Columns(), 48, "longest", "text")
     rows = [{"text": t} for t in ("hello there", "a rather longer sentence about trains and snow", "ok")]
     for batch in (encoder.encode(rows), encoder.encode(rows[1:2] * 4)):
         assert np.abs(OrtRunner(a).infer(batch)["logits"] - OrtRunner(b).infer(batch)["logits"]).max() <= 1e-4
@@ -101,7 +101,7 @@ def test_simplified_graph_prunes_exactly(tiny, tiny_export, tmp_path, tool):
 def test_other_opsets_prune_exactly(tiny, tmp_path, opset):
     """Opsets 14-16 decompose LayerNorm into elementwise ops; opset 20 emits the Gelu op."""
     exported = tmp_path / "model.onnx"
-    export_onnx(tiny.model, exported, opset)
+    export_onnx(tiny.model, exported, opset, "text-classification")
     ops = {n.op_type for n in onnx.load(str(exported)).graph.node}
     assert ("LayerNormalization" not in ops) if opset < 17 else ("Gelu" in ops)
     out = tmp_path / "pruned.onnx"
@@ -127,7 +127,7 @@ def test_deduplicated_constants_prune_exactly(tmp_path, simplifier):
                 param.zero_()
     model.save_pretrained(str(folder))
     exported = tmp_path / "model.onnx"
-    export_onnx(folder, exported, 17)
+    export_onnx(folder, exported, 17, "text-classification")
     assert any(n.op_type == "Identity" for n in onnx.load(str(exported)).graph.node)
     if simplifier == "onnxsim":
         import onnxsim
@@ -155,7 +155,7 @@ def test_other_activation_forms_are_found(tmp_path, activation):
     transformers.AutoModelForSequenceClassification.from_pretrained(str(folder), config=config).save_pretrained(
         str(folder))
     exported = tmp_path / "model.onnx"
-    export_onnx(folder, exported, 17)
+    export_onnx(folder, exported, 17, "text-classification")
     g = Graph(graph_model.load(exported))
     assert [b.size for b in find_ffn_blocks(g)] == [128, 128]
     assert [b.num_heads for b in find_attention_blocks(g)] == [4, 4]

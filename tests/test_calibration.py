@@ -97,16 +97,16 @@ def test_too_few_rows_names_the_split(tmp_path):
 
 
 def test_encoder_pads_truncates_and_reader_rewinds(tiny):
-    tok = load_tokenizer(tiny.model)
+    tok = load_tokenizer(tiny.model, "text")
     long_text = {"text": "word " * 200}
-    fixed = Encoder(tok, Columns(), max_length=32, padding="max_length").encode([{"text": "hi"}, long_text])
+    fixed = Encoder(tok, Columns(), max_length=32, padding="max_length", encoding="text").encode([{"text": "hi"}, long_text])
     assert fixed["input_ids"].shape == (2, 32) and fixed["input_ids"].dtype == np.int64
     assert fixed["attention_mask"][0].sum() < 32 and fixed["attention_mask"][1].sum() == 32
-    short = Encoder(tok, Columns(), max_length=32, padding="longest").encode([{"text": "hi"}, {"text": "hi there"}])
+    short = Encoder(tok, Columns(), max_length=32, padding="longest", encoding="text").encode([{"text": "hi"}, {"text": "hi there"}])
     assert short["input_ids"].shape[1] < 32
-    pairs = Encoder(tok, Columns("q", "a"), 32).encode([{"q": "who?", "a": "me."}])
+    pairs = Encoder(tok, Columns("q", "a"), 32, "max_length", "text").encode([{"q": "who?", "a": "me."}])
     assert pairs["token_type_ids"].max() == 1
-    batches = list(Encoder(tok, Columns(), 16).batches([{"text": "x"}] * 6, 2))
+    batches = list(Encoder(tok, Columns(), 16, "max_length", "text").batches([{"text": "x"}] * 6, 2))
     reader = ort_calibration_reader(batches, ["input_ids", "attention_mask"])
     first = [reader.get_next() for _ in range(4)]
     assert first[-1] is None and set(first[0]) == {"input_ids", "attention_mask"}

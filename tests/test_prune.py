@@ -30,12 +30,12 @@ TEXTS = ["hello world", "a much longer tweet about self-driving cars and how the
 @pytest.fixture(scope="module")
 def exported(tiny, tmp_path_factory):
     out = tmp_path_factory.mktemp("prune") / "model.onnx"
-    export_onnx(tiny.model, out, 17)
+    export_onnx(tiny.model, out, 17, "text-classification")
     return out
 
 
 def _batches(tiny):
-    encoder = Encoder(load_tokenizer(tiny.model), Columns(), 64, "longest")
+    encoder = Encoder(load_tokenizer(tiny.model, "text"), Columns(), 64, "longest", "text")
     rows = [{"text": t} for t in TEXTS]
     return [encoder.encode(rows), encoder.encode(rows[1:2]), encoder.encode(rows * 4)]
 

@@ -78,7 +78,8 @@ def independent_agreement(release, model_dir: Path, artifact: str) -> float:
     from pipeline.recipe import Recipe
 
     recipe = Recipe.model_validate(release.manifest.recipe)
-    rows = datamod.prepare(recipe.data, load_tokenizer(model_dir), inspect_model(model_dir).label2id).evaluation.rows
+    rows = datamod.prepare(recipe.data, load_tokenizer(model_dir, "text"), inspect_model(model_dir, None).label2id,
+                           "text-classification").evaluation.rows
     encoded = AutoTokenizer.from_pretrained(str(model_dir))([r["text"] for r in rows], padding="max_length",
                                                             truncation=True, max_length=recipe.data.max_length,
                                                             return_tensors="np")

@@ -23,7 +23,7 @@ def _batches(folder, texts=("hello there", "a rather longer sentence about train
     from calibration.encode import Encoder, load_tokenizer
     from calibration.sampling import Columns
 
-    encoder = Encoder(load_tokenizer(folder), Columns(), 48, "longest")
+    encoder = Encoder(load_tokenizer(folder, "text"), Columns(), 48, "longest", "text")
     rows = [{"text": t} for t in texts]
     return [encoder.encode(rows), encoder.encode(rows[1:2] * 5), encoder.encode(rows[:1])]
 

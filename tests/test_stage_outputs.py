@@ -199,7 +199,7 @@ def test_a_tokenizer_failure_is_called_a_long_question_only_when_it_is_one(tiny)
     from calibration.sampling import Columns
 
     columns = Columns("question", "context")
-    encoder = Encoder(load_tokenizer(tiny.model), columns, 16, "longest", "question-answering")
+    encoder = Encoder(load_tokenizer(tiny.model, "question-context"), columns, 16, "longest", "question-context")
     with pytest.raises(DataError, match="a question is longer than max_length 16"):
         encoder.encode([{"question": "why " * 40, "context": "because"}])
 
@@ -210,6 +210,6 @@ def test_a_tokenizer_failure_is_called_a_long_question_only_when_it_is_one(tiny)
             raise Exception("the tokenizer's own failure")  # what tokenizers raises: a plain Exception
 
     with pytest.raises(Exception, match="the tokenizer's own failure") as raised:
-        Encoder(Broken(), columns, 16, "longest", "question-answering").encode([{"question": "q", "context": "c"}])
+        Encoder(Broken(), columns, 16, "longest", "question-context").encode([{"question": "q", "context": "c"}])
     assert not isinstance(raised.value, DataError)
     assert np.array(encoder.encode([{"question": "q", "context": "c"}])["input_ids"]).shape[0] == 1

@@ -129,5 +129,5 @@ def reference_pruned_export(folder: Path, out_dir: Path, heads: dict[int, list[i
     for item in Path(folder).iterdir():
         if "token" in item.name or item.name == "vocab.txt":
             shutil.copy(item, out_dir / "pt" / item.name)
-    export_onnx(out_dir / "pt", out_dir / "reference.onnx", opset)
+    export_onnx(out_dir / "pt", out_dir / "reference.onnx", opset, "text-classification")
     return out_dir / "reference.onnx"

@@ -24,12 +24,12 @@ from pipeline.names import (
     CALIBRATION_METHODS,
     MAX_TOKENS,
     METRIC_NAMES,
-    METRICS,
     QUANT_FORMATS,
     TASKS,
     QuantFormat,
 )
 from pipeline.recipe import Thresholds
+from pipeline.tasks import METRICS
 
 _PRUNED = Thresholds().pruned
 PRUNED_GATE = f"{_PRUNED.min_agreement:g} agreement, {100 * (_PRUNED.max_metric_drop or 0):g} points"

@@ -22,6 +22,7 @@ from calibration.sources import Row, load_rows, require_columns
 from pipeline.errors import DataError
 from pipeline.names import Padding
 from pipeline.recipe import DataSpec, SourceSpec
+from pipeline.tasks import task_spec
 
 Batch = dict[str, np.ndarray]
 
@@ -99,12 +100,13 @@ def gold_labels(rows: list[Row], columns: Columns, label2id: dict[str, int], tas
     label = columns.label
     if not label:
         return None
-    if task == "text-classification":
+    kind = task_spec(task).kind
+    if kind == "class":
         return label_ids(rows, label, label2id, source)
-    if task == "feature-extraction":
-        raise DataError(f"data {source}: feature-extraction has no gold labels; remove label_column "
+    if kind == "embedding":
+        raise DataError(f"data {source}: {task} has no gold labels; remove label_column "
                         f"({columns.label!r}) or use the model's classification head")
-    if task == "token-classification":
+    if kind == "tag":
         return _gold_tags(rows, columns.text, label, label2id, source)
     if not columns.text_pair:
         raise DataError(f"data {source}: question answering reads the context from text_pair_column; set it")
@@ -148,7 +150,7 @@ def _gold_answers(rows: list[Row], context_column: str, label: str, source: Path
 
 
 def make_eval_set(source: Path, rows: list[Row], encoder: Encoder, batch_size: int,
-                  label2id: dict[str, int]) -> EvalSet:
+                  label2id: dict[str, int], task: str) -> EvalSet:
     """Evaluation rows in batches; with `padding: longest` the rows are ordered by length first,
     so each batch is padded only as far as its own rows need."""
     columns = encoder.columns
@@ -156,16 +158,17 @@ def make_eval_set(source: Path, rows: list[Row], encoder: Encoder, batch_size: i
         rows = encoder.by_length(rows)
     return EvalSet(
         source=source, rows=rows, batches=list(encoder.batches(rows, batch_size)),
-        labels=gold_labels(rows, columns, label2id, encoder.task, source), columns=columns,
+        labels=gold_labels(rows, columns, label2id, task, source), columns=columns,
         fingerprint=fingerprint(rows),
     )
 
 
-def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "text-classification",
+def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str,
             calibration_padding: Padding = "max_length", encode_fitting: bool = True) -> PreparedData:
     """Load both sources, draw disjoint seeded calibration, tuning and evaluation rows, check
     labels and tokenize for `task`."""
     cal_spec, eval_spec = spec.calibration, spec.evaluation
+    encoding = task_spec(task).encoding
     cal_raw = load_rows(cal_spec.path, cal_spec.encoding)
     cal_columns = source_columns(spec, cal_spec, list(cal_raw[0].keys()))
     require_columns(cal_raw, cal_columns.needed(), cal_spec.path)
@@ -177,19 +180,19 @@ def prepare(spec: DataSpec, tokenizer, label2id: dict[str, int], task: str = "te
     )
     # `calibration_padding` is the policy's (`pipeline.parity.policy.calibration_padding`): max_length
     # unless the calibrator can take batches of different lengths.
-    calibration_encoder = Encoder(tokenizer, cal_columns, spec.max_length, calibration_padding, task)
+    calibration_encoder = Encoder(tokenizer, cal_columns, spec.max_length, calibration_padding, encoding)
     calibration_rows = (calibration_encoder.by_length(splits.calibration) if calibration_padding == "longest"
                         else splits.calibration)
     # Wrong labels in calibration rows are as wrong as in evaluation rows.
     gold_labels(splits.calibration, cal_columns, label2id, task, cal_spec.path)
-    encoder = Encoder(tokenizer, eval_columns, spec.max_length, spec.padding, task)
+    encoder = Encoder(tokenizer, eval_columns, spec.max_length, spec.padding, encoding)
     # Tuning rows are compared per row, like evaluation rows, so they are padded (and ordered) alike.
-    tuning_encoder = Encoder(tokenizer, cal_columns, spec.max_length, spec.padding, task)
+    tuning_encoder = Encoder(tokenizer, cal_columns, spec.max_length, spec.padding, encoding)
     tuning_rows = tuning_encoder.by_length(splits.tuning) if spec.padding == "longest" else splits.tuning
     return PreparedData(
         calibration=Split.of(cal_spec.path, calibration_rows, calibration_encoder, spec.batch_size, encode_fitting),
         tuning=Split.of(cal_spec.path, tuning_rows, tuning_encoder, spec.batch_size, encode_fitting),
-        evaluation=make_eval_set(eval_spec.path, splits.evaluation, encoder, spec.batch_size, label2id),
+        evaluation=make_eval_set(eval_spec.path, splits.evaluation, encoder, spec.batch_size, label2id, task),
     )
 
 

@@ -11,6 +11,7 @@ from calibration.encode import TOKENIZER_FILES
 from pipeline.errors import ModelError
 from pipeline.families import FAMILIES, family_of
 from pipeline.parity.tasks import Pooling, Task, resolve_task
+from pipeline.tasks import task_spec
 
 SAFE_WEIGHTS = ("model.safetensors", "model.safetensors.index.json")
 # Pickle checkpoints can run code when unpickled: refused unless the user allows them, and then
@@ -25,7 +26,7 @@ class ModelInfo:
     num_labels: int
     label2id: dict[str, int]
     config: dict[str, Any]
-    task_name: str = "text-classification"
+    task_name: str
 
     @property
     def id2label(self) -> dict[int, str]:
@@ -33,7 +34,7 @@ class ModelInfo:
 
     def task(self, max_answer_tokens: int = 30, min_cosine: float = 0.99) -> Task:
         """The task with its options; pooling comes from the folder's sentence-transformers config."""
-        pooling = Pooling.of(self.path) if self.task_name == "feature-extraction" else Pooling()
+        pooling = Pooling.of(self.path) if task_spec(self.task_name).kind == "embedding" else Pooling()
         return Task(self.task_name, pooling, max_answer_tokens, min_cosine)
 
 
@@ -64,9 +65,9 @@ def check_max_length(info: ModelInfo, max_length: int, where: str) -> None:
                          f"(max_position_embeddings); set it to {limit} or less")
 
 
-def inspect_model(folder: Path, task: str | None = None, allow_pickle: bool = False) -> ModelInfo:
+def inspect_model(folder: Path, task: str | None, allow_pickle: bool = False) -> ModelInfo:
     """Validate a fine-tuned model folder and read what the pipeline needs from its config; the task
-    is `task` (checked against the model's head) or the head's own. Weights must be safetensors
+    is `task` (checked against the model's head) or, with None, the head's own. Weights must be safetensors
     unless `allow_pickle`."""
     folder = Path(folder)
     if not folder.is_dir():

@@ -43,7 +43,7 @@ class ParityReport:
     mean_abs_diff: float
     gate: dict[str, Any]
     metric: str | None
-    task: str = "text-classification"
+    task: str
     units: int = 0  # how many predictions agreement counts over
     unit: str = "rows"  # rows, or scored tokens for token classification
     details: dict[str, Any] = field(default_factory=dict)
@@ -93,6 +93,7 @@ def compare_logits(
         mean_abs_diff=float(diff.mean()),
         gate=gate.model_dump(),
         metric=metric,
+        task="text-classification",  # what logits per row are
         units=int(reference.shape[0]),
     )
     if labels is not None:
@@ -172,7 +173,7 @@ def _rows_finite(outputs: Batch) -> list[bool]:
 def _compare(task: Task, artifact: str, reference: list[Batch], candidate: list[Batch], batches: list[Batch],
              gate: Gate, metric: str | None, gold: Any, id2label: dict[int, str], rows: list[dict],
              text_column: str, pair_column: str | None, max_flips: int) -> ParityReport:
-    if task.name == "text-classification":
+    if task.spec.kind == "class":
         texts = [str(r[text_column]) for r in rows]
         return compare_logits(artifact, np.concatenate([r["logits"] for r in reference]),
                               np.concatenate([c["logits"] for c in candidate]), gate, metric or "accuracy",
@@ -183,11 +184,11 @@ def _compare(task: Task, artifact: str, reference: list[Batch], candidate: list[
     report = ParityReport(
         artifact=artifact, samples=len(rows), agreement=float(agree.mean()) if agree.size else 1.0,
         max_abs_diff=largest, mean_abs_diff=mean, gate=gate.model_dump(), metric=metric, task=task.name,
-        units=int(agree.size), unit="tokens" if task.name == "token-classification" else "rows",
+        units=int(agree.size), unit=task.spec.unit,
     )
-    if task.name == "token-classification":
+    if task.spec.kind == "tag":
         _token_details(report, reference, candidate, batches, gold, id2label, rows, text_column, max_flips)
-    elif task.name == "question-answering":
+    elif task.spec.kind == "span":
         _span_details(report, ref_pred, cand_pred, batches, gold, rows, text_column, pair_column, max_flips)
     else:
         _embedding_details(report, ref_pred, cand_pred, task, rows, text_column, max_flips)

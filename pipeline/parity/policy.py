@@ -24,9 +24,10 @@ from typing import TYPE_CHECKING
 
 from pipeline.artifacts import kind_of as kind_of
 from pipeline.errors import RecipeError
-from pipeline.names import METRICS, Kind, Padding
+from pipeline.names import Kind, Padding
 from pipeline.recipe import Gate, Thresholds
 from pipeline.recipe.defaults import schema_default
+from pipeline.tasks import METRICS
 
 if TYPE_CHECKING:
     import onnx_ir as ir

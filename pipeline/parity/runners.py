@@ -23,8 +23,7 @@ class TorchRunner:
     Only the inputs its `forward` takes are passed: DistilBERT and RoBERTa have no
     `token_type_ids`, whatever the tokenizer returned."""
 
-    def __init__(self, model_dir: Path, threads: int = 0, task: str = "text-classification",
-                 allow_pickle: bool = False) -> None:
+    def __init__(self, model_dir: Path, *, task: str, threads: int = 0, allow_pickle: bool = False) -> None:
         self.model_dir = Path(model_dir)
         self.threads = threads
         self.task = task
@@ -43,11 +42,11 @@ class TorchRunner:
             import torch
             import transformers
 
-            from pipeline.parity.tasks import AUTO_CLASSES
+            from pipeline.tasks import task_spec
 
             if self.threads:
                 torch.set_num_threads(self.threads)
-            auto_class = getattr(transformers, AUTO_CLASSES[self.task])
+            auto_class = getattr(transformers, task_spec(self.task).auto_class)
             self._model = auto_class.from_pretrained(
                 str(self.model_dir), local_files_only=True, dtype=torch.float32, trust_remote_code=False,
                 use_safetensors=None if self.allow_pickle else True, weights_only=True,
@@ -63,11 +62,11 @@ class TorchRunner:
         import torch
 
         model = self._load()
-        from pipeline.parity.tasks import OUTPUTS
+        from pipeline.tasks import task_spec
 
         with torch.inference_mode():
             out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self._accepts})
-        outputs = {name: getattr(out, name).float().numpy() for name in OUTPUTS[self.task]}
+        outputs = {name: getattr(out, name).float().numpy() for name in task_spec(self.task).outputs}
         if not all(np.isfinite(v).all() for v in outputs.values()):
             # The reference must be trustworthy: a NaN would make every comparison meaningless.
             raise ModelError(f"model {self.model_dir} gives NaN or Inf outputs on a batch of {len(batch['input_ids'])} "

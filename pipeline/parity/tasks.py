@@ -26,40 +26,25 @@ import numpy as np
 from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX
 from pipeline.errors import ModelError
 from pipeline.names import TASKS
+from pipeline.tasks import TASK_SPECS, TaskSpec, task_spec
 
 if TYPE_CHECKING:
     import onnx_ir as ir
 
 Batch = dict[str, np.ndarray]
-HEADS = {
-    "ForSequenceClassification": "text-classification",
-    "ForTokenClassification": "token-classification",
-    "ForQuestionAnswering": "question-answering",
-}
-AUTO_CLASSES = {
-    "text-classification": "AutoModelForSequenceClassification",
-    "token-classification": "AutoModelForTokenClassification",
-    "question-answering": "AutoModelForQuestionAnswering",
-    "feature-extraction": "AutoModel",
-}
-OUTPUTS = {
-    "text-classification": ("logits",),
-    "token-classification": ("logits",),
-    "question-answering": ("start_logits", "end_logits"),
-    "feature-extraction": ("last_hidden_state",),
-}
-UNITS = {"text-classification": "rows", "token-classification": "tokens", "question-answering": "rows",
-         "feature-extraction": "rows"}
+# Views of the task table (`pipeline.tasks`), by task name.
+AUTO_CLASSES = {name: spec.auto_class for name, spec in TASK_SPECS.items()}
+OUTPUTS = {name: spec.outputs for name, spec in TASK_SPECS.items()}
+UNITS = {name: spec.unit for name, spec in TASK_SPECS.items()}
 
 
 def head_task(architectures: list[str]) -> str | None:
     """The task of a HF architecture name (BertForTokenClassification -> token-classification)."""
     for arch in architectures:
-        for suffix, task in HEADS.items():
-            if arch.endswith(suffix):
-                return task
-        if arch.endswith("Model") and "For" not in arch:
-            return "feature-extraction"
+        for spec in TASK_SPECS.values():
+            # A base model's suffix is "Model" alone: BertForMaskedLM ends in "LM", but "...ForModel" is no base.
+            if arch.endswith(spec.head) and ("For" in spec.head or "For" not in arch):
+                return spec.name
     return None
 
 
@@ -149,43 +134,49 @@ class Pooling:
 class Task:
     """A task with the options that decide its predictions."""
 
-    name: str = "text-classification"
+    name: str
     pooling: Pooling = Pooling()
     max_answer_tokens: int = 30
     min_cosine: float = 0.99
 
     @property
+    def spec(self) -> TaskSpec:
+        """The task's entry in the task table."""
+        return task_spec(self.name)
+
+    @property
     def outputs(self) -> tuple[str, ...]:
-        return OUTPUTS[self.name]
+        return self.spec.outputs
 
     @property
     def per_token(self) -> bool:
         """Whether the compared outputs have one value per token ([B, S, ...])."""
-        return self.name in ("token-classification", "question-answering")
+        return self.spec.per_token
 
     def reduce(self, outputs: Batch, batch: Batch) -> Batch:
         """What this task compares, from one batch's raw outputs."""
-        if self.name == "feature-extraction":
+        if self.spec.kind == "embedding":
             return {"embedding": self.pooling(outputs["last_hidden_state"], batch["attention_mask"])}
         return {name: np.asarray(outputs[name], dtype=np.float32) for name in self.outputs}
 
     def predictions(self, reduced: list[Batch], batches: list[Batch]) -> np.ndarray:
         """One prediction per unit: class ids, tag ids of scored tokens, (start, end) spans, or
         embeddings."""
-        if self.name == "text-classification":
+        kind = self.spec.kind
+        if kind == "class":
             return np.concatenate([r["logits"] for r in reduced]).argmax(-1)
-        if self.name == "token-classification":
+        if kind == "tag":
             return np.concatenate([r["logits"][b[WORD_INDEX] >= 0].argmax(-1) for r, b in zip(reduced, batches, strict=True)])
-        if self.name == "question-answering":
+        if kind == "span":
             return np.concatenate([best_spans(r["start_logits"], r["end_logits"], b[CONTEXT_OFFSETS][..., 0] >= 0,
                                               self.max_answer_tokens) for r, b in zip(reduced, batches, strict=True)])
         return np.concatenate([r["embedding"] for r in reduced])
 
     def agreement(self, reference: np.ndarray, candidate: np.ndarray) -> np.ndarray:
         """Per unit, whether the candidate's prediction counts as the reference's."""
-        if self.name == "question-answering":
+        if self.spec.kind == "span":
             return (reference == candidate).all(axis=-1)
-        if self.name == "feature-extraction":
+        if self.spec.kind == "embedding":
             return cosine(reference, candidate) >= self.min_cosine
         return reference == candidate
 
@@ -198,7 +189,7 @@ class Task:
         1 - mean cosine of the embeddings for feature extraction, the mean |difference| of the
         compared outputs otherwise. Recovery keeps its closest check by it (agreement jumps between
         checks, and is flat while no row passes)."""
-        if self.name == "feature-extraction":
+        if self.spec.kind == "embedding":
             similarity = cosine(self.predictions(reference, batches), self.predictions(candidate, batches))
             return float(1 - similarity.mean()) if similarity.size else 0.0
         return max_abs_diff(reference, candidate, batches, self.per_token)[1]

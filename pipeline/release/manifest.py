@@ -34,7 +34,7 @@ class ModelRecord(_Strict):
     sha256: str = Field(description="sha256 over the folder's file names and contents")
     model_type: str
     num_labels: int
-    task: str = "text-classification"
+    task: str
 
 
 class DataRecord(_Strict):

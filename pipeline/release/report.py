@@ -7,13 +7,8 @@ from pathlib import Path
 
 from pipeline.names import NOT_ATTEMPTED
 from pipeline.release.manifest import Manifest
+from pipeline.tasks import TASK_SPECS
 
-AGREEMENT_MEANS = {
-    "text-classification": "the predicted class equals PyTorch's",
-    "token-classification": "the tag of each word's first sub-token equals PyTorch's (special and padding tokens excluded)",
-    "question-answering": "the best answer span equals PyTorch's",
-    "feature-extraction": "the embedding's cosine with PyTorch's reaches thresholds.min_cosine",
-}
 
 def _fmt(value: float | None, spec: str = ".4f") -> str:
     return "n/a" if value is None else format(value, spec)
@@ -68,7 +63,7 @@ def render_markdown(manifest: Manifest) -> str:
     unit = next((a.parity.get("unit") for a in manifest.artifacts if a.parity), "rows")
     lines += [
         "", "## Artifacts", "",
-        f"Task: {task}. Agreement is over {unit}: {AGREEMENT_MEANS.get(task, '')}.",
+        f"Task: {task}. Agreement is over {unit}: {TASK_SPECS[task].agreement if task in TASK_SPECS else ''}.",
         "",
         f"| artifact | precision | size MB | agreement [95% interval] | max abs diff | PyTorch {metric or 'metric'} "
         f"| artifact {metric or 'metric'} | drop (McNemar p) | verdict |",

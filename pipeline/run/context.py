@@ -80,7 +80,7 @@ class RunInputs:
             for index, profile in enumerate(target.profiles):
                 check_max_length(info, profile.sequence.max, f"targets.{target.name}.profiles[{index}].sequence.max")
         task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
-        tokenizer = load_tokenizer(recipe.model.path, task.name)
+        tokenizer = load_tokenizer(recipe.model.path, task.spec.encoding)
         prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name,
                                    calibration_padding(recipe.stages.quantize.method, recipe.data.padding),
                                    encode_fitting=not for_engines)

@@ -30,7 +30,7 @@ from pipeline.errors import ArtifactError, OutputError, ShipyardError
 from pipeline.graph import model as graph_model
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
-from pipeline.names import METRICS, Precision, QuantFormat
+from pipeline.names import Precision, QuantFormat
 from pipeline.parity.policy import (
     PRUNED_MARK,
     STANDALONE_BATCH,
@@ -64,6 +64,7 @@ from pipeline.release.signing import engine_trust
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.gating import Gating
 from pipeline.stages import export, prune, quantize
+from pipeline.tasks import task_spec
 
 Batch = dict[str, Any]
 P = ParamSpec("P")
@@ -142,7 +143,8 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
     info = inspect_model(model_dir, task, allow_pickle)
     check_output_file(out, overwrite)
     if gate_rows is None:
-        encoder = Encoder(load_tokenizer(model_dir), Columns(), max_length=128, padding="longest")
+        # Probe sentences are plain text whatever the task: the graph's inputs are the same.
+        encoder = Encoder(load_tokenizer(model_dir, "text"), Columns(), max_length=128, padding="longest", encoding="text")
         rows = [{"text": t} for t in PROBE_TEXTS]
         batches = [encoder.encode(rows[:5]), encoder.encode(rows[5:6]), encoder.encode(rows[6:])]
     else:
@@ -150,8 +152,9 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
         columns = Columns(gate_rows.text_column, gate_rows.text_pair_column)
         drawn = datamod.load_sample(gate_rows.path, columns, gate_rows.samples, schema_default("data.seed"),
                                     "export gate", gate_rows.encoding)
-        encoder = Encoder(load_tokenizer(model_dir, info.task_name), columns, gate_rows.max_length,
-                          schema_default("data.padding"), info.task_name)
+        encoding = task_spec(info.task_name).encoding
+        encoder = Encoder(load_tokenizer(model_dir, encoding), columns, gate_rows.max_length,
+                          schema_default("data.padding"), encoding)
         batches = list(encoder.batches(drawn, schema_default("data.batch_size")))
     with progress.task("export (Optimum) + check vs PyTorch"):
         return one_stage("export", out, overwrite, cache, export.run, model_dir, OUT, ExportSpec(opset=opset, atol=atol), batches,
@@ -159,7 +162,7 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
 
 
 def calibration_batches(calibration: Path, tokenizer_dir: Path, columns: Columns, samples: int,
-                        tuning_samples: int, max_length: int, task: str = "text-classification",
+                        tuning_samples: int, max_length: int, task: str,
                         encoding: str | None = None, method: str = "minmax") -> tuple[list, list, list[str]]:
     """Seeded calibration rows and tuning rows after them (as `run` draws them), tokenized for
     `task` and padded as a recipe with the schema's padding pads them for calibrator `method`
@@ -171,7 +174,8 @@ def calibration_batches(calibration: Path, tokenizer_dir: Path, columns: Columns
     splits = disjoint_splits(side, Side([], columns, calibration), samples, tuning_samples, 0, STANDALONE_SEED,
                              "stratified")
     padding = calibration_padding(method, schema_default("data.padding"))
-    encoder = Encoder(load_tokenizer(tokenizer_dir, task), columns, max_length, padding, task)
+    rows_as = task_spec(task).encoding
+    encoder = Encoder(load_tokenizer(tokenizer_dir, rows_as), columns, max_length, padding, rows_as)
     used = [row_digest(columns, r) for r in splits.calibration + splits.tuning]
     return (list(encoder.batches(splits.calibration, STANDALONE_BATCH)),
             list(encoder.batches(splits.tuning, STANDALONE_BATCH)), used)
@@ -183,7 +187,7 @@ def graph_task_of(model_path: Path, tokenizer_dir: Path | None) -> Task:
     if name is None:
         raise ShipyardError(f"ONNX file {model_path}: outputs are not Optimum's (logits, start_logits/end_logits or "
                             "last_hidden_state); export it with shipyard export")
-    pooling = Pooling.of(tokenizer_dir) if name == "feature-extraction" and tokenizer_dir else Pooling()
+    pooling = Pooling.of(tokenizer_dir) if task_spec(name).kind == "embedding" and tokenizer_dir else Pooling()
     return Task(name, pooling)
 
 
@@ -245,10 +249,11 @@ def prune_file(model_path: Path, out: Path, spec: PruneSpec, rows: CalibrationRo
     if rows.model_dir is None:
         raise ShipyardError("prune checks the graph's blocks against the model's config.json: pass --tokenizer "
                             "MODEL_DIR, the folder the graph was exported from")
-    config = inspect_model(rows.model_dir).config
+    config = inspect_model(rows.model_dir, None).config
     if scored and rows.data is not None:
+        task = graph_task_of(model_path, rows.model_dir)  # a tagger's rows are encoded as words, as it is gated
         batches, _, used = calibration_batches(rows.data, rows.model_dir, rows.columns, rows.samples, 0,
-                                               rows.max_length, encoding=rows.encoding)
+                                               rows.max_length, task.name, rows.encoding)
     with progress.task("prune (FFN neurons, attention heads)"):
         return one_stage("prune", out, overwrite, cache, prune.run, input_artifact(model_path), spec, OUT, batches, config, used)
 
@@ -315,7 +320,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     info = inspect_model(reference, task, allow_pickle)
     check_max_length(info, max_length, "--max-length")
     spec = info.task(max_answer_tokens, min_cosine)
-    labelled = label_column is not None and bool(METRICS[spec.name])
+    labelled = label_column is not None and bool(spec.spec.metrics)
     if max_metric_drop is not None and not labelled:
         raise ShipyardError("--max-metric-drop needs gold labels: pass --label-column (or drop the threshold)")
     chosen_metric = gated_metric(metric, spec.name, labelled, "--metric")
@@ -329,9 +334,9 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     seen = frozenset(_seen_rows(artifact))
     rows = datamod.load_sample(data, columns, samples, STANDALONE_SEED, "evaluation", encoding, exclude=seen)
     # Padded as a run pads evaluation rows by default, so the figures are the run's.
-    encoder = Encoder(load_tokenizer(reference, spec.name), columns, max_length, schema_default("data.padding"),
-                      spec.name)
-    evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id)
+    encoder = Encoder(load_tokenizer(reference, spec.spec.encoding), columns, max_length,
+                      schema_default("data.padding"), spec.spec.encoding)
+    evaluation = datamod.make_eval_set(data, rows, encoder, STANDALONE_BATCH, info.label2id, spec.name)
     trust = engine_trust(artifact, public_key) if Path(artifact).suffix in ENGINE_SUFFIXES else None
     if trust is not None and trust.record is not None:  # the release's record, verified, over a sidecar
         record = trust.record

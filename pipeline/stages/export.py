@@ -20,7 +20,7 @@ from pipeline.recipe import ExportSpec
 Batch = dict[str, np.ndarray]
 
 
-def export_onnx(model_dir: Path, out_path: Path, opset: int, task: str = "text-classification") -> None:
+def export_onnx(model_dir: Path, out_path: Path, opset: int, task: str) -> None:
     """Optimum export of `model_dir` to `out_path` (written atomically; a model over 2 GB keeps its
     weights in `<name>_data` beside it)."""
     with atomic_file(out_path) as tmp_file:

@@ -65,7 +65,7 @@ from pipeline.inputs import data as datamod
 from pipeline.inputs.model import inspect_model
 from pipeline.parity.policy import PRUNED_MARK, stamp
 from pipeline.parity.runners import OrtRunner, TorchRunner
-from pipeline.parity.tasks import OUTPUTS, collect
+from pipeline.parity.tasks import collect
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import ExportSpec, RecoverSpec
 from pipeline.stages import export
@@ -76,6 +76,7 @@ from pipeline.stages.prune.plan import (
     weight_masks,
 )
 from pipeline.stages.prune.stage import slice_masked_heads
+from pipeline.tasks import task_spec
 
 EXACT = 1e-4  # the plan applied to PyTorch must reproduce the pruned graph to this before training
 
@@ -131,7 +132,7 @@ def _student_outputs(model, batch, task: str, hidden: bool = False):
 
     accepts = inspect.signature(model.forward).parameters
     out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}, output_hidden_states=hidden)
-    outputs = {name: getattr(out, name) for name in OUTPUTS[task]}
+    outputs = {name: getattr(out, name) for name in task_spec(task).outputs}
     if hidden:
         outputs["hidden_states"] = out.hidden_states
     return outputs
@@ -166,14 +167,15 @@ def distillation_loss(student: dict, teacher: dict, batch: dict, task: str, temp
         return per.mean()
 
     mask = torch.from_numpy(batch["attention_mask"]).float()
-    if task == "text-classification":
+    kind = task_spec(task).kind
+    if kind == "class":
         loss = kl(student["logits"], teacher["logits"])
         if labels is not None and label_weight > 0:
             loss = (1 - label_weight) * loss + label_weight * F.cross_entropy(student["logits"], labels)
         return loss
-    if task == "token-classification":
+    if kind == "tag":
         return kl(student["logits"], teacher["logits"], mask)
-    if task == "question-answering":  # over the sequence: start and end positions are distributions
+    if kind == "span":  # over the sequence: start and end positions are distributions
         masked = (1 - mask) * -1e4
         return (kl(student["start_logits"] + masked, teacher["start_logits"] + masked)
                 + kl(student["end_logits"] + masked, teacher["end_logits"] + masked)) / 2
@@ -229,8 +231,6 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
     import torch
     import transformers
 
-    from pipeline.parity.tasks import AUTO_CLASSES
-
     started = time.perf_counter()
     check_writable_parent(out)
     plan = PruningPlan.load(plan_path(pruned_onnx))
@@ -241,17 +241,17 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
                             "ffn_scope uniform to recover")
     info = inspect_model(reference, task_name, allow_pickle)
     task = info.task()
-    tokenizer = load_tokenizer(reference, task.name)
+    tokenizer = load_tokenizer(reference, task.spec.encoding)
     columns = data.columns
     training, tuning = _split_rows(data, spec.tuning_samples, spec.seed)
-    encoder = Encoder(tokenizer, columns, max_length, "longest", task.name)
+    encoder = Encoder(tokenizer, columns, max_length, "longest", task.spec.encoding)
     tuning_batches = list(encoder.batches(encoder.by_length(tuning), 32))
     # Every training row's class id, before any work: the mapping and refusal the gates use.
     training_labels = (label_ids(training, columns.label, info.label2id, data.path)
-                       if task.name == "text-classification" and columns.label is not None else None)
+                       if task.spec.kind == "class" and columns.label is not None else None)
 
     torch.manual_seed(spec.seed)
-    auto = getattr(transformers, AUTO_CLASSES[task.name])
+    auto = getattr(transformers, task.spec.auto_class)
 
     def load():
         return auto.from_pretrained(str(reference), local_files_only=True, dtype=torch.float32,
