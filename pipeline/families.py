@@ -22,6 +22,8 @@ and Optimum). Everything else reads the entry:
   for families transformers cannot prune: ModernBERT has no `prune_heads`, and MPNet's adds a
   position bias of every head to fewer heads. Recovery keeps those columns zero while training
   and slices the heads out of the recovered model's export.
+- `float32_scores`: whether its float16 graphs (the TensorRT FP16 targets') keep the attention
+  scores in float32 (`pipeline.graph.precision`).
 """
 
 from __future__ import annotations
@@ -59,6 +61,7 @@ class Family:
     modules: MappingProxyType[str, str] = field(default_factory=lambda: BERT_MODULES)
     gated_ffn: bool = False  # W1 makes the activation's input and its gate (2 x intermediate rows)
     torch_heads: Literal["prune_heads", "masked"] = "prune_heads"
+    float32_scores: bool = False  # its FP16 graph keeps the attention scores in float32 (they overflow)
 
     def key(self, name: SizeName) -> str:
         """The config key this family stores size `name` under."""
@@ -80,9 +83,10 @@ FAMILIES: dict[str, Family] = {f.model_type: f for f in (
     Family("albert", pruning=(),
            not_prunable="ALBERT shares one set of layer weights, so removing a unit from one layer would remove it "
                         "from all"),
-    Family("deberta-v2", pruning=("ffn",),
-           not_prunable="DeBERTa's disentangled attention applies its query and key projections to the relative "
-                        "positions too (one embedding shared by every layer), so its heads are not pruned yet",
+    # Disentangled scores (QKᵀ + c2p + p2c) overflow float16 in trained models.
+    # Its query and key projections also apply to the relative positions: one slice of their
+    # weights takes a head out of the content and the position scores alike.
+    Family("deberta-v2", float32_scores=True, torch_heads="masked",
            modules=MappingProxyType({"attention.q": "attention.self.query_proj",
                                      "attention.k": "attention.self.key_proj",
                                      "attention.v": "attention.self.value_proj", "attention.out": "attention.output.dense",

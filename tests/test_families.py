@@ -29,7 +29,7 @@ def family_models(tmp_path_factory):
     made = {}
     for family in FAMILIES:
         folder = make_model(root / family, family)
-        export_onnx(folder, root / f"{family}.onnx", 17)
+        export_onnx(folder, root / f"{family}.onnx", 17, "text-classification")
         made[family] = (folder, root / f"{family}.onnx")
     return made
 
@@ -38,7 +38,7 @@ def _token_batches(folder):
     from calibration.encode import Encoder, load_tokenizer
     from calibration.sampling import Columns
 
-    encoder = Encoder(load_tokenizer(folder), Columns(), 48, "longest")
+    encoder = Encoder(load_tokenizer(folder, "text"), Columns(), 48, "longest", "text")
     rows = [{"text": t} for t in ("hello there", "a rather longer sentence about trains and snow", "ok")]
     return [encoder.encode(rows), encoder.encode(rows[1:2] * 5)]
 
@@ -110,7 +110,8 @@ def test_pruning_matches_the_model_with_those_units_zeroed(family, family_models
     unpruned PyTorch model with the removed neurons' columns of the down projection and the
     removed heads' columns of the output projection zeroed is the pruned graph's function (on
     two batch and sequence shapes). Heads go where the family allows them: through ModernBERT's
-    fused Wqkv and MPNet's shared per-head position bias."""
+    fused Wqkv, MPNet's shared per-head position bias and DeBERTa's query and key projections of the
+    relative positions."""
     import torch
     from transformers import AutoModelForSequenceClassification
 

@@ -565,3 +565,40 @@ def test_two_phase_release_on_this_gpu(tiny, tiny_holdout_small, tmp_path):
                                       "--require-engines"])
     assert merged.exit_code == 0, merged.output
     assert CliRunner().invoke(cli, ["verify", str(shipped)]).exit_code == 0
+
+
+def _opset23(tmp_path, node, inputs, name):
+    from onnx import helper
+
+    graph = helper.make_graph([node], "g", [helper.make_tensor_value_info(n, t, s) for n, t, s in inputs],
+                              [helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, None)])
+    path = tmp_path / name
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 23)]), str(path))
+    return path
+
+
+def test_the_restrictions_of_the_ops_modern_encoders_bring(tmp_path):
+    """TensorRT 10.15 parses opset 23's Attention on 4-D Q, K and V only (heads split), without a
+    key/value cache, and RotaryEmbedding with INT64 position_ids: what else a graph holds is an error
+    that names the node and the fix."""
+    from onnx import helper
+
+    float_, int32, int64 = onnx.TensorProto.FLOAT, onnx.TensorProto.INT32, onnx.TensorProto.INT64
+    split = [(n, float_, ["b", 4, "s", 16]) for n in ("q", "k", "v")]
+    four_d = _opset23(tmp_path, helper.make_node("Attention", ["q", "k", "v"], ["y"], name="att"), split, "4d.onnx")
+    assert check_model_file(four_d, "10.15").ready
+    merged = [(n, float_, ["b", "s", 64]) for n in ("q", "k", "v")]
+    three_d = _opset23(tmp_path, helper.make_node("Attention", ["q", "k", "v"], ["y"], name="att", q_num_heads=4,
+                                                  kv_num_heads=4), merged, "3d.onnx")
+    report = check_model_file(three_d, "10.15")
+    assert not report.ready and "att: Attention input ranks {0: 3, 1: 3, 2: 3}" in str(report.errors[0])
+    assert report.errors[0].rule == "op-restriction"
+
+    rotary_inputs = [("x", float_, ["b", "s", 4, 16]), ("cos", float_, [64, 8]), ("sin", float_, [64, 8])]
+    for dtype, ready in ((int64, True), (int32, False)):
+        path = _opset23(tmp_path, helper.make_node("RotaryEmbedding", ["x", "cos", "sin", "pos"], ["y"], name="rope"),
+                        [*rotary_inputs, ("pos", dtype, ["b", "s"])], f"rope{dtype}.onnx")
+        report = check_model_file(path, "10.15")
+        assert report.ready is ready, [str(f) for f in report.findings]
+        if not ready:
+            assert "rope: RotaryEmbedding's position_ids are" in str(report.errors[0]) and "INT64" in str(report.errors[0])

@@ -12,6 +12,7 @@ Written here because no library exposes this for ONNX encoder graphs.
 from __future__ import annotations
 
 from collections import deque
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -43,6 +44,12 @@ class AttentionBlock:
     # Per-head additive score biases shared by every layer (MPNet's relative-position bias,
     # [B, H, S, S]): (Add node, input index) on this layer's score path, sliced per layer.
     head_biases: list[tuple[str, int]] = field(default_factory=list)
+    # DeBERTa's head counts written into its shape arithmetic: (node, input index, element index)
+    # of each constant element that holds the number of heads.
+    head_counts: list[tuple[str, int, int]] = field(default_factory=list)
+    # DeBERTa's query and key projections applied to the relative positions: (role, (weight,
+    # bias)) of each, its own copy of the layer's query or key weight after untying.
+    position_projections: list[tuple[str, tuple[str, str | None]]] = field(default_factory=list)
 
     @property
     def head_axis(self) -> int:
@@ -50,8 +57,16 @@ class AttentionBlock:
         return 3 if self.fused else 2
 
     def projections(self) -> list[tuple[str, str | None]]:
-        """The distinct (weight, bias) projections that make Q, K and V."""
-        return [self.q] if self.fused else [self.q, self.k, self.v]
+        """The distinct (weight, bias) projections that make Q, K and V (and DeBERTa's position
+        projections, copies of Q's and K's)."""
+        return [self.q] if self.fused else [self.q, self.k, self.v, *(p for _, p in self.position_projections)]
+
+    def roles(self) -> list[tuple[str, str]]:
+        """(role, weight) of each projection: "q", "k", "v", and "q" or "k" for a position copy."""
+        if self.fused:
+            return [("q", self.q[0])]
+        return [("q", self.q[0]), ("k", self.k[0]), ("v", self.v[0]),
+                *((role, weight) for role, (weight, _) in self.position_projections)]
 
     def qkv_columns(self, keep: list[int]) -> np.ndarray:
         """The columns of each projection that hold heads `keep` (every third of a fused one)."""
@@ -60,16 +75,21 @@ class AttentionBlock:
         return np.concatenate([cols + part * width for part in range(3)]) if self.fused else cols
 
 
-def _walk_up_to_projection(g: Graph, tensor: ir.Value | None) -> tuple[ir.Node, list[ir.Node]] | None:
-    """From an attention operand up through Transpose/Reshape/scale/bias to its weighted MatMul.
-    Returns that MatMul and the Reshape nodes passed on the way."""
+def _walk_up_to_projection(g: Graph, tensor: ir.Value | None,
+                           repeats: bool = False) -> tuple[ir.Node, list[ir.Node]] | None:
+    """From an attention operand up through Transpose/Reshape/scale/bias to its weighted MatMul
+    (with `repeats`, through the Tile or Expand that repeats DeBERTa's position projections over
+    the batch too). Returns that MatMul and the Reshape nodes passed on the way."""
     reshapes: list[ir.Node] = []
-    for _ in range(8):
+    for _ in range(10):
         node = tensor.producer() if tensor is not None else None
         if node is None:
             return None
         if g.weight_of(node) is not None:
             return node, reshapes
+        if repeats and node.op_type in ("Tile", "Expand"):
+            tensor = node.inputs[0]
+            continue
         if node.op_type not in PATH_OPS:
             return None
         if node.op_type == "Reshape":
@@ -77,8 +97,9 @@ def _walk_up_to_projection(g: Graph, tensor: ir.Value | None) -> tuple[ir.Node, 
             tensor = node.inputs[0]
             continue
         # Follow the operand that carries activations, not the scale or bias constant.
+        through = PATH_OPS | {"MatMul"} | ({"Tile", "Expand"} if repeats else set())
         candidates = [i for i in node.inputs if i is not None and not i.is_initializer()
-                      and (p := i.producer()) is not None and p.op_type in PATH_OPS | {"MatMul"}]
+                      and (p := i.producer()) is not None and p.op_type in through]
         if not candidates:
             return None
         tensor = candidates[0]
@@ -97,7 +118,9 @@ def _head_axis_value(reshape: ir.Node, index: int) -> int | None:
     return int(part.reshape(-1)[0]) if part is not None and part.size == 1 else None
 
 
-def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
+def find_attention_blocks(g: Graph, num_heads: int = 0) -> list[AttentionBlock]:
+    """The attention blocks of `g` in layer order; `num_heads` (the config's) finds DeBERTa's,
+    whose head count is only in its shape arithmetic."""
     blocks = []
     order = order_of(g.graph)
     for node in g.graph:
@@ -108,6 +131,11 @@ def find_attention_blocks(g: Graph) -> list[AttentionBlock]:
     for softmax in (n for n in g.graph if n.op_type == "Softmax"):
         scores = _find_scores_matmul(g, softmax)
         contexts = [c for c in softmax.outputs[0].consumers() if c.op_type == "MatMul"]
+        if len(contexts) != 1 and num_heads:
+            disentangled = _disentangled_block(g, softmax, num_heads)
+            if disentangled is not None:
+                blocks.append((order[id(softmax)], disentangled))
+            continue
         if scores is None or len(contexts) != 1:
             continue
         context = contexts[0]
@@ -210,6 +238,126 @@ def _fused_block(g: Graph, context: ir.Node, softmax: ir.Node) -> AttentionBlock
                           out_bias=g.bias_after(merge[1]), split_reshapes=[split.name or ""],
                           merge_reshape=merge[0].name or "", context=context.outputs[0].name or "",
                           num_heads=parts[3], head_dim=parts[4], fused=True)
+
+
+def _disentangled_block(g: Graph, softmax: ir.Node, num_heads: int) -> AttentionBlock | None:
+    """DeBERTa's attention: heads folded into the batch ([B*H, S, d]) around the Softmax, which a
+    Reshape separates from the context MatMul; the query and key projections are also applied to
+    the relative-position embeddings (content-to-position and position-to-content scores), so one
+    slice of their weights removes a head from both paths. Its head count is written as constants
+    in the layer's shape arithmetic (the splits, the [-1, H, S, S] views, B*H / H for the position
+    terms' repeat): each element equal to `num_heads` in the layer's Reshape shapes, shape Concats
+    and Divs is recorded, to be set to the kept count."""
+    down = [c for c in softmax.outputs[0].consumers() if c.op_type != "Shape"]  # Shape only reads dimensions
+    if len(down) != 1 or down[0].op_type != "Reshape":
+        return None
+    contexts = [c for c in down[0].outputs[0].consumers() if c.op_type == "MatMul" and g.weight_of(c) is None]
+    if len(contexts) != 1:
+        return None
+    context = contexts[0]
+    scores = _nearest_matmul(g, softmax)
+    v = _walk_up_to_projection(g, context.inputs[1])
+    merge = _walk_down_to_output(g, context.outputs[0])
+    if scores is None or v is None or merge is None:
+        return None
+    q, k = _walk_up_to_projection(g, scores.inputs[0]), _walk_up_to_projection(g, scores.inputs[1])
+    views = [c for c in context.outputs[0].consumers() if c.op_type == "Reshape"]
+    out = g.weight_of(merge[1])
+    if q is None or k is None or out is None or len(views) != 1:
+        return None
+    projections = [(g.weight_of(node), g.bias_after(node)) for node, _ in (q, k, v)]
+    weights = [w for w, _ in projections]
+    if None in weights or len(set(weights)) != 3 or g.dims(weights[0])[1] % num_heads:  # type: ignore[arg-type]
+        return None
+    positions = _position_projections(g, softmax, scores, projections[0][0], projections[1][0])  # type: ignore[arg-type]
+    if positions is None:
+        return None
+    head_dim = g.dims(weights[0])[1] // num_heads  # type: ignore[arg-type]
+    counts = _head_count_constants(g, [*weights, *(w for _, (w, _) in positions)], merge[1], num_heads)  # type: ignore[list-item]
+    if not counts:
+        return None
+    return AttentionBlock(
+        layer=0, q=projections[0], k=projections[1], v=projections[2], out=out,  # type: ignore[arg-type]
+        out_bias=g.bias_after(merge[1]), merge_reshape=merge[0].name or "",
+        context=views[0].outputs[0].name or "", num_heads=num_heads, head_dim=head_dim, head_counts=counts,
+        position_projections=positions)
+
+
+def _score_matmuls(g: Graph, softmax: ir.Node) -> Iterator[ir.Node]:
+    """The weightless MatMuls above a Softmax, nearest first, through the mask, the scale, the
+    added position terms (gathered by relative position) and the [B*H] <-> [B, H] views: Q·Kᵀ
+    first, then DeBERTa's content-to-position and position-to-content scores."""
+    queue, seen = deque([(softmax.inputs[0], 0)]), set()
+    while queue:
+        tensor, depth = queue.popleft()
+        node = tensor.producer() if tensor is not None else None
+        if node is None or depth > 10 or id(node) in seen:
+            continue
+        seen.add(id(node))
+        if node.op_type == "MatMul" and g.weight_of(node) is None:
+            yield node
+        elif node.op_type in {"Add", "Mul", "Div", "Where", "Cast", "Reshape", "GatherElements", "Transpose"}:
+            data_only = node.op_type in ("Reshape", "GatherElements")  # not the shape, not the indices
+            queue.extend((i, depth + 1) for i in node.inputs[:1 if data_only else None] if i is not None and not is_weight(i))
+
+
+def _nearest_matmul(g: Graph, softmax: ir.Node) -> ir.Node | None:
+    """The Q·Kᵀ MatMul of a Softmax."""
+    return next(_score_matmuls(g, softmax), None)
+
+
+def _position_projections(g: Graph, softmax: ir.Node, scores: ir.Node, q: str,
+                          k: str) -> list[tuple[str, tuple[str, str | None]]] | None:
+    """The projections of the relative positions feeding the other score MatMuls (content-to-
+    position, position-to-content): each must equal this layer's query or key weight (a copy
+    untying made), whose role it takes. None when one is neither."""
+    found: list[tuple[str, tuple[str, str | None]]] = []
+    for node in _score_matmuls(g, softmax):
+        if node is scores:
+            continue
+        for operand in node.inputs:
+            walk = _walk_up_to_projection(g, operand, repeats=True)
+            weight = g.weight_of(walk[0]) if walk is not None else None
+            if walk is None or weight is None:
+                return None
+            if weight in (q, k):
+                continue
+            same = [role for role, name in (("q", q), ("k", k)) if g.dims(name) == g.dims(weight)
+                    and np.array_equal(g.array(name), g.array(weight))]
+            if not same:
+                return None
+            found.append((same[0], (weight, g.bias_after(walk[0]))))
+    return found
+
+
+def _head_count_constants(g: Graph, weights: list[str], out_projection: ir.Node,
+                          num_heads: int) -> list[tuple[str, int, int]]:
+    """Every element equal to `num_heads` in the int64 constants of the Reshape shapes (their head
+    axis, 2), shape Concats and Divs downstream of this layer's Q, K and V projections (both their
+    content and position uses) and up to its output projection."""
+    starts = [c for w in weights for c in g.init[w].consumers()]
+    region: set[int] = set()
+    queue = deque(starts)
+    found: list[tuple[str, int, int]] = []
+    while queue:
+        node = queue.popleft()
+        if id(node) in region or node is out_projection:
+            continue
+        region.add(id(node))
+        for index, value in enumerate(node.inputs):
+            array = constant(value) if value is not None else None
+            if array is None or array.dtype != np.int64 or array.ndim > 1 or array.size > 4:
+                continue
+            if node.op_type == "Reshape" and index == 1:
+                positions = [2] if array.size == 4 and array[2] == num_heads else []
+            elif node.op_type in ("Concat", "Div"):
+                positions = [i for i, element in enumerate(array.reshape(-1)) if element == num_heads]
+            else:
+                positions = []
+            found.extend((node.name or "", index, p) for p in positions)
+        for output in node.outputs:
+            queue.extend(output.consumers())
+    return found
 
 
 def _head_biases(g: Graph, scores: ir.Node, softmax: ir.Node, num_heads: int) -> list[tuple[str, int]]:

@@ -160,7 +160,8 @@ def unique_name(graph: ir.Graph, base: str) -> str:
 def add_initializer(graph: ir.Graph, array: np.ndarray, base: str) -> ir.Value:
     """A new initializer holding `array`, under `base` or the first free name after it."""
     name = unique_name(graph, base)
-    tensor = ir.tensor(np.ascontiguousarray(array), name=name)
+    # ascontiguousarray makes a scalar 1-D: a Div by it would then make its output 1-D too.
+    tensor = ir.tensor(np.ascontiguousarray(array).reshape(np.shape(array)), name=name)
     value = ir.Value(name=name, shape=ir.Shape(array.shape), type=ir.TensorType(tensor.dtype), const_value=tensor)
     graph.register_initializer(value)
     return value

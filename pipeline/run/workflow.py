@@ -21,6 +21,7 @@ from pipeline.artifacts import (
     atomic_dir,
     check_output_dir,
 )
+from pipeline.families import family_of
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, RecoverSpec
 from pipeline.release.manifest import (
@@ -140,7 +141,8 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
             for variant, source, names in targets.typed_sources(selected, dense, qdq):
                 typed = source
                 if variant.converts:
-                    made, _ = stages.call(f"trt-onnx[{variant.name}]", trt_onnx.run, variant, source, work, names)
+                    made, _ = stages.call(f"trt-onnx[{variant.name}]", trt_onnx.run, variant, source, work, names,
+                                          family_of(inputs.info.config).float32_scores)
                     results.append(made)
                     artifacts.extend(made.artifacts)
                     typed = made.artifacts[0]

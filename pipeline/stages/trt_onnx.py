@@ -11,8 +11,11 @@ needs, made once per distinct precision and shared by targets that need the same
   moving it to opset 19, the first opset whose Q/DQ take float16 scales.
 
 The conversion keeps LayerNormalization and Softmax (and a decomposed LayerNorm's reductions) in
-float32: their accumulations overflow or lose precision in float16. Graph inputs are token ids
-(int64) and stay so; the logits output stays float32 unless the target asks for float16.
+float32: their accumulations overflow or lose precision in float16. It keeps the nodes
+`pipeline.graph.precision` finds in float32 too: index arithmetic (DeBERTa's and MPNet's log
+buckets), rotary angles (ModernBERT's), and, where the family's entry says so (DeBERTa), the
+attention scores. Graph inputs are token ids (int64) and stay so; the logits output stays float32
+unless the target asks for float16.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from pathlib import Path
 
 from pipeline.artifacts import Artifact, StageResult, atomic_file
 from pipeline.graph import model as graph_model
+from pipeline.graph.precision import float32_nodes
 from pipeline.graph.proof import prove_runs
 from pipeline.names import Precision
 from pipeline.parity.policy import kind_of, stamp
@@ -60,8 +64,9 @@ class TypedVariant:
         return "".join(parts)
 
 
-def to_float16(src: Path, out: Path, output_fp16: bool, kind: str = "fp16") -> dict:
-    """Write `src` with float tensors in float16 (sensitive ops kept float32) to `out`, atomically."""
+def to_float16(src: Path, out: Path, output_fp16: bool, kind: str, float32_scores: bool) -> dict:
+    """Write `src` with float tensors in float16 (sensitive ops and nodes kept float32) to `out`,
+    atomically; `float32_scores`: keep the attention scores in float32 too (the family's entry)."""
     import onnx
     from onnx import version_converter
     from onnxruntime.transformers.onnx_model import OnnxModel
@@ -71,10 +76,13 @@ def to_float16(src: Path, out: Path, output_fp16: bool, kind: str = "fp16") -> d
     has_qdq = any(n.op_type in ("QuantizeLinear", "DequantizeLinear") for n in model.graph.node)
     if has_qdq and opset < QDQ_FLOAT16_OPSET:
         model = version_converter.convert_version(model, QDQ_FLOAT16_OPSET)
+    kept = float32_nodes(graph_model.from_proto(model), float32_scores)
     wrapped = OnnxModel(model)
     wrapped.convert_float_to_float16(
         use_symbolic_shape_infer=False, keep_io_types=not output_fp16, op_block_list=FLOAT32_OPS,
+        **({"node_block_list": kept} if kept else {}),
     )
+    _no_float16_round_trips(wrapped.model)
     wrapped.topological_sort()  # the converter appends its Cast nodes at the end of the graph
     typed = graph_model.from_proto(wrapped.model)
     stamp(typed, kind)
@@ -82,18 +90,43 @@ def to_float16(src: Path, out: Path, output_fp16: bool, kind: str = "fp16") -> d
         graph_model.save(typed, tmp, graph_model.external_data_name(out))
         prove_runs(tmp, f"typed ONNX {out}")
     return {
-        "conversion": "onnxruntime.transformers float16", "float32_ops": FLOAT32_OPS,
+        "conversion": "onnxruntime.transformers float16", "float32_ops": FLOAT32_OPS, "float32_nodes": len(kept),
         "opset": max(opset, QDQ_FLOAT16_OPSET) if has_qdq else opset, "output_dtype": "fp16" if output_fp16 else "fp32",
         "cast_nodes": sum(n.op_type == "Cast" for n in wrapped.model.graph.node),
     }
 
 
-def run(variant: TypedVariant, source: Artifact, out_dir: Path, targets: list[str]) -> StageResult:
-    """Make the typed graph for `variant` from `source` (the dense or Q/DQ artifact)."""
+def _no_float16_round_trips(model) -> None:
+    """The converter treats each float32 node as an island: its float output is cast to float16
+    and cast back up by the next float32 node, so a chain kept in float32 (positions into rotary
+    angles) still passes through float16 between its nodes, and its cascade cleanup can even turn
+    int64 -> float32 -> float16 into int64 -> float16. A cast up to float32 reads what the cast
+    down to float16 read instead: a float32 node never sees a value float16 has rounded."""
+    from onnx import TensorProto
+
+    producers = {out: node for node in model.graph.node for out in node.output}
+
+    def casts_to(node, to: int) -> bool:
+        return node.op_type == "Cast" and any(a.name == "to" and a.i == to for a in node.attribute)
+
+    for node in model.graph.node:
+        parent = producers.get(node.input[0]) if casts_to(node, TensorProto.FLOAT) else None
+        if parent is not None and casts_to(parent, TensorProto.FLOAT16):
+            node.input[0] = parent.input[0]
+    used = {name for node in model.graph.node for name in node.input} | {o.name for o in model.graph.output}
+    dead = [n for n in model.graph.node if n.op_type == "Cast" and not set(n.output) & used]
+    for node in dead:
+        model.graph.node.remove(node)
+
+
+def run(variant: TypedVariant, source: Artifact, out_dir: Path, targets: list[str], float32_scores: bool) -> StageResult:
+    """Make the typed graph for `variant` from `source` (the dense or Q/DQ artifact); the model's
+    family says whether its attention scores stay float32 (`pipeline.families`)."""
     started = time.perf_counter()
     out = Path(out_dir) / f"{variant.name}.onnx"
     precision: Precision = "int8" if variant.precision == "int8" else "fp16"
-    options = to_float16(source.path, out, variant.output_dtype == "fp16", kind_of(precision, source.from_pruned))
+    options = to_float16(source.path, out, variant.output_dtype == "fp16", kind_of(precision, source.from_pruned),
+                         float32_scores)
     artifact = Artifact(
         name=variant.name, path=out, format="onnx", precision=precision, stage="trt-onnx",
         from_pruned=source.from_pruned,

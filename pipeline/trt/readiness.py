@@ -33,7 +33,9 @@ INT8 = 3
 QUANTIZED_CONSUMERS = ("MatMul", "Gemm")
 # Ops whose float16 arithmetic loses what a BERT needs: an exponent sum, a mean over 384+ values, a square.
 FP16_SENSITIVE = {"Softmax": "its exponent sum loses precision", "ReduceMean": "its sum over the hidden size "
-                  "loses precision", "Pow": "squares above 256 overflow float16"}
+                  "loses precision", "Pow": "squares above 256 overflow float16",
+                  "Sin": "a rotary angle above 2,048 radians keeps no fraction in float16",
+                  "Cos": "a rotary angle above 2,048 radians keeps no fraction in float16"}
 FLOAT32_STASH = 1  # LayerNormalization's stash_type default: the parser computes the layer in float32
 
 ERROR, WARNING = "error", "warning"
@@ -63,6 +65,8 @@ RULES: dict[str, tuple[str, str]] = {
                                         "both inputs are dequantized; otherwise it runs in float"),
     "fp16-safe": (WARNING, f"{IMPORTERS}: LayerNormalization computes in its stash_type (default float32); "
                            "Softmax and reductions compute in their input type"),
+    "op-restriction": (ERROR, "docs/operators.md restrictions: Attention takes 4-D Q, K, V and attn_mask and no "
+                              "past_key, past_value or nonpad_kv_seqlen; RotaryEmbedding's position_ids are INT64"),
     "types-unknown": (WARNING, "shape inference (onnx) gave some values no element type: the Q/DQ and FP16 "
                       "rules, which read types, skipped them"),
     "dynamic-axes": (ERROR, "TensorRT optimization profiles: a static input dimension must equal every "
@@ -156,6 +160,7 @@ def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] |
     findings += _operator_rule(graph, support)
     findings += _qdq_rules(graph)
     findings += _fp16_rule(graph)
+    findings += _restriction_rule(graph, support)
     findings += _types_rule(graph)
     if profiles:
         findings += _dynamic_axes_rule(graph, profiles)
@@ -356,6 +361,31 @@ def _fp16_rule(graph: _Graph) -> list[Finding]:
         elif node.op_type in FP16_SENSITIVE:
             findings.append(Finding("fp16-safe", _name(node), f"{node.op_type} computes in float16: "
                                     f"{FP16_SENSITIVE[node.op_type]}; keep it in float32 if the fp16 gate fails"))
+    return findings
+
+
+def _restriction_rule(graph: _Graph, support: dict) -> list[Finding]:
+    """The documented restrictions of the ops modern encoders bring (opset 23's Attention and
+    RotaryEmbedding), where the parser has them; what shape inference leaves unknown is not judged."""
+    findings = []
+    for node in graph.nodes:
+        if node.domain not in DEFAULT_DOMAINS or node.op_type not in support["supported"]:
+            continue
+        if node.op_type == "Attention":
+            extra = [i for i, v in enumerate(node.inputs) if i >= 4 and v is not None]
+            if extra:
+                findings.append(Finding("op-restriction", _name(node), f"Attention has inputs {extra} (past_key, "
+                                        "past_value, nonpad_kv_seqlen), which TensorRT does not take; export "
+                                        "without a key/value cache"))
+            ranks = {i: len(v.shape) for i, v in enumerate(node.inputs[:4]) if v is not None and v.shape is not None}
+            if any(rank != 4 for rank in ranks.values()):
+                findings.append(Finding("op-restriction", _name(node), f"Attention input ranks {ranks}: TensorRT takes "
+                                        "4-D Q, K, V and attn_mask; export with the heads split ([B, H, S, d])"))
+        elif node.op_type == "RotaryEmbedding":
+            positions = _input(node, 3)
+            if positions is not None and positions.dtype not in (None, ir.DataType.INT64):
+                findings.append(Finding("op-restriction", _name(node), f"RotaryEmbedding's position_ids are "
+                                        f"{positions.dtype}; TensorRT takes INT64: cast them"))
     return findings
 
 

@@ -46,15 +46,19 @@ def blocks_of(model: ir.Model, source: Path,
     unfold_gemms(model)
     drop_shape_annotations(model)
     g = Graph(model)
-    ffn, attention = find_ffn_blocks(g), find_attention_blocks(g)
+    ffn, attention = find_ffn_blocks(g), find_attention_blocks(g, config_size(config or {}, "num_attention_heads"))
     standard = graph_model.standard_attention_nodes(model)
     if len(standard) > len({b.context for b in attention} & {n.outputs[0].name for n in standard}):
         raise PruneError(f"ONNX file {source}: {len(standard)} standard ONNX Attention nodes take Q, K and V in a form "
                          "whose heads Shipyard cannot slice (it slices the 4-D form torch.onnx's dynamo exporter "
                          "writes); prune the graph shipyard export (Optimum) makes of the same model")
     # A family that loses heads needs its attention blocks found; one that prunes FFN neurons only
-    # (DeBERTa, whose attention is disentangled) needs its FFN blocks, and no weight of theirs shared.
+    # needs its FFN blocks, and no weight of theirs shared.
     heads = "heads" in family_of(config or {}).pruning
+    # DeBERTa reads its query and key weights twice in one layer (content and positions): not shared between layers.
+    shared = {name: n for name, n in shared.items() if n != 1 + sum(
+        role == own_role for b in attention for own_role, (own, _) in (("q", b.q), ("k", b.k)) if own == name
+        for role, _ in b.position_projections)}
     if shared and (heads or set(shared) & {name for b in ffn for name in (b.w1, b.w2)}):
         raise PruneError(f"ONNX file {source}: {len(shared)} weight matrices are shared between layers, so removing "
                          "a unit from one layer would remove it from all; Shipyard does not prune such models: "

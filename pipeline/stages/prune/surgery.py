@@ -68,7 +68,19 @@ def remove_heads(g: Graph, block: AttentionBlock, heads: list[int], context_mean
     _patch_shape(g, nodes[block.merge_reshape], 2, len(keep) * block.head_dim)
     for name, index in block.head_biases:
         _slice_head_bias(g, nodes[name], index, keep)
+    for name, index, element in block.head_counts:
+        _set_head_count(g, nodes[name], index, element, len(keep))
     return folded
+
+
+def _set_head_count(g: Graph, node: ir.Node, index: int, element: int, value: int) -> None:
+    """Give `node` its own copy of constant input `index` with `element` set to `value` (the copy:
+    exporters and optimizers share such constants between layers)."""
+    array = constant(node.inputs[index])
+    assert array is not None
+    patched = array.copy()
+    patched.reshape(-1)[element] = value
+    node.replace_input_with(index, add_initializer(g.graph, patched, f"{node.name}_heads_{index}"))
 
 
 def _slice_head_bias(g: Graph, add: ir.Node, index: int, keep: list[int]) -> None:
@@ -134,14 +146,15 @@ def apply(model: ir.Model, ffn: list[FfnBlock], attention: list[AttentionBlock],
                                 compensation.context_mean[block.layer] if compensation else None)
             layers[block.layer].attention_bias = None if bias is None else bias.tolist()
     ffn_weights = [w for b in ffn for w in ((b.layer, "ffn.w1", b.w1), (b.layer, "ffn.w2", b.w2))]
-    # A fused Wqkv is one weight: made sparse once, under the role of its first part.
+    # A fused Wqkv is one weight: made sparse once, under the role of its first part. DeBERTa's
+    # position copies of Q and K are made sparse as Q and K are (the same values, the same mask).
     attention_weights = [w for b in attention for w in (
-        *((b.layer, f"attention.{part}", weight) for part, (weight, _) in zip("qkv", b.projections(), strict=False)),
-        (b.layer, "attention.out", b.out))]
+        *((b.layer, f"attention.{role}", weight) for role, weight in b.roles()), (b.layer, "attention.out", b.out))]
     targets = {"none": [], "ffn": ffn_weights, "attention": attention_weights, "all": ffn_weights + attention_weights}
     done = sparsify_24(g, targets[sparsity])
     sparse = [name for _, _, name in done]
-    plan = PruningPlan(layers=[layers[k] for k in sorted(layers)], sparse_24=[(layer, role) for layer, role, _ in done])
+    plan = PruningPlan(layers=[layers[k] for k in sorted(layers)],
+                       sparse_24=list(dict.fromkeys((layer, role) for layer, role, _ in done)))
     drop_dead(pruned)
     # Marks the graph as pruned so `shipyard validate` applies the pruned thresholds to it.
     pruned.metadata_props[PRUNED_MARK] = pruned_mark({str(k): v for k, v in heads_remove.items()}, len(sparse))
