@@ -3,7 +3,9 @@
 Every weight is drawn at random (no zero biases, no identical tensors), so exactness tests see
 real arithmetic and exporters cannot deduplicate tensors. RoBERTa gets a real byte-level BPE
 tokenizer (trained on tweets in a second, with RoBERTa's special tokens and no token_type_ids);
-the others use all-MiniLM-L6-v2's WordPiece vocabulary, under the family's own tokenizer class
+DeBERTa-v3 a real SentencePiece one, saved as its checkpoints ship it (spm.model and
+tokenizer_config.json, no tokenizer.json: transformers converts it to a fast one on load); the
+others use all-MiniLM-L6-v2's WordPiece vocabulary, under the family's own tokenizer class
 where transformers has a WordPiece one (BERT, DistilBERT, ELECTRA), else BertTokenizerFast, which
 their models accept: only token ids reach the graph.
 """
@@ -42,6 +44,28 @@ def _byte_level_bpe():
     bpe._tokenizer.post_processor = RobertaProcessing(("</s>", 2), ("<s>", 0))
     return RobertaTokenizerFast(tokenizer_object=bpe._tokenizer, bos_token="<s>", eos_token="</s>", sep_token="</s>",
                                 cls_token="<s>", pad_token="<pad>", unk_token="<unk>", mask_token="<mask>")
+
+
+@lru_cache(maxsize=1)
+def _sentencepiece():
+    """DeBERTa-v3's tokenizer: a SentencePiece unigram model trained on 3,000 tweets, with its
+    [CLS]/[SEP]/[PAD]/[UNK]/[MASK] pieces."""
+    import io
+    import tempfile
+
+    import sentencepiece
+    from transformers import DebertaV2Tokenizer
+
+    from pipeline.run.demo import read_tweets
+
+    model = io.BytesIO()
+    sentencepiece.SentencePieceTrainer.train(
+        sentence_iterator=iter([t["text"] for t in read_tweets()[:3000]]), model_writer=model, vocab_size=2000,
+        model_type="unigram", pad_id=0, bos_id=1, eos_id=2, unk_id=3, pad_piece="[PAD]", bos_piece="[CLS]",
+        eos_piece="[SEP]", unk_piece="[UNK]", user_defined_symbols=["[MASK]"], minloglevel=2)
+    folder = Path(tempfile.mkdtemp(prefix="spm-"))
+    (folder / "spm.model").write_bytes(model.getvalue())
+    return DebertaV2Tokenizer(vocab_file=str(folder / "spm.model"))
 
 
 def _config(family: str, layers: int, hidden: int, heads: int, intermediate: int, vocab: int, tokenizer):
@@ -90,6 +114,8 @@ def make_model(folder: Path, family: str = "bert", task: str = "text-classificat
 
     if family == "roberta":
         tokenizer = _byte_level_bpe()
+    elif family == "deberta-v2":
+        tokenizer = _sentencepiece()
     else:
         tokenizer = AutoTokenizer.from_pretrained(str(minilm_dir()), local_files_only=True)
     config = _config(family, layers, hidden, heads, intermediate, len(tokenizer), tokenizer)
