@@ -15,6 +15,7 @@ flags): compare ratios within one run.
 from __future__ import annotations
 
 import argparse
+import csv
 import sys
 import tempfile
 from pathlib import Path
@@ -26,7 +27,7 @@ from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
 from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
 from pipeline.recipe import QuantizeSpec  # noqa: E402
-from pipeline.run.demo import _narrow_encoder, minilm_dir, read_tweets, tweets_csv  # noqa: E402
+from pipeline.run.demo import _narrow_encoder, minilm_dir, read_tweets  # noqa: E402
 from pipeline.run.standalone import CalibrationRows, quantize_file  # noqa: E402
 from pipeline.stages.export import export_onnx  # noqa: E402
 
@@ -68,12 +69,17 @@ def main() -> None:
     print(f"{'family':12s} {'artifact':10s} {'b1 ms':>8s} {'b32 seq/s':>10s} {'vs PyTorch b1/b32':>18s} "
           f"{'vs FP32 ONNX b1/b32':>20s}")
     with tempfile.TemporaryDirectory() as tmp:
+        data = Path(tmp) / "tweets.csv"  # the calibration rows, as UTF-8 with a text column
+        with data.open("w", encoding="utf-8", newline="") as f:
+            writer = csv.DictWriter(f, fieldnames=["text"])
+            writer.writeheader()
+            writer.writerows({"text": row["text"]} for row in read_tweets()[:256])
         for family in args.families:
             work = Path(tmp) / family
             folder = make(family, args.layers, args.hidden, work / "model")
             export_onnx(folder, work / "model.onnx", 17, "text-classification")
             quantize_file(work / "model.onnx", work / "int8.cpu.onnx", "cpu", QuantizeSpec(),
-                          CalibrationRows(tweets_csv(), folder, Columns(), 64, SEQ), tuning_samples=0)
+                          CalibrationRows(data, folder, Columns(), 64, SEQ), tuning_samples=0)
             encoder = Encoder(load_tokenizer(folder, "text"), Columns(), SEQ, "max_length", "text")
             batch32 = encoder.encode(rows)
             batch1 = {k: v[:1] for k, v in batch32.items()}
