@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 from conftest import invoke
+from test_predict import assert_predict_reproduces_the_gate
 from zoo import make_model
 
 from pipeline.parity.metrics import entities, entity_scores, squad_scores
@@ -126,6 +127,12 @@ def test_recipe_runs_each_task_end_to_end(task, task_models, task_data, tmp_path
     assert names["model.int8.qdq"]["parity"]["metric"] == metric
     assert manifest["targets"][0]["readiness"]["ready"]
     assert f"Task: {task}" in (out / "report.md").read_text()
+    # The release serves alone: predict on the gate's rows agrees with PyTorch as the gate measured.
+    served = assert_predict_reproduces_the_gate(out, tmp_path)
+    if task == "token-classification":
+        assert all(len(row["words"]) == len(row["tags"]) > 0 for row in served)
+    elif task == "feature-extraction":  # MiniLM-style mean pooling, unnormalised unless its config says so
+        assert len(served[0]["embedding"]) == 64
 
 
 def test_strict_iob2_entities_and_scores_match_hand_computation():

@@ -1,4 +1,4 @@
-"""Releases and TensorRT: `shipyard verify|trt-check|build|engines|plan|collect` and the demo."""
+"""Releases and TensorRT: `shipyard verify|trt-check|build|engines|plan|collect|predict` and the demo."""
 
 from __future__ import annotations
 
@@ -218,3 +218,30 @@ def demo_prepare(home: Path | None, layers: int, train_rows: int, family: str, h
                   "embeddings": str(paths.embeddings)},
             f"demo model: {paths.model}\nhold-out data: {paths.holdout}\nembeddings model: {paths.embeddings}",
             quiet, as_json)
+
+
+@cli.command("predict")
+@click.argument("release", metavar="RELEASE_DIR", type=click.Path(path_type=Path))
+@click.option("--artifact", default=None, metavar="NAME",
+              help="The ONNX artifact to run [default: model.int8.cpu, else the dense FP32 graph].")
+@click.option("--text", "texts", multiple=True, metavar="TEXT", help="A text to predict on (repeatable).")
+@click.option("--pair", "pairs", multiple=True, metavar="TEXT",
+              help="The second text of each --text: a pair classifier's pair, QA's context.")
+@click.option("--data", type=click.Path(path_type=Path), default=None, help="A data file of rows to predict on.")
+@click.option("--text-column", default="text", show_default=True)
+@click.option("--pair-column", default=None, help="--data's column of second texts (QA: the context).")
+@click.option("--encoding", default=None, help="--data's text encoding, if not UTF-8.")
+@click.option("--truncate", is_flag=True, help="Cut rows longer than the release's max length, as the gate did.")
+@output_options
+def predict_cmd(release: Path, artifact: str | None, texts: tuple[str, ...], pairs: tuple[str, ...],
+                data: Path | None, text_column: str, pair_column: str | None, encoding: str | None, truncate: bool,
+                quiet: bool, as_json: bool) -> None:
+    """Predict with a verified release alone: its tokenizer and encoding record, an ONNX artifact
+    on ONNX Runtime, and the task code the gate measured with (labels and scores; tags per word;
+    answer spans; embeddings)."""
+    from pipeline.run.predict import Rows, describe, predict
+
+    if texts and data is not None:
+        raise ShipyardError("pass --text or --data, not both")
+    result = predict(release, artifact, Rows(texts, pairs, data, text_column, pair_column, encoding), truncate)
+    finish(True, result, describe(result), quiet, as_json)

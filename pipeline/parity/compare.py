@@ -13,10 +13,10 @@ from typing import Any
 
 import numpy as np
 
-from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX, split_words
+from calibration.encode import split_words
 from pipeline.errors import ArtifactError
 from pipeline.parity.metrics import accuracy, entity_scores, macro_f1, squad_scores
-from pipeline.parity.tasks import Task, cosine, max_abs_diff
+from pipeline.parity.tasks import Task, answers, cosine, max_abs_diff, row_tags
 from pipeline.parity.uncertainty import mcnemar_exact, wilson
 from pipeline.recipe import Gate
 
@@ -198,20 +198,8 @@ def _compare(task: Task, artifact: str, reference: list[Batch], candidate: list[
     return report
 
 
-def _row_tags(reduced: list[Batch], batches: list[Batch], id2label: dict[int, str]) -> list[list[str]]:
-    """Per row, the predicted tag of each scored word, in word order."""
-    tags = []
-    for out, batch in zip(reduced, batches, strict=True):
-        words = batch[WORD_INDEX]
-        predicted = out["logits"].argmax(-1)
-        for r in range(len(words)):
-            order = np.flatnonzero(words[r] >= 0)
-            tags.append([id2label.get(int(t), str(t)) for t in predicted[r, order]])
-    return tags
-
-
 def _token_details(report, reference, candidate, batches, gold, id2label, rows, text_column, max_flips) -> None:
-    ref_tags, cand_tags = _row_tags(reference, batches, id2label), _row_tags(candidate, batches, id2label)
+    ref_tags, cand_tags = row_tags(reference, batches, id2label), row_tags(candidate, batches, id2label)
     if gold is not None:
         scored_gold = [g[: len(t)] for g, t in zip(gold, ref_tags, strict=True)]  # words cut by max_length are not scored
         report.reference_metrics = entity_scores(scored_gold, ref_tags)
@@ -223,22 +211,9 @@ def _token_details(report, reference, candidate, batches, gold, id2label, rows, 
                                      label=" ".join(gold[i][: len(r)]) if gold is not None else None))
 
 
-def _answers(spans: np.ndarray, batches: list[Batch], rows: list[dict], pair_column: str) -> list[str]:
-    """The context text each (start, end) token span covers."""
-    answers, i = [], 0
-    for batch in batches:
-        offsets = batch[CONTEXT_OFFSETS]
-        for r in range(len(offsets)):
-            start, end = spans[i]
-            context = str(rows[i][pair_column])
-            answers.append("" if start < 0 else context[offsets[r, start, 0]: offsets[r, end, 1]])
-            i += 1
-    return answers
-
-
 def _span_details(report, ref_spans, cand_spans, batches, gold, rows, text_column, pair_column, max_flips) -> None:
-    ref_answers = _answers(ref_spans, batches, rows, pair_column)
-    cand_answers = _answers(cand_spans, batches, rows, pair_column)
+    ref_answers = answers(ref_spans, batches, [str(r[pair_column]) for r in rows])
+    cand_answers = answers(cand_spans, batches, [str(r[pair_column]) for r in rows])
     if gold is not None:
         report.reference_metrics = squad_scores(ref_answers, gold)
         report.artifact_metrics = squad_scores(cand_answers, gold)

@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
-from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX
+from calibration.encode import CONTEXT_OFFSETS, WORD_INDEX, split_words
 from pipeline.errors import ModelError
 from pipeline.names import TASKS
 from pipeline.tasks import TASK_SPECS, TaskSpec, task_spec
@@ -193,6 +193,53 @@ class Task:
             similarity = cosine(self.predictions(reference, batches), self.predictions(candidate, batches))
             return float(1 - similarity.mean()) if similarity.size else 0.0
         return max_abs_diff(reference, candidate, batches, self.per_token)[1]
+
+
+def row_tags(reduced: list[Batch], batches: list[Batch], id2label: dict[int, str]) -> list[list[str]]:
+    """Per row, the predicted tag of each scored word (its first sub-token), in word order."""
+    tags = []
+    for out, batch in zip(reduced, batches, strict=True):
+        words = batch[WORD_INDEX]
+        predicted = out["logits"].argmax(-1)
+        for r in range(len(words)):
+            order = np.flatnonzero(words[r] >= 0)
+            tags.append([id2label.get(int(t), str(t)) for t in predicted[r, order]])
+    return tags
+
+
+def answers(spans: np.ndarray, batches: list[Batch], contexts: list[str]) -> list[str]:
+    """The context text each (start, end) token span covers ("" for no span)."""
+    found, i = [], 0
+    for batch in batches:
+        offsets = batch[CONTEXT_OFFSETS]
+        for r in range(len(offsets)):
+            start, end = spans[i]
+            found.append("" if start < 0 else contexts[i][offsets[r, start, 0]: offsets[r, end, 1]])
+            i += 1
+    return found
+
+
+def readable(task: Task, reduced: list[Batch], batches: list[Batch], id2label: dict[int, str],
+             texts: list[str], contexts: list[str] | None = None) -> list[dict[str, Any]]:
+    """Per row, the prediction as a client reads it, made by the code the gate compares with: a
+    class's label and softmax score; each word with its tag; the answer span's text and its token
+    positions; the pooled embedding (normalised where the model's pooling says so)."""
+    predicted = task.predictions(reduced, batches)
+    kind = task.spec.kind
+    if kind == "class":
+        logits = np.concatenate([r["logits"] for r in reduced]).astype(np.float64)
+        scores = np.exp(logits - logits.max(-1, keepdims=True))
+        scores /= scores.sum(-1, keepdims=True)
+        return [{"label": id2label.get(int(c), str(int(c))), "score": float(scores[i, c])}
+                for i, c in enumerate(predicted)]
+    if kind == "tag":
+        return [{"words": split_words(text)[: len(tags)], "tags": tags}
+                for text, tags in zip(texts, row_tags(reduced, batches, id2label), strict=True)]
+    if kind == "span":
+        spans = answers(predicted, batches, contexts or [])
+        return [{"answer": answer, "start_token": int(s), "end_token": int(e)}
+                for answer, (s, e) in zip(spans, predicted, strict=True)]
+    return [{"embedding": [float(x) for x in row]} for row in predicted]
 
 
 def cosine(a: np.ndarray, b: np.ndarray) -> np.ndarray:

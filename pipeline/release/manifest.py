@@ -135,7 +135,8 @@ class InvocationRecord(_Strict):
 
 class FileRecord(_Strict):
     sha256: str
-    role: str = Field(description="artifact, external-data, plan, config, recovered-model, report, junit or file")
+    role: str = Field(description="artifact, external-data, plan, config, recovered-model, tokenizer, serving, report, "
+                                  "junit or file")
 
 
 class Manifest(_Strict):
@@ -184,7 +185,9 @@ def file_role(relative: str, manifest: Manifest) -> str:
         return "plan"
     if name.endswith(".config.json"):
         return "config"
-    return {"report.md": "report", "junit.xml": "junit"}.get(relative, "file")
+    if Path(relative).parts[0] == "tokenizer":
+        return "tokenizer"
+    return {"report.md": "report", "junit.xml": "junit", "serving.json": "serving"}.get(relative, "file")
 
 
 def list_files(manifest: Manifest, folder: Path) -> Manifest:

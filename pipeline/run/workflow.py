@@ -24,6 +24,7 @@ from pipeline.artifacts import (
 from pipeline.families import family_of
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, RecoverSpec
+from pipeline.release import serving
 from pipeline.release.manifest import (
     ArtifactRecord,
     DataRecord,
@@ -171,11 +172,27 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
                 validate_artifact(engine)
             target_records.append(record)
 
+        serving.write(work, recipe.model.path, serving_record(inputs))
         invocation = InvocationRecord.now(list(options.command), cache)
         manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, source_parity, work,
                              target_records, invocation)
         manifest = write_release(manifest, work, options.sign_key)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
+
+
+def serving_record(inputs: RunInputs) -> serving.ServingRecord:
+    """How the gate encoded the evaluation rows and read the outputs, for a server (`pipeline.release.serving`)."""
+    recipe, task = inputs.recipe, inputs.task
+    kind = task.spec.kind
+    return serving.ServingRecord(
+        task=task.name, id2label=inputs.info.id2label if kind in ("class", "tag") else {},
+        max_length=recipe.data.max_length, padding=recipe.data.padding,
+        truncation="only_second" if kind == "span" else "longest_first", batch_size=recipe.data.batch_size,
+        order_by_length=recipe.data.padding == "longest",
+        text_pair=kind == "span" or recipe.data.text_pair_column is not None,
+        pooling=serving.Pooling(mode=task.pooling.mode, normalize=task.pooling.normalize) if kind == "embedding" else None,
+        max_answer_tokens=task.max_answer_tokens if kind == "span" else None,
+        min_cosine=task.min_cosine if kind == "embedding" else None)
 
 
 def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: Path, progress: Progress
