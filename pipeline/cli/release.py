@@ -1,4 +1,4 @@
-"""Releases and TensorRT: `shipyard verify|trt-check|build|engines|plan|collect|predict` and the demo."""
+"""Releases and TensorRT: `shipyard verify|trt-check|build|engines|plan|collect|predict|package` and the demo."""
 
 from __future__ import annotations
 
@@ -245,3 +245,25 @@ def predict_cmd(release: Path, artifact: str | None, texts: tuple[str, ...], pai
         raise ShipyardError("pass --text or --data, not both")
     result = predict(release, artifact, Rows(texts, pairs, data, text_column, pair_column, encoding), truncate)
     finish(True, result, describe(result), quiet, as_json)
+
+
+@cli.command("package")
+@click.argument("release", metavar="RELEASE_DIR", type=click.Path(path_type=Path))
+@click.option("--triton", "triton_dir", required=True, type=click.Path(path_type=Path),
+              help="Write a Triton model repository here.")
+@click.option("--python-runtime", is_flag=True,
+              help="Serve the ONNX artifacts with Python-backend models running ONNX Runtime (a server with only "
+                   "the Python backend, as the nvidia-pytriton wheel's).")
+@click.option("--python-path", default=None, metavar="PATHS",
+              help="Where the server's Python finds Shipyard's libraries [default: this environment's].")
+@overwrite_option
+@output_options
+def package_cmd(release: Path, triton_dir: Path, python_runtime: bool, python_path: str | None, overwrite: bool,
+                quiet: bool, as_json: bool) -> None:
+    """A Triton model repository from a verified release: per deployable artifact its inference
+    model and an ensemble that takes text and returns the task's prediction; its own manifest."""
+    from pipeline.release.triton import package
+
+    result = package(release, triton_dir, overwrite, python_runtime, python_path)
+    lines = [f"package {release} -> {triton_dir}:"] + [f"  {a}: send TEXT to model {m}" for a, m in result["models"].items()]
+    finish(True, result, "\n".join(lines), quiet, as_json)

@@ -66,6 +66,18 @@ def write(folder: Path, model_dir: Path, record: ServingRecord) -> list[Path]:
     return [*written, Path(folder) / SERVING_FILE]
 
 
+def intact(release: Path, action: str):
+    """The manifest of `release` if it verifies, else a one-line error: `action` ("predict runs",
+    "package takes") only an intact release."""
+    from pipeline.release.signing import read_verified
+
+    verified = read_verified(Path(release))
+    if verified.problems:
+        raise ShipyardError(f"release {release} does not verify ({verified.problems[0]}); {action} only an intact "
+                            "release (shipyard verify lists every problem)")
+    return verified
+
+
 def load(folder: Path) -> tuple[ServingRecord, Any]:
     """The release's serving record and its tokenizer, or a one-line error naming what is missing."""
     from pydantic import ValidationError

@@ -78,15 +78,10 @@ def predict(release: Path, artifact: str | None, rows: Rows, truncate: bool = Fa
     """Predictions for `rows` by `artifact` of the verified `release`, in the rows' order."""
     from pipeline.parity.runners import OrtRunner
     from pipeline.parity.tasks import Pooling, Task, collect, readable
-    from pipeline.release.signing import read_verified
     from pipeline.tasks import task_spec
 
     release = Path(release)
-    verified = read_verified(release)
-    if verified.problems:
-        raise ShipyardError(f"release {release} does not verify ({verified.problems[0]}); predict only runs an intact "
-                            "release (shipyard verify lists every problem)")
-    manifest = verified.intact()
+    manifest = serving.intact(release, "predict runs").intact()
     record, tokenizer = serving.load(release)
     chosen = choose_artifact(manifest, artifact, release)
     table = _rows(rows, record)
