@@ -541,7 +541,7 @@ def test_verify_passes_a_signed_release_and_catches_a_flipped_byte_in_any_file(s
     manifest = json.loads((out / "manifest.json").read_text())
     on_disk = {str(p.relative_to(out)) for p in out.rglob("*") if p.is_file()}
     assert set(manifest["files"]) == on_disk - {"manifest.json", "manifest.json.sig"}
-    assert {r["role"] for r in manifest["files"].values()} == {"artifact", "report", "junit"}
+    assert {r["role"] for r in manifest["files"].values()} == {"artifact", "report", "junit", "tokenizer", "serving"}
     for name in manifest["files"]:
         path = out / name
         original = path.read_bytes()

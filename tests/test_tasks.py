@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 from conftest import invoke
 from test_predict import assert_predict_reproduces_the_gate
+from test_triton import assert_served_like_predict
 from zoo import make_model
 
 from pipeline.parity.metrics import entities, entity_scores, squad_scores
@@ -133,6 +134,7 @@ def test_recipe_runs_each_task_end_to_end(task, task_models, task_data, tmp_path
         assert all(len(row["words"]) == len(row["tags"]) > 0 for row in served)
     elif task == "feature-extraction":  # MiniLM-style mean pooling, unnormalised unless its config says so
         assert len(served[0]["embedding"]) == 64
+    assert_served_like_predict(out, tmp_path)  # and a real Triton server serves what predict gives
 
 
 def test_strict_iob2_entities_and_scores_match_hand_computation():

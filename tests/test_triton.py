@@ -49,51 +49,83 @@ def test_package_refuses_what_it_cannot_package(tiny_release, tmp_path):
                          out=tmp_path / "repo")
 
 
-def test_a_real_tritonserver_serves_the_gate_s_predictions(tiny_release, tmp_path):
-    """The wheel's tritonserver, Python backend only: the CPU INT8 artifact run by a Python-backend
-    model with ONNX Runtime inside the text ensemble. The evaluation rows go in the batches
-    `predict` makes (ordered by length, 32 a request: dynamic INT8 scales per batch), over HTTP,
-    and every served prediction is `predict`'s."""
+def assert_served_like_predict(release: Path, tmp_path: Path) -> None:
+    """Package `release` for the wheel's tritonserver (Python backend only: the CPU INT8 artifact run
+    by a Python-backend model with ONNX Runtime inside the text ensemble), send its evaluation rows
+    over HTTP in the batches `predict` makes (ordered by length, as many a request as the gate's
+    batches: dynamic INT8 scales per batch), and require every served prediction to be `predict`'s."""
     import tritonclient.http as http
 
-    from pipeline.release import triton_server
+    from pipeline.release import serving, triton_server
 
     try:
         triton_server.wheel()
         triton_server.numpy_1()
     except ShipyardError as err:
         pytest.skip(f"no Triton server to run here: {err}")
-    rows = _evaluation_rows(tiny_release.out)
+    record, _ = serving.load(release)
+    texts, pairs = _evaluation_rows(release)
     source = tmp_path / "rows.jsonl"
-    source.write_text("".join(json.dumps({"text": r}) + "\n" for r in rows))
-    predicted = invoke("predict", tiny_release.out, "--data", source, "--truncate", "--json")
+    source.write_text("".join(json.dumps({"t": t, "p": p}) + "\n" for t, p in zip(texts, pairs, strict=True)))
+    predicted = invoke("predict", release, "--data", source, "--text-column", "t", "--truncate", "--json",
+                       *(("--pair-column", "p") if record.text_pair else ()))
     assert predicted.exit_code == 0, predicted.output
     expected = json.loads(predicted.output)["predictions"]
 
     repo = tmp_path / "repo"
-    assert invoke("package", tiny_release.out, "--triton", repo, "--python-runtime").exit_code == 0
+    assert invoke("package", release, "--triton", repo, "--python-runtime").exit_code == 0
     served = []
     with triton_server.serve(repo) as address:
         client = http.InferenceServerClient(address)
-        for start in range(0, len(rows), 32):
-            texts = rows[start:start + 32]
-            text = http.InferInput("TEXT", [len(texts), 1], "BYTES")
-            text.set_data_from_numpy(np.array([[t.encode()] for t in texts], dtype=object))
-            reply = client.infer("model_int8_cpu_text", [text], outputs=[http.InferRequestedOutput("PREDICTION")])
+        for start in range(0, len(texts), record.batch_size):
+            inputs = []
+            for name, values in (("TEXT", texts), ("PAIR", pairs)):
+                if name == "PAIR" and not record.text_pair:
+                    continue
+                chunk = values[start:start + record.batch_size]
+                tensor = http.InferInput(name, [len(chunk), 1], "BYTES")
+                tensor.set_data_from_numpy(np.array([[v.encode()] for v in chunk], dtype=object))
+                inputs.append(tensor)
+            reply = client.infer("model_int8_cpu_text", inputs, outputs=[http.InferRequestedOutput("PREDICTION")])
             served += [json.loads(v[0]) for v in reply.as_numpy("PREDICTION")]
-    assert [s["label"] for s in served] == [e["label"] for e in expected]
-    assert np.allclose([s["score"] for s in served], [e["score"] for e in expected], atol=1e-6)
+    assert len(served) == len(expected)
+    for got, want in zip(served, expected, strict=True):
+        for key, value in got.items():
+            if isinstance(value, float) or (isinstance(value, list) and value and isinstance(value[0], float)):
+                assert np.allclose(value, want[key], atol=1e-6), key
+            else:
+                assert value == want[key], key
 
 
-def _evaluation_rows(release: Path) -> list[str]:
-    """The release's evaluation texts in the order the gate batched them."""
-    from calibration.encode import load_tokenizer
+def test_a_real_tritonserver_serves_the_gate_s_predictions(tiny_release, tmp_path):
+    assert_served_like_predict(tiny_release.out, tmp_path)
+
+
+def _evaluation_rows(release: Path) -> tuple[list[str], list[str]]:
+    """The release's evaluation texts (and second texts, "" without) in the order the gate batched them."""
+    from calibration.encode import as_text, load_tokenizer
     from pipeline.inputs import data as datamod
     from pipeline.inputs.model import inspect_model
     from pipeline.recipe import Recipe
 
     recipe = Recipe.model_validate(json.loads((release / "manifest.json").read_text())["recipe"])
     info = inspect_model(recipe.model.path, recipe.model.task)
-    evaluation = datamod.prepare(recipe.data, load_tokenizer(recipe.model.path, "text"), info.label2id,
+    task = info.task()
+    evaluation = datamod.prepare(recipe.data, load_tokenizer(recipe.model.path, task.spec.encoding), info.label2id,
                                  info.task_name).evaluation
-    return [str(r[recipe.data.text_column]) for r in evaluation.rows]
+    text, pair = recipe.data.text_column, recipe.data.text_pair_column
+    return ([as_text(r[text]) for r in evaluation.rows], [as_text(r[pair]) if pair else "" for r in evaluation.rows])
+
+
+def test_a_run_writes_the_repository_beside_the_release_when_the_recipe_asks(tiny, tiny_holdout_small, tmp_path):
+    from conftest import write_recipe
+
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"package": {"triton": True}},
+                          targets=[])
+    out = tmp_path / "release"
+    result = invoke("run", recipe, "--out", out, "--quiet")
+    assert result.exit_code == 0, result.output
+    repo = tmp_path / "release.triton"
+    assert (repo / "model_int8_cpu_text" / "config.pbtxt").is_file() and invoke("verify", repo).exit_code == 0
+    manifest = json.loads((repo / "manifest.json").read_text())
+    assert manifest["release"]["folder"] == str(out)

@@ -200,8 +200,17 @@ class BuildSpec(Strict):
     )
 
 
+class PackageSpec(Strict):
+    """A Triton model repository written beside the release once it is made (`shipyard package`)."""
+
+    triton: bool = Field(False, description="write `<out>.triton/`, a Triton model repository of the release")
+    python_runtime: bool = Field(False, description="serve the ONNX artifacts with Python-backend models running "
+                                 "ONNX Runtime (a server with only the Python backend)")
+
+
 class StagesSpec(Strict):
     export: ExportSpec = Field(default_factory=ExportSpec)
     prune: PruneSpec = Field(default_factory=PruneSpec)
     quantize: QuantizeSpec = Field(default_factory=QuantizeSpec)
     build: BuildSpec = Field(default_factory=BuildSpec)
+    package: PackageSpec = Field(default_factory=PackageSpec)

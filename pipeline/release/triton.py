@@ -31,6 +31,11 @@ TYPES = {"int64": "TYPE_INT64", "int32": "TYPE_INT32", "float32": "TYPE_FP32", "
 AUX_OUTPUTS = {"tag": [("word_index", "TYPE_INT64", [-1])], "span": [("context_offsets", "TYPE_INT64", [-1, 2])]}
 
 
+def repository_path(release: Path) -> Path:
+    """Where a run with stages.package.triton writes the repository: `<release>.triton` beside it."""
+    return Path(release).with_name(Path(release).name + ".triton")
+
+
 def _name(artifact: str) -> str:
     """A Triton model name for an artifact: letters, digits and underscores."""
     return "".join(c if c.isalnum() else "_" for c in artifact)

@@ -90,7 +90,13 @@ def run_recipe(recipe: Recipe, out: Path, progress: Progress = SILENT, options: 
     if options.sign_key is not None:
         load_signing_key(options.sign_key)  # a bad key fails now, not after the run
     with release_lock(out, options.wait):
-        return _run_locked(recipe, Path(out), progress, options, selected)
+        outcome = _run_locked(recipe, Path(out), progress, options, selected)
+    if recipe.stages.package.triton:  # from the release as written and verified, like shipyard package
+        from pipeline.release.triton import package, repository_path
+
+        with progress.task("Triton model repository"):
+            package(outcome.out, repository_path(outcome.out), options.overwrite, recipe.stages.package.python_runtime)
+    return outcome
 
 
 def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptions,
