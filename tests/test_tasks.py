@@ -135,6 +135,8 @@ def test_recipe_runs_each_task_end_to_end(task, task_models, task_data, tmp_path
     elif task == "feature-extraction":  # MiniLM-style mean pooling, unnormalised unless its config says so
         assert len(served[0]["embedding"]) == 64
     assert_served_like_predict(out, tmp_path)  # and a real Triton server serves what predict gives
+    html = (out / "report.html").read_text()  # the report to look at, for every task
+    assert all(f'id="{plot}"' in html for plot in ("plot-agreement", "plot-differences", "plot-lengths"))
 
 
 def test_strict_iob2_entities_and_scores_match_hand_computation():

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from pipeline.release.view import ReportView
 from pipeline.run.workflow import RunOutcome
 
 
@@ -10,17 +11,16 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
     from rich.table import Table
 
     manifest = outcome.manifest
-    table = Table(title=f"{manifest.recipe_name}: {'PASSED' if manifest.passed else 'FAILED'}")
+    view = ReportView.of(manifest)  # the figures report.md and report.html show
+    table = Table(title=f"{view.name}: {view.verdict}")
     table.add_column("artifact", no_wrap=True)
     for column in ("prec", "MB", "agree", "max|diff|", "drop", "gate"):
         table.add_column(column)
-    for art in manifest.artifacts:
-        p = art.parity or {}
-        drop = p.get("metric_drop")
+    for art, row in zip(manifest.artifacts, view.artifacts, strict=True):
+        drop = (art.parity or {}).get("metric_drop")
         table.add_row(
-            art.path, art.precision, f"{art.size_bytes / 1e6:.1f}", f"{p.get('agreement', 0):.4f}",
-            f"{p.get('max_abs_diff', 0):.3g}", "n/a" if drop is None else f"{drop:+.4f}",
-            "[green]pass[/]" if art.passed else "[red]FAIL[/]",
+            row.path, row.precision, row.size_mb, f"{row.agreement_value or 0:.4f}", row.max_abs_diff,
+            "n/a" if drop is None else f"{drop:+.4f}", "[green]pass[/]" if row.passed else "[red]FAIL[/]",
         )
     console.print(table)
     for art in manifest.artifacts:
@@ -46,4 +46,4 @@ def print_run_summary(console, outcome: RunOutcome) -> None:
     if cache.get("evicted"):
         console.print(f"stage cache over its cap: {cache['evicted']} least recently used entries removed "
                       "(shipyard cache ls; SHIPYARD_CACHE_MAX_SIZE sets the cap)")
-    console.print(f"release: {outcome.out} (manifest.json, report.md, junit.xml)")
+    console.print(f"release: {outcome.out} (manifest.json, report.md, report.html, junit.xml)")

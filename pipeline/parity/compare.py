@@ -16,7 +16,7 @@ import numpy as np
 from calibration.encode import split_words
 from pipeline.errors import ArtifactError
 from pipeline.parity.metrics import accuracy, entity_scores, macro_f1, squad_scores
-from pipeline.parity.tasks import Task, answers, cosine, max_abs_diff, row_tags
+from pipeline.parity.tasks import Task, answers, cosine, distributions, max_abs_diff, row_tags
 from pipeline.parity.uncertainty import mcnemar_exact, wilson
 from pipeline.recipe import Gate
 
@@ -54,6 +54,9 @@ class ParityReport:
     mcnemar: dict[str, Any] | None = None  # exact test of the accuracy change (classification, with labels)
     failures: list[str] = field(default_factory=list)
     flips: list[Flip] = field(default_factory=list)
+    # Histograms the HTML report draws (`pipeline.parity.tasks.distributions`): how far outputs drift,
+    # and for classes how near the boundary flipped rows were.
+    distributions: dict[str, Any] = field(default_factory=dict)
 
     @property
     def passed(self) -> bool:
@@ -171,6 +174,15 @@ def _rows_finite(outputs: Batch) -> list[bool]:
 
 
 def _compare(task: Task, artifact: str, reference: list[Batch], candidate: list[Batch], batches: list[Batch],
+             gate: Gate, metric: str | None, gold: Any, id2label: dict[int, str], rows: list[dict],
+             text_column: str, pair_column: str | None, max_flips: int) -> ParityReport:
+    report = _compare_units(task, artifact, reference, candidate, batches, gate, metric, gold, id2label, rows,
+                            text_column, pair_column, max_flips)
+    report.distributions = distributions(task, reference, candidate, batches)
+    return report
+
+
+def _compare_units(task: Task, artifact: str, reference: list[Batch], candidate: list[Batch], batches: list[Batch],
              gate: Gate, metric: str | None, gold: Any, id2label: dict[int, str], rows: list[dict],
              text_column: str, pair_column: str | None, max_flips: int) -> ParityReport:
     if task.spec.kind == "class":

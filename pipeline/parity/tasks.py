@@ -277,6 +277,40 @@ def collect(runner, batches: list[Batch], task: Task, progress=None) -> list[Bat
     return reduced
 
 
+DIFF_EDGES = [0.0] + [10.0 ** e for e in range(-8, 3)]  # |difference| bins: 0, 1e-8 ... 100
+MARGIN_EDGES = [i / 20 for i in range(21)]
+
+
+def distributions(task: Task, reference: list[Batch], candidate: list[Batch], batches: list[Batch]) -> dict[str, Any]:
+    """Histograms of one comparison for the HTML report: the largest |difference| per unit (row,
+    or scored token position for per-token outputs), and for classes PyTorch's margin (top
+    probability minus the next) over all rows and over the rows that flipped."""
+    worst = []
+    for ref, cand, batch in zip(reference, candidate, batches, strict=True):
+        mask = batch["attention_mask"].astype(bool)
+        per_unit = None
+        for name, value in ref.items():
+            diff = np.abs(value.astype(np.float64) - cand[name].astype(np.float64))
+            diff = diff[mask] if task.per_token else diff
+            diff = diff.reshape(len(diff), -1).max(axis=1) if diff.ndim > 1 else diff
+            per_unit = diff if per_unit is None else np.maximum(per_unit, diff)
+        if per_unit is not None:
+            worst.append(per_unit)
+    values = np.concatenate(worst) if worst else np.zeros(0)
+    found: dict[str, Any] = {"abs_diff": {"edges": DIFF_EDGES,
+                                          "counts": np.histogram(np.clip(values, 0, 100), DIFF_EDGES)[0].tolist()}}
+    if task.spec.kind == "class":
+        logits = np.concatenate([r["logits"] for r in reference]).astype(np.float64)
+        probs = np.exp(logits - logits.max(-1, keepdims=True))
+        probs /= probs.sum(-1, keepdims=True)
+        top = np.sort(probs, axis=-1)
+        margin = top[:, -1] - top[:, -2] if top.shape[-1] > 1 else top[:, -1]
+        flipped = task.predictions(reference, batches) != task.predictions(candidate, batches)
+        found["margin"] = {"edges": MARGIN_EDGES, "all": np.histogram(margin, MARGIN_EDGES)[0].tolist(),
+                           "flipped": np.histogram(margin[flipped], MARGIN_EDGES)[0].tolist()}
+    return found
+
+
 def max_abs_diff(reference: list[Batch], candidate: list[Batch], batches: list[Batch],
                  per_token: bool) -> tuple[float, float]:
     """Largest and mean |difference| over every compared output; `per_token` outputs ([B, S, ...])

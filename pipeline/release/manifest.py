@@ -41,6 +41,8 @@ class DataRecord(_Strict):
     source: str
     rows: int
     fingerprint: str = Field(description="sha256 of the selected rows, in order")
+    token_lengths: dict[str, Any] = Field(
+        default_factory=dict, description="tokens per row as encoded: histogram edges and counts, and the longest")
 
 
 class StageRecord(_Strict):
@@ -187,7 +189,8 @@ def file_role(relative: str, manifest: Manifest) -> str:
         return "config"
     if Path(relative).parts[0] == "tokenizer":
         return "tokenizer"
-    return {"report.md": "report", "junit.xml": "junit", "serving.json": "serving"}.get(relative, "file")
+    return {"report.md": "report", "report.html": "report", "junit.xml": "junit",
+            "serving.json": "serving"}.get(relative, "file")
 
 
 def list_files(manifest: Manifest, folder: Path) -> Manifest:

@@ -1,4 +1,4 @@
-"""Human and CI renderings of a manifest: report.md and JUnit XML."""
+"""Human and CI renderings of a manifest: report.md, report.html (`pipeline.release.html`) and JUnit XML."""
 
 from __future__ import annotations
 
@@ -7,31 +7,7 @@ from pathlib import Path
 
 from pipeline.names import NOT_ATTEMPTED
 from pipeline.release.manifest import Manifest
-from pipeline.tasks import TASK_SPECS
-
-
-def _fmt(value: float | None, spec: str = ".4f") -> str:
-    return "n/a" if value is None else format(value, spec)
-
-
-def _agreement(parity: dict) -> str:
-    """Agreement with its 95% interval: "0.9880 [0.979, 0.993]"."""
-    interval = parity.get("agreement_interval")
-    text = _fmt(parity.get("agreement"))
-    return f"{text} [{interval[0]:.3f}, {interval[1]:.3f}]" if interval else text
-
-
-def _change(parity: dict) -> str:
-    """The label metric's drop and, for classification, McNemar's p-value of the accuracy change."""
-    test = parity.get("mcnemar")
-    text = _fmt(parity.get("metric_drop"))
-    return f"{text} (p {test['p_value']:.2g})" if test else text
-
-
-def _stage_verdict(stage) -> str:
-    if stage.details.get("status") in NOT_ATTEMPTED:
-        return "skipped"
-    return "pass" if stage.passed else "FAIL"
+from pipeline.release.view import ReportView, agreement_text, change_text, fmt
 
 
 def _cell(text: str) -> str:
@@ -39,13 +15,14 @@ def _cell(text: str) -> str:
 
 
 def render_markdown(manifest: Manifest) -> str:
-    verdict = "PASSED" if manifest.passed else "FAILED"
+    view = ReportView.of(manifest)
+    metric = view.metric
     lines = [
-        f"# Shipyard release report: {manifest.recipe_name}",
+        f"# Shipyard release report: {view.name}",
         "",
-        f"**Verdict: {verdict}** ({manifest.created_at})",
+        f"**Verdict: {view.verdict}** ({view.created_at})",
         "",
-        f"Model `{manifest.model.path}` ({manifest.model.model_type}, sha256 `{manifest.model.sha256[:12]}`).",
+        f"Model `{view.model_path}` ({view.model_type}, sha256 `{view.model_sha}`).",
         "",
         "Parity is measured with ONNX Runtime's CPU execution provider against the PyTorch FP32 "
         "model on the evaluation rows.",
@@ -53,30 +30,24 @@ def render_markdown(manifest: Manifest) -> str:
         "| data | source | rows | fingerprint |",
         "|---|---|---|---|",
     ]
-    for split, record in manifest.data.items():
-        lines.append(f"| {split} | `{record.source}` | {record.rows} | `{record.fingerprint[:12]}` |")
+    for d in view.data:
+        lines.append(f"| {d.split} | `{d.source}` | {d.rows} | `{d.fingerprint}` |")
     lines += ["", "## Stages", "", "| stage | result | seconds | detail |", "|---|---|---|---|"]
-    for stage in manifest.stages:
-        lines.append(f"| {stage.stage} | {_stage_verdict(stage)} | {stage.seconds:.1f} | {_cell(stage.message)} |")
-    metric = next((a.parity.get("metric") for a in manifest.artifacts if a.parity and a.parity.get("metric")), None)
-    task = manifest.model.task
-    unit = next((a.parity.get("unit") for a in manifest.artifacts if a.parity), "rows")
+    for stage in view.stages:
+        lines.append(f"| {stage.stage} | {stage.verdict} | {stage.seconds} | {_cell(stage.message)} |")
     lines += [
         "", "## Artifacts", "",
-        f"Task: {task}. Agreement is over {unit}: {TASK_SPECS[task].agreement if task in TASK_SPECS else ''}.",
+        f"Task: {view.task}. Agreement is over {view.unit}: {view.agreement_means}.",
         "",
         f"| artifact | precision | size MB | agreement [95% interval] | max abs diff | PyTorch {metric or 'metric'} "
         f"| artifact {metric or 'metric'} | drop (McNemar p) | verdict |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
-    for art in manifest.artifacts:
-        p = art.parity or {}
-        ref = (p.get("reference_metrics") or {}).get(metric) if metric else None
-        got = (p.get("artifact_metrics") or {}).get(metric) if metric else None
+    for a in view.artifacts:
         lines.append(
-            f"| `{art.path}` | {art.precision} | {art.size_bytes / 1e6:.1f} | {_agreement(p)} "
-            f"| {_fmt(p.get('max_abs_diff'), '.3g')} | {_fmt(ref)} | {_fmt(got)} | {_change(p)} "
-            f"| {'pass' if art.passed else 'FAIL'} |"
+            f"| `{a.path}` | {a.precision} | {a.size_mb} | {a.agreement} "
+            f"| {a.max_abs_diff} | {a.reference_metric} | {a.artifact_metric} | {a.change} "
+            f"| {'pass' if a.passed else 'FAIL'} |"
         )
     converted = [(a, a.source_parity) for a in manifest.artifacts if a.source_parity]
     if converted:
@@ -94,13 +65,13 @@ def render_markdown(manifest: Manifest) -> str:
         for art, p in converted:
             ref = (p.get("reference_metrics") or {}).get(metric) if metric else None
             got = (p.get("artifact_metrics") or {}).get(metric) if metric else None
-            lines.append(f"| `{art.path}` | {_agreement(p)} | {_fmt(p.get('max_abs_diff'), '.3g')} "
-                         f"| {_fmt(ref)} | {_fmt(got)} | {_change(p)} "
+            lines.append(f"| `{art.path}` | {agreement_text(p)} | {fmt(p.get('max_abs_diff'), '.3g')} "
+                         f"| {fmt(ref)} | {fmt(got)} | {change_text(p)} "
                          f"| {'pass' if p.get('passed') else 'FAIL'} |")
     for art, p in converted:
         if p.get("details"):
             lines += ["", f"{art.name} vs {p.get('reference')}: "
-                      + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in p["details"].items())]
+                      + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in p["details"].items())]
         if p.get("failures"):
             lines += ["", f"### {art.name}: gate against {p.get('reference')} failed", ""]
             lines += [f"- {f}" for f in p["failures"]]
@@ -109,7 +80,7 @@ def render_markdown(manifest: Manifest) -> str:
         if p.get("failures"):
             lines += ["", f"### {art.name}: gate failed", ""] + [f"- {f}" for f in p["failures"]]
         if p.get("details"):
-            lines += ["", f"{art.name}: " + ", ".join(f"{k.replace('_', ' ')} {_fmt(v)}" for k, v in p["details"].items())]
+            lines += ["", f"{art.name}: " + ", ".join(f"{k.replace('_', ' ')} {fmt(v)}" for k, v in p["details"].items())]
         if p.get("flips"):
             lines += ["", f"### {art.name}: predictions that flipped vs PyTorch", "",
                       "| row | label | PyTorch | artifact | text |", "|---|---|---|---|---|"]
@@ -163,5 +134,8 @@ def render_junit(manifest: Manifest) -> str:
 
 
 def write_reports(manifest: Manifest, folder: Path) -> None:
+    from pipeline.release.html import render_html
+
     (Path(folder) / "report.md").write_text(render_markdown(manifest))
+    (Path(folder) / "report.html").write_text(render_html(manifest))
     (Path(folder) / "junit.xml").write_text(render_junit(manifest))

@@ -186,6 +186,18 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
 
 
+LENGTH_EDGES = [0, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192]
+
+
+def token_lengths(batches: list) -> dict:
+    """Tokens per row of tokenized batches (what the report draws against the target profiles)."""
+    import numpy as np
+
+    lengths = np.concatenate([b["attention_mask"].sum(axis=1) for b in batches]) if batches else np.zeros(0)
+    return {"edges": LENGTH_EDGES, "counts": np.histogram(lengths, LENGTH_EDGES)[0].tolist(),
+            "max": int(lengths.max()) if lengths.size else 0}
+
+
 def serving_record(inputs: RunInputs) -> serving.ServingRecord:
     """How the gate encoded the evaluation rows and read the outputs, for a server (`pipeline.release.serving`)."""
     recipe, task = inputs.recipe, inputs.task
@@ -274,11 +286,13 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, sou
                           model_type=info.model_type, num_labels=info.num_labels, task=info.task_name),
         data={
             "calibration": DataRecord(source=str(prepared.calibration.source), rows=len(prepared.calibration.rows),
-                                      fingerprint=prepared.calibration.fingerprint),
+                                      fingerprint=prepared.calibration.fingerprint,
+                                      token_lengths=token_lengths(prepared.calibration.batches)),
             "tuning": DataRecord(source=str(prepared.tuning.source), rows=len(prepared.tuning.rows),
-                                 fingerprint=prepared.tuning.fingerprint),
+                                 fingerprint=prepared.tuning.fingerprint,
+                                 token_lengths=token_lengths(prepared.tuning.batches)),
             "evaluation": DataRecord(source=str(evaluation.source), rows=len(evaluation.rows),
-                                     fingerprint=evaluation.fingerprint),
+                                     fingerprint=evaluation.fingerprint, token_lengths=token_lengths(evaluation.batches)),
             **({"training": DataRecord(source=str(recipe.data.training.path),
                                        rows=recovered.details["recovery"]["training_rows"],
                                        fingerprint=recovered.details["recovery"]["training_fingerprint"])}
