@@ -155,22 +155,25 @@ def _length_plot(view: ReportView) -> dict[str, str] | None:
             "caption": "Token lengths of the calibration and evaluation rows against each target's profile range."}
 
 
+def _curve(plot_id: str, xs: list[float], ys: list[float], xlabel: str, caption: str) -> dict[str, str]:
+    figure, axes = _figure(6, 3)
+    axes.plot(xs, ys, "o-")
+    axes.set_xlabel(xlabel)
+    axes.set_ylabel("tuning agreement")
+    axes.grid(alpha=.3)
+    return {"id": plot_id, "svg": _svg(figure), "caption": caption}
+
+
 def _search_plots(view: ReportView) -> list[dict[str, str]]:
     plots = []
     if view.budget_trials:
-        figure, axes = _figure(6, 3)
-        axes.plot([t["ffn_fraction"] for t in view.budget_trials], [t["agreement"] for t in view.budget_trials], "o-")
-        axes.set_xlabel("FFN fraction pruned")
-        axes.set_ylabel("tuning agreement")
-        axes.grid(alpha=.3)
-        plots.append({"id": "plot-budget", "svg": _svg(figure), "caption": "The prune budget search's trials."})
+        plots.append(_curve("plot-budget", [t["ffn_fraction"] for t in view.budget_trials],
+                            [t["agreement"] for t in view.budget_trials], "FFN fraction pruned",
+                            "The prune budget search's trials."))
     if view.recovery_curve:
-        figure, axes = _figure(6, 3)
-        axes.plot([c["step"] for c in view.recovery_curve], [c["agreement"] for c in view.recovery_curve], "o-")
-        axes.set_xlabel("recovery step")
-        axes.set_ylabel("tuning agreement")
-        axes.grid(alpha=.3)
-        plots.append({"id": "plot-recovery", "svg": _svg(figure), "caption": "Recovery by distillation: agreement per check."})
+        plots.append(_curve("plot-recovery", [c["step"] for c in view.recovery_curve],
+                            [c["agreement"] for c in view.recovery_curve], "recovery step",
+                            "Recovery by distillation: agreement per check."))
     return plots
 
 
