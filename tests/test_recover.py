@@ -194,6 +194,8 @@ def test_recipe_stage_recovers_and_every_later_artifact_is_made_from_the_recover
     assert len(trials) in (1, 2, 3)
     passing = [t["ffn_fraction"] for t in trials if t["agreement"] >= 0.9]  # the budget's min_agreement
     assert stages["prune"]["details"]["ffn_fraction"] == max(passing, default=0.0)
+    html = (release / "report.html").read_text()  # the search and the recovery, drawn
+    assert 'id="plot-budget"' in html and 'id="plot-recovery"' in html
 
     inputs = RunInputs.of(load_recipe(recipe))
     evaluation = {row_digest(inputs.prepared.evaluation.columns, r) for r in inputs.prepared.evaluation.rows}
