@@ -22,13 +22,13 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.latency import SEQ, THREADS, measure_all  # noqa: E402
 from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
 from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
 from pipeline.recipe import QuantizeSpec  # noqa: E402
 from pipeline.run.demo import _narrow_encoder, minilm_dir, read_tweets  # noqa: E402
 from pipeline.run.standalone import CalibrationRows, quantize_file  # noqa: E402
+from pipeline.run.timing import SEQ, THREADS, measure_all  # noqa: E402
 from pipeline.stages.export import export_onnx  # noqa: E402
 
 LABELS = {"id2label": {0: "negative", 1: "neutral", 2: "positive"},
@@ -87,8 +87,9 @@ def main() -> None:
                        ("FP32 ONNX", OrtRunner(work / "model.onnx", THREADS)),
                        ("CPU INT8", OrtRunner(work / "int8.cpu.onnx", THREADS))]
             timings = measure_all([r for _, r in runners], batch1, batch32)
-            (torch_b1, torch_b32), (onnx_b1, onnx_b32) = timings[0], timings[1]
-            for (name, _), (latency, throughput) in zip(runners, timings, strict=True):
+            (torch_b1, torch_b32), (onnx_b1, onnx_b32) = ((t.b1_ms, t.b32_per_s) for t in timings[:2])
+            for (name, _), timing in zip(runners, timings, strict=True):
+                latency, throughput = timing.b1_ms, timing.b32_per_s
                 print(f"{family:12s} {name:10s} {latency:8.2f} {throughput:10.1f} "
                       f"{torch_b1 / latency:8.2f}x/{throughput / torch_b32:5.2f}x "
                       f"{onnx_b1 / latency:10.2f}x/{throughput / onnx_b32:5.2f}x")

@@ -22,10 +22,8 @@ from __future__ import annotations
 
 import argparse
 import json
-import statistics
 import sys
 import tempfile
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -37,34 +35,8 @@ from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
 from pipeline.parity.tasks import collect  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
-from pipeline.tasks import task_spec  # noqa: E402
-
-THREADS = 2
-SEQ = 64
-
-
-def time_calls(runner, batch, repeats: int) -> list[float]:
-    times = []
-    for _ in range(repeats):
-        started = time.perf_counter()
-        runner.infer(batch)
-        times.append(time.perf_counter() - started)
-    return times
-
-
-def measure_all(runners, batch1, batch32, rounds: int = 5) -> list[tuple[float, float]]:
-    """Median batch-1 latency (ms) and batch-32 throughput (seq/s) per runner, measured in
-    interleaved rounds so that a slow spell of the machine hits every model alike."""
-    b1: list[list[float]] = [[] for _ in runners]
-    b32: list[list[float]] = [[] for _ in runners]
-    for runner in runners:  # warm-up: sessions built, caches filled
-        time_calls(runner, batch1, 3)
-        time_calls(runner, batch32, 1)
-    for _ in range(rounds):
-        for i, runner in enumerate(runners):
-            b1[i] += time_calls(runner, batch1, 12)
-            b32[i] += time_calls(runner, batch32, 2)
-    return [(statistics.median(a) * 1000, 32 / statistics.median(b)) for a, b in zip(b1, b32, strict=True)]
+from pipeline.run.bench import optimum_dynamic_int8  # noqa: E402
+from pipeline.run.timing import SEQ, THREADS, measure_all  # noqa: E402
 
 
 def cpu_candidates(fp32: Path, work: Path) -> dict[str, Path]:
@@ -88,20 +60,6 @@ def cpu_candidates(fp32: Path, work: Path) -> dict[str, Path]:
                          extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT})
         out[f"candidate: {name}"] = path
     return out
-
-
-def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
-    """Optimum's dynamic INT8 of the unpruned model, as its quantization guide makes it."""
-    import optimum.onnxruntime as ort
-    from optimum.onnxruntime import ORTQuantizer
-    from optimum.onnxruntime.configuration import AutoQuantizationConfig
-
-    model = getattr(ort, task_spec(task).ort_class).from_pretrained(str(model_dir), export=True)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
-    isa = "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
-    config = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)
-    ORTQuantizer.from_pretrained(model).quantize(save_dir=work / "optimum", quantization_config=config)
-    return next((work / "optimum").glob("*quantized.onnx"))
 
 
 def main() -> None:
@@ -161,7 +119,8 @@ def main() -> None:
         print("-" * len(header))
         base = reference = None
         timings = measure_all([runner for _, runner, _ in entries], batch1, batch32)
-        for (name, runner, size), (latency, throughput) in zip(entries, timings, strict=True):
+        for (name, runner, size), timing in zip(entries, timings, strict=True):
+            latency, throughput = timing.b1_ms, timing.b32_per_s
             base = base or (latency, throughput)
             outputs = collect(runner, evaluation.batches, task)
             reference = outputs if reference is None else reference

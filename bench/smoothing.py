@@ -19,7 +19,6 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from bench.latency import SEQ, THREADS, measure_all  # noqa: E402
 from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from pipeline.artifacts import Artifact  # noqa: E402
 from pipeline.parity.runners import OrtRunner  # noqa: E402
@@ -28,6 +27,7 @@ from pipeline.progress import Progress  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.run.cache import CachedStages  # noqa: E402
 from pipeline.run.context import RunInputs  # noqa: E402
+from pipeline.run.timing import SEQ, THREADS, measure_all  # noqa: E402
 from pipeline.run.workflow import prune_stages  # noqa: E402
 from pipeline.stages import export  # noqa: E402
 from pipeline.stages.quantize import stage as quantize  # noqa: E402
@@ -82,9 +82,9 @@ def main() -> None:
     print(header)
     print("-" * len(header))
     for i, (fmt, fallback, smoothed, agreement, kept, _) in enumerate(rows):
-        base = timings[i - 1][1] if smoothed else timings[i][1]
+        base = timings[i - 1].b32_per_s if smoothed else timings[i].b32_per_s
         print(f"{fmt:5s} {fallback:9d} {str(smoothed).lower():>8s} {agreement:9.4f} {kept:10d} "
-              f"{timings[i][1]:8.1f} {timings[i][1] / base:5.2f}")
+              f"{timings[i].b32_per_s:8.1f} {timings[i].b32_per_s / base:5.2f}")
 
 
 if __name__ == "__main__":

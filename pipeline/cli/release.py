@@ -1,4 +1,4 @@
-"""Releases and TensorRT: `shipyard verify|trt-check|build|engines|plan|collect|predict|package` and the demo."""
+"""Releases and TensorRT: `shipyard verify|trt-check|build|engines|plan|collect|predict|package|bench` and the demo."""
 
 from __future__ import annotations
 
@@ -267,3 +267,17 @@ def package_cmd(release: Path, triton_dir: Path, python_runtime: bool, python_pa
     result = package(release, triton_dir, overwrite, python_runtime, python_path)
     lines = [f"package {release} -> {triton_dir}:"] + [f"  {a}: send TEXT to model {m}" for a, m in result["models"].items()]
     finish(True, result, "\n".join(lines), quiet, as_json)
+
+
+@cli.command("bench")
+@click.argument("release", metavar="RELEASE_DIR", type=click.Path(path_type=Path))
+@click.option("--optimum", is_flag=True, help="Also measure Optimum's dynamic INT8 of the same model, and ratios to it.")
+@click.option("--all", "include_trt", is_flag=True, help="Include the TensorRT-ready ONNX (model.trt.*).")
+@output_options
+def bench_cmd(release: Path, optimum: bool, include_trt: bool, quiet: bool, as_json: bool) -> None:
+    """Every artifact's batch-1 latency and batch-32 throughput on this machine, in one run, with
+    ratios to PyTorch (and to Optimum's dynamic INT8), accuracy and agreement, and the CPU's flags."""
+    from pipeline.run.bench import bench, describe
+
+    result = bench(release, optimum, include_trt)
+    finish(True, result, describe(result), quiet, as_json)

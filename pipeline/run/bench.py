@@ -1,0 +1,112 @@
+"""`shipyard bench RELEASE`: every artifact's speed and parity on this machine, in one run.
+
+For PyTorch FP32, each ONNX artifact of a verified release (the TensorRT-ready ONNX only with
+`include_trt`: it is for GPUs) and, with `optimum`, Optimum's dynamic INT8 of the same model (made
+as its quantization guide shows): batch-1 latency and batch-32 throughput at sequence 64 with 2
+threads (`pipeline.run.timing`), each ratio to PyTorch and to Optimum's, and the accuracy and
+agreement with PyTorch on the release's evaluation rows, drawn again from its recipe and checked
+against its fingerprint. The CPU's kernel flags are printed with the figures.
+"""
+
+from __future__ import annotations
+
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from pipeline.errors import ShipyardError
+from pipeline.run.timing import SEQ, THREADS, measure_all
+
+
+def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
+    """Optimum's dynamic INT8 of the unpruned model, as its quantization guide makes it (per-tensor,
+    the config for this CPU's instruction set)."""
+    import optimum.onnxruntime as ort
+    from optimum.onnxruntime import ORTQuantizer
+    from optimum.onnxruntime.configuration import AutoQuantizationConfig
+
+    from pipeline.tasks import task_spec
+
+    model = getattr(ort, task_spec(task).ort_class).from_pretrained(str(model_dir), export=True)
+    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    isa = "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
+    config = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)
+    ORTQuantizer.from_pretrained(model).quantize(save_dir=work / "optimum", quantization_config=config)
+    return next((work / "optimum").glob("*quantized.onnx"))
+
+
+def bench(release: Path, optimum: bool = False, include_trt: bool = False) -> dict[str, Any]:
+    """The figures of every artifact of `release` (module docstring)."""
+    import torch
+
+    from calibration.encode import Encoder, load_tokenizer
+    from calibration.sampling import Columns
+    from pipeline.inputs import data as datamod
+    from pipeline.inputs.model import inspect_model
+    from pipeline.parity.runners import OrtRunner, TorchRunner
+    from pipeline.parity.tasks import collect
+    from pipeline.recipe import Recipe
+    from pipeline.release import serving
+    from pipeline.release.manifest import cpu_kernel_features
+
+    release = Path(release)
+    manifest = serving.intact(release, "bench measures").intact()
+    recipe = Recipe.model_validate(manifest.recipe)
+    model_dir = recipe.model.path
+    if not Path(model_dir).is_dir():
+        raise ShipyardError(f"release {release}: its model folder {model_dir} is not on this machine; bench compares "
+                            "every artifact with PyTorch and needs it")
+    torch.set_num_threads(THREADS)
+    info = inspect_model(model_dir, recipe.model.task, recipe.model.allow_pickle)
+    task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
+    tokenizer = load_tokenizer(model_dir, task.spec.encoding)
+    evaluation = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name).evaluation
+    if evaluation.fingerprint != manifest.data["evaluation"].fingerprint:
+        raise ShipyardError(f"release {release}: its evaluation rows differ from the recipe's now (the data changed); "
+                            "bench measures parity on the rows the release was gated on")
+    encoder = Encoder(tokenizer, Columns(recipe.data.text_column, recipe.data.text_pair_column), SEQ, "max_length",
+                      task.spec.encoding)
+    batch32 = encoder.encode(evaluation.rows[:32])
+    batch1 = {k: v[:1] for k, v in batch32.items()}
+    entries: list[tuple[str, str, Any, int | None]] = [
+        ("PyTorch FP32", "torch", TorchRunner(model_dir, task=task.name, threads=THREADS), None)]
+    for art in manifest.artifacts:
+        if art.format == "onnx" and (include_trt or not art.name.startswith("model.trt.")):
+            entries.append((art.name, "onnxruntime", OrtRunner(release / art.path, THREADS), art.size_bytes))
+    with tempfile.TemporaryDirectory() as tmp:
+        if optimum:
+            path = optimum_dynamic_int8(model_dir, task.name, Path(tmp))
+            entries.append(("Optimum dynamic INT8", "onnxruntime", OrtRunner(path, THREADS), path.stat().st_size))
+        timings = measure_all([runner for _, _, runner, _ in entries], batch1, batch32)
+        reference = collect(entries[0][2], evaluation.batches, task)
+        rows = []
+        for (name, runtime, runner, size), timing in zip(entries, timings, strict=True):
+            outputs = reference if runner is entries[0][2] else collect(runner, evaluation.batches, task)
+            labelled = evaluation.labels is not None and task.spec.kind == "class"
+            accuracy = float((task.predictions(outputs, evaluation.batches) == evaluation.labels).mean()) \
+                if labelled else None
+            rows.append({"name": name, "runtime": runtime, "size_bytes": size, "b1_ms": timing.b1_ms,
+                         "b32_per_s": timing.b32_per_s, "vs_pytorch": timing.speedup(timings[0]),
+                         "vs_pytorch_range": timing.speedup_range(timings[0]),
+                         "vs_optimum": timing.speedup(timings[-1]) if optimum else None,
+                         "accuracy": accuracy, "agreement": task.agreement_rate(reference, outputs, evaluation.batches)})
+    return {"release": str(release), "sequence": SEQ, "threads": THREADS, "cpu": cpu_kernel_features(),
+            "evaluation_rows": len(evaluation.rows), "artifacts": rows}
+
+
+def describe(result: dict[str, Any]) -> str:
+    """The figures as a table a person reads."""
+    optimum = any(r["vs_optimum"] for r in result["artifacts"])
+    lines = [f"{result['release']} | sequence {result['sequence']}, {result['threads']} threads | CPU {result['cpu']} | "
+             f"accuracy and agreement with PyTorch on {result['evaluation_rows']} evaluation rows",
+             f"{'artifact':28s} {'runtime':11s} {'MB':>6s} {'b1 ms':>7s} {'b32 seq/s':>9s} {'x PyTorch b1/b32':>17s}"
+             + (f" {'x Optimum b1/b32':>17s}" if optimum else "") + f" {'accuracy':>8s} {'agree':>6s}"]
+    for r in result["artifacts"]:
+        size = f"{r['size_bytes'] / 1e6:.1f}" if r["size_bytes"] else "-"
+        ratio = f"{r['vs_pytorch'][0]:.2f}x/{r['vs_pytorch'][1]:.2f}x"
+        line = f"{r['name']:28s} {r['runtime']:11s} {size:>6s} {r['b1_ms']:7.2f} {r['b32_per_s']:9.1f} {ratio:>17s}"
+        if optimum:
+            line += f" {r['vs_optimum'][0]:.2f}x/{r['vs_optimum'][1]:.2f}x".rjust(18)
+        accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
+        lines.append(f"{line} {accuracy:>8s} {r['agreement']:6.4f}")
+    return "\n".join(lines)

@@ -1,0 +1,37 @@
+"""`shipyard bench`: every artifact of a release measured on this machine in one run, with its
+ratios to PyTorch, its accuracy and agreement, and the CPU it ran on (no timing is asserted:
+speeds are reported by the bench, never tested)."""
+
+import json
+import shutil
+
+import pytest
+from conftest import invoke
+from test_faults import assert_clean_failure
+
+pytestmark = pytest.mark.slow
+
+
+def test_bench_measures_every_cpu_artifact_against_pytorch(tiny_release):
+    result = invoke("bench", tiny_release.out, "--json")
+    assert result.exit_code == 0, result.output
+    figures = json.loads(result.output)
+    rows = {r["name"]: r for r in figures["artifacts"]}
+    onnx = {a.name for a in tiny_release.manifest.artifacts if a.format == "onnx" and not a.name.startswith("model.trt.")}
+    assert set(rows) == {"PyTorch FP32"} | onnx
+    assert rows["PyTorch FP32"]["vs_pytorch"] == [1.0, 1.0] and rows["model.fp32"]["agreement"] == 1.0
+    for row in rows.values():
+        assert row["b1_ms"] > 0 and row["b32_per_s"] > 0
+        low, high = row["vs_pytorch_range"]
+        assert low[0] <= high[0] and low[1] <= high[1]
+    recorded = {a.name: a.parity["agreement"] for a in tiny_release.manifest.artifacts if a.name in onnx}
+    # agreement on the gate's rows, batched as bench batches them, is the gate's to within one row's worth
+    assert all(abs(rows[name]["agreement"] - value) <= 2 / figures["evaluation_rows"] for name, value in recorded.items())
+    assert figures["cpu"].startswith(("x86_64", "aarch64")) and figures["threads"] == 2
+
+
+def test_bench_refuses_a_release_that_does_not_verify(tiny_release, tmp_path):
+    damaged = tmp_path / "release"
+    shutil.copytree(tiny_release.out, damaged)
+    (damaged / "report.md").write_text("edited")
+    assert_clean_failure(invoke("bench", damaged), "does not verify", "shipyard verify")
