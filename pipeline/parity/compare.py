@@ -22,6 +22,9 @@ from pipeline.recipe import Gate
 
 Batch = dict[str, np.ndarray]
 
+# The speed gate's keys: timed by the run (`pipeline.run.speed`), not part of a parity verdict.
+SPEED_KEYS = {"min_speedup", "on_slow"}
+
 
 @dataclass
 class Flip:
@@ -94,7 +97,7 @@ def compare_logits(
         agreement=float((ref_pred == cand_pred).mean()),
         max_abs_diff=float(diff.max()),
         mean_abs_diff=float(diff.mean()),
-        gate=gate.model_dump(),
+        gate=gate.model_dump(exclude=SPEED_KEYS),
         metric=metric,
         task="text-classification",  # what logits per row are
         units=int(reference.shape[0]),
@@ -195,7 +198,7 @@ def _compare_units(task: Task, artifact: str, reference: list[Batch], candidate:
     agree = task.agreement(ref_pred, cand_pred)
     report = ParityReport(
         artifact=artifact, samples=len(rows), agreement=float(agree.mean()) if agree.size else 1.0,
-        max_abs_diff=largest, mean_abs_diff=mean, gate=gate.model_dump(), metric=metric, task=task.name,
+        max_abs_diff=largest, mean_abs_diff=mean, gate=gate.model_dump(exclude=SPEED_KEYS), metric=metric, task=task.name,
         units=int(agree.size), unit=task.spec.unit,
     )
     if task.spec.kind == "tag":

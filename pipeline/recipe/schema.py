@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from typing import Literal
 
 import yaml
 from pydantic import Field, model_validator
@@ -26,6 +27,11 @@ class Gate(Strict):
     max_metric_drop: float | None = Field(
         None, ge=0, le=1, description="fraction: 0.01 is one accuracy point"
     )
+    min_speedup: float | None = Field(
+        None, gt=0, description="int8: the CPU INT8 artifact must be at least this many times as fast as its float "
+        "source at batch 1 and 32, in every timing round, on the machine that builds it (not checked when unset)")
+    on_slow: Literal["fail", "keep_float"] = Field(
+        "fail", description="when min_speedup is missed: fail the run, or ship the float graph as the CPU form and say so")
 
 
 class Thresholds(Strict):
@@ -40,6 +46,16 @@ class Thresholds(Strict):
     pruned: Gate = Field(default_factory=lambda: Gate(min_agreement=0.95, max_metric_drop=0.02))
     fp16: Gate = Field(default_factory=lambda: Gate(min_agreement=0.995, max_metric_drop=0.005))
     int8: Gate = Field(default_factory=lambda: Gate(min_agreement=0.98, max_metric_drop=0.01))
+
+    @model_validator(mode="after")
+    def _speed_gate_is_int8s(self) -> Thresholds:
+        """The speed gate times the CPU INT8 artifact only: one set anywhere else would do nothing."""
+        for kind in ("fp32", "pruned", "fp16"):
+            gate = getattr(self, kind)
+            if gate.min_speedup is not None or gate.on_slow != "fail":
+                raise ValueError(f"thresholds.{kind}: min_speedup and on_slow gate the CPU INT8 artifact only; "
+                                 "set them under thresholds.int8")
+        return self
 
 
 class Recipe(Strict):

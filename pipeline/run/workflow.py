@@ -40,6 +40,7 @@ from pipeline.run import searches, targets
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.context import RunInputs
 from pipeline.run.lock import release_lock
+from pipeline.run.speed import speed_gate
 from pipeline.stages import export, prune, quantize, trt_onnx
 from pipeline.stages.build import BuildUnavailable
 from pipeline.stages.prune import recover as recover_stage
@@ -166,6 +167,17 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
 
         for artifact in artifacts:
             validate_artifact(artifact)
+        gate = recipe.thresholds.int8
+        for artifact in [a for a in artifacts if a.name == "model.int8.cpu" and gate.min_speedup is not None]:
+            with progress.task(f"speed gate ({artifact.name} vs {dense.name})"):  # never cached: this machine, now
+                timed = speed_gate(artifact, dense, gate, evaluation.batches[0])
+            results.append(timed)
+            if timed.details["kept_float"]:
+                for path in artifact.files():
+                    path.unlink()
+                artifacts.remove(artifact)
+                parity.pop(artifact.name, None)
+                source_parity.pop(artifact.name, None)
 
         target_records = []
         for target in selected:
