@@ -11,7 +11,7 @@ from conftest import invoke
 from test_faults import assert_clean_failure
 
 from pipeline.errors import ShipyardError
-from pipeline.release.triton import parse_config
+from pipeline.release.triton import model_config, parse_config
 
 pytestmark = pytest.mark.slow
 
@@ -129,3 +129,30 @@ def test_a_run_writes_the_repository_beside_the_release_when_the_recipe_asks(tin
     assert (repo / "model_int8_cpu_text" / "config.pbtxt").is_file() and invoke("verify", repo).exit_code == 0
     manifest = json.loads((repo / "manifest.json").read_text())
     assert manifest["release"]["folder"] == str(out)
+
+
+def test_a_target_with_float16_outputs_gets_its_own_types_in_the_repository(tiny, tiny_holdout_small, tmp_path):
+    """Each model is described from its own graph: a target that asks for float16 logits gets a
+    TYPE_FP16 output, and its ensemble a postprocess of those types (an ensemble's must match)."""
+    from conftest import PROFILE, write_recipe
+
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"quantize": {"formats": ["cpu"]}},
+                          targets=[{"name": "l4-fp16", "arch": "sm_89", "precision": "fp16", "output_dtype": "fp16",
+                                    "profiles": [PROFILE]}])
+    out = tmp_path / "release"
+    assert invoke("run", recipe, "--out", out, "--quiet").exit_code == 0
+    repo = tmp_path / "repo"
+    result = invoke("package", out, "--triton", repo, "--json")
+    assert result.exit_code == 0, result.output
+    configs = {p.parent.name: parse_config(p.read_text()) for p in repo.glob("*/config.pbtxt")}
+    half = next(name for name in configs if name.startswith("model_trt_fp16") and not name.endswith("_text"))
+    types = model_config().DESCRIPTOR.fields_by_name["output"].message_type.fields_by_name["data_type"].enum_type
+    assert [o.data_type for o in configs[half].output] == [types.values_by_name["TYPE_FP16"].number]
+    assert configs["model_int8_cpu"].output[0].data_type == types.values_by_name["TYPE_FP32"].number
+    steps = {name: [s.model_name for s in c.ensemble_scheduling.step] for name, c in configs.items()
+             if c.platform == "ensemble"}
+    post = {s[-1] for s in steps.values()}
+    assert len(post) == 2  # one postprocess per output signature
+    for step in post:
+        assert [i.data_type for i in configs[step].input if i.name == "logits"] == [
+            configs[next(s[1] for s in steps.values() if s[-1] == step)].output[0].data_type]

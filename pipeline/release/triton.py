@@ -71,7 +71,8 @@ def _python(name: str, role: str, inputs, outputs, max_batch: int, python_path: 
             'instance_group { kind: KIND_CPU count: 1 }\n')
 
 
-def _ensemble(name: str, model: str, text_inputs, graph_inputs, graph_outputs, aux, max_batch: int) -> str:
+def _ensemble(name: str, model: str, text_inputs, graph_inputs, graph_outputs, aux, max_batch: int,
+              postprocess: str) -> str:
     def maps(kind: str, names: list[str]) -> str:
         return " ".join(f'{kind} {{ key: "{n}" value: "{n}" }}' for n in names)
 
@@ -82,7 +83,7 @@ def _ensemble(name: str, model: str, text_inputs, graph_inputs, graph_outputs, a
         f'step {{ model_name: "preprocess" model_version: -1 {maps("input_map", texts)} {maps("output_map", pre)} }}',
         f'step {{ model_name: "{model}" model_version: -1 {maps("input_map", [n for n, _, _ in graph_inputs])} '
         f'{maps("output_map", [n for n, _, _ in graph_outputs])} }}',
-        f'step {{ model_name: "postprocess" model_version: -1 {maps("input_map", post_in)} '
+        f'step {{ model_name: "{postprocess}" model_version: -1 {maps("input_map", post_in)} '
         f'output_map {{ key: "PREDICTION" value: "PREDICTION" }} }}',
     ]
     return (f'name: "{name}"\nplatform: "ensemble"\nmax_batch_size: {max_batch}\n{_tensors("input", text_inputs)}\n'
@@ -144,20 +145,29 @@ def package(release: Path, out: Path, overwrite: bool = False, python_runtime: b
     with atomic_dir(out, overwrite) as tmp:
         texts = [("TEXT", "TYPE_STRING", [1])] + ([("PAIR", "TYPE_STRING", [1])] if record.text_pair else [])
         aux = AUX_OUTPUTS.get(kind, [])
-        first_onnx = next(a for a in manifest.artifacts if a.format == "onnx")
-        graph_inputs, graph_outputs = _io(release / first_onnx.path)
+        # Each model's own inputs and outputs: a target may ask for float16 outputs. An engine's are its
+        # target's ONNX's. One postprocess per distinct output signature: an ensemble's types must match.
+        onnx_of = {str(t.engine.get("path")): t.onnx for t in manifest.targets if t.engine}
+        io = {a.name: _io(release / (a.path if a.format == "onnx" else onnx_of[a.path])) for a in artifacts}
+        graph_inputs = next(iter(io.values()))[0]
         max_batch = record.batch_size
-        for role, inputs, outputs in (
-                ("preprocess", texts, graph_inputs + aux),
-                ("postprocess", texts + graph_outputs + aux + [("attention_mask", "TYPE_INT64", [-1])],
-                 [("PREDICTION", "TYPE_STRING", [1])])):
-            folder = tmp / role / "1"
+        postprocess: dict[str, str] = {}
+        for _, outputs in io.values():
+            postprocess.setdefault(repr(outputs), "postprocess" + (f"_{len(postprocess)}" if postprocess else ""))
+        roles = [("preprocess", "preprocess", texts, graph_inputs + aux)] + [
+            (model, "postprocess", texts + outputs + aux + [("attention_mask", "TYPE_INT64", [-1])],
+             [("PREDICTION", "TYPE_STRING", [1])])
+            for outputs, model in ((io_out, postprocess[repr(io_out)]) for io_out in
+                                   {repr(o): o for _, o in io.values()}.values())]
+        for model, role, inputs, outputs in roles:
+            folder = tmp / model / "1"
             folder.mkdir(parents=True)
             shutil.copy(Path(__file__).with_name("triton_model.py"), folder / "model.py")
             shutil.copytree(release / serving.TOKENIZER_DIR, folder / serving.TOKENIZER_DIR)
             shutil.copy(release / serving.SERVING_FILE, folder / serving.SERVING_FILE)
-            (tmp / role / "config.pbtxt").write_text(_python(role, role, inputs, outputs, max_batch, python_path))
+            (tmp / model / "config.pbtxt").write_text(_python(model, role, inputs, outputs, max_batch, python_path))
         for artifact in artifacts:
+            graph_inputs, graph_outputs = io[artifact.name]
             name = _name(artifact.name)
             folder = tmp / name / "1"
             folder.mkdir(parents=True)
@@ -185,7 +195,8 @@ def package(release: Path, out: Path, overwrite: bool = False, python_runtime: b
             ensemble = f"{name}_text"
             (tmp / ensemble / "1").mkdir(parents=True)
             (tmp / ensemble / "config.pbtxt").write_text(
-                _ensemble(ensemble, name, texts, graph_inputs, graph_outputs, aux, max_batch))
+                _ensemble(ensemble, name, texts, graph_inputs, graph_outputs, aux, max_batch,
+                          postprocess[repr(graph_outputs)]))
             written[artifact.name] = ensemble
         for config_file in sorted(tmp.glob("*/config.pbtxt")):  # each parses as Triton's own message
             parse_config(config_file.read_text())
