@@ -14,6 +14,7 @@ from typing import Any
 
 from pipeline.errors import OutputError
 from pipeline.names import Kind, Precision
+from pipeline.runtimes import ArtifactFormat, runtime
 
 
 def sha256_file(path: Path) -> str:
@@ -41,6 +42,18 @@ def external_data_files(path: Path) -> list[Path]:
     return [path.parent / name for name in names]
 
 
+def companion_files(path: Path, fmt: str) -> list[Path]:
+    """The files an artifact of format `fmt` keeps beside its main file (`pipeline.runtimes`):
+    ONNX external data, an OpenVINO IR's weights; part of the artifact wherever it goes."""
+    how = runtime(fmt).companions
+    if how == "onnx-external-data":
+        return external_data_files(path)
+    if how == "weights-bin":
+        weights = Path(path).with_suffix(".bin")
+        return [weights] if weights.is_file() else []
+    return []
+
+
 def _mentions(path: Path, needle: bytes) -> bool:
     """Whether the file's bytes contain `needle` (a scan at memory speed, no parse)."""
     import mmap
@@ -66,7 +79,7 @@ class Artifact:
 
     name: str
     path: Path
-    format: str
+    format: ArtifactFormat  # its runtime's entry in `pipeline.runtimes`
     precision: Precision
     stage: str
     options: dict[str, Any] = field(default_factory=dict)
@@ -74,7 +87,8 @@ class Artifact:
     size_bytes: int = 0
     kind: str = ""
     from_pruned: bool = False
-    external_data: dict[str, str] = field(default_factory=dict)  # data file name beside `path` -> sha256
+    # Its companion files (`companion_files`: ONNX external data, OpenVINO weights), by name beside `path` -> sha256.
+    external_data: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -83,14 +97,14 @@ class Artifact:
             self.refresh()
 
     def refresh(self) -> None:
-        """Re-read hashes and size (the graph's and its external data's) from disk."""
+        """Re-read hashes and size (the main file's and its companions') from disk."""
         self.sha256 = sha256_file(self.path)
-        data = external_data_files(self.path) if self.format == "onnx" else []
+        data = companion_files(self.path, self.format)
         self.external_data = {p.name: sha256_file(p) for p in data}
         self.size_bytes = sum(p.stat().st_size for p in [self.path, *data])
 
     def files(self) -> list[Path]:
-        """The artifact's files: the graph or engine, then its external data."""
+        """The artifact's files: the graph, IR or engine, then its companions."""
         return [self.path, *(self.path.parent / name for name in self.external_data)]
 
 

@@ -13,6 +13,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.errors import ArtifactError, ModelError
+from pipeline.runtimes import RUNTIMES, ArtifactFormat, format_of_path
 
 Batch = dict[str, np.ndarray]
 
@@ -121,7 +122,61 @@ class OrtRunner:
         return {o.name: value for o, value in zip(session.get_outputs(), outputs, strict=True)}
 
 
-ENGINE_SUFFIXES = (".engine", ".plan")
+class OvRunner:
+    """An OpenVINO IR (`.xml` with its `.bin`) on OpenVINO's CPU plugin, latency-tuned, with
+    `threads` inference threads (0: OpenVINO's choice)."""
+
+    def __init__(self, xml_path: Path, threads: int = 0) -> None:
+        self.path = Path(xml_path)
+        self.threads = threads
+        self._compiled: Any = None
+        self._request: Any = None
+        self._inputs: list[str] = []
+        self._outputs: list[str] = []
+
+    def _load(self):
+        if self._compiled is None:
+            from pipeline.runtimes import require
+
+            require("openvino", f"running {self.path}")
+            import openvino as ov
+
+            check_openvino_file(self.path)
+            config = {"PERFORMANCE_HINT": "LATENCY", **({"INFERENCE_NUM_THREADS": self.threads} if self.threads else {})}
+            self._compiled = ov.Core().compile_model(str(self.path), "CPU", config)
+            self._request = self._compiled.create_infer_request()
+            self._inputs = [port.get_any_name() for port in self._compiled.inputs]
+            self._outputs = [port.get_any_name() for port in self._compiled.outputs]
+        return self._compiled
+
+    @property
+    def input_names(self) -> list[str]:
+        self._load()
+        return list(self._inputs)
+
+    def infer(self, batch: Batch) -> Batch:
+        compiled = self._load()
+        result = self._request.infer({k: v for k, v in batch.items() if k in self._inputs})
+        # Copies: the request reuses its output buffers on the next call.
+        return {name: np.array(result[port]) for name, port in zip(self._outputs, compiled.outputs, strict=True)}
+
+
+def check_openvino_file(path: Path) -> None:
+    """Fail clearly on a missing IR, a missing weights file or an IR OpenVINO cannot read."""
+    import openvino as ov
+
+    path = Path(path)
+    if not path.is_file() or not path.with_suffix(".bin").is_file():
+        raise ArtifactError(f"OpenVINO IR {path} (with {path.with_suffix('.bin').name} beside it) not found; pass "
+                            "the .xml of an IR Shipyard wrote")
+    try:
+        ov.Core().read_model(str(path))
+    except RuntimeError as err:
+        first = (str(err).strip().splitlines() or [type(err).__name__])[0][:160]
+        raise ArtifactError(f"OpenVINO IR {path} does not read ({first}); write it again") from None
+
+
+ENGINE_SUFFIXES = RUNTIMES["tensorrt-engine"].suffixes
 
 
 @dataclass(frozen=True)
@@ -323,7 +378,17 @@ def engine_bytes(path: Path, sha256: str | None) -> bytes:
     return plan
 
 
-def runner_for(path: Path, host_code: bool = False, sha256: str | None = None):
-    """The runner for an artifact file: TensorRT for engines (their bytes checked against `sha256`),
-    ONNX Runtime for ONNX."""
-    return TrtRunner(path, host_code, sha256) if Path(path).suffix in ENGINE_SUFFIXES else OrtRunner(path)
+# The runner of each artifact format (`pipeline.runtimes`): adding a runtime adds one entry here.
+RUNNERS = {"onnx": OrtRunner, "openvino": OvRunner, "tensorrt-engine": TrtRunner}
+# What proves a file of each format is whole, without running it (`shipyard verify`).
+FILE_CHECKS = {"onnx": check_onnx_file, "openvino": check_openvino_file}
+
+
+def runner_for(path: Path, fmt: ArtifactFormat | None = None, host_code: bool = False, sha256: str | None = None,
+               threads: int = 0):
+    """The runner for an artifact file of format `fmt` (by default, its suffix's): TensorRT for
+    engines (their bytes checked against `sha256`), OpenVINO for IRs, ONNX Runtime for ONNX."""
+    fmt = fmt or format_of_path(str(path))
+    if fmt == "tensorrt-engine":
+        return TrtRunner(path, host_code, sha256)
+    return RUNNERS[fmt](path, threads)

@@ -18,6 +18,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from pipeline.artifacts import sha256_file
+from pipeline.runtimes import ArtifactFormat
 
 MANIFEST_VERSION = 3  # 3: `files` lists every file of the release
 # Every library that shapes an artifact's bytes or a figure in the manifest.
@@ -63,13 +64,13 @@ class StageRecord(_Strict):
 class ArtifactRecord(_Strict):
     name: str
     path: str = Field(description="relative to the release folder")
-    format: str
+    format: ArtifactFormat = Field(description="its runtime's entry (pipeline/runtimes.py): what runs and checks it")
     precision: str
     sha256: str
-    size_bytes: int = Field(description="the file's size, with its external data")
+    size_bytes: int = Field(description="the file's size, with its companion files")
     external_data: dict[str, str] = Field(
-        default_factory=dict, description="a graph over protobuf's 2 GB limit: its external data files (beside it, by "
-        "name) and their sha256, verified with it")
+        default_factory=dict, description="its companion files (beside it, by name) and their sha256, verified with "
+        "it: a graph's external data past protobuf's 2 GB limit, an OpenVINO IR's weights (.bin)")
     stage: str
     kind: str = Field(description="fp32, pruned, fp16 or int8: which thresholds gate it")
     from_pruned: bool = Field(False, description="a pruned or recovered graph is this artifact or in its ancestry "

@@ -109,8 +109,9 @@ def read_verified(folder: Path, public_key: Path | None = None) -> VerifiedRelea
 
     from pydantic import ValidationError
 
-    from pipeline.parity.runners import check_onnx_file
+    from pipeline.parity.runners import FILE_CHECKS
     from pipeline.release.manifest import Manifest
+    from pipeline.runtimes import installed
 
     folder = Path(folder)
     manifest_path = folder / "manifest.json"
@@ -143,9 +144,9 @@ def read_verified(folder: Path, public_key: Path | None = None) -> VerifiedRelea
             problems.append(f"{record.path}: sha256 differs from the manifest")
         elif data_problems := _external_data_problems(folder, record):
             problems += data_problems
-        elif record.format == "onnx":
+        elif record.format in FILE_CHECKS and installed(record.format):  # without the runtime: its hashes
             try:
-                check_onnx_file(path)
+                FILE_CHECKS[record.format](path)
             except ShipyardError as err:
                 problems.append(f"{record.path}: {err}")
     return VerifiedRelease(manifest, digest, problems + _file_list_problems(folder, manifest))

@@ -1,7 +1,7 @@
 """`shipyard bench RELEASE`: every artifact's speed and parity on this machine, in one run.
 
-For PyTorch FP32, each ONNX artifact of a verified release (the TensorRT-ready ONNX only with
-`include_trt`: it is for GPUs) and, with `optimum`, Optimum's dynamic INT8 of the same model (made
+For PyTorch FP32, each CPU artifact of a verified release on its own runtime (ONNX Runtime,
+OpenVINO; the TensorRT-ready ONNX only with `include_trt`: it is for GPUs) and, with `optimum`, Optimum's dynamic INT8 of the same model (made
 as its quantization guide shows): batch-1 latency and batch-32 throughput at sequence 64 with 2
 threads (`pipeline.run.timing`), each ratio to PyTorch and to Optimum's, and the accuracy and
 agreement with PyTorch on the release's evaluation rows, drawn again from its recipe and checked
@@ -43,11 +43,12 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False) -> di
     from calibration.sampling import Columns
     from pipeline.inputs import data as datamod
     from pipeline.inputs.model import inspect_model
-    from pipeline.parity.runners import OrtRunner, TorchRunner
+    from pipeline.parity.runners import OrtRunner, TorchRunner, runner_for
     from pipeline.parity.tasks import collect
     from pipeline.recipe import Recipe
     from pipeline.release import serving
     from pipeline.release.manifest import cpu_kernel_features
+    from pipeline.runtimes import require, runtime
 
     release = Path(release)
     manifest = serving.intact(release, "bench measures").intact()
@@ -70,9 +71,11 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False) -> di
     batch1 = {k: v[:1] for k, v in batch32.items()}
     entries: list[tuple[str, str, Any, int | None]] = [
         ("PyTorch FP32", "torch", TorchRunner(model_dir, task=task.name, threads=THREADS), None)]
-    for art in manifest.artifacts:
-        if art.format == "onnx" and (include_trt or not art.name.startswith("model.trt.")):
-            entries.append((art.name, "onnxruntime", OrtRunner(release / art.path, THREADS), art.size_bytes))
+    for art in manifest.artifacts:  # each CPU artifact on its own runtime (`pipeline.runtimes`)
+        if runtime(art.format).device == "cpu" and (include_trt or not art.name.startswith("model.trt.")):
+            require(art.format, f"bench of {art.name}")
+            entries.append((art.name, runtime(art.format).name, runner_for(release / art.path, art.format,
+                                                                           threads=THREADS), art.size_bytes))
     with tempfile.TemporaryDirectory() as tmp:
         if optimum:
             path = optimum_dynamic_int8(model_dir, task.name, Path(tmp))

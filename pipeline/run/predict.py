@@ -2,7 +2,7 @@
 
 The release's own tokenizer and serving record (`pipeline.release.serving`) encode the rows as
 the gate encoded its evaluation rows (max length, padding, batches of the same size ordered by
-length the same way), ONNX Runtime runs the chosen artifact, and the task code the gate compares
+length the same way), the chosen artifact's own CPU runtime (`pipeline.runtimes`) runs it, and the task code the gate compares
 with (`pipeline.parity.tasks.readable`) turns outputs into labels, tags, answers or embeddings.
 So on the gate's rows `predict` gives the predictions the gate measured.
 """
@@ -20,6 +20,7 @@ from calibration.sampling import Columns
 from pipeline.errors import ShipyardError
 from pipeline.release import serving
 from pipeline.release.manifest import ArtifactRecord, Manifest
+from pipeline.runtimes import runtime
 
 # The artifact `predict` runs unless told: the CPU one, else the dense FP32 graph.
 PREFERRED = ("model.int8.cpu", "model.recovered", "model.pruned", "model.fp32")
@@ -39,19 +40,21 @@ class Rows:
 
 
 def choose_artifact(manifest: Manifest, name: str | None, release: Path) -> ArtifactRecord:
-    """The ONNX artifact named `name`, or the preferred one the release has."""
-    onnx = {a.name: a for a in manifest.artifacts if a.format == "onnx"}
+    """The CPU artifact named `name`, or else the release's CPU form (the fastest CPU artifact its
+    run measured), else the preferred one the release has."""
+    cpu = {a.name: a for a in manifest.artifacts if runtime(a.format).device == "cpu"}
     if name is None:
-        found = next((onnx[n] for n in PREFERRED if n in onnx), None)
+        chosen = (manifest.cpu_form or {}).get("artifact")
+        found = cpu.get(chosen) if chosen else next((cpu[n] for n in PREFERRED if n in cpu), None)
         if found is None:
-            raise ShipyardError(f"release {release} has no ONNX artifact to run; pass a release written by shipyard run")
+            raise ShipyardError(f"release {release} has no CPU artifact to run; pass a release written by shipyard run")
         return found
-    if name not in onnx:
-        engines = [a.name for a in manifest.artifacts if a.format != "onnx"]
-        why = (" (an engine: it runs under TensorRT on its GPU; predict runs ONNX artifacts on the CPU)"
+    if name not in cpu:
+        engines = [a.name for a in manifest.artifacts if a.name not in cpu]
+        why = (" (an engine: it runs under TensorRT on its GPU; predict runs CPU artifacts)"
                if name in engines else "")
-        raise ShipyardError(f"release {release} has no ONNX artifact {name!r}{why}; use one of: {', '.join(sorted(onnx))}")
-    return onnx[name]
+        raise ShipyardError(f"release {release} has no CPU artifact {name!r}{why}; use one of: {', '.join(sorted(cpu))}")
+    return cpu[name]
 
 
 def _rows(rows: Rows, record: serving.ServingRecord) -> list[dict[str, str]]:
@@ -76,7 +79,7 @@ def _rows(rows: Rows, record: serving.ServingRecord) -> list[dict[str, str]]:
 
 def predict(release: Path, artifact: str | None, rows: Rows, truncate: bool = False) -> dict[str, Any]:
     """Predictions for `rows` by `artifact` of the verified `release`, in the rows' order."""
-    from pipeline.parity.runners import OrtRunner
+    from pipeline.parity.runners import runner_for
     from pipeline.parity.tasks import Pooling, Task, collect, readable
     from pipeline.tasks import task_spec
 
@@ -102,7 +105,7 @@ def predict(release: Path, artifact: str | None, rows: Rows, truncate: bool = Fa
     batches = list(encoder.batches(ordered, record.batch_size))
     pooling = Pooling(record.pooling.mode, record.pooling.normalize) if record.pooling else Pooling()
     task = Task(record.task, pooling, record.max_answer_tokens or 30, record.min_cosine or 0.99)
-    reduced = collect(OrtRunner(release / chosen.path), batches, task)
+    reduced = collect(runner_for(release / chosen.path, chosen.format), batches, task)
     predicted = readable(task, reduced, batches, record.id2label, [r["text"] for r in ordered],
                          [r.get("pair", "") for r in ordered])
     results: list[dict[str, Any]] = [{}] * len(table)

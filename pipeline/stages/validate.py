@@ -33,7 +33,7 @@ def run(
     # this process, or a verified release's record): then, and only then, host code is allowed.
     host_code = artifact.options.get("version_compatible") is True
     # An engine runs only as the bytes its artifact record hashed (`runner_for`).
-    outputs = collect(runner_for(artifact.path, host_code, artifact.sha256 or None), evaluation.batches, task,
+    outputs = collect(runner_for(artifact.path, artifact.format, host_code, artifact.sha256 or None), evaluation.batches, task,
                       progress)
     report = compare(task, artifact.name, reference, outputs, evaluation.batches, gate, metric,
                      evaluation.labels, id2label, evaluation.rows, evaluation.columns.text,
