@@ -25,10 +25,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from calibration.sampling import Columns  # noqa: E402
 from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
+from pipeline.parity.timing import SEQ, THREADS, measure_all  # noqa: E402
 from pipeline.recipe import QuantizeSpec  # noqa: E402
 from pipeline.run.demo import _narrow_encoder, minilm_dir, read_tweets  # noqa: E402
 from pipeline.run.standalone import CalibrationRows, quantize_file  # noqa: E402
-from pipeline.run.timing import SEQ, THREADS, measure_all  # noqa: E402
 from pipeline.stages.export import export_onnx  # noqa: E402
 
 LABELS = {"id2label": {0: "negative", 1: "neutral", 2: "positive"},

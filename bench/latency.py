@@ -34,9 +34,9 @@ from pipeline.inputs import data as datamod  # noqa: E402
 from pipeline.inputs.model import inspect_model  # noqa: E402
 from pipeline.parity.runners import OrtRunner, TorchRunner  # noqa: E402
 from pipeline.parity.tasks import collect  # noqa: E402
+from pipeline.parity.timing import SEQ, THREADS, measure_all  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
 from pipeline.run.bench import optimum_dynamic_int8  # noqa: E402
-from pipeline.run.timing import SEQ, THREADS, measure_all  # noqa: E402
 
 
 def cpu_candidates(fp32: Path, work: Path) -> dict[str, Path]:

@@ -23,11 +23,11 @@ from calibration.encode import Encoder, load_tokenizer  # noqa: E402
 from pipeline.artifacts import Artifact  # noqa: E402
 from pipeline.parity.runners import OrtRunner  # noqa: E402
 from pipeline.parity.tasks import collect  # noqa: E402
+from pipeline.parity.timing import SEQ, THREADS, measure_all  # noqa: E402
 from pipeline.progress import Progress  # noqa: E402
 from pipeline.recipe import load_recipe  # noqa: E402
 from pipeline.run.cache import CachedStages  # noqa: E402
 from pipeline.run.context import RunInputs  # noqa: E402
-from pipeline.run.timing import SEQ, THREADS, measure_all  # noqa: E402
 from pipeline.run.workflow import prune_stages  # noqa: E402
 from pipeline.stages import export  # noqa: E402
 from pipeline.stages.quantize import stage as quantize  # noqa: E402

@@ -17,9 +17,20 @@ TASKS: tuple[str, ...] = get_args(TaskName)
 MetricName = Literal["accuracy", "macro_f1", "entity_f1", "token_accuracy", "f1", "exact_match"]
 METRIC_NAMES: tuple[str, ...] = get_args(MetricName)
 
-# The two INT8 forms: explicit Q/DQ for TensorRT, fused for ONNX Runtime's CPU provider.
-QuantFormat = Literal["qdq", "cpu"]
+# The INT8 formats: explicit Q/DQ ONNX for TensorRT, the ONNX Runtime CPU artifact, the OpenVINO IR.
+QuantFormat = Literal["qdq", "cpu", "openvino"]
 QUANT_FORMATS: tuple[str, ...] = get_args(QuantFormat)
+# The candidate graph forms a CPU format is chosen among, by measurement on the building machine
+# (`pipeline.stages.quantize.candidates`): ONNX Runtime's dynamic INT8 on the fused (Attention,
+# SkipLayerNorm) or the unfused graph, weights per channel or per tensor (Optimum's form); and
+# OpenVINO running NNCF's static INT8 of the float graph, or ONNX Runtime's Q/DQ graph.
+CpuForm = Literal["fused-per-channel", "unfused-per-channel", "unfused-per-tensor"]
+CPU_FORMS: tuple[str, ...] = get_args(CpuForm)
+OpenvinoForm = Literal["nncf", "qdq"]
+OPENVINO_FORMS: tuple[str, ...] = get_args(OpenvinoForm)
+# A deployment CPU's instruction set a recipe may name (the timings still come from the builder).
+Isa = Literal["avx2", "avx512_vnni", "amx"]
+ISAS: tuple[str, ...] = get_args(Isa)
 CalibrationMethod = Literal["minmax", "entropy", "percentile"]
 CALIBRATION_METHODS: tuple[str, ...] = get_args(CalibrationMethod)
 

@@ -145,8 +145,12 @@ def write_recipe(folder: Path, model_dir: Path, rows: Path, /, **sections) -> Pa
             "tuning_samples": 64,
         },
         # The 2-layer test model has many low-margin rows and 400 evaluation rows make each one
-        # 0.25 points, so its INT8 gate is looser than the defaults the demo model meets.
-        "thresholds": {"int8": {"min_agreement": 0.95, "max_metric_drop": 0.03}},
+        # 0.25 points, so its INT8 gate is looser than the defaults the demo model meets. Its INT8
+        # is not faster than its float graph (too small for INT8 kernels to pay): the speed gate is
+        # off here, and tests/test_speed_gate.py sets it.
+        "thresholds": {"int8": {"min_agreement": 0.95, "max_metric_drop": 0.03, "min_speedup": None}},
+        # One candidate per CPU format unless a test asks for more: tests/test_cpu_forms.py does.
+        "stages": {"quantize": {"cpu_forms": ["fused-per-channel"], "openvino_forms": ["nncf"]}},
     }
     recipe = merged(recipe, sections)
     path = folder / "recipe.yaml"

@@ -387,7 +387,7 @@ def test_engines_builds_gates_and_collects_with_the_release(tiny_release, tiny, 
 
     host_code = []
 
-    def ort_for(path, host_code_allowed=False, sha256=None):
+    def ort_for(path, fmt=None, host_code_allowed=False, sha256=None):
         """As TrtRunner reads an engine: once, checked against the hash it was given, then those bytes run."""
         host_code.append(host_code_allowed)
         return OrtOnBytes(engine_bytes(path, sha256))

@@ -79,7 +79,7 @@ def test_predict_refuses_what_it_cannot_serve(tiny_release, tmp_path):
     long = " ".join(["word"] * 200)
     assert_clean_failure(invoke("predict", tiny_release.out, "--text", long), "longer than the 64", "--truncate")
     assert_clean_failure(invoke("predict", tiny_release.out, "--artifact", "model.nope", "--text", "hi"),
-                         "no ONNX artifact 'model.nope'", "model.int8.cpu")
+                         "no CPU artifact 'model.nope'", "model.int8.cpu")
     assert_clean_failure(invoke("predict", tiny_release.out), "nothing to predict", "--text")
 
     damaged = tmp_path / "release"

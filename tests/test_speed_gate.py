@@ -1,7 +1,7 @@
-"""The speed gate (`thresholds.int8.min_speedup`): the CPU INT8 artifact is timed against its float
-source on this machine; missing the bar fails the run naming the figures, or with `on_slow:
-keep_float` ships the float graph as the CPU form and says so. No speed is asserted: 50x is out of
-reach anywhere, 0.01x within reach anywhere."""
+"""The speed gate (`thresholds.int8.min_speedup`, 1.0 by default): each CPU INT8 artifact is timed
+against its float source on this machine; missing the bar fails the run naming the figures, or
+with `on_slow: keep_float` removes the artifact, says so, and the float graph is the release's CPU
+form. No speed is asserted: 50x is out of reach anywhere, 0.01x within reach anywhere."""
 
 import json
 
@@ -30,14 +30,31 @@ def test_an_int8_cpu_artifact_slower_than_asked_fails_the_run_naming_its_speedup
     result, out, manifest, speed = _run(tiny, tiny_holdout_small, tmp_path, "keep",
                                         {"min_speedup": 50, "on_slow": "keep_float"})
     assert result.exit_code == 0 and manifest["passed"]
-    assert speed["passed"] and speed["details"]["kept_float"] and "kept float" in speed["message"]
+    assert speed["passed"] and speed["details"]["kept_float"] and "removed (on_slow: keep_float)" in speed["message"]
     assert not (out / "model.int8.cpu.onnx").exists()
     assert "model.int8.cpu" not in {a["name"] for a in manifest["artifacts"]}
     assert invoke("verify", out).exit_code == 0
+    # The float graph is the CPU form, and what predict runs.
+    form = manifest["cpu_form"]
+    assert form["artifact"] == "model.fp32" and form["why"].startswith("no CPU INT8 artifact passed")
+    assert form["candidates"][0]["artifact"] == "model.int8.cpu" and not form["candidates"][0]["passed"]
+    predicted = invoke("predict", out, "--text", "what a day", "--json")
+    assert predicted.exit_code == 0 and json.loads(predicted.output)["artifact"] == "model.fp32"
 
     result, out, manifest, speed = _run(tiny, tiny_holdout_small, tmp_path, "pass", {"min_speedup": 0.01})
     assert result.exit_code == 0 and speed["passed"] and not speed["details"]["kept_float"]
     assert (out / "model.int8.cpu.onnx").is_file()
+    assert manifest["cpu_form"]["artifact"] == "model.int8.cpu" and manifest["cpu_form"]["cpu_flags"]
+
+
+def test_the_speed_gate_is_on_by_default_for_int8_and_off_only_when_a_recipe_says_null():
+    from pipeline.recipe.schema import Thresholds
+
+    assert Thresholds().int8.min_speedup == 1.0
+    # A recipe that writes its own int8 gate without min_speedup keeps it at 1.0.
+    assert Thresholds.model_validate({"int8": {"min_agreement": 0.9}}).int8.min_speedup == 1.0
+    assert Thresholds.model_validate({"int8": {"min_speedup": None}}).int8.min_speedup is None
+    assert Thresholds().fp32.min_speedup is None
 
 
 def test_a_speed_gate_on_another_kind_is_refused_naming_where_it_goes():

@@ -75,7 +75,7 @@ def test_every_standalone_command_writes_into_folders_that_do_not_exist_yet(tiny
     with without_tensorrt():
         assert invoke("run", quick_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=[target]), "--out",
                       release, "--no-engines", "--quiet").exit_code == 0
-    monkeypatch.setattr(validate, "runner_for", lambda path, host_code=False, sha256=None: OrtOnBytes(
+    monkeypatch.setattr(validate, "runner_for", lambda path, fmt=None, host_code=False, sha256=None: OrtOnBytes(
         engine_bytes(path, sha256)))
     result = invoke("engines", release, "--target", "a100-fp16", "--out", new / "engines" / "a100-fp16", "--quiet")
     assert result.exit_code == 0, result.output

@@ -223,7 +223,8 @@ def demo_prepare(home: Path | None, layers: int, train_rows: int, family: str, h
 @cli.command("predict")
 @click.argument("release", metavar="RELEASE_DIR", type=click.Path(path_type=Path))
 @click.option("--artifact", default=None, metavar="NAME",
-              help="The ONNX artifact to run [default: model.int8.cpu, else the dense FP32 graph].")
+              help="The CPU artifact to run (ONNX Runtime or OpenVINO) [default: the release's CPU form, the "
+                   "fastest its run measured].")
 @click.option("--text", "texts", multiple=True, metavar="TEXT", help="A text to predict on (repeatable).")
 @click.option("--pair", "pairs", multiple=True, metavar="TEXT",
               help="The second text of each --text: a pair classifier's pair, QA's context.")
@@ -236,8 +237,8 @@ def demo_prepare(home: Path | None, layers: int, train_rows: int, family: str, h
 def predict_cmd(release: Path, artifact: str | None, texts: tuple[str, ...], pairs: tuple[str, ...],
                 data: Path | None, text_column: str, pair_column: str | None, encoding: str | None, truncate: bool,
                 quiet: bool, as_json: bool) -> None:
-    """Predict with a verified release alone: its tokenizer and encoding record, an ONNX artifact
-    on ONNX Runtime, and the task code the gate measured with (labels and scores; tags per word;
+    """Predict with a verified release alone: its tokenizer and encoding record, a CPU artifact
+    on its runtime (ONNX Runtime, OpenVINO), and the task code the gate measured with (labels and scores; tags per word;
     answer spans; embeddings)."""
     from pipeline.run.predict import Rows, describe, predict
 

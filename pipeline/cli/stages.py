@@ -20,10 +20,13 @@ from pipeline.cli.options import (
     prune_spec_options,
     schema_default,
 )
+from pipeline.errors import ShipyardError
 from pipeline.names import (
     CALIBRATION_METHODS,
+    CPU_FORMS,
     MAX_TOKENS,
     METRIC_NAMES,
+    OPENVINO_FORMS,
     QUANT_FORMATS,
     TASKS,
     QuantFormat,
@@ -83,7 +86,10 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, d
               show_default=True,
               help="Rows drawn after the calibration rows that choose the float fallback; 0 quantizes every node.")
 @click.option("--format", "fmt", type=click.Choice(QUANT_FORMATS), default="qdq", show_default=True,
-              help="qdq: explicit Q/DQ for TensorRT; cpu: fused and fastest on ONNX Runtime CPU.")
+              help="qdq: explicit Q/DQ for TensorRT; cpu: ONNX Runtime CPU; openvino: OpenVINO IR (--out NAME.xml).")
+@click.option("--form", "forms", multiple=True, type=click.Choice(CPU_FORMS + OPENVINO_FORMS),
+              help="A candidate form of --format cpu or openvino (repeatable); the fastest that meets the fallback's "
+                   "agreement here ships [default: every one of the format's].")
 @click.option("--smooth/--no-smooth", default=None,
               help="Smooth activations before INT8 (SmoothQuant, exact in float) [default: for qdq, not for cpu].")
 @click.option("--smooth-alpha", type=click.FloatRange(0, 1), default=schema_default("smoothing.alpha"), show_default=True,
@@ -92,7 +98,7 @@ def export_cmd(model_dir: Path, out: Path, task: str, opset: int, atol: float, d
 @output_options
 @cache_options
 def quantize_cmd(model_path: Path, out: Path, rows, method: str, tuning_samples: int, fmt: QuantFormat,
-                 smooth: bool | None, smooth_alpha: float, overwrite: bool, cache, quiet: bool, as_json: bool) -> None:
+                 forms: tuple[str, ...], smooth: bool | None, smooth_alpha: float, overwrite: bool, cache, quiet: bool, as_json: bool) -> None:
     """Post-training INT8 quantization of an ONNX model.
 
     The rows used are recorded (as digests) in the output, so a later `shipyard validate` on the
@@ -101,6 +107,13 @@ def quantize_cmd(model_path: Path, out: Path, rows, method: str, tuning_samples:
     from pipeline.run.standalone import quantize_file
 
     spec = QuantizeSpec(formats=[fmt], method=method)
+    if forms:
+        key = {"cpu": "cpu_forms", "openvino": "openvino_forms"}.get(fmt)
+        allowed = CPU_FORMS if fmt == "cpu" else OPENVINO_FORMS if fmt == "openvino" else ()
+        if key is None or any(f not in allowed for f in forms):
+            raise ShipyardError(f"--form {', '.join(forms)}: format {fmt} takes "
+                                + (f"the forms {', '.join(allowed)}" if allowed else "no --form"))
+        spec = spec.model_copy(update={key: list(forms)})
     smoothed = fmt in spec.smoothing.formats if smooth is None else smooth
     spec.smoothing = SmoothingSpec(formats=[fmt] if smoothed else [], alpha=smooth_alpha)
     result = quantize_file(model_path, out, fmt, spec, rows, tuning_samples, progress_for(quiet, as_json), cache,

@@ -28,10 +28,12 @@ class Gate(Strict):
         None, ge=0, le=1, description="fraction: 0.01 is one accuracy point"
     )
     min_speedup: float | None = Field(
-        None, gt=0, description="int8: the CPU INT8 artifact must be at least this many times as fast as its float "
-        "source at batch 1 and 32, in every timing round, on the machine that builds it (not checked when unset)")
+        None, gt=0, description="int8 (default 1.0): each CPU INT8 artifact (cpu, openvino) must be at least this many "
+        "times as fast as its float source at batch 1 and at the batch size, in every timing round, on the machine "
+        "that builds it; null: not checked")
     on_slow: Literal["fail", "keep_float"] = Field(
-        "fail", description="when min_speedup is missed: fail the run, or ship the float graph as the CPU form and say so")
+        "fail", description="when min_speedup is missed: fail the run, or remove that artifact (the float graph or "
+        "another CPU artifact is then the CPU form) and say so")
 
 
 class Thresholds(Strict):
@@ -45,7 +47,17 @@ class Thresholds(Strict):
     fp32: Gate = Field(default_factory=lambda: Gate(min_agreement=1.0, max_abs_diff=1e-3))
     pruned: Gate = Field(default_factory=lambda: Gate(min_agreement=0.95, max_metric_drop=0.02))
     fp16: Gate = Field(default_factory=lambda: Gate(min_agreement=0.995, max_metric_drop=0.005))
-    int8: Gate = Field(default_factory=lambda: Gate(min_agreement=0.98, max_metric_drop=0.01))
+    int8: Gate = Field(default_factory=lambda: Gate(min_agreement=0.98, max_metric_drop=0.01, min_speedup=1.0))
+
+    @model_validator(mode="before")
+    @classmethod
+    def _int8_speed_default(cls, data: object) -> object:
+        """An int8 section that leaves min_speedup out keeps its default, 1.0 (not unset, as the
+        other thresholds of a written section are): an INT8 CPU artifact slower than its float
+        source fails unless the recipe says null."""
+        if isinstance(data, dict) and isinstance(data.get("int8"), dict) and "min_speedup" not in data["int8"]:
+            return {**data, "int8": {**data["int8"], "min_speedup": 1.0}}
+        return data
 
     @model_validator(mode="after")
     def _speed_gate_is_int8s(self) -> Thresholds:

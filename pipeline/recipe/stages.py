@@ -9,7 +9,10 @@ from pydantic import Field, field_validator
 from pipeline.names import (
     MAX_TOKENS,
     CalibrationMethod,
+    CpuForm,
     FfnScope,
+    Isa,
+    OpenvinoForm,
     Padding,
     QuantFormat,
     Sampling,
@@ -118,8 +121,19 @@ class QuantizeSpec(Strict):
 
     enabled: bool = Field(True, description="make the INT8 artifacts")
     formats: list[QuantFormat] = Field(default_factory=lambda: list[QuantFormat](["qdq", "cpu"]), min_length=1,
-                                       description="qdq: explicit Q/DQ ONNX for TensorRT; cpu: fused ONNX Runtime "
-                                       "graph with dynamic INT8")
+                                       description="qdq: explicit Q/DQ ONNX for TensorRT; cpu: ONNX Runtime graph "
+                                       "with dynamic INT8; openvino: OpenVINO IR (the openvino extra)")
+    cpu_forms: list[CpuForm] = Field(
+        default_factory=lambda: list[CpuForm](["fused-per-channel", "unfused-per-channel", "unfused-per-tensor"]), min_length=1,
+        description="the cpu format's candidates: each is quantized with the float fallback, timed on this machine, "
+        "and the fastest that meets fallback.min_agreement on the tuning rows ships (all recorded)")
+    openvino_forms: list[OpenvinoForm] = Field(
+        default_factory=lambda: list[OpenvinoForm](["nncf", "qdq"]), min_length=1,
+        description="the openvino format's candidates: nncf (NNCF static INT8 of the float graph) and qdq (the Q/DQ "
+        "graph read by OpenVINO), chosen as cpu_forms are")
+    deploy_isa: Isa | None = Field(
+        None, description="the deployment CPU's instruction set (avx2, avx512_vnni, amx); when this machine lacks it, "
+        "the run says the CPU forms were timed here, not there")
     method: CalibrationMethod = Field("minmax", description="how activation ranges are calibrated (ONNX Runtime's "
                                       "calibrators; entropy at TensorRT's 2,048 bins, slow and hard on BERT's "
                                       "attention probabilities: docs/quantization.md)")

@@ -31,13 +31,14 @@ figure { margin: 1em 0; } figcaption { color: #555; font-size: .9em; }
 <p>Model <code>{{ v.model_path }}</code> ({{ v.model_type }}, task {{ v.task }}). Agreement is over {{ v.unit }}:
 {{ v.agreement_means }}.</p>
 <h2>Artifacts</h2>
-<table id="artifacts"><tr><th>artifact</th><th>precision</th><th>size MB</th><th>agreement [95% interval]</th>
+<table id="artifacts"><tr><th>artifact</th><th>runtime</th><th>precision</th><th>size MB</th><th>agreement [95% interval]</th>
 <th>max abs diff</th><th>PyTorch {{ v.metric or 'metric' }}</th><th>artifact {{ v.metric or 'metric' }}</th>
-<th>drop (McNemar p)</th><th>verdict</th></tr>
-{% for a in v.artifacts %}<tr><td><code>{{ a.path }}</code></td><td>{{ a.precision }}</td><td>{{ a.size_mb }}</td>
-<td>{{ a.agreement }}</td><td>{{ a.max_abs_diff }}</td><td>{{ a.reference_metric }}</td><td>{{ a.artifact_metric }}</td>
-<td>{{ a.change }}</td><td class="{{ 'pass' if a.passed else 'fail' }}">{{ 'pass' if a.passed else 'FAIL' }}</td></tr>
+<th>drop (McNemar p)</th><th>speed-up b1 / batch</th><th>verdict</th></tr>
+{% for a in v.artifacts %}<tr><td><code>{{ a.path }}</code></td><td>{{ a.runtime }}</td><td>{{ a.precision }}</td>
+<td>{{ a.size_mb }}</td><td>{{ a.agreement }}</td><td>{{ a.max_abs_diff }}</td><td>{{ a.reference_metric }}</td>
+<td>{{ a.artifact_metric }}</td><td>{{ a.change }}</td><td>{{ a.speedup }}</td><td class="{{ 'pass' if a.passed else 'fail' }}">{{ 'pass' if a.passed else 'FAIL' }}</td></tr>
 {% endfor %}</table>
+{% if v.cpu_form %}<p id="cpu-form">{{ v.cpu_form }}</p>{% endif %}
 {% for plot in plots %}<figure class="plot" id="{{ plot.id }}">{{ plot.svg | safe }}
 <figcaption>{{ plot.caption }}</figcaption></figure>
 {% endfor %}

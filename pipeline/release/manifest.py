@@ -153,6 +153,9 @@ class Manifest(_Strict):
     stages: list[StageRecord]
     artifacts: list[ArtifactRecord]
     targets: list[TargetRecord] = Field(default_factory=list)
+    cpu_form: dict[str, Any] | None = Field(
+        None, description="the release's CPU form: the fastest CPU artifact the run measured on its machine (what "
+        "shipyard predict runs), every CPU INT8 artifact's speed-up over its float source, the CPU and the threads")
     collected_from: list[str] = Field(default_factory=list, description="folders merged by shipyard collect")
     release: dict[str, str] | None = Field(
         None, description="an engine folder (shipyard engines): the release folder it was built from and the "

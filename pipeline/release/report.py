@@ -39,16 +39,19 @@ def render_markdown(manifest: Manifest) -> str:
         "", "## Artifacts", "",
         f"Task: {view.task}. Agreement is over {view.unit}: {view.agreement_means}.",
         "",
-        f"| artifact | precision | size MB | agreement [95% interval] | max abs diff | PyTorch {metric or 'metric'} "
-        f"| artifact {metric or 'metric'} | drop (McNemar p) | verdict |",
-        "|---|---|---|---|---|---|---|---|---|",
+        f"| artifact | runtime | precision | size MB | agreement [95% interval] | max abs diff "
+        f"| PyTorch {metric or 'metric'} | artifact {metric or 'metric'} | drop (McNemar p) | speed-up b1 / batch "
+        "| verdict |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for a in view.artifacts:
         lines.append(
-            f"| `{a.path}` | {a.precision} | {a.size_mb} | {a.agreement} "
-            f"| {a.max_abs_diff} | {a.reference_metric} | {a.artifact_metric} | {a.change} "
+            f"| `{a.path}` | {a.runtime} | {a.precision} | {a.size_mb} | {a.agreement} "
+            f"| {a.max_abs_diff} | {a.reference_metric} | {a.artifact_metric} | {a.change} | {a.speedup} "
             f"| {'pass' if a.passed else 'FAIL'} |"
         )
+    if view.cpu_form:
+        lines += ["", view.cpu_form]
     converted = [(a, a.source_parity) for a in manifest.artifacts if a.source_parity]
     if converted:
         source = converted[0][1].get("reference", "the pruned graph")

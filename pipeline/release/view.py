@@ -8,6 +8,7 @@ from typing import Any
 
 from pipeline.names import NOT_ATTEMPTED
 from pipeline.release.manifest import Manifest
+from pipeline.runtimes import RUNTIMES
 from pipeline.tasks import TASK_SPECS
 
 
@@ -51,6 +52,8 @@ class ArtifactRow:
     change: str
     passed: bool
     distributions: dict[str, Any]
+    runtime: str = ""
+    speedup: str = "-"  # a CPU INT8 artifact's measured speed-up over its float source, batch 1 / batch
 
 
 @dataclass(frozen=True)
@@ -89,11 +92,14 @@ class ReportView:
     profiles: list[tuple[str, int, int]] = field(default_factory=list)  # target, shortest and longest sequence
     budget_trials: list[dict[str, float]] = field(default_factory=list)
     recovery_curve: list[dict[str, float]] = field(default_factory=list)
+    cpu_form: str = ""  # which CPU artifact is the release's CPU form, why, and where it was timed
 
     @classmethod
     def of(cls, manifest: Manifest) -> ReportView:
         metric = next((a.parity.get("metric") for a in manifest.artifacts if a.parity and a.parity.get("metric")), None)
         task = manifest.model.task
+        form = manifest.cpu_form or {}
+        speed = {c["artifact"]: c for c in form.get("candidates", [])}
         artifacts = []
         for art in manifest.artifacts:
             p = art.parity or {}
@@ -104,7 +110,10 @@ class ReportView:
                 interval=(interval[0], interval[1]) if interval else None, max_abs_diff=fmt(p.get("max_abs_diff"), ".3g"),
                 reference_metric=fmt((p.get("reference_metrics") or {}).get(metric) if metric else None),
                 artifact_metric=fmt((p.get("artifact_metrics") or {}).get(metric) if metric else None),
-                change=change_text(p), passed=art.passed, distributions=p.get("distributions") or {}))
+                change=change_text(p), passed=art.passed, distributions=p.get("distributions") or {},
+                runtime=RUNTIMES[art.format].name,
+                speedup=(f"{speed[art.name]['speedup'][0]:.2f}x / {speed[art.name]['speedup'][1]:.2f}x"
+                         if art.name in speed else "-")))
         stages = [StageRow(s.stage, stage_verdict(s), f"{s.seconds:.1f}", s.message) for s in manifest.stages]
         data = [DataRow(split, str(r.source), r.rows, r.fingerprint[:12], r.token_lengths)
                 for split, r in manifest.data.items()]
@@ -124,4 +133,13 @@ class ReportView:
             unit=str(next((a.parity.get("unit") for a in manifest.artifacts if a.parity), "rows")),
             agreement_means=TASK_SPECS[task].agreement if task in TASK_SPECS else "", metric=metric,
             artifacts=artifacts, stages=stages, data=data, profiles=profiles, budget_trials=list(trials),
-            recovery_curve=[c for c in recovery if c.get("agreement") is not None])
+            recovery_curve=[c for c in recovery if c.get("agreement") is not None], cpu_form=cpu_form_text(form))
+
+
+def cpu_form_text(form: dict[str, Any]) -> str:
+    """One sentence on the release's CPU form: which artifact, why, and on which CPU it was timed."""
+    if not form:
+        return ""
+    timed = (f"; speed-ups over {form['source']} at batch 1 / {form['batch_rows']} measured on {form['cpu']} "
+             f"({form['cpu_flags']}, {form['threads']} threads)" if form.get("candidates") else "")
+    return f"CPU form: {form['artifact']} on {form['runtime']} ({form['why']}){timed}."

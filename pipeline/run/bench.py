@@ -3,7 +3,7 @@
 For PyTorch FP32, each CPU artifact of a verified release on its own runtime (ONNX Runtime,
 OpenVINO; the TensorRT-ready ONNX only with `include_trt`: it is for GPUs) and, with `optimum`, Optimum's dynamic INT8 of the same model (made
 as its quantization guide shows): batch-1 latency and batch-32 throughput at sequence 64 with 2
-threads (`pipeline.run.timing`), each ratio to PyTorch and to Optimum's, and the accuracy and
+threads (`pipeline.parity.timing`), each ratio to PyTorch and to Optimum's, and the accuracy and
 agreement with PyTorch on the release's evaluation rows, drawn again from its recipe and checked
 against its fingerprint. The CPU's kernel flags are printed with the figures.
 """
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pipeline.errors import ShipyardError
-from pipeline.run.timing import SEQ, THREADS, measure_all
+from pipeline.parity.timing import SEQ, THREADS, measure_all
 
 
 def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
@@ -83,12 +83,12 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False) -> di
         timings = measure_all([runner for _, _, runner, _ in entries], batch1, batch32)
         reference = collect(entries[0][2], evaluation.batches, task)
         rows = []
-        for (name, runtime, runner, size), timing in zip(entries, timings, strict=True):
+        for (name, runtime_name, runner, size), timing in zip(entries, timings, strict=True):
             outputs = reference if runner is entries[0][2] else collect(runner, evaluation.batches, task)
             labelled = evaluation.labels is not None and task.spec.kind == "class"
             accuracy = float((task.predictions(outputs, evaluation.batches) == evaluation.labels).mean()) \
                 if labelled else None
-            rows.append({"name": name, "runtime": runtime, "size_bytes": size, "b1_ms": timing.b1_ms,
+            rows.append({"name": name, "runtime": runtime_name, "size_bytes": size, "b1_ms": timing.b1_ms,
                          "b32_per_s": timing.b32_per_s, "vs_pytorch": timing.speedup(timings[0]),
                          "vs_pytorch_range": timing.speedup_range(timings[0]),
                          "vs_optimum": timing.speedup(timings[-1]) if optimum else None,

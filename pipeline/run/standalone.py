@@ -63,6 +63,7 @@ from pipeline.release.manifest import folder_sha256, write_json
 from pipeline.release.signing import engine_trust
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.gating import Gating
+from pipeline.runtimes import require
 from pipeline.stages import export, prune, quantize
 from pipeline.tasks import task_spec
 
@@ -212,6 +213,12 @@ def quantize_file(model_path: Path, out: Path, fmt: QuantFormat, spec: QuantizeS
     rows after them (0: no float fallback to choose)."""
     check_onnx_file(model_path)
     check_output_file(out, overwrite)
+    wanted = quantize.file_name(fmt).rsplit(".", 1)[-1]
+    if Path(out).suffix != f".{wanted}":
+        raise ShipyardError(f"output {out}: format {fmt} writes a .{wanted} file; name --out like "
+                            f"{Path(out).with_suffix('.' + wanted).name}")
+    if fmt == "openvino":
+        require("openvino", "quantize --format openvino")
     if rows.data is None or rows.model_dir is None:
         raise ShipyardError(
             "quantize needs --calibration DATA and --tokenizer DIR (activation scales and the "

@@ -22,6 +22,7 @@ from pipeline.artifacts import (
     check_output_dir,
 )
 from pipeline.families import family_of
+from pipeline.parity.timing import at_length
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, RecoverSpec
 from pipeline.release import serving
@@ -40,7 +41,7 @@ from pipeline.run import searches, targets
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.context import RunInputs
 from pipeline.run.lock import release_lock
-from pipeline.run.speed import speed_gate
+from pipeline.run.speed import CPU_INT8, speed_gate
 from pipeline.stages import export, prune, quantize, trt_onnx
 from pipeline.stages.build import BuildUnavailable
 from pipeline.stages.prune import recover as recover_stage
@@ -138,7 +139,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
             for fmt in recipe.stages.quantize.formats:
                 with progress.task(f"quantize INT8 ({fmt})"):
                     result, _ = stages.call(f"quantize[{fmt}]", quantize.run, dense, recipe.stages.quantize, fmt,
-                                            work / f"model.int8.{fmt}.onnx", prepared.calibration.batches,
+                                            work / quantize.file_name(fmt), prepared.calibration.batches,
                                             prepared.tuning.batches, task, seen)
                 results.append(result)
                 artifacts.extend(result.artifacts)
@@ -167,17 +168,20 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
 
         for artifact in artifacts:
             validate_artifact(artifact)
-        gate = recipe.thresholds.int8
-        for artifact in [a for a in artifacts if a.name == "model.int8.cpu" and gate.min_speedup is not None]:
-            with progress.task(f"speed gate ({artifact.name} vs {dense.name})"):  # never cached: this machine, now
-                timed = speed_gate(artifact, dense, gate, evaluation.batches[0])
-            results.append(timed)
-            if timed.details["kept_float"]:
-                for path in artifact.files():
-                    path.unlink()
-                artifacts.remove(artifact)
-                parity.pop(artifact.name, None)
-                source_parity.pop(artifact.name, None)
+        cpu_int8 = [a for a in artifacts if a.name in CPU_INT8]
+        cpu_form = None
+        if cpu_int8:  # never cached: this machine, now
+            with progress.task(f"speed gate ({', '.join(a.name for a in cpu_int8)} vs {dense.name})"):
+                timed, cpu_form = speed_gate(cpu_int8, dense, recipe.thresholds.int8,
+                                              at_length(prepared.calibration.batches[0], recipe.data.max_length))
+            results.extend(timed)
+            for artifact, result in zip(cpu_int8, timed, strict=False):
+                if result.details["kept_float"]:
+                    for path in artifact.files():
+                        path.unlink()
+                    artifacts.remove(artifact)
+                    parity.pop(artifact.name, None)
+                    source_parity.pop(artifact.name, None)
 
         target_records = []
         for target in selected:
@@ -194,6 +198,7 @@ def _run_locked(recipe: Recipe, out: Path, progress: Progress, options: RunOptio
         invocation = InvocationRecord.now(list(options.command), cache)
         manifest = _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, source_parity, work,
                              target_records, invocation)
+        manifest.cpu_form = cpu_form
         manifest = write_release(manifest, work, options.sign_key)
     return RunOutcome(out=Path(out), manifest=manifest, results=results)
 

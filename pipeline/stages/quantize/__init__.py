@@ -1,5 +1,6 @@
-"""INT8 quantization: the stage, per-node sensitivity for the float fallback, activation smoothing."""
+"""INT8 quantization: the stage, its candidate forms chosen by measurement, the OpenVINO IR,
+per-node sensitivity for the float fallback, activation smoothing."""
 
-from pipeline.stages.quantize.stage import run
+from pipeline.stages.quantize.stage import file_name, run
 
-__all__ = ["run"]
+__all__ = ["file_name", "run"]

@@ -37,10 +37,13 @@ from pipeline.graph import model as graph_model
 from pipeline.graph.proof import prove_runs
 from pipeline.names import QuantFormat
 from pipeline.parity.policy import stamp
-from pipeline.parity.runners import OrtRunner
+from pipeline.parity.runners import OrtRunner, runner_for
 from pipeline.parity.tasks import Task, collect, max_abs_diff
+from pipeline.parity.timing import at_length
 from pipeline.recipe import QuantizeSpec
-from pipeline.stages.quantize import sensitivity
+from pipeline.runtimes import RUNTIMES, ArtifactFormat, require
+from pipeline.stages.quantize import candidates, openvino, sensitivity
+from pipeline.stages.quantize.candidates import Form
 from pipeline.stages.quantize.smooth import smooth_file
 
 Batch = dict[str, np.ndarray]
@@ -169,17 +172,27 @@ def _float_inputs_for_excluded(path: Path, excluded: list[str]) -> None:
     graph_model.save(model, path)
 
 
-def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | None = None):
+def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[..., dict] | None = None, fuse: bool = True,
+                   per_channel: bool = True):
+    import shutil
+
     import onnx
     from onnxruntime.quantization import QuantType, quantize_dynamic
-    from onnxruntime.transformers.optimizer import optimize_model
 
-    fused = work / "fused.onnx"
-    # num_heads/hidden_size 0: the optimizer reads them from the graph's Reshape shapes.
-    optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
-    fused_ops = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+    fused = work / ("fused.onnx" if fuse else "float.onnx")
     large = bool(external_data_files(src))  # past protobuf's 2 GB: every tool writes external data
-    optimized.save_model_to_file(str(fused), use_external_data_format=large)
+    fused_ops: dict[str, int] = {}
+    if fuse:
+        from onnxruntime.transformers.optimizer import optimize_model
+
+        # num_heads/hidden_size 0: the optimizer reads them from the graph's Reshape shapes.
+        optimized = optimize_model(str(src), model_type="bert", num_heads=0, hidden_size=0)
+        fused_ops = {k: v for k, v in optimized.get_fused_operator_statistics().items() if v}
+        optimized.save_model_to_file(str(fused), use_external_data_format=large)
+    elif large:
+        graph_model.save(graph_model.load(src), fused, graph_model.external_data_name(fused))
+    else:
+        shutil.copyfile(src, fused)
     smoothing = smooth_with(fused) if smooth_with else None  # after fusion: it keeps Attention fusable
     # ORT's dynamic quantizer takes every node named `Attention` for its packed contrib op and
     # breaks the standard ONNX one (opset 23, torch's dynamo exporter): those stay in float.
@@ -188,7 +201,7 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"cpu-{len(excluded)}.onnx"
         quantize_dynamic(
-            str(fused), str(out), weight_type=QuantType.QInt8, per_channel=True,
+            str(fused), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
             nodes_to_exclude=excluded + standard_attention, use_external_data_format=large,
             # The fused graph loses some value_info; without a default type the quantizer stops.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
@@ -196,60 +209,102 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[[Path], dict] | 
         graph_model.save(graph_model.load(out), out)  # in node order: ORT's quantizer may leave it unsorted
         return out
 
-    options = {"fusion": "onnxruntime.transformers bert", "fused_ops": fused_ops,
+    options = {"fusion": "onnxruntime.transformers bert" if fuse else "none", "fused_ops": fused_ops,
                "ops": "all ONNX Runtime dynamic-quantizable ops (MatMul, Attention, EmbedLayerNormalization, Gather)",
-               "weights": "int8 symmetric per-channel", "activations": "int8, scaled at run time",
-               **({"smoothing": smoothing} if smoothing else {})}
+               "weights": f"int8 symmetric per-{'channel' if per_channel else 'tensor'}",
+               "activations": "int8, scaled at run time", **({"smoothing": smoothing} if smoothing else {})}
     return fused, quantize, options
+
+
+def _first_two(made: tuple[Path, Callable[[list[str]], Path], dict]) -> tuple[Path, Callable[[list[str]], Path]]:
+    return made[0], made[1]
+
+
+def _forms(fmt: QuantFormat, spec: QuantizeSpec, src: Path, batches: list[Batch],
+           smooth_with: Callable[[Path, Path | None], dict] | None) -> list[Form]:
+    """The candidate forms of `fmt` the recipe names (`candidates.py`); qdq has one."""
+
+    def qdq(work: Path):
+        source, smoothed = src, {}
+        if smooth_with:
+            smoothed = {"smoothing": smooth_with(src, work / "smoothed.onnx")}
+            source = work / "smoothed.onnx"
+        graph, quantize, options = _qdq_quantizer(source, work, batches, spec)
+        return graph, quantize, {**options, **smoothed}
+
+    def cpu(fuse: bool, per_channel: bool):
+        return lambda work: _cpu_quantizer(src, work, smooth_with, fuse, per_channel)
+
+    if fmt == "qdq":
+        return [Form("qdq", "onnx", qdq)]
+    if fmt == "cpu":
+        shapes = {"fused-per-channel": (True, True), "unfused-per-channel": (False, True),
+                  "unfused-per-tensor": (False, False)}
+        return [Form(name, "onnx", cpu(*shapes[name])) for name in spec.cpu_forms]
+    makers = {"nncf": lambda work: openvino.nncf_quantizer(src, work, batches),
+              "qdq": lambda work: openvino.qdq_reader(*_first_two(qdq(work)), work)}
+    return [Form(name, "openvino", makers[name]) for name in spec.openvino_forms]
 
 
 def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batches: list[Batch],
                 tuning: list[Batch], task: Task, seen_rows: Sequence[str] = ()) -> dict[str, Any]:
-    """Quantize `src` into `out` (atomically), scales from `batches`, the float fallback chosen on
-    `tuning`; returns the options and fallback trials used."""
+    """Quantize `src` into `out` (atomically) in format `fmt`, scales from `batches`: each of its
+    candidate forms takes the float fallback chosen on `tuning`, and the fastest that meets its
+    agreement target ships (`candidates.py`); returns the options, fallback trials and choice."""
     if spec.fallback.max_nodes and not tuning:
         raise ShipyardError("the INT8 float fallback chooses on tuning rows; set data.tuning_samples (or "
                             "--tuning-samples) above 0, or stages.quantize.fallback.max_nodes to 0")
+    if fmt == "openvino":
+        require("openvino", "stages.quantize.formats: openvino")
     with atomic_file(out) as tmp, tempfile.TemporaryDirectory(dir=tmp.parent) as work_dir, _quiet_quantizer():
         work = Path(work_dir)
-        smoothing = spec.smoothing if fmt in spec.smoothing.formats else None
 
         def smooth_with(path: Path, into: Path | None = None) -> dict:  # by default in place: the stage's own copy
             return smooth_file(path, into or path, batches, spec.smoothing.alpha).to_dict()
 
-        if fmt == "qdq":
-            smoothed = {}
-            if smoothing:
-                smoothed = {"smoothing": smooth_with(src, work / "smoothed.onnx")}
-                src = work / "smoothed.onnx"
-            graph, quantize, options = _qdq_quantizer(src, work, batches, spec)
-            options.update(smoothed)
+        tried = []
+        for number, form in enumerate(_forms(fmt, spec, src, batches,
+                                             smooth_with if fmt in spec.smoothing.formats else None)):
+            folder = work / f"form-{number}"
+            folder.mkdir()
+            graph, quantize, options = form.make(folder)
+            chosen, excluded, trials = _fallback(graph, quantize, spec, batches, tuning, task)
+            tried.append(candidates.Tried(form, chosen, excluded, trials, options))
+        longest = max(b["input_ids"].shape[1] for b in batches)  # timed at the longest calibration row
+        winner, choice = candidates.choose(tried, src, spec.fallback.min_agreement, at_length(batches[0], longest),
+                                           spec.deploy_isa)
+        if winner.form.runtime == "openvino":
+            openvino.write_ir(winner.path, tmp, out)
         else:
-            graph, quantize, options = _cpu_quantizer(src, work, smooth_with if smoothing else None)
-        reference = collect(OrtRunner(graph), tuning, task) if tuning else []
-
-        def evaluate(path: Path) -> tuple[float, float]:
-            if not tuning:
-                return float("nan"), float("nan")
-            got = collect(OrtRunner(path), tuning, task)
-            largest, _ = max_abs_diff(reference, got, tuning, task.per_token)
-            return task.agreement_rate(reference, got, tuning), largest
-
-        ranking = sensitivity.rank_nodes(graph, batches) if spec.fallback.max_nodes else []
-        chosen, excluded, trials = sensitivity.search(
-            quantize, evaluate, ranking, spec.fallback.min_agreement, spec.fallback.max_nodes,
-        )
-        model = graph_model.load(chosen)
-        stamp(model, "int8", seen_rows)
-        graph_model.save(model, tmp, graph_model.external_data_name(out))
-        prove_runs(tmp, f"quantize {out}")
+            model = graph_model.load(winner.path)
+            stamp(model, "int8", seen_rows)
+            graph_model.save(model, tmp, graph_model.external_data_name(out))
+            prove_runs(tmp, f"quantize {out}")
     return {
-        "format": fmt, **options, "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)),
-        "float_nodes": excluded,
+        "format": fmt, **({"form": winner.form.name} if fmt != "qdq" else {}), **winner.options,
+        "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)), "float_nodes": winner.excluded,
         "fallback": {"target_agreement": spec.fallback.min_agreement, "on": "tuning rows vs FP32 graph",
                      "tuning_rows": int(sum(len(b["input_ids"]) for b in tuning)),
-                     "trials": [vars(t) for t in trials]},
+                     "trials": [vars(t) for t in winner.trials]},
+        **({"choice": choice} if fmt != "qdq" else {}),
     }
+
+
+def _fallback(graph: Path, quantize: Callable[[list[str]], Path], spec: QuantizeSpec, batches: list[Batch],
+              tuning: list[Batch], task: Task) -> tuple[Path, list[str], list]:
+    """The fewest nodes of `graph` to keep in float for agreement with it on `tuning` to reach the
+    target (`sensitivity.search`); the artifact `quantize` makes runs on its own runtime."""
+    reference = collect(OrtRunner(graph), tuning, task) if tuning else []
+
+    def evaluate(path: Path) -> tuple[float, float]:
+        if not tuning:
+            return float("nan"), float("nan")
+        got = collect(runner_for(path), tuning, task)
+        largest, _ = max_abs_diff(reference, got, tuning, task.per_token)
+        return task.agreement_rate(reference, got, tuning), largest
+
+    ranking = sensitivity.rank_nodes(graph, batches) if spec.fallback.max_nodes else []
+    return sensitivity.search(quantize, evaluate, ranking, spec.fallback.min_agreement, spec.fallback.max_nodes)
 
 
 def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, calibration_batches: list[Batch],
@@ -259,12 +314,25 @@ def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, cal
     started = time.perf_counter()
     options = quantize_to(src.path, out_path, fmt, spec, calibration_batches, tuning_batches, task, seen_rows)
     artifact = Artifact(
-        name=f"model.int8.{fmt}", path=out_path, format="onnx", precision="int8", from_pruned=src.from_pruned,
+        name=f"model.int8.{fmt}", path=out_path, format=runtime_of(fmt), precision="int8", from_pruned=src.from_pruned,
         stage="quantize", options={"source_sha256": src.sha256, **options},
     )
     chosen = next(t for t in options["fallback"]["trials"] if t["excluded"] == len(options["float_nodes"]))
+    form = f"{options['form']} ({len(options['choice']['candidates'])} candidates); " if "form" in options else ""
+    where = options.get("choice", {}).get("timings_from", "")
+    form += f"candidates {where.split(', ', 1)[1]}; " if ", which lacks" in where else ""
     return StageResult(
         stage=f"quantize[{fmt}]", artifacts=[artifact], seconds=time.perf_counter() - started,
-        message=(f"{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB; "
+        message=(f"{form}{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB; "
                  f"{chosen['excluded']} nodes kept in float, tuning-row agreement {chosen['agreement']:.4f}"),
     )
+
+
+def runtime_of(fmt: QuantFormat) -> ArtifactFormat:
+    """The runtime an INT8 format's artifact is for."""
+    return "openvino" if fmt == "openvino" else "onnx"
+
+
+def file_name(fmt: QuantFormat) -> str:
+    """The file an INT8 format's artifact is written to (its runtime's suffix)."""
+    return f"model.int8.{fmt}{RUNTIMES[runtime_of(fmt)].suffixes[0]}"

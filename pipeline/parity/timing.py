@@ -65,3 +65,12 @@ def measure_all(runners, batch1, batch32, rounds: int = 5) -> list[Timing]:
                               tuple(statistics.median(r) * 1000 for r in ones),
                               tuple(size / statistics.median(r) for r in thirty_twos)))
     return timings
+
+
+def at_length(batch: dict, length: int) -> dict:
+    """`batch` with every token input padded to `length` positions (zeros: masked padding), so a
+    CPU artifact is timed at the sequence length it will serve, not at one short batch's."""
+    import numpy as np
+
+    return {name: np.pad(value, ((0, 0), (0, max(length - value.shape[1], 0)))) if value.ndim == 2 else value
+            for name, value in batch.items()}

@@ -1,0 +1,130 @@
+"""The OpenVINO INT8 artifact: an OpenVINO IR (`.xml` with its `.bin`), for Intel's CPU runtime.
+
+Two candidate forms (`stages.quantize.openvino_forms`), each with the same float fallback as the
+ONNX forms and then chosen by measurement (`candidates.py`):
+- `nncf`: NNCF's static INT8 of the float (FP32, pruned or recovered) graph, calibrated on the
+  recipe's calibration rows (transformer preset: its SmoothQuant and bias correction). NNCF's ONNX
+  backend is used, so the nodes the fallback keeps in float are the float graph's node names
+  (NNCF's `IgnoredScope`), ranked as for the other forms; OpenVINO then converts its Q/DQ graph.
+- `qdq`: ONNX Runtime's Q/DQ graph (the `qdq` format's quantizer) read by OpenVINO directly.
+The IR keeps float32 weights where they are float (`compress_to_fp16=False`): the gate measured
+what ships. Needs the `openvino` extra (OpenVINO and NNCF from PyPI).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import logging
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+
+from pipeline.graph import model as graph_model
+from pipeline.graph.proof import GraphCheckError, probe_batches
+
+Batch = dict[str, np.ndarray]
+
+
+@contextlib.contextmanager
+def _quiet_nncf():
+    """NNCF logs every node it skips and draws progress bars on stderr: the stage reports itself."""
+    logger = logging.getLogger("nncf")
+    level = logger.level
+    logger.setLevel(logging.ERROR)
+    try:
+        with contextlib.redirect_stderr(io.StringIO()):
+            yield
+    finally:
+        logger.setLevel(level)
+
+
+def to_ir(onnx_path: Path, xml: Path) -> Path:
+    """Convert an ONNX graph into an IR at `xml` (its weights in the `.bin` beside it)."""
+    import openvino as ov
+
+    ov.save_model(ov.convert_model(str(onnx_path)), str(xml), compress_to_fp16=False)
+    return xml
+
+
+def nncf_quantizer(src: Path, work: Path, batches: list[Batch]) -> tuple[Path, Callable[[list[str]], Path], dict]:
+    """NNCF's static INT8 of `src`: (the graph the fallback ranks, quantize(excluded) -> IR, options)."""
+    import nncf
+    import onnx
+
+    model = onnx.load(str(src))
+    names = graph_model.input_names(src)
+    dataset = nncf.Dataset(batches, lambda batch: {k: v for k, v in batch.items() if k in names})
+
+    def quantize(excluded: list[str]) -> Path:
+        scope = nncf.IgnoredScope(names=excluded, validate=False) if excluded else None
+        with _quiet_nncf():
+            quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
+                                      subset_size=len(batches), ignored_scope=scope)
+        graph = work / f"nncf-{len(excluded)}.onnx"
+        onnx.save(quantized, str(graph))
+        return to_ir(graph, work / f"nncf-{len(excluded)}.xml")
+
+    options = {"quantizer": f"NNCF {nncf.__version__} static INT8 (ONNX backend, transformer preset)",
+               "weights": "int8 symmetric per-channel", "activations": "int8 per-tensor, static scales",
+               "calibration_batches": len(batches)}
+    return src, quantize, options
+
+
+def qdq_reader(prepared: Path, quantize_qdq: Callable[[list[str]], Path], work: Path
+               ) -> tuple[Path, Callable[[list[str]], Path], dict]:
+    """ONNX Runtime's Q/DQ graph (`quantize_qdq`) as OpenVINO reads it."""
+
+    def quantize(excluded: list[str]) -> Path:
+        graph = quantize_qdq(excluded)
+        return to_ir(graph, work / f"{graph.stem}.xml")
+
+    return prepared, quantize, {"quantizer": "ONNX Runtime Q/DQ graph, read by OpenVINO"}
+
+
+def write_ir(chosen: Path, tmp: Path, out: Path) -> None:
+    """Copy the chosen IR to `tmp` (the atomic temporary of `out`), prove OpenVINO compiles and runs
+    it on two probe batches, and move its weights beside `out` last (the caller renames `tmp`)."""
+    import shutil
+
+    from pipeline.parity.runners import OvRunner
+
+    shutil.copyfile(chosen, tmp)
+    weights = tmp.with_suffix(".bin")
+    shutil.copyfile(chosen.with_suffix(".bin"), weights)
+    probes = probe_batches(graph_model.load(_onnx_beside(chosen)))
+    try:
+        runner = OvRunner(_as_xml(tmp), threads=1)
+        for batch in probes:
+            outputs = runner.infer(batch)
+            if not all(np.isfinite(v).all() for v in outputs.values()):
+                raise GraphCheckError(f"quantize {out}: the OpenVINO IR gives NaN or Inf on a probe batch; not written")
+    except RuntimeError as err:
+        raise GraphCheckError(f"quantize {out}: OpenVINO cannot run the IR it wrote ({str(err)[:160]}); not written") \
+            from None
+    finally:
+        link = _as_xml(tmp)
+        if link != tmp:
+            link.unlink(missing_ok=True)
+            link.with_suffix(".bin").unlink(missing_ok=True)
+    os.replace(weights, out.with_suffix(".bin"))
+
+
+def _onnx_beside(xml: Path) -> Path:
+    """The ONNX graph an IR in the work folder was converted from (same stem)."""
+    return xml.with_suffix(".onnx")
+
+
+def _as_xml(tmp: Path) -> Path:
+    """OpenVINO reads an IR only from a path ending in .xml, with its .bin of the same stem: an
+    atomic temporary ends in .partial, so it is linked under such a name for the proof."""
+    if tmp.suffix == ".xml":
+        return tmp
+    xml = tmp.with_name(tmp.name + ".xml")
+    if not xml.exists():
+        os.link(tmp, xml)
+        os.link(tmp.with_suffix(".bin"), xml.with_suffix(".bin"))
+    return xml
+

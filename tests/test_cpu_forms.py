@@ -1,0 +1,97 @@
+"""CPU artifacts chosen by measurement, and OpenVINO as a runtime of its own (`pipeline.runtimes`).
+
+A run's cpu format tries each of `stages.quantize.cpu_forms`, its openvino format each of
+`openvino_forms`; every candidate's figures, the winner and the CPU are recorded, and what ships
+is the fastest that meets the agreement target. The OpenVINO IR travels as two files (.xml, .bin),
+both hashed, verified and run by OpenVINO under the same gates as every other artifact."""
+
+import json
+import math
+import shutil
+import sys
+
+import pytest
+from conftest import invoke, write_recipe
+from test_faults import assert_clean_failure
+
+from pipeline.parity.runners import FILE_CHECKS, RUNNERS
+from pipeline.runtimes import ARTIFACT_FORMATS, RUNTIMES, format_of_path
+
+
+def test_every_artifact_format_has_one_runtime_entry_and_one_runner():
+    assert set(RUNTIMES) == set(ARTIFACT_FORMATS) == set(RUNNERS)
+    assert set(FILE_CHECKS) <= set(ARTIFACT_FORMATS)
+    assert format_of_path("a/model.int8.openvino.xml") == "openvino"
+    assert format_of_path("engine.plan") == "tensorrt-engine" and format_of_path("model.onnx") == "onnx"
+
+
+def test_openvino_asked_without_the_extra_exits_2_naming_the_install_command(tiny, tiny_holdout_small, tmp_path,
+                                                                           monkeypatch):
+    monkeypatch.setitem(sys.modules, "openvino", None)  # find_spec says: not installed
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, stages={"quantize": {"formats": ["openvino"]}},
+                          targets=[])
+    assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "r"), "openvino", 'pip install -e ".[openvino]"')
+    assert not (tmp_path / "r").exists()
+
+
+@pytest.mark.slow
+def test_a_run_chooses_each_cpu_format_by_measurement_and_ships_an_openvino_ir(tiny, tiny_holdout_small, tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e '.[openvino]')")
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=[], stages={"quantize": {
+        "formats": ["cpu", "openvino"], "cpu_forms": ["fused-per-channel", "unfused-per-channel", "unfused-per-tensor"],
+        "openvino_forms": ["nncf", "qdq"], "deploy_isa": "amx"}})
+    out = tmp_path / "release"
+    result = invoke("run", recipe, "--out", out, "--cache-dir", tmp_path / "cache")
+    assert result.exit_code == 0, result.output
+    manifest = json.loads((out / "manifest.json").read_text())
+    arts = {a["name"]: a for a in manifest["artifacts"]}
+
+    for name, forms in (("model.int8.cpu", 3), ("model.int8.openvino", 2)):
+        choice = arts[name]["options"]["choice"]
+        rows = choice["candidates"]
+        assert len(rows) == forms and all(r["b1_ms"] > 0 and r["batch_per_s"] > 0 for r in rows)
+        passing = [r for r in rows if r["agreement"] >= choice["min_agreement"]]
+        fastest = max(passing or rows, key=lambda r: math.prod(r["speedup"]) if passing else r["agreement"])
+        assert choice["chosen"] == fastest["form"] == arts[name]["options"]["form"]
+        assert choice["cpu_flags"] and choice["threads"] == 2
+        # amx is named as the deployment CPU: the record says where the timings came from.
+        if "amx_int8" not in choice["cpu_flags"]:
+            assert "timed here, not there" in choice["timings_from"]
+
+    ir = arts["model.int8.openvino"]
+    assert ir["format"] == "openvino" and ir["path"] == "model.int8.openvino.xml"
+    assert list(ir["external_data"]) == ["model.int8.openvino.bin"] and ir["parity"]["passed"] is not None
+    assert {s["stage"] for s in manifest["stages"]} >= {"validate[model.int8.openvino]", "speed[model.int8.openvino]"}
+    assert manifest["cpu_form"]["artifact"] in arts
+    assert {c["artifact"] for c in manifest["cpu_form"]["candidates"]} == {"model.int8.cpu", "model.int8.openvino"}
+
+    # The IR runs under predict as the gate ran it, and its weights are verified with it.
+    predicted = invoke("predict", out, "--artifact", "model.int8.openvino", "--text", "what a day", "--json")
+    assert predicted.exit_code == 0, predicted.output
+    assert json.loads(predicted.output)["predictions"][0]["label"]
+    assert invoke("verify", out).exit_code == 0
+    damaged = tmp_path / "damaged"
+    shutil.copytree(out, damaged)
+    with (damaged / "model.int8.openvino.bin").open("r+b") as f:
+        f.seek(100)
+        f.write(b"\x00\x01\x02\x03")
+    failed = invoke("verify", damaged)
+    assert failed.exit_code != 0 and "model.int8.openvino.bin" in failed.output
+
+    # The stage cache keeps the IR's weights with it: a rerun is served whole.
+    again = tmp_path / "again"
+    assert invoke("run", recipe, "--out", again, "--cache-dir", tmp_path / "cache").exit_code == 0
+    assert (again / "model.int8.openvino.bin").read_bytes() == (out / "model.int8.openvino.bin").read_bytes()
+
+
+@pytest.mark.slow
+def test_standalone_quantize_to_openvino_writes_an_ir_and_refuses_another_suffix(tiny, tiny_holdout_small, tiny_release,
+                                                                                tmp_path):
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e '.[openvino]')")
+    base = ["quantize", "--model", tiny_release.out / "model.onnx", "--format", "openvino", "--calibration", tiny_holdout_small,
+            "--tokenizer", tiny.model, "--text-column", "text"]
+    assert_clean_failure(invoke(*base, "--out", tmp_path / "model.onnx"), "writes a .xml file", "model.xml")
+    result = invoke(*base, "--out", tmp_path / "ir" / "model.xml", "--json")
+    assert result.exit_code == 0, result.output
+    assert (tmp_path / "ir" / "model.xml").is_file() and (tmp_path / "ir" / "model.bin").is_file()
+    assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["model.bin", "model.xml"]
