@@ -274,11 +274,13 @@ def package_cmd(release: Path, triton_dir: Path, python_runtime: bool, python_pa
 @click.argument("release", metavar="RELEASE_DIR", type=click.Path(path_type=Path))
 @click.option("--optimum", is_flag=True, help="Also measure Optimum's dynamic INT8 of the same model, and ratios to it.")
 @click.option("--all", "include_trt", is_flag=True, help="Include the TensorRT-ready ONNX (model.trt.*).")
+@click.option("--openvino", is_flag=True, help="Also measure OpenVINO's FP32 IR and NNCF's default INT8 of the FP32 "
+              "export (the openvino extra).")
 @output_options
-def bench_cmd(release: Path, optimum: bool, include_trt: bool, quiet: bool, as_json: bool) -> None:
+def bench_cmd(release: Path, optimum: bool, include_trt: bool, openvino: bool, quiet: bool, as_json: bool) -> None:
     """Every artifact's batch-1 latency and batch-32 throughput on this machine, in one run, with
     ratios to PyTorch (and to Optimum's dynamic INT8), accuracy and agreement, and the CPU's flags."""
     from pipeline.run.bench import bench, describe
 
-    result = bench(release, optimum, include_trt)
+    result = bench(release, optimum, include_trt, openvino)
     finish(True, result, describe(result), quiet, as_json)

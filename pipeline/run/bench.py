@@ -1,7 +1,9 @@
 """`shipyard bench RELEASE`: every artifact's speed and parity on this machine, in one run.
 
 For PyTorch FP32, each CPU artifact of a verified release on its own runtime (ONNX Runtime,
-OpenVINO; the TensorRT-ready ONNX only with `include_trt`: it is for GPUs) and, with `optimum`, Optimum's dynamic INT8 of the same model (made
+OpenVINO; the TensorRT-ready ONNX only with `include_trt`: it is for GPUs), with `openvino`
+OpenVINO's own FP32 IR and NNCF INT8 of the FP32 export (what an OpenVINO user makes without
+Shipyard) and, with `optimum`, Optimum's dynamic INT8 of the same model (made
 as its quantization guide shows): batch-1 latency and batch-32 throughput at sequence 64 with 2
 threads (`pipeline.parity.timing`), each ratio to PyTorch and to Optimum's, and the accuracy and
 agreement with PyTorch on the release's evaluation rows, drawn again from its recipe and checked
@@ -35,7 +37,26 @@ def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
     return next((work / "optimum").glob("*quantized.onnx"))
 
 
-def bench(release: Path, optimum: bool = False, include_trt: bool = False) -> dict[str, Any]:
+def openvino_references(fp32_onnx: Path, calibration: list[dict], work: Path) -> list[tuple[str, Path]]:
+    """What an OpenVINO user would make of the FP32 export without Shipyard: its FP32 IR, and
+    NNCF's static INT8 of it with NNCF's defaults (transformer preset) on the recipe's calibration
+    rows; [(name, IR path)]."""
+    import nncf
+    import openvino as ov
+
+    from pipeline.stages.quantize.openvino import quiet_nncf
+
+    model = ov.convert_model(str(fp32_onnx))
+    names = [port.get_any_name() for port in model.inputs]
+    ov.save_model(model, str(work / "ov-fp32.xml"), compress_to_fp16=False)
+    dataset = nncf.Dataset(calibration, lambda batch: {k: v for k, v in batch.items() if k in names})
+    with quiet_nncf():
+        quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
+    ov.save_model(quantized, str(work / "ov-nncf.xml"), compress_to_fp16=False)
+    return [("OpenVINO FP32 (of model.fp32)", work / "ov-fp32.xml"), ("NNCF INT8 (of model.fp32)", work / "ov-nncf.xml")]
+
+
+def bench(release: Path, optimum: bool = False, include_trt: bool = False, openvino: bool = False) -> dict[str, Any]:
     """The figures of every artifact of `release` (module docstring)."""
     import torch
 
@@ -61,7 +82,8 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False) -> di
     info = inspect_model(model_dir, recipe.model.task, recipe.model.allow_pickle)
     task = info.task(recipe.model.max_answer_tokens, recipe.thresholds.min_cosine)
     tokenizer = load_tokenizer(model_dir, task.spec.encoding)
-    evaluation = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name).evaluation
+    prepared = datamod.prepare(recipe.data, tokenizer, info.label2id, task.name)
+    evaluation = prepared.evaluation
     if evaluation.fingerprint != manifest.data["evaluation"].fingerprint:
         raise ShipyardError(f"release {release}: its evaluation rows differ from the recipe's now (the data changed); "
                             "bench measures parity on the rows the release was gated on")
@@ -80,6 +102,13 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False) -> di
         if optimum:
             path = optimum_dynamic_int8(model_dir, task.name, Path(tmp))
             entries.append(("Optimum dynamic INT8", "onnxruntime", OrtRunner(path, THREADS), path.stat().st_size))
+        if openvino:
+            require("openvino", "bench --openvino")
+            fp32 = next(release / a.path for a in manifest.artifacts if a.name == "model.fp32")
+            for name, xml in openvino_references(fp32, prepared.calibration.batches, Path(tmp)):
+                size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
+                entries.insert(len(entries) - int(optimum), (name, "openvino", runner_for(xml, "openvino",
+                                                                                          threads=THREADS), size))
         timings = measure_all([runner for _, _, runner, _ in entries], batch1, batch32)
         reference = collect(entries[0][2], evaluation.batches, task)
         rows = []
@@ -102,12 +131,12 @@ def describe(result: dict[str, Any]) -> str:
     optimum = any(r["vs_optimum"] for r in result["artifacts"])
     lines = [f"{result['release']} | sequence {result['sequence']}, {result['threads']} threads | CPU {result['cpu']} | "
              f"accuracy and agreement with PyTorch on {result['evaluation_rows']} evaluation rows",
-             f"{'artifact':28s} {'runtime':11s} {'MB':>6s} {'b1 ms':>7s} {'b32 seq/s':>9s} {'x PyTorch b1/b32':>17s}"
+             f"{'artifact':30s} {'runtime':11s} {'MB':>6s} {'b1 ms':>7s} {'b32 seq/s':>9s} {'x PyTorch b1/b32':>17s}"
              + (f" {'x Optimum b1/b32':>17s}" if optimum else "") + f" {'accuracy':>8s} {'agree':>6s}"]
     for r in result["artifacts"]:
         size = f"{r['size_bytes'] / 1e6:.1f}" if r["size_bytes"] else "-"
         ratio = f"{r['vs_pytorch'][0]:.2f}x/{r['vs_pytorch'][1]:.2f}x"
-        line = f"{r['name']:28s} {r['runtime']:11s} {size:>6s} {r['b1_ms']:7.2f} {r['b32_per_s']:9.1f} {ratio:>17s}"
+        line = f"{r['name']:30s} {r['runtime']:11s} {size:>6s} {r['b1_ms']:7.2f} {r['b32_per_s']:9.1f} {ratio:>17s}"
         if optimum:
             line += f" {r['vs_optimum'][0]:.2f}x/{r['vs_optimum'][1]:.2f}x".rjust(18)
         accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"

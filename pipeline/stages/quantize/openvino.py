@@ -29,13 +29,14 @@ Batch = dict[str, np.ndarray]
 
 
 @contextlib.contextmanager
-def _quiet_nncf():
-    """NNCF logs every node it skips and draws progress bars on stderr: the stage reports itself."""
+def quiet_nncf():
+    """NNCF logs every node it skips and draws progress bars (on stdout, which would corrupt
+    `--json`): the stage reports itself."""
     logger = logging.getLogger("nncf")
     level = logger.level
     logger.setLevel(logging.ERROR)
     try:
-        with contextlib.redirect_stderr(io.StringIO()):
+        with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
             yield
     finally:
         logger.setLevel(level)
@@ -60,7 +61,7 @@ def nncf_quantizer(src: Path, work: Path, batches: list[Batch]) -> tuple[Path, C
 
     def quantize(excluded: list[str]) -> Path:
         scope = nncf.IgnoredScope(names=excluded, validate=False) if excluded else None
-        with _quiet_nncf():
+        with quiet_nncf():
             quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER,
                                       subset_size=len(batches), ignored_scope=scope)
         graph = work / f"nncf-{len(excluded)}.onnx"
