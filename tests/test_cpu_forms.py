@@ -95,3 +95,13 @@ def test_standalone_quantize_to_openvino_writes_an_ir_and_refuses_another_suffix
     assert result.exit_code == 0, result.output
     assert (tmp_path / "ir" / "model.xml").is_file() and (tmp_path / "ir" / "model.bin").is_file()
     assert sorted(p.name for p in (tmp_path / "ir").iterdir()) == ["model.bin", "model.xml"]
+    # The IR carries its record (kind, the rows it saw): validate gates it and leaves those rows out.
+    from pipeline.stages.quantize.openvino import read_record
+
+    record = read_record(tmp_path / "ir" / "model.xml")
+    assert record["kind"] == "int8" and len(record["seen_rows"].split(",")) > 100
+    checked = invoke("validate", "--reference", tiny.model, "--artifact", tmp_path / "ir" / "model.xml", "--data",
+                     tiny_holdout_small, "--text-column", "text", "--label-column", "sentiment", "--json")
+    assert checked.exit_code in (0, 1), checked.output
+    report = json.loads(checked.output)
+    assert report["details"]["left_out_rows_the_artifact_saw"] > 100 and report["gate"]["min_agreement"] == 0.98

@@ -45,6 +45,7 @@ from pipeline.parity.policy import (
 )
 from pipeline.parity.runners import (
     ENGINE_SUFFIXES,
+    FILE_CHECKS,
     TorchRunner,
     check_onnx_file,
 )
@@ -63,7 +64,7 @@ from pipeline.release.manifest import folder_sha256, write_json
 from pipeline.release.signing import engine_trust
 from pipeline.run.cache import CachedStages, StageCache
 from pipeline.run.gating import Gating
-from pipeline.runtimes import require
+from pipeline.runtimes import format_of_path, require
 from pipeline.stages import export, prune, quantize
 from pipeline.tasks import task_spec
 
@@ -272,6 +273,14 @@ def artifact_kind(path: Path) -> tuple[Precision, str, bool]:
     it. An ONNX file Shipyard did not write is classified from its graph."""
     import onnx_ir as ir
 
+    if format_of_path(str(path)) == "openvino":
+        from pipeline.stages.quantize.openvino import read_record
+
+        record = read_record(path)
+        if "kind" not in record:
+            raise ArtifactError(f"OpenVINO IR {path} has no Shipyard record (kind, rows it saw); validate takes the "
+                                "IRs shipyard quantize or run wrote")
+        return "int8", record["kind"], record.get("pruned") == "True"
     if Path(path).suffix in ENGINE_SUFFIXES:
         record = _engine_record(path)
         built = cast(Precision, record["precision"])
@@ -331,8 +340,11 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     if max_metric_drop is not None and not labelled:
         raise ShipyardError("--max-metric-drop needs gold labels: pass --label-column (or drop the threshold)")
     chosen_metric = gated_metric(metric, spec.name, labelled, "--metric")
-    if Path(artifact).suffix not in ENGINE_SUFFIXES:
-        check_onnx_file(artifact)
+    fmt = format_of_path(str(artifact))
+    if fmt == "openvino":
+        require("openvino", f"validate of {artifact}")
+    if fmt in FILE_CHECKS:
+        FILE_CHECKS[fmt](artifact)
     if source is not None:
         check_onnx_file(source)
     if report_path is not None:
@@ -363,7 +375,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
     gating = Gating(thresholds, evaluation, spec, chosen_metric, labelled, info.id2label,
                     TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle), folder_sha256(info.path))
     cache = cache or StageCache(None)
-    target = Artifact(name=Path(artifact).stem, path=artifact, format="onnx" if trust is None else "tensorrt-engine",
+    target = Artifact(name=Path(artifact).stem, path=artifact, format=fmt,
                       precision=precision, stage="input", kind=kind, from_pruned=from_pruned,
                       options={} if trust is None else {"version_compatible": trust.host_code})
     if trust is not None and trust.record is not None and target.sha256 != trust.record.sha256:
@@ -387,7 +399,11 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
 
 
 def _seen_rows(artifact: Path) -> list[str]:
-    """Digests of the rows an ONNX artifact was calibrated or tuned on (none for engines)."""
+    """Digests of the rows an ONNX artifact or an IR was calibrated or tuned on (none for engines)."""
     if Path(artifact).suffix in ENGINE_SUFFIXES:
         return []
+    if format_of_path(str(artifact)) == "openvino":
+        from pipeline.stages.quantize.openvino import read_record
+
+        return [d for d in read_record(artifact).get("seen_rows", "").split(",") if d]
     return seen_rows(graph_model.load(artifact))

@@ -85,16 +85,38 @@ def qdq_reader(prepared: Path, quantize_qdq: Callable[[list[str]], Path], work: 
     return prepared, quantize, {"quantizer": "ONNX Runtime Q/DQ graph, read by OpenVINO"}
 
 
-def write_ir(chosen: Path, tmp: Path, out: Path) -> None:
-    """Copy the chosen IR to `tmp` (the atomic temporary of `out`), prove OpenVINO compiles and runs
-    it on two probe batches, and move its weights beside `out` last (the caller renames `tmp`)."""
+# Where an IR records what the quantize stage knew (an ONNX file keeps it in its metadata_props):
+# its kind, whether a pruned graph is in its ancestry, and the digests of the rows it saw.
+RECORD_KEYS = ("kind", "pruned", "seen_rows")
+
+
+def read_record(xml: Path) -> dict[str, str]:
+    """The record `write_ir` stamped into an IR's rt_info ({} for an IR Shipyard did not write)."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+    return {key: model.get_rt_info(["shipyard", key]).astype(str) for key in RECORD_KEYS
+            if model.has_rt_info(["shipyard", key])}
+
+
+def write_ir(chosen: Path, tmp: Path, out: Path, record: dict[str, str]) -> None:
+    """Stamp `record` (`RECORD_KEYS`) into the chosen IR, copy it to `tmp` (the atomic temporary of
+    `out`), prove OpenVINO compiles and runs it on two probe batches, and move its weights beside
+    `out` last (the caller renames `tmp`)."""
     import shutil
+
+    import openvino as ov
 
     from pipeline.parity.runners import OvRunner
 
-    shutil.copyfile(chosen, tmp)
+    model = ov.Core().read_model(str(chosen))
+    for key, value in record.items():
+        model.set_rt_info(value, ["shipyard", key])
+    stamped = chosen.with_name(f"{chosen.stem}.stamped.xml")
+    ov.save_model(model, str(stamped), compress_to_fp16=False)
+    shutil.copyfile(stamped, tmp)
     weights = tmp.with_suffix(".bin")
-    shutil.copyfile(chosen.with_suffix(".bin"), weights)
+    shutil.copyfile(stamped.with_suffix(".bin"), weights)
     probes = probe_batches(graph_model.load(_onnx_beside(chosen)))
     try:
         runner = OvRunner(_as_xml(tmp), threads=1)

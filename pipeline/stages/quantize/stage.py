@@ -36,6 +36,7 @@ from pipeline.errors import ShipyardError
 from pipeline.graph import model as graph_model
 from pipeline.graph.proof import prove_runs
 from pipeline.names import QuantFormat
+from pipeline.parity import policy
 from pipeline.parity.policy import stamp
 from pipeline.parity.runners import OrtRunner, runner_for
 from pipeline.parity.tasks import Task, collect, max_abs_diff
@@ -274,7 +275,10 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         winner, choice = candidates.choose(tried, src, spec.fallback.min_agreement, at_length(batches[0], longest),
                                            spec.deploy_isa)
         if winner.form.runtime == "openvino":
-            openvino.write_ir(winner.path, tmp, out)
+            source = graph_model.load(src)
+            seen = sorted(set(policy.seen_rows(source)) | set(seen_rows))
+            openvino.write_ir(winner.path, tmp, out, {"kind": "int8", "seen_rows": ",".join(seen),
+                                                      "pruned": str(policy.PRUNED_MARK in source.metadata_props)})
         else:
             model = graph_model.load(winner.path)
             stamp(model, "int8", seen_rows)
