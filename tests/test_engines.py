@@ -223,8 +223,8 @@ def test_no_timing_cache_from_the_builder_leaves_the_file_alone(tmp_path):
     ("sm_87", None, "10.3.0.30", None),  # JetPack 6
     ("sm_87", None, "10.15.1", "runs TensorRT 10.3 but this is TensorRT 10.15.1"),
     ("sm_87", "10.15", "10.15.1", None),
-    ("sm_120", None, "10.15.1", None),
-    ("sm_100", None, "10.3.0", "runs TensorRT 10.15"),
+    ("sm_120", None, "11.5.0", None),  # stages.build.trt_version: 11.5
+    ("sm_100", None, "10.3.0", "runs TensorRT 11.5"),
 ])
 def test_engines_are_built_with_the_targets_tensorrt(arch, trt, local, refused):
     target = TargetSpec(name="t", arch=arch, precision="fp16", profiles=[ProfileSpec(**PROFILE)], trt_version=trt)
@@ -247,7 +247,7 @@ def test_blackwell_targets_validate_and_plan(tmp_path):
     plan = json.loads(runner.invoke(cli, ["plan", str(recipe)]).output)
     jobs = {j["target"]: j for j in plan["jobs"]}
     assert jobs["bw-sm_120"]["runs_on"] == ["self-hosted", "gpu", "sm_120"]
-    assert jobs["bw-sm_100"]["gpu"].startswith("Blackwell") and jobs["bw-sm_100"]["trt_version"] == "10.15"
+    assert jobs["bw-sm_100"]["gpu"].startswith("Blackwell") and jobs["bw-sm_100"]["trt_version"] == "11.5"
     assert jobs["bw-sm_100"]["command"] == "shipyard engines release --target bw-sm_100 --out engines/bw-sm_100"
     assert plan["release"]["command"] == f"shipyard run {recipe} --out release --no-engines"
     assert plan["collect"]["command"].startswith("shipyard collect release engines/*")
@@ -263,7 +263,7 @@ def test_targets_default_to_their_platforms_tensorrt(tmp_path):
     import yaml
 
     resolved = {t["name"]: t["trt_version"] for t in yaml.safe_load(shown.output)["targets"]}
-    assert resolved == {"orin": "10.3", "a100": "10.15", "pinned": "10.15"}
+    assert resolved == {"orin": "10.3", "a100": "11.5", "pinned": "10.15"}
     unknown = write_recipe(tmp_path, tmp_path, tmp_path / "data.csv",
                            targets=[{**targets[0], "trt_version": "9.0"}])
     result = CliRunner().invoke(cli, ["recipe", "validate", str(unknown)])
@@ -285,7 +285,7 @@ def test_recipe_validate_refuses_profiles_the_data_cannot_use(tmp_path, override
 
 # --- a run whose engine build fails keeps its CPU artifacts -------------------------------------
 
-def _fake_gpu_host(monkeypatch, trt_version="10.15.1"):
+def _fake_gpu_host(monkeypatch, trt_version="11.5.0"):
     """Pretend this machine has TensorRT and a GPU of every target's architecture."""
     monkeypatch.setattr(build, "build_environment",
                         lambda: build.BuildEnvironment(trt_version=trt_version, gpu_name="Fake GPU", arch="sm_80"))

@@ -41,7 +41,7 @@ def _fake_build_host(monkeypatch) -> None:
                                   build_seconds=0.0, plan=plan.to_dict(), timing_cache="none")
 
     monkeypatch.setattr(build, "build_environment",
-                        lambda: build.BuildEnvironment(trt_version="10.15.1", gpu_name="Fake GPU", arch="sm_80"))
+                        lambda: build.BuildEnvironment(trt_version="11.5.0", gpu_name="Fake GPU", arch="sm_80"))
     monkeypatch.setattr(build, "check_target_arch", lambda target, env: None)
     monkeypatch.setattr(build, "build_engine", copy_as_engine)
 

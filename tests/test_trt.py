@@ -13,6 +13,7 @@ from pathlib import Path
 import numpy as np
 import onnx
 import pytest
+import tomllib
 import yaml
 from click.testing import CliRunner
 from conftest import PROFILE, TINY_TARGETS, without_tensorrt, write_recipe
@@ -41,7 +42,7 @@ def test_run_makes_typed_onnx_checks_readiness_and_defers_engines(tiny_release):
     assert targets["orin-fp16"].onnx == "model.trt.fp16.onnx"
     for target in targets.values():
         assert target.readiness["ready"] and target.readiness["errors"] == 0
-        assert target.readiness["trt_version"] == {"a100-int8": "10.15", "orin-fp16": "10.3"}[target.name]
+        assert target.readiness["trt_version"] == {"a100-int8": "11.5", "orin-fp16": "10.3"}[target.name]
         assert target.engine is None and target.engine_status == "needs a GPU host"
         assert "TensorRT is not installed" in target.engine_reason and "docker run --gpus all" in target.engine_reason
     parity = {a.path: a for a in manifest.artifacts}
@@ -189,7 +190,7 @@ def test_trt_check_bad_input_exits_2(tmp_path):
     junk.write_bytes(b"not a model")
     assert runner.invoke(cli, ["trt-check", str(junk)]).exit_code == 2
     version = runner.invoke(cli, ["trt-check", str(junk), "--trt-version", "9.9"])
-    assert version.exit_code == 2 and "--trt-version 10.3 or 10.15" in version.output
+    assert version.exit_code == 2 and "--trt-version 10.3 or 10.13 or 10.15 or 10.16 or 11.4 or 11.5" in version.output
 
 
 # --- recipe targets, builder planning, architecture checks ---------------------------------------
@@ -233,7 +234,7 @@ def test_build_plan_follows_the_target(tiny_release):
 ])
 def test_engine_for_another_architecture_is_refused(local, target, refused):
     spec = TargetSpec(**{"name": "t", "precision": "fp16", "profiles": [_profile()], **target})
-    env = build.BuildEnvironment(trt_version="10.15.1", gpu_name="test GPU", arch=local)
+    env = build.BuildEnvironment(trt_version=f"{spec.tensorrt}.1", gpu_name="test GPU", arch=local)
     if refused is None:
         build.check_target_arch(spec, env)
     else:
@@ -264,7 +265,7 @@ def test_plan_prints_one_job_per_target():
     assert set(jobs) == {t.name for t in load_recipe(recipe).targets} == {"a100-int8", "orin-fp16"}
     assert jobs["a100-int8"]["runs_on"] == ["self-hosted", "gpu", "sm_80"]
     assert jobs["orin-fp16"]["runs_on"][1:] == ["jetson", "sm_87"] and jobs["orin-fp16"]["container"] == ""
-    assert jobs["orin-fp16"]["trt_version"] == "10.3" and jobs["a100-int8"]["trt_version"] == "10.15"
+    assert jobs["orin-fp16"]["trt_version"] == "10.3" and jobs["a100-int8"]["trt_version"] == "11.5"
     assert jobs["a100-int8"]["command"] == "shipyard engines release --target a100-int8 --out engines/a100-int8"
     plain = json.loads(runner.invoke(cli, ["plan", str(recipe)]).output)
     assert [j["target"] for j in plain["jobs"]] == ["a100-int8", "orin-fp16"]
@@ -342,11 +343,15 @@ def test_dockerfile_lints_clean_and_pins_tensorrt():
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     text = (ROOT / "Dockerfile").read_text()
-    assert "FROM nvcr.io/nvidia/tensorrt:26.02-py3" in text and '".[trt]"' in text
-    assert 'ENTRYPOINT ["shipyard"]' in text
-    from pipeline.platforms import TRT_VERSION
+    assert '".[${TRT_EXTRA}]"' in text and 'ENTRYPOINT ["shipyard"]' in text
+    from pipeline.platforms import TRT_RELEASES, TRT_VERSION
 
-    assert f"startswith('{TRT_VERSION}.')" in text  # the image's TensorRT is the one the op list is for
+    # The image's TensorRT is the platform table's default, checked when the image is built; the
+    # extras pin the table's wheels, and the other line is built by the documented build argument.
+    assert f"ARG TRT={TRT_VERSION}\n" in text and "startswith(os.environ['TRT'] + '.')" in text
+    assert "--build-arg TRT=10.16 --build-arg TRT_EXTRA=trt10" in text
+    extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
+    assert TRT_RELEASES[TRT_VERSION].wheel in extras["trt"] and TRT_RELEASES["10.16"].wheel in extras["trt10"]
 
 
 def test_ci_example_runs_two_phases_and_collects():
@@ -471,12 +476,14 @@ def test_warnings_pass_and_errors_fail_trt_check(tmp_path):
                  helper.make_node("MatMul", ["x", "wd"], ["y"], name="mm")]
     inits = {"w": np.ones((4, 4), np.int8), "ws": np.full(4, 0.1, np.float32), "wz": np.zeros(4, np.int8)}
     path = _graph(tmp_path, one_sided, inits, opset=25)
-    result = CliRunner().invoke(cli, ["trt-check", str(path), "--json"])
+    result = CliRunner().invoke(cli, ["trt-check", str(path), "--json"])  # TensorRT 11.5: opset 25 is its
     assert result.exit_code == 0, result.output
     payload = json.loads(result.output)
-    assert payload["ready"] and payload["errors"] == 0
-    assert {f["rule"] for f in payload["findings"]} == {"qdq-matmul-both-inputs", "opset-newer"}
+    assert payload["ready"] and payload["errors"] == 0 and payload["trt_version"] == "11.5"
+    assert {f["rule"] for f in payload["findings"]} == {"qdq-matmul-both-inputs"}
     assert {f["severity"] for f in payload["findings"]} == {"warning"}
+    jetpack6 = CliRunner().invoke(cli, ["trt-check", str(path), "--trt-version", "10.3"])
+    assert jetpack6.exit_code == 1 and "opset 25 is newer than TensorRT 10.3" in jetpack6.output
     old = _graph(tmp_path, one_sided, inits, opset=8, name="old.onnx")
     refused = CliRunner().invoke(cli, ["trt-check", str(old)])
     assert refused.exit_code == 1 and "error: (model): opset 8 is older" in refused.output
@@ -495,7 +502,8 @@ def test_operator_lists_differ_between_tensorrt_10_3_and_10_15(tmp_path):
     path = _graph(tmp_path, [node], {"g": np.ones(4, np.float32)}, opset=23)
     assert check_model_file(path, "10.15").ready
     jetpack = check_model_file(path, "10.3")
-    assert not jetpack.ready and jetpack.errors[0].node == "rms" and "TensorRT 10.3" in jetpack.errors[0].message
+    rms = [e for e in jetpack.errors if e.node == "rms"]
+    assert not jetpack.ready and rms and "TensorRT 10.3" in rms[0].message
 
 
 MODELOPT = """

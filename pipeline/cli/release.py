@@ -1,4 +1,4 @@
-"""Releases and TensorRT: `shipyard verify|trt-check|build|engines|plan|collect|predict|package|bench` and the demo."""
+"""Releases and TensorRT: `shipyard verify|trt-check|targets|build|engines|plan|collect|predict|package|bench` and the demo."""
 
 from __future__ import annotations
 
@@ -56,11 +56,11 @@ def trt_check(onnx_file: Path, trt_version: str | None, recipe_file: Path | None
     from pipeline.platforms import TRT_VERSION
     from pipeline.trt.readiness import check_model_file
 
-    profiles = None
+    profiles, precision = None, None
     if recipe_file is not None or target_name is not None:
         target = _recipe_target(recipe_file, target_name)
-        profiles, trt_version = target.profiles, trt_version or target.tensorrt
-    report = check_model_file(onnx_file, trt_version or TRT_VERSION, profiles)
+        profiles, trt_version, precision = target.profiles, trt_version or target.tensorrt, target.precision
+    report = check_model_file(onnx_file, trt_version or TRT_VERSION, profiles, precision)
     counts = f"{len(report.errors)} errors, {len(report.warnings)} warnings"
     lines = [f"{onnx_file}: {'ready' if report else 'NOT READY'} for TensorRT {report.trt_version} "
              f"(opset {report.opset}, {report.counts['nodes']} nodes; {counts})"]
@@ -284,3 +284,24 @@ def bench_cmd(release: Path, optimum: bool, include_trt: bool, openvino: bool, q
 
     result = bench(release, optimum, include_trt, openvino)
     finish(True, result, describe(result), quiet, as_json)
+
+
+@cli.command("targets")
+@output_options
+def targets_cmd(quiet: bool, as_json: bool) -> None:
+    """The platform presets a target may name (`platform:`), with each one's architecture, the
+    TensorRT it runs (the first is its default) and what provides it, CUDA, DLA, where its engines
+    are built, the CI runner labels and the source of each row (pipeline/platforms.py)."""
+    from dataclasses import asdict
+
+    from pipeline.platforms import PLATFORMS, TRT_RELEASES
+
+    rows = [asdict(p) for p in PLATFORMS.values()]
+    lines = [f"{'platform':18s} {'arch':7s} {'TensorRT (default first)':34s} {'DLA':4s} GPUs"]
+    for p in PLATFORMS.values():
+        lines.append(f"{p.name:18s} {p.arch:7s} {', '.join(p.trt):34s} {'yes' if p.dla else 'no':4s} {p.gpus}")
+    lines += ["", "TensorRT lines: " + "; ".join(
+        f"{r.version} ({r.wheel}{', strongly typed only' if r.strongly_typed_only else ''})"
+        for r in TRT_RELEASES.values())]
+    finish(True, {"platforms": rows, "tensorrt": [asdict(r) for r in TRT_RELEASES.values()]}, "\n".join(lines),
+           quiet, as_json)

@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field, model_validator
 
 from pipeline.names import MAX_TOKENS, Precision
-from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS, Arch, tensorrt_for
+from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS, PLATFORMS, Arch, arch_error, platform_error, tensorrt_for
 from pipeline.recipe.base import Strict
 
 
@@ -46,7 +46,11 @@ class TargetSpec(Strict):
 
     name: str = Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="names the target in the "
                       "manifest, --target and engines/NAME.engine")
-    arch: Arch = Field(description="compute capability: " + ", ".join(f"{k} {v}" for k, v in ARCHITECTURES.items()))
+    platform: str | None = Field(None, description="a platform preset (shipyard targets lists them: "
+                                 + ", ".join(PLATFORMS) + "): sets arch and the default trt_version, and "
+                                 "refuses a TensorRT, DLA or architecture the platform does not have")
+    arch: Arch = Field(description="compute capability (set by platform when it is given): "
+                       + ", ".join(f"{k} {v}" for k, v in ARCHITECTURES.items()))
     precision: Precision = Field(description="fp32: the FP32 graph; fp16: a converted float16 graph; int8: the "
                                  "Q/DQ graph (its float layers in non_quantized)")
     non_quantized: Literal["fp16", "fp32"] = Field(
@@ -64,16 +68,31 @@ class TargetSpec(Strict):
                                  "every profile must be static (min = opt = max)")
     trt_version: str | None = Field(
         None, pattern=r"^\d+\.\d+$", description="TensorRT (major.minor) the engine is built with and runs on: "
-        "its ONNX operator list checks the graph, and a build under another TensorRT is refused; default: "
-        "JetPack 6's 10.3 for sm_87, else stages.build.trt_version")
+        "its ONNX operator list checks the graph, and a build under another TensorRT is refused; default: the "
+        "platform's, else JetPack 6's 10.3 for sm_87 and JetPack 7's 10.13 for sm_110, else stages.build.trt_version")
 
     @property
     def tensorrt(self) -> str:
         """The TensorRT version (major.minor) this target's engine is built with and runs on."""
         return self.trt_version or tensorrt_for(self.arch)
 
+    @model_validator(mode="before")
+    @classmethod
+    def _platform(cls, data: object) -> object:
+        """A platform preset fills arch and the default TensorRT, and refuses what it cannot run."""
+        if not isinstance(data, dict) or data.get("platform") is None:
+            return data
+        name = str(data["platform"])
+        error = platform_error(name, data.get("arch"), data.get("trt_version"), data.get("dla_core") is not None)
+        if error:
+            raise ValueError(error)
+        platform = PLATFORMS[name]
+        return {**data, "arch": platform.arch, "trt_version": data.get("trt_version") or platform.default_trt}
+
     @model_validator(mode="after")
     def _consistent(self) -> TargetSpec:
+        if self.trt_version is not None and (error := arch_error(self.arch, self.trt_version)):
+            raise ValueError(error)
         if self.hardware_compatibility == "ampere_plus" and (self.arch == "sm_75" or self.arch in JETSON_ARCHS):
             raise ValueError(f"hardware_compatibility ampere_plus needs a desktop/server GPU of sm_80 or "
                              f"newer, not {self.arch}; set it to none")
@@ -82,8 +101,9 @@ class TargetSpec(Strict):
             raise ValueError("output_dtype fp16 needs float16 layers; use precision fp16, or int8 with "
                              "non_quantized fp16")
         if self.dla_core is not None:
-            if self.arch not in JETSON_ARCHS:
-                raise ValueError(f"dla_core: {self.arch} has no DLA; DLA is on Jetson ({', '.join(JETSON_ARCHS)})")
+            dla = sorted({p.arch for p in PLATFORMS.values() if p.dla})
+            if self.arch not in dla:
+                raise ValueError(f"dla_core: {self.arch} has no DLA; DLA is on Jetson Orin ({', '.join(dla)})")
             if self.precision == "fp32":
                 raise ValueError("dla_core: DLA runs fp16 or int8, not fp32; change precision")
             if self.hardware_compatibility != "none":

@@ -23,7 +23,7 @@ from typing import Any
 
 from pipeline.artifacts import atomic_dir, check_output_dir, sha256_file
 from pipeline.errors import ShipyardError
-from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS
+from pipeline.platforms import ARCHITECTURES, JETSON_ARCHS, PLATFORMS
 from pipeline.recipe import Recipe
 from pipeline.release.manifest import ArtifactRecord, Manifest, TargetRecord
 from pipeline.release.signing import VerifiedRelease, read_verified, write_release
@@ -51,9 +51,12 @@ def plan_jobs(recipe: Recipe, release_dir: str = RELEASE_DIR) -> list[dict[str, 
         jobs.append({
             "phase": "engines", "target": target.name, "arch": target.arch, "gpu": ARCHITECTURES[target.arch],
             "precision": target.precision, "trt_version": target.tensorrt,
-            "runs_on": ["self-hosted", "jetson" if jetson else "gpu", target.arch],
-            # Jetson runs JetPack's own TensorRT (aarch64); the x86 image serves every other target.
-            "container": "" if jetson else "shipyard-trt",
+            # A platform preset's runner labels (pipeline/platforms.py), else the architecture's.
+            "runs_on": list(PLATFORMS[target.platform].runner) if target.platform else
+            ["self-hosted", "jetson" if jetson else "gpu", target.arch],
+            # Jetson runs JetPack's own TensorRT (aarch64); the image of the target's TensorRT line
+            # (the Dockerfile's TRT build argument) serves every other target.
+            "container": "" if jetson else f"shipyard-trt:{target.tensorrt}",
             "out": out,
             "command": shlex.join(["shipyard", "engines", release_dir, "--target", target.name, "--out", out]),
         })

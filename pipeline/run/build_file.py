@@ -47,7 +47,7 @@ def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path |
     target = _resolve_target(target_ref, recipe_file, model_path)
     env = build.build_environment()
     build.check_target_arch(target, env)
-    readiness = check_model_file(model_path, target.tensorrt, target.profiles)
+    readiness = check_model_file(model_path, target.tensorrt, target.profiles, target.precision)
     if not readiness:
         return None, readiness
     with made_parents(out):

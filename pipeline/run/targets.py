@@ -52,7 +52,7 @@ def typed_sources(targets: list[TargetSpec], dense: Artifact, qdq: Artifact | No
 def check_readiness(target: TargetSpec, onnx: Artifact) -> tuple[ReadinessReport, StageResult]:
     """The target's graph against the parser of the target's own TensorRT version."""
     started = time.perf_counter()
-    report = check_model_file(onnx.path, target.tensorrt, target.profiles)
+    report = check_model_file(onnx.path, target.tensorrt, target.profiles, target.precision)
     warned = f", {len(report.warnings)} warnings (first: {report.warnings[0]})" if report.warnings else ""
     message = (f"{onnx.path.name} ready for TensorRT {target.tensorrt} ({report.counts['nodes']} nodes, "
                f"{len(target.profiles)} profiles{warned})" if report.ready else

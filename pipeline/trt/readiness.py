@@ -24,7 +24,7 @@ from onnx_ir.passes.common import ShapeInferencePass
 from pipeline.errors import ArtifactError, ShipyardError
 from pipeline.graph import model as graph_model
 from pipeline.graph.model import constant
-from pipeline.platforms import OPS_DIR, shipped_trt_versions
+from pipeline.platforms import OPS_DIR, TRT_RELEASES, shipped_trt_versions
 from pipeline.recipe import ProfileSpec
 
 DEFAULT_DOMAINS = ("", "ai.onnx")
@@ -43,7 +43,10 @@ IMPORTERS = "onnx-tensorrt onnxOpImporters.cpp"
 # rule -> (severity, where the rule comes from)
 RULES: dict[str, tuple[str, str]] = {
     "opset": (ERROR, "onnx-tensorrt ModelImporter.cpp (opset < 7 refused) and docs/operators.md (documented range)"),
-    "opset-newer": (WARNING, "docs/operators.md: the parser imports newer opsets with the documented importers"),
+    "opset-newer": (ERROR, "docs/operators.md: the version's documented opset range; a newer opset's operator "
+                    "versions have no importer of that version"),
+    "strongly-typed": (ERROR, "TensorRT 11.0 release notes: strong typing is the only mode; no precision builder "
+                       "flags, no INT8 calibrator: FP16 and INT8 must be in the graph"),
     "operator": (ERROR, "docs/operators.md support matrix; ModelImporter.cpp: an op with no importer must be a "
                         "registered plugin"),
     "qdq-scale": (ERROR, f"{IMPORTERS} QuantDequantLinearHelper: scales must be positive; developer guide: "
@@ -150,8 +153,10 @@ def _load(path: Path) -> ir.Model:
     return ShapeInferencePass(check_type=False, strict_mode=False)(model).model
 
 
-def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] | None = None) -> ReadinessReport:
-    """Check one ONNX file against TensorRT `trt_version`'s parser and Q/DQ rules."""
+def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] | None = None,
+                     precision: str | None = None) -> ReadinessReport:
+    """Check one ONNX file against TensorRT `trt_version`'s parser and Q/DQ rules (and, for a
+    target of `precision` on a strongly typed TensorRT, that the graph carries that precision)."""
     support = operator_support(trt_version)
     graph = _Graph(_load(path))
     report = ReadinessReport(path=str(path), trt_version=trt_version, opset=graph.opset)
@@ -164,6 +169,8 @@ def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] |
     findings += _types_rule(graph)
     if profiles:
         findings += _dynamic_axes_rule(graph, profiles)
+    if precision and trt_version in TRT_RELEASES and TRT_RELEASES[trt_version].strongly_typed_only:
+        findings += _strongly_typed_rule(graph, precision, trt_version)
     report.counts = {
         "nodes": len(graph.nodes),
         "quantize_linear": sum(n.op_type == "QuantizeLinear" for n in graph.nodes),
@@ -171,6 +178,18 @@ def check_model_file(path: Path, trt_version: str, profiles: list[ProfileSpec] |
         "float16_tensors": sum(v.dtype == ir.DataType.FLOAT16 for v in graph.values),
     }
     return report
+
+
+def _strongly_typed_rule(graph: _Graph, precision: str, trt_version: str) -> list[Finding]:
+    """TensorRT 11 builds every layer in its graph's types: an fp16 target without float16
+    tensors or an int8 one without Q/DQ would build silently in FP32."""
+    if precision == "fp16" and not any(v.dtype == ir.DataType.FLOAT16 for v in graph.values):
+        return [Finding("strongly-typed", "(model)", f"an fp16 target on TensorRT {trt_version} needs float16 in the "
+                        "graph (no FP16 builder flag since 11.0); use the target's model.trt.fp16.onnx")]
+    if precision == "int8" and not any(n.op_type == "QuantizeLinear" for n in graph.nodes):
+        return [Finding("strongly-typed", "(model)", f"an int8 target on TensorRT {trt_version} needs explicit Q/DQ "
+                        "(no INT8 calibrator since 11.0); use the target's model.trt.int8-*.onnx")]
+    return []
 
 
 def _types_rule(graph: _Graph) -> list[Finding]:
