@@ -166,6 +166,19 @@ TINY_TARGETS = [
 ]
 
 
+def local_trt_version() -> str:
+    """This GPU host's TensorRT (major.minor), for a GPU test's target; the test is skipped, with the
+    reason, where no operator list ships for it (it would be refused, not failed)."""
+    from pipeline.platforms import shipped_trt_versions
+    from pipeline.stages import build
+
+    local = ".".join(build.build_environment().trt_version.split(".")[:2])
+    if local not in shipped_trt_versions():
+        pytest.skip(f"this host's TensorRT {local} has no operator list in pipeline/trt/ops/ "
+                    f"({', '.join(shipped_trt_versions())}); targets for it are refused, not built")
+    return local
+
+
 @contextlib.contextmanager
 def without_tensorrt():
     """A machine without TensorRT, wherever the tests run (inside the TensorRT image too): the CPU

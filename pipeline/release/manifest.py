@@ -245,8 +245,8 @@ def cpu_kernel_features() -> str:
 def machine() -> MachineRecord:
     """CPU model and cores, and the GPU and driver where one is present (without importing torch)."""
     import os
-    import shutil
-    import subprocess
+
+    from pipeline.trt.host import nvidia_gpu
 
     cpu = platform.processor() or platform.machine()
     try:
@@ -256,16 +256,7 @@ def machine() -> MachineRecord:
                 break
     except OSError:
         pass
-    gpu = driver = None
-    smi = shutil.which("nvidia-smi")
-    if smi:
-        try:
-            out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
-                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
-            if out:
-                gpu, driver = (part.strip() for part in out[0].split(",", 1))
-        except (OSError, subprocess.SubprocessError, ValueError):
-            pass
+    gpu, driver = nvidia_gpu()
     return MachineRecord(platform=platform.platform(), cpu=cpu, cpu_features=cpu_kernel_features(),
                          cores=os.cpu_count() or 0, gpu=gpu, gpu_driver=driver)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from pipeline.artifacts import atomic_file, check_output_file, made_parents
 from pipeline.errors import ShipyardError
 from pipeline.parity.runners import check_onnx_file
-from pipeline.platforms import ARCHITECTURES
+from pipeline.platforms import ARCHITECTURES, shipped_trt_versions
 from pipeline.recipe import ProfileSpec, Range, TargetSpec, load_recipe
 from pipeline.release.manifest import write_json
 from pipeline.run.standalone import artifact_kind
@@ -22,16 +22,19 @@ from pipeline.trt.readiness import check_model_file
 DEFAULT_PROFILE = ProfileSpec(batch=Range(min=1, opt=8, max=32), sequence=Range(min=1, opt=128, max=512))
 
 
-def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path) -> TargetSpec:
+def _resolve_target(ref: str, recipe_file: Path | None, model_path: Path, env: build.BuildEnvironment) -> TargetSpec:
     """A recipe's target by name, or an architecture with the graph's precision, default profiles and
-    the architecture's TensorRT."""
+    this machine's TensorRT (where an operator list ships for it; else the architecture's, which
+    `check_target_arch` then refuses naming both)."""
     if recipe_file is not None:
         return load_recipe(recipe_file).target(ref)
     if ref not in ARCHITECTURES:
         raise ShipyardError(f"--target {ref}: pass --recipe to use a recipe target, or an architecture "
                             f"({', '.join(ARCHITECTURES)})")
     precision, _, _ = artifact_kind(model_path)
-    return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE])
+    local = ".".join(env.trt_version.split(".")[:2])
+    return TargetSpec(name=ref, arch=ref, precision=precision, profiles=[DEFAULT_PROFILE],
+                      trt_version=local if local in shipped_trt_versions() else None)
 
 
 def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path | None = None,
@@ -44,8 +47,10 @@ def build_file(model_path: Path, target_ref: str, out: Path, recipe_file: Path |
     sidecar = Path(f"{out}.json")
     check_output_file(out, overwrite)
     check_output_file(sidecar, overwrite)
-    target = _resolve_target(target_ref, recipe_file, model_path)
+    if recipe_file is None and target_ref not in ARCHITECTURES:  # bad input first, before what this host lacks
+        _resolve_target(target_ref, None, model_path, build.BuildEnvironment("", "", ""))
     env = build.build_environment()
+    target = _resolve_target(target_ref, recipe_file, model_path, env)
     build.check_target_arch(target, env)
     readiness = check_model_file(model_path, target.tensorrt, target.profiles, target.precision)
     if not readiness:

@@ -18,11 +18,15 @@ Split so that everything but the build itself is checked on CPU:
   CPU artifact.
 
 The network is created strongly typed (precision comes from the graph; see `trt_onnx.py`), so no
-FP16/INT8 builder flags are set: TensorRT 11 removed them.
+FP16/INT8 builder flags are set: TensorRT 11 removed them. Other flags are looked up defensively
+(`builder_flag`: a TensorRT without one exits 2 naming it). After the build the engine inspector's
+per-layer JSON must show the precision the target asked (`pipeline.trt.inspect`), and the record
+keeps TensorRT, CUDA, driver, GPU and compute capability, so an engine is never reused elsewhere.
 """
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -39,6 +43,7 @@ from pipeline.trt.host import BuildEnvironment as BuildEnvironment
 from pipeline.trt.host import BuildUnavailable as BuildUnavailable
 from pipeline.trt.host import build_environment as build_environment
 from pipeline.trt.host import check_target_arch as check_target_arch
+from pipeline.trt.inspect import precision_check
 
 
 class EngineBuildFailed(ShipyardError):
@@ -65,6 +70,7 @@ class BuildPlan:
     dla_core: int | None = None
     timing_cache: str | None = None
     trt_version: str = ""
+    precision: str = ""  # what the target asked: the inspector check after the build holds the engine to it
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -101,6 +107,7 @@ def plan_build(target: TargetSpec, onnx_path: Path) -> BuildPlan:
         hardware_compatibility=target.hardware_compatibility.upper(), flags=flags, clear_flags=clear_flags,
         parser_flags=parser_flags, dla_core=target.dla_core,
         timing_cache=str(target.timing_cache) if target.timing_cache else None, trt_version=target.tensorrt,
+        precision=target.precision,
     )
 
 
@@ -117,6 +124,10 @@ class EngineRecord:
     build_seconds: float
     plan: dict[str, Any]
     timing_cache: str = "none"
+    cuda: str = ""
+    driver: str = ""
+    # What the engine inspector says its float layers run in (`pipeline.trt.inspect`).
+    precision_check: dict[str, Any] = field(default_factory=dict)
 
 
 def attach_timing_cache(config, path: Path | None) -> str:
@@ -174,10 +185,12 @@ def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRec
     if plan.hardware_compatibility == "AMPERE_PLUS":
         config.hardware_compatibility_level = trt.HardwareCompatibilityLevel.AMPERE_PLUS
     for flag in plan.flags:
-        config.set_flag(getattr(trt.BuilderFlag, flag))
+        config.set_flag(builder_flag(trt, flag, env.trt_version, plan.target))
     for flag in plan.clear_flags:
-        if hasattr(trt.BuilderFlag, flag):
+        if hasattr(trt.BuilderFlag, flag):  # a flag to clear that this TensorRT lacks is already off
             config.clear_flag(getattr(trt.BuilderFlag, flag))
+    # Per-layer types in the inspector's JSON: the postcondition below reads them.
+    config.profiling_verbosity = trt.ProfilingVerbosity.DETAILED
     if plan.dla_core is not None:
         config.default_device_type = trt.DeviceType.DLA
         config.DLA_core = plan.dla_core
@@ -200,13 +213,30 @@ def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRec
     runtime = trt.Runtime(logger)
     if "VERSION_COMPATIBLE" in plan.flags:
         runtime.engine_host_code_allowed = True
-    if runtime.deserialize_cuda_engine(bytes(serialized)) is None:  # the postcondition: it loads
+    engine = runtime.deserialize_cuda_engine(bytes(serialized))
+    if engine is None:  # the postcondition: it loads
         raise EngineBuildFailed(f"the engine built for target {plan.target} does not deserialize; not writing it")
+    inspector = engine.create_engine_inspector()
+    check = precision_check(json.loads(inspector.get_engine_information(trt.LayerInformationFormat.JSON)),
+                            plan.precision)
+    if not check.passed:  # and it runs in the precision asked (TensorRT 11 can silently build another)
+        raise EngineBuildFailed(f"target {plan.target} (TensorRT {env.trt_version}): {check.message}")
     with atomic_file(out) as tmp:
         tmp.write_bytes(bytes(serialized))
     cache_status = save_timing_cache(config, cache_path, cache_status)
     return EngineRecord(
         path=str(out), sha256=sha256_file(out), size_bytes=Path(out).stat().st_size,
         trt_version=env.trt_version, gpu_name=env.gpu_name, compute_capability=env.arch,
-        build_seconds=round(seconds, 3), plan=plan.to_dict(), timing_cache=cache_status,
+        build_seconds=round(seconds, 3), plan=plan.to_dict(), timing_cache=cache_status, cuda=env.cuda,
+        driver=env.driver, precision_check=check.to_dict(),
     )
+
+
+def builder_flag(trt, name: str, version: str, target: str):
+    """`trt.BuilderFlag.<name>`, or exit 2 naming the flag when this TensorRT has none (TensorRT
+    11 removed the precision flags and others): nothing is built half-configured."""
+    if not hasattr(trt.BuilderFlag, name):
+        raise ShipyardError(f"target {target}: TensorRT {version} has no builder flag {name}; drop the setting that "
+                            "asks for it (version_compatible, sparse_weights, dla_core) or build with a TensorRT "
+                            "that has it")
+    return getattr(trt.BuilderFlag, name)

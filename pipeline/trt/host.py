@@ -23,6 +23,8 @@ class BuildEnvironment:
     trt_version: str
     gpu_name: str
     arch: str  # of the local GPU, e.g. "sm_80"
+    cuda: str = ""  # the CUDA runtime torch was built with (the engine runner's)
+    driver: str = ""  # the NVIDIA driver
 
 
 def build_environment() -> BuildEnvironment:
@@ -40,7 +42,26 @@ def build_environment() -> BuildEnvironment:
         name = torch.cuda.get_device_name(0)
     except ImportError:
         raise BuildUnavailable("torch is not installed; the engine runner allocates GPU buffers with it") from None
-    return BuildEnvironment(trt_version=trt.__version__, gpu_name=name, arch=f"sm_{major}{minor}")
+    return BuildEnvironment(trt_version=trt.__version__, gpu_name=name, arch=f"sm_{major}{minor}",
+                            cuda=str(torch.version.cuda or ""), driver=nvidia_gpu()[1] or "")
+
+
+def nvidia_gpu() -> tuple[str | None, str | None]:
+    """The first GPU's name and the NVIDIA driver version, from nvidia-smi (None, None without one)."""
+    import shutil
+    import subprocess
+
+    smi = shutil.which("nvidia-smi")
+    if smi:
+        try:
+            out = subprocess.run([smi, "--query-gpu=name,driver_version", "--format=csv,noheader"],
+                                 capture_output=True, text=True, timeout=20).stdout.strip().splitlines()
+            if out:
+                name, driver = (part.strip() for part in out[0].split(",", 1))
+                return name, driver
+        except (OSError, subprocess.SubprocessError, ValueError):
+            pass
+    return None, None
 
 
 def check_target_arch(target: TargetSpec, env: BuildEnvironment) -> None:
