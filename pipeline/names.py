@@ -28,6 +28,8 @@ CpuForm = Literal["fused-per-channel", "unfused-per-channel", "unfused-per-tenso
 CPU_FORMS: tuple[str, ...] = get_args(CpuForm)
 OpenvinoForm = Literal["nncf", "qdq"]
 OPENVINO_FORMS: tuple[str, ...] = get_args(OpenvinoForm)
+# Where PyTorch runs the model (model.device): auto is CUDA when torch sees a device, else the CPU.
+TorchDevice = Literal["auto", "cpu", "cuda"]
 # A deployment CPU's instruction set a recipe may name (the timings still come from the builder).
 Isa = Literal["avx2", "avx512_vnni", "amx"]
 ISAS: tuple[str, ...] = get_args(Isa)

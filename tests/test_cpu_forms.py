@@ -63,6 +63,9 @@ def test_a_run_chooses_each_cpu_format_by_measurement_and_ships_an_openvino_ir(t
     assert list(ir["external_data"]) == ["model.int8.openvino.bin"] and ir["parity"]["passed"] is not None
     assert {s["stage"] for s in manifest["stages"]} >= {"validate[model.int8.openvino]", "speed[model.int8.openvino]"}
     assert manifest["cpu_form"]["artifact"] in arts
+    import torch
+
+    assert manifest["model"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # model.device: auto
     assert {c["artifact"] for c in manifest["cpu_form"]["candidates"]} == {"model.int8.cpu", "model.int8.openvino"}
 
     # The IR runs under predict as the gate ran it, and its weights are verified with it.

@@ -94,3 +94,13 @@ def test_the_operator_list_generator_reads_onnx_tensorrts_matrix(tmp_path):
                  "--drop", "Abs", "--out", str(out)]) == 0
     made = json.loads(out.read_text())
     assert made["opset_max"] == 25 and "Abs" in made["unsupported"] and made["inferred"] == "from 10.15"
+
+
+def test_model_device_cuda_without_a_gpu_exits_2_and_a_run_records_where_torch_ran(tiny, tiny_holdout_small, tmp_path):
+    import torch
+
+    if torch.cuda.is_available():
+        pytest.skip("this host has a CUDA device: model.device cuda is valid here")
+    recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, model={"device": "cuda"}, targets=[])
+    assert_clean_failure(invoke("run", recipe, "--out", tmp_path / "r"), "model.device is cuda",
+                         "set model.device to auto or cpu", out=tmp_path / "r")

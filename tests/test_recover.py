@@ -394,3 +394,21 @@ def test_labels_given_as_class_ids_train_as_names_do(tiny, tiny_holdout_small, h
     assert result.exit_code == 2 and "Traceback" not in result.output, result.output
     assert "'neutrall'" in result.output and "'mood'" in result.output and len(result.output.strip().splitlines()) == 1
     assert not out.parent.exists()  # the folder the command made for --out is gone again
+
+
+@pytest.mark.gpu
+def test_recovery_distils_on_the_gpu_when_there_is_one(tiny, tiny_holdout_small, heavy, tmp_path):
+    """`model.device: auto` (the default) puts distillation on the GPU: the student trains there and
+    wins agreement back as on the CPU (compared within the gate, not bit for bit)."""
+    from calibration.sampling import Columns
+    from pipeline.parity.runners import torch_device
+    from pipeline.recipe import RecoverSpec
+    from pipeline.stages.prune.recover import TrainingData, recover
+
+    assert torch_device("auto") == "cuda"
+    _, pruned = heavy
+    spec = RecoverSpec(enabled=True, max_steps=40, learning_rate=1e-4, tuning_samples=64)
+    result, report = recover(tiny.model, pruned, TrainingData(tiny_holdout_small, Columns("text", None, "sentiment"),
+                                                              320), tmp_path / "recovered.onnx", spec, 64,
+                             device="cuda")
+    assert result.passed and report.agreement_after > report.agreement_before

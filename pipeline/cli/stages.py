@@ -197,7 +197,7 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     """Win back what pruning cost: distil the original PyTorch model into the pruned structure,
     with early stopping on held-out tuning rows, then export and gate it like the original."""
     from calibration.sampling import Columns
-    from pipeline.parity.runners import check_onnx_file
+    from pipeline.parity.runners import check_onnx_file, torch_device
     from pipeline.recipe import RecoverSpec
     from pipeline.run.standalone import OUT, input_artifact, one_stage
     from pipeline.stages.prune import recover as recover_stage
@@ -212,7 +212,7 @@ def recover_cmd(reference: Path, pruned_path: Path, data: Path, out: Path, text_
     # As a run's recover stage: the same call, through the same stage cache.
     result = one_stage("recover", out, overwrite, cache, recover_stage.run, reference, input_artifact(pruned_path), training, OUT,
                        spec, max_length, task, schema_default("export.opset"), (),
-                       progress=progress_for(quiet, as_json), allow_pickle=allow_pickle)
+                       progress=progress_for(quiet, as_json), allow_pickle=allow_pickle, device=torch_device("auto"))
     finish(result.passed, {"out": str(out), **result.details["recovery"]}, f"recover {out}: {result.message}", quiet,
            as_json)
 

@@ -18,14 +18,32 @@ from pipeline.runtimes import RUNTIMES, ArtifactFormat, format_of_path
 Batch = dict[str, np.ndarray]
 
 
+def torch_device(setting: str = "auto") -> str:
+    """Where PyTorch runs the model (`model.device`): "auto" is the first CUDA device when torch
+    sees one, else the CPU; "cuda" without one is refused."""
+    if setting == "cpu":
+        return "cpu"
+    import torch
+
+    if torch.cuda.is_available():
+        return "cuda"
+    if setting == "cuda":
+        raise ModelError("model.device is cuda but torch sees no CUDA device (a CPU build of torch, or no GPU); "
+                         "set model.device to auto or cpu")
+    return "cpu"
+
+
 class TorchRunner:
-    """The reference: the fine-tuned PyTorch model in eval mode, FP32, on CPU.
+    """The reference: the fine-tuned PyTorch model in eval mode, FP32, on `device` (`torch_device`;
+    its outputs are compared within the gates, not bit for bit, on another device).
 
     Only the inputs its `forward` takes are passed: DistilBERT and RoBERTa have no
     `token_type_ids`, whatever the tokenizer returned."""
 
-    def __init__(self, model_dir: Path, *, task: str, threads: int = 0, allow_pickle: bool = False) -> None:
+    def __init__(self, model_dir: Path, *, task: str, threads: int = 0, allow_pickle: bool = False,
+                 device: str = "cpu") -> None:
         self.model_dir = Path(model_dir)
+        self.device = device
         self.threads = threads
         self.task = task
         self.allow_pickle = allow_pickle
@@ -33,7 +51,7 @@ class TorchRunner:
 
     def cache_identity(self) -> dict[str, Any]:
         """What a stage's cache key records of this reference (`pipeline.run.cache.call_identity`)."""
-        return {"torch": self.model_dir, "task": self.task}
+        return {"torch": self.model_dir, "task": self.task, **({"device": self.device} if self.device != "cpu" else {})}
         self._accepts: set[str] = set()
 
     def _load(self):
@@ -51,7 +69,7 @@ class TorchRunner:
             self._model = auto_class.from_pretrained(
                 str(self.model_dir), local_files_only=True, dtype=torch.float32, trust_remote_code=False,
                 use_safetensors=None if self.allow_pickle else True, weights_only=True,
-            ).eval()
+            ).eval().to(self.device)
             self._accepts = set(inspect.signature(self._model.forward).parameters)
         return self._model
 
@@ -66,8 +84,8 @@ class TorchRunner:
         from pipeline.tasks import task_spec
 
         with torch.inference_mode():
-            out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in self._accepts})
-        outputs = {name: getattr(out, name).float().numpy() for name in task_spec(self.task).outputs}
+            out = model(**{k: torch.from_numpy(v).to(self.device) for k, v in batch.items() if k in self._accepts})
+        outputs = {name: getattr(out, name).float().cpu().numpy() for name in task_spec(self.task).outputs}
         if not all(np.isfinite(v).all() for v in outputs.values()):
             # The reference must be trustworthy: a NaN would make every comparison meaningless.
             raise ModelError(f"model {self.model_dir} gives NaN or Inf outputs on a batch of {len(batch['input_ids'])} "

@@ -18,6 +18,7 @@ from pipeline.names import (
     Sampling,
     Sparsity24,
     TaskName,
+    TorchDevice,
 )
 from pipeline.platforms import TRT_VERSION
 from pipeline.recipe.base import Strict
@@ -34,6 +35,9 @@ class ModelSpec(Strict):
     max_answer_tokens: int = Field(30, ge=1, le=512, description="question-answering: longest answer span")
     allow_pickle: bool = Field(False, description="accept pytorch_model.bin (pickle) weights, loaded with "
                                "torch.load(weights_only=True); default: safetensors only")
+    device: TorchDevice = Field(
+        "auto", description="where PyTorch runs the model (the reference outputs and recovery's distillation): auto "
+        "is the first CUDA device when torch sees one, else the CPU; recorded in the manifest (model.device)")
 
 
 class SourceSpec(Strict):

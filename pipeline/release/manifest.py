@@ -36,6 +36,8 @@ class ModelRecord(_Strict):
     model_type: str
     num_labels: int
     task: str
+    device: str | None = Field(None, description="where PyTorch ran it: the reference outputs and recovery (cpu, "
+                               "cuda); outputs on another device agree within the gates, not bit for bit")
 
 
 class DataRecord(_Strict):

@@ -14,7 +14,7 @@ from pipeline.errors import RecipeError
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
 from pipeline.parity.policy import calibration_padding, gated_metric
-from pipeline.parity.runners import TorchRunner
+from pipeline.parity.runners import TorchRunner, torch_device
 from pipeline.recipe import Recipe
 from pipeline.release.manifest import folder_sha256
 from pipeline.run.cache import digest_of
@@ -87,7 +87,8 @@ class RunInputs:
         labelled = recipe.data.evaluation_label is not None
         metric = gated_metric(recipe.thresholds.metric, task.name, labelled)
         model_sha = folder_sha256(info.path)
-        torch = TorchRunner(recipe.model.path, task=task.name, allow_pickle=recipe.model.allow_pickle)
+        torch = TorchRunner(recipe.model.path, task=task.name, allow_pickle=recipe.model.allow_pickle,
+                            device=torch_device(recipe.model.device))
         gating = Gating(recipe.thresholds, prepared.evaluation, task, metric, labelled, info.id2label, torch, model_sha)
         inputs = cls(recipe, info, model_sha, task, metric, labelled, prepared, gating)
         prune = recipe.stages.prune

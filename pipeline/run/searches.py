@@ -94,5 +94,5 @@ def _recovered(candidate: Path, plan: PruningPlan, budget: BudgetSpec, recovery:
     steps = min(recovery.spec.max_steps or budget.trial_steps, budget.trial_steps)
     out = candidate.with_name("recovered.onnx")
     recover(settings["reference"], candidate, recovery.data, out, recovery.spec.model_copy(update={"max_steps": steps}),
-            settings["max_length"], task.name, progress, settings["opset"], tuple(seen))
+            settings["max_length"], task.name, progress, settings["opset"], tuple(seen), device=settings["device"])
     return out

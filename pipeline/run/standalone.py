@@ -48,6 +48,7 @@ from pipeline.parity.runners import (
     FILE_CHECKS,
     TorchRunner,
     check_onnx_file,
+    torch_device,
 )
 from pipeline.parity.tasks import Pooling, Task, graph_task
 from pipeline.progress import SILENT, Progress
@@ -160,7 +161,8 @@ def export_and_check(model_dir: Path, out: Path, task: str | None, opset: int, a
         batches = list(encoder.batches(drawn, schema_default("data.batch_size")))
     with progress.task("export (Optimum) + check vs PyTorch"):
         return one_stage("export", out, overwrite, cache, export.run, model_dir, OUT, ExportSpec(opset=opset, atol=atol), batches,
-                         TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle), info.task())
+                         TorchRunner(model_dir, task=info.task_name, allow_pickle=allow_pickle,
+                                     device=torch_device("auto")), info.task())
 
 
 def calibration_batches(calibration: Path, tokenizer_dir: Path, columns: Columns, samples: int,
@@ -373,7 +375,7 @@ def validate_file(reference: Path, artifact: Path, data: Path, text_column: str,
         max_metric_drop=default.max_metric_drop if max_metric_drop is None else max_metric_drop,
     )})
     gating = Gating(thresholds, evaluation, spec, chosen_metric, labelled, info.id2label,
-                    TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle), folder_sha256(info.path))
+                    TorchRunner(reference, task=spec.name, allow_pickle=allow_pickle, device=torch_device("auto")), folder_sha256(info.path))
     cache = cache or StageCache(None)
     target = Artifact(name=Path(artifact).stem, path=artifact, format=fmt,
                       precision=precision, stage="input", kind=kind, from_pruned=from_pruned,

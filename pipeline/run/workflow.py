@@ -22,6 +22,7 @@ from pipeline.artifacts import (
     check_output_dir,
 )
 from pipeline.families import family_of
+from pipeline.parity.runners import torch_device
 from pipeline.parity.timing import at_length
 from pipeline.progress import SILENT, Progress
 from pipeline.recipe import Recipe, RecoverSpec
@@ -252,7 +253,8 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
         else:
             trial_recovery = recovery if spec.budget.recovered else None
             settings = {"reference": recipe.model.path, "max_length": recipe.data.max_length,
-                        "opset": recipe.stages.export.opset} if trial_recovery else None
+                        "opset": recipe.stages.export.opset, "device": torch_device(recipe.model.device)
+                        } if trial_recovery else None
             pruned, _ = stages.call("prune", searches.prune_within_budget, fp32, prune_spec, out,
                                     prepared.calibration.batches, tuning, inputs.info.config, task, seen,
                                     trial_recovery, settings, progress=progress)
@@ -262,7 +264,7 @@ def prune_stages(inputs: RunInputs, fp32: Artifact, stages: CachedStages, work: 
     recovered, _ = stages.call("recover", recover_stage.run, recipe.model.path, source, recovery.data,
                                work / "model.recovered.onnx", recovery.spec, recipe.data.max_length, task.name,
                                recipe.stages.export.opset, tuple(seen), progress=progress,
-                               allow_pickle=recipe.model.allow_pickle)
+                               allow_pickle=recipe.model.allow_pickle, device=torch_device(recipe.model.device))
     for path in source.files():
         path.unlink()
     return [pruned, recovered], recovered.artifacts[0]
@@ -299,8 +301,8 @@ def _manifest(recipe, info, model_sha, prepared, results, artifacts, parity, sou
         recipe_name=recipe.name,
         created_at=datetime.now(timezone.utc).isoformat(timespec="seconds"),
         passed=all(r.passed for r in results),
-        model=ModelRecord(path=str(info.path), sha256=model_sha,
-                          model_type=info.model_type, num_labels=info.num_labels, task=info.task_name),
+        model=ModelRecord(path=str(info.path), sha256=model_sha, model_type=info.model_type,
+                          num_labels=info.num_labels, task=info.task_name, device=torch_device(recipe.model.device)),
         data={
             "calibration": DataRecord(source=str(prepared.calibration.source), rows=len(prepared.calibration.rows),
                                       fingerprint=prepared.calibration.fingerprint,

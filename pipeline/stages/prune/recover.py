@@ -131,7 +131,9 @@ def _student_outputs(model, batch, task: str, hidden: bool = False):
     import torch
 
     accepts = inspect.signature(model.forward).parameters
-    out = model(**{k: torch.from_numpy(v) for k, v in batch.items() if k in accepts}, output_hidden_states=hidden)
+    device = next(model.parameters()).device
+    out = model(**{k: torch.from_numpy(v).to(device) for k, v in batch.items() if k in accepts},
+                output_hidden_states=hidden)
     outputs = {name: getattr(out, name) for name in task_spec(task).outputs}
     if hidden:
         outputs["hidden_states"] = out.hidden_states
@@ -144,7 +146,7 @@ def hidden_state_loss(student: dict, teacher: dict, batch: dict):
     the layers pair one to one)."""
     import torch
 
-    mask = torch.from_numpy(batch["attention_mask"]).float().unsqueeze(-1)
+    mask = torch.from_numpy(batch["attention_mask"]).float().unsqueeze(-1).to(student["hidden_states"][0].device)
     losses = []
     for s, t in zip(student["hidden_states"][1:], teacher["hidden_states"][1:], strict=True):  # [0] is the embeddings
         variance = ((t * mask) ** 2).sum() / (mask.sum() * t.shape[-1]).clamp_min(1)
@@ -166,7 +168,8 @@ def distillation_loss(student: dict, teacher: dict, batch: dict, task: str, temp
             return (per * mask).sum() / mask.sum().clamp_min(1)
         return per.mean()
 
-    mask = torch.from_numpy(batch["attention_mask"]).float()
+    device = next(iter(v for v in student.values() if hasattr(v, "device"))).device
+    mask = torch.from_numpy(batch["attention_mask"]).float().to(device)
     kind = task_spec(task).kind
     if kind == "class":
         loss = kl(student["logits"], teacher["logits"])
@@ -187,7 +190,7 @@ class _ModelRunner(TorchRunner):
     """TorchRunner over a model object in memory (the student between steps)."""
 
     def __init__(self, model, task: str) -> None:
-        super().__init__(Path("."), task=task)
+        super().__init__(Path("."), task=task, device=str(next(model.parameters()).device))
         import inspect
 
         self._model = model
@@ -210,18 +213,18 @@ def _split_rows(data: TrainingData, tuning_samples: int, seed: int) -> tuple[lis
 
 def run(reference: Path, src: Artifact, data: TrainingData, out: Path, spec: RecoverSpec, max_length: int,
         task_name: str | None, opset: int, seen: tuple[str, ...] = (), progress: Progress = SILENT,
-        allow_pickle: bool = False) -> StageResult:
+        allow_pickle: bool = False, device: str = "cpu") -> StageResult:
     """The recover stage as `shipyard run` and `shipyard recover` call it (through the stage cache):
     `recover` of the pruned artifact `src`, its plan beside it; the report is in the result's details."""
     result, _ = recover(reference, src.path, data, out, spec, max_length, task_name, progress, opset, seen,
-                        allow_pickle)
+                        allow_pickle, device)
     return result
 
 
 def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
             spec: RecoverSpec, max_length: int = 128, task_name: str | None = None,
-            progress: Progress = SILENT, opset: int = 17, seen: tuple[str, ...] = (), allow_pickle: bool = False
-            ) -> tuple[StageResult, RecoverReport]:
+            progress: Progress = SILENT, opset: int = 17, seen: tuple[str, ...] = (), allow_pickle: bool = False,
+            device: str = "cpu") -> tuple[StageResult, RecoverReport]:
     """Distil `reference` into the structure of `pruned_onnx` and export it to `out` (see module doc).
 
     `seen` are digests of rows the pruned graph was already fitted or chosen on (a recipe's
@@ -257,8 +260,8 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
         return auto.from_pretrained(str(reference), local_files_only=True, dtype=torch.float32,
                                     trust_remote_code=False, use_safetensors=None if allow_pickle else True)
 
-    teacher = load().eval()
-    student = apply_to_torch(load().eval(), plan)
+    teacher = load().eval().to(device)
+    student = apply_to_torch(load().eval(), plan).to(device)
     probe = tuning_batches[0]
     got = collect(_ModelRunner(student, task.name), [probe], task)
     expected = collect(OrtRunner(pruned_onnx), [probe], task)
@@ -302,7 +305,7 @@ def recover(reference: Path, pruned_onnx: Path, data: TrainingData, out: Path,
                 hidden = spec.hidden_weight > 0
                 with torch.no_grad():
                     target = _student_outputs(teacher, batch, task.name, hidden)
-                labels = None if training_labels is None else torch.from_numpy(training_labels[chosen])
+                labels = None if training_labels is None else torch.from_numpy(training_labels[chosen]).to(device)
                 outputs = _student_outputs(student, batch, task.name, hidden)
                 loss = distillation_loss(outputs, target, batch, task.name, spec.temperature, labels, spec.label_weight)
                 if hidden:
