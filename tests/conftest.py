@@ -40,6 +40,17 @@ def pytest_configure(config):
         _one_thread_each()
 
 
+def pytest_unconfigure(config):
+    # Removed when the session (or worker) ends: each run's cache holds a gigabyte of graphs, and
+    # left behind they filled the disk after a few hundred runs.
+    import os
+    import shutil
+
+    folder = os.environ.get("SHIPYARD_CACHE_DIR", "")
+    if os.path.basename(folder).startswith("shipyard-test-cache-"):
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 def _one_thread_each() -> None:
     """The suite runs in two workers (addopts `-n 2`) on a 2-core machine, most of a test being
     single-threaded Python: each worker's torch and ONNX Runtime keep to one thread, which
