@@ -84,7 +84,24 @@ def rules_table() -> str:
                       *(f"| `{rule}` | {severity} | {source} |" for rule, (severity, source) in RULES.items())])
 
 
-PAGES = {"recipe.md": {"recipe reference": recipe_reference}, "tensorrt.md": {"readiness rules": rules_table}}
+def platforms_table() -> str:
+    """The platform presets and TensorRT lines (pipeline/platforms.py), with their sources."""
+    from pipeline.platforms import PLATFORMS, TRT_RELEASES
+
+    rows = ["| platform | arch | TensorRT (default first) and what provides it | CUDA | DLA | engines built on | "
+            "CI runner labels | source |", "|---|---|---|---|---|---|---|---|"]
+    for p in PLATFORMS.values():
+        trt = "; ".join(f"{v} ({how})" for v, how in p.trt.items())
+        rows.append(f"| `{p.name}` | {p.arch} | {trt} | {p.cuda} | {'yes' if p.dla else 'no'} | {p.builds_on} | "
+                    f"{', '.join(p.runner)} | {p.source} |")
+    rows += ["", "| TensorRT | CUDA | strongly typed only | wheel (extras) | source |", "|---|---|---|---|---|"]
+    rows += [f"| {r.version} | {r.cuda} | {'yes' if r.strongly_typed_only else 'no'} | `{r.wheel}` | {r.source} |"
+             for r in TRT_RELEASES.values()]
+    return "\n".join(rows)
+
+
+PAGES = {"recipe.md": {"recipe reference": recipe_reference},
+         "tensorrt.md": {"readiness rules": rules_table, "platforms": platforms_table}}
 
 
 def render(text: str, parts: dict[str, Any]) -> str:

@@ -89,7 +89,8 @@ class Platform:
 _SERVER_TRT = {"11.5": "the Dockerfile's image (TRT=11.5) or pip tensorrt-cu13==11.5.*",
                "11.4": "pip tensorrt-cu13==11.4.*", "10.16": "the Dockerfile's image (TRT=10.16)",
                "10.15": "pip tensorrt-cu13==10.15.* (NGC 26.02)", "10.13": "pip tensorrt-cu13==10.13.*"}
-_SERVER_SOURCE = "TensorRT support matrix: 10.x and 11.x build for every data-centre architecture (issue #33)"
+_SERVER_SOURCE = ("inferred: TensorRT 10.x/11.x support matrices list Ampere to Blackwell (Blackwell from 10.8); the "
+                  "versions are the lines with an operator list here")
 
 
 def _server(name: str, arch: Arch, gpus: str, since: str = "10.13") -> Platform:

@@ -61,3 +61,12 @@ def test_a_builder_flag_this_tensorrt_lacks_exits_2_naming_it():
     with pytest.raises(ShipyardError, match="TensorRT 11.5.0 has no builder flag VERSION_COMPATIBLE") as err:
         builder_flag(fake, "VERSION_COMPATIBLE", "11.5.0", "a100")
     assert getattr(err.value, "exit_code", 2) == 2  # the CLI's exit for bad input or environment
+
+
+def test_a_rebuild_is_recorded_as_identical_or_not():
+    from pipeline.stages.build import rebuild_record
+
+    assert rebuild_record(b"engine", b"engine")["identical"]
+    differs = rebuild_record(b"engine", b"engine'")
+    assert not differs["identical"] and "the engine shipped is the first" in differs["note"]
+    assert not rebuild_record(b"engine", None)["identical"]  # the rebuild failed

@@ -64,6 +64,9 @@ class TargetSpec(Strict):
         "none", description="ampere_plus: one engine runs on every sm_80+ desktop/server GPU (slower)")
     version_compatible: bool = Field(False, description="an engine later TensorRT versions of the same major load")
     sparse_weights: bool = Field(False, description="needs stages.prune.sparsity_24 != none")
+    rebuild_check: bool = Field(
+        False, description="build the engine twice with the same timing cache and record whether the bytes match "
+        "(TensorRT does not promise byte-identical rebuilds; what ships is always the engine hashed and gated)")
     dla_core: int | None = Field(None, ge=0, description="Jetson DLA core; other layers fall back to the GPU; "
                                  "every profile must be static (min = opt = max)")
     trt_version: str | None = Field(

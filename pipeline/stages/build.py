@@ -71,6 +71,7 @@ class BuildPlan:
     timing_cache: str | None = None
     trt_version: str = ""
     precision: str = ""  # what the target asked: the inspector check after the build holds the engine to it
+    rebuild_check: bool = False
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -107,7 +108,7 @@ def plan_build(target: TargetSpec, onnx_path: Path) -> BuildPlan:
         hardware_compatibility=target.hardware_compatibility.upper(), flags=flags, clear_flags=clear_flags,
         parser_flags=parser_flags, dla_core=target.dla_core,
         timing_cache=str(target.timing_cache) if target.timing_cache else None, trt_version=target.tensorrt,
-        precision=target.precision,
+        precision=target.precision, rebuild_check=target.rebuild_check,
     )
 
 
@@ -128,6 +129,8 @@ class EngineRecord:
     driver: str = ""
     # What the engine inspector says its float layers run in (`pipeline.trt.inspect`).
     precision_check: dict[str, Any] = field(default_factory=dict)
+    # With rebuild_check: whether a second build with the same timing cache gave the same bytes.
+    rebuild: dict[str, Any] = field(default_factory=dict)
 
 
 def attach_timing_cache(config, path: Path | None) -> str:
@@ -224,12 +227,26 @@ def build_engine(plan: BuildPlan, out: Path, env: BuildEnvironment) -> EngineRec
     with atomic_file(out) as tmp:
         tmp.write_bytes(bytes(serialized))
     cache_status = save_timing_cache(config, cache_path, cache_status)
+    rebuild = rebuild_record(bytes(serialized), builder.build_serialized_network(network, config)) \
+        if plan.rebuild_check else {}
     return EngineRecord(
         path=str(out), sha256=sha256_file(out), size_bytes=Path(out).stat().st_size,
         trt_version=env.trt_version, gpu_name=env.gpu_name, compute_capability=env.arch,
         build_seconds=round(seconds, 3), plan=plan.to_dict(), timing_cache=cache_status, cuda=env.cuda,
-        driver=env.driver, precision_check=check.to_dict(),
+        driver=env.driver, precision_check=check.to_dict(), rebuild=rebuild,
     )
+
+
+def rebuild_record(first: bytes, second) -> dict[str, Any]:
+    """Whether a rebuild (same network, config and, now warm, timing cache) gave the same engine.
+    TensorRT does not promise byte-identical rebuilds (tactic timing can differ); Shipyard's
+    guarantee is instead that the engine shipped is the one hashed and gated, never a rebuild."""
+    import hashlib
+
+    digests = [hashlib.sha256(first).hexdigest(), hashlib.sha256(bytes(second)).hexdigest() if second else None]
+    same = digests[0] == digests[1]
+    return {"identical": same, "sha256": digests,
+            "note": "same bytes" if same else "the rebuild differs; the engine shipped is the first, hashed and gated"}
 
 
 def builder_flag(trt, name: str, version: str, target: str):
