@@ -62,8 +62,14 @@ TRT_RELEASES: dict[str, TrtRelease] = {
 }
 # The TensorRT a target without platform or trt_version runs (stages.build.trt_version's default).
 TRT_VERSION = "11.5"
+# Polygraphy as it ships with TensorRT 11 (it serves 10.x too): installed beside every line.
+POLYGRAPHY = "polygraphy==0.53.6"
 # TensorRT releases that build for the DLA on Jetson (10.8-11.4.0 dropped it; 11.4.1 restored it on JetPack 7.2.2).
 DLA_TRT_VERSIONS = "TensorRT <= 10.7 (JetPack 6) or >= 11.4.1 (JetPack 7.2.2)"
+
+
+def _at_least(version: str, floor: str) -> bool:
+    return tuple(int(p) for p in version.split(".")) >= tuple(int(p) for p in floor.split("."))
 
 
 @dataclass(frozen=True)
@@ -86,9 +92,10 @@ class Platform:
         return next(iter(self.trt))
 
 
-_SERVER_TRT = {"11.5": "the Dockerfile's image (TRT=11.5) or pip tensorrt-cu13==11.5.*",
-               "11.4": "pip tensorrt-cu13==11.4.*", "10.16": "the Dockerfile's image (TRT=10.16)",
-               "10.15": "pip tensorrt-cu13==10.15.* (NGC 26.02)", "10.13": "pip tensorrt-cu13==10.13.*"}
+# Server and desktop GPUs run the image of any TensorRT line from 10.13 (the Dockerfile's TRT
+# build argument) or its wheel; newest first, so the default is the newest.
+_SERVER_TRT = {v: f"the Dockerfile's image (TRT={v}) or pip {r.wheel}"
+               for v, r in reversed(TRT_RELEASES.items()) if _at_least(v, "10.13")}
 _SERVER_SOURCE = ("inferred: TensorRT 10.x/11.x support matrices list Ampere to Blackwell (Blackwell from 10.8); the "
                   "versions are the lines with an operator list here")
 
@@ -98,10 +105,6 @@ def _server(name: str, arch: Arch, gpus: str, since: str = "10.13") -> Platform:
     return Platform(name, arch, gpus, versions, "13.x (the image's or the wheel's)", False,
                     "the Dockerfile's image on a GPU of this architecture", ("self-hosted", "gpu", arch),
                     _SERVER_SOURCE)
-
-
-def _at_least(version: str, floor: str) -> bool:
-    return tuple(int(p) for p in version.split(".")) >= tuple(int(p) for p in floor.split("."))
 
 
 PLATFORMS: dict[str, Platform] = {p.name: p for p in (
@@ -166,6 +169,14 @@ def tensorrt_for(arch: str, default: str = TRT_VERSION) -> str:
     recipe's stages.build.trt_version)."""
     jetson = next((p for p in PLATFORMS.values() if p.arch == arch and arch in JETSON_ARCHS), None)
     return jetson.default_trt if jetson else default
+
+
+def requirements(trt_version: str) -> list[str]:
+    """The pip requirements of a TensorRT line's bindings and Polygraphy (the Dockerfile installs
+    these through `shipyard targets --requirements`; the `trt`/`trt10` extras pin the same)."""
+    if trt_version not in TRT_RELEASES:
+        raise KeyError(f"no TensorRT {trt_version!r} in the platform table; known: {', '.join(TRT_RELEASES)}")
+    return [TRT_RELEASES[trt_version].wheel, POLYGRAPHY]
 
 
 def shipped_trt_versions() -> list[str]:

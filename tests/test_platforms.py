@@ -61,6 +61,36 @@ def test_the_table_is_one_source_for_the_schema_the_op_lists_and_targets():
     assert set(rows) == set(PLATFORMS) and rows["jetson-orin-jp6"]["trt"] == {"10.3": "JetPack 6.0-6.2"}
 
 
+def test_the_ci_example_builds_one_engine_job_per_platform_with_its_labels_and_tensorrt():
+    from pathlib import Path
+
+    import yaml
+
+    ci = Path(__file__).resolve().parents[1] / "recipes" / "ci"
+    workflow = yaml.safe_load((ci / "release-engines.yml").read_text())
+    # YAML 1.1 reads the key `on:` as true.
+    recipe = workflow[True]["workflow_dispatch"]["inputs"]["recipe"]["default"]
+    assert recipe == "recipes/ci/every-platform.yaml"
+    planned = invoke("plan", str(ci / "every-platform.yaml"))
+    assert planned.exit_code == 0, planned.output
+    jobs = {job["target"]: job for job in json.loads(planned.output)["jobs"]}
+    by_platform = {name.rsplit("-", 1)[0]: job for name, job in jobs.items()}
+    assert set(by_platform) == set(PLATFORMS) and len(jobs) == len(PLATFORMS)
+    for name, job in by_platform.items():
+        platform = PLATFORMS[name]
+        assert job["runs_on"] == list(platform.runner) and job["arch"] == platform.arch
+        assert job["trt_version"] == platform.default_trt
+        jetson = name.startswith("jetson-")
+        assert job["container"] == ("" if jetson else f"shipyard-trt:{platform.default_trt}")
+    # The image each server job builds is of that job's TensorRT: the table row's pins.
+    build = next(step for step in workflow["jobs"]["engine"]["steps"] if "docker build" in step.get("run", ""))
+    assert build["env"]["TRT"] == "${{ matrix.trt_version }}" and '--build-arg "TRT=$TRT"' in build["run"]
+    for version, release in TRT_RELEASES.items():
+        listed = invoke("targets", "--requirements", version)
+        assert listed.exit_code == 0 and listed.output.split()[0] == release.wheel
+    assert_clean_failure(invoke("targets", "--requirements", "9.0"), "--requirements 9.0", "11.5")
+
+
 def test_each_operator_list_says_where_it_came_from_and_what_was_inferred():
     from pipeline.trt.readiness import operator_support
 

@@ -343,15 +343,16 @@ def test_dockerfile_lints_clean_and_pins_tensorrt():
     result = subprocess.run([hadolint, str(ROOT / "Dockerfile")], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
     text = (ROOT / "Dockerfile").read_text()
-    assert '".[${TRT_EXTRA}]"' in text and 'ENTRYPOINT ["shipyard"]' in text
-    from pipeline.platforms import TRT_RELEASES, TRT_VERSION
+    assert 'ENTRYPOINT ["shipyard"]' in text
+    from pipeline.platforms import POLYGRAPHY, TRT_RELEASES, TRT_VERSION
 
-    # The image's TensorRT is the platform table's default, checked when the image is built; the
-    # extras pin the table's wheels, and the other line is built by the documented build argument.
+    # The image's TensorRT is the platform table's default, its pins the table's row for the TRT
+    # build argument (checked when the image is built); the extras pin the same wheels.
     assert f"ARG TRT={TRT_VERSION}\n" in text and "startswith(os.environ['TRT'] + '.')" in text
-    assert "--build-arg TRT=10.16 --build-arg TRT_EXTRA=trt10" in text
+    assert 'shipyard targets --requirements "${TRT}"' in text and "--build-arg TRT=10.16 " in text
     extras = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["optional-dependencies"]
-    assert TRT_RELEASES[TRT_VERSION].wheel in extras["trt"] and TRT_RELEASES["10.16"].wheel in extras["trt10"]
+    assert extras["trt"] == [TRT_RELEASES[TRT_VERSION].wheel, POLYGRAPHY]
+    assert extras["trt10"] == [TRT_RELEASES["10.16"].wheel, POLYGRAPHY]
 
 
 def test_ci_example_runs_two_phases_and_collects():

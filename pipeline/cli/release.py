@@ -287,14 +287,23 @@ def bench_cmd(release: Path, optimum: bool, include_trt: bool, openvino: bool, q
 
 
 @cli.command("targets")
+@click.option("--requirements", "requirements_for", metavar="X.Y",
+              help="print only the pip requirements of TensorRT X.Y's bindings and Polygraphy, one a line")
 @output_options
-def targets_cmd(quiet: bool, as_json: bool) -> None:
+def targets_cmd(requirements_for: str | None, quiet: bool, as_json: bool) -> None:
     """The platform presets a target may name (`platform:`), with each one's architecture, the
     TensorRT it runs (the first is its default) and what provides it, CUDA, DLA, where its engines
     are built, the CI runner labels and the source of each row (pipeline/platforms.py)."""
     from dataclasses import asdict
 
-    from pipeline.platforms import PLATFORMS, TRT_RELEASES
+    from pipeline.platforms import PLATFORMS, TRT_RELEASES, requirements
+
+    if requirements_for is not None:
+        if requirements_for not in TRT_RELEASES:
+            raise ShipyardError(f"--requirements {requirements_for}: no such TensorRT line; use one of "
+                                f"{', '.join(TRT_RELEASES)}")
+        click.echo("\n".join(requirements(requirements_for)))
+        return
 
     rows = [asdict(p) for p in PLATFORMS.values()]
     lines = [f"{'platform':18s} {'arch':7s} {'TensorRT (default first)':34s} {'DLA':4s} GPUs"]

@@ -54,8 +54,8 @@ def plan_jobs(recipe: Recipe, release_dir: str = RELEASE_DIR) -> list[dict[str, 
             # A platform preset's runner labels (pipeline/platforms.py), else the architecture's.
             "runs_on": list(PLATFORMS[target.platform].runner) if target.platform else
             ["self-hosted", "jetson" if jetson else "gpu", target.arch],
-            # Jetson runs JetPack's own TensorRT (aarch64); the image of the target's TensorRT line
-            # (the Dockerfile's TRT build argument) serves every other target.
+            # Jetson runs JetPack's own TensorRT (aarch64); every other target, the image of its
+            # TensorRT line (the Dockerfile's TRT build argument: any TRT_RELEASES row).
             "container": "" if jetson else f"shipyard-trt:{target.tensorrt}",
             "out": out,
             "command": shlex.join(["shipyard", "engines", release_dir, "--target", target.name, "--out", out]),
