@@ -45,3 +45,32 @@ def test_bench_with_openvino_adds_openvinos_own_float_and_int8_of_the_export(tin
     for name in ("OpenVINO FP32 (of model.fp32)", "NNCF INT8 (of model.fp32)"):
         assert rows[name]["runtime"] == "openvino" and rows[name]["b1_ms"] > 0 and rows[name]["size_bytes"] > 0
     assert rows["OpenVINO FP32 (of model.fp32)"]["agreement"] >= 0.99  # the same float graph on another runtime
+
+
+def test_each_runner_is_timed_after_the_previous_ones_threads_have_settled(monkeypatch):
+    """ONNX Runtime's and PyTorch's pools spin after their last call: timed straight after one, a
+    runner shared the cores with it (an OpenVINO IR measured 1.26x slower). Every runner's calls
+    start at least SETTLE_S after the previous runner's last call."""
+    import time
+
+    import numpy as np
+
+    from pipeline.parity import timing
+
+    monkeypatch.setattr(timing, "SETTLE_S", 0.02)
+    calls: list[tuple[str, float, float]] = []
+
+    class Recorded:
+        def __init__(self, name):
+            self.name = name
+
+        def infer(self, batch):
+            started = time.perf_counter()
+            calls.append((self.name, started, time.perf_counter()))
+
+    batch = {"input_ids": np.zeros((2, 4), np.int64)}
+    timings = timing.measure_all([Recorded("a"), Recorded("b")], batch, batch, rounds=2)
+    assert len(timings) == 2 and all(t.b1_ms > 0 for t in timings)
+    timed = calls[2 * 4:]  # after the warm-up (3 + 1 calls each)
+    switches = [(prev, cur) for prev, cur in zip(timed, timed[1:], strict=False) if prev[0] != cur[0]]
+    assert switches and all(cur[1] - prev[2] >= 0.02 for prev, cur in switches)

@@ -5,6 +5,12 @@ Batch-1 latency (median, ms) and batch-32 throughput (sequences/s), measured in 
 rounds after a warm-up, so a slow spell of the machine hits every runner alike. Each round's
 median is kept too: the spread of a ratio across rounds is how sure it is. Machines differ in
 their vector units and are noisy: compare ratios from one run, never absolute figures across runs.
+
+Each runner's calls start after a pause (`SETTLE_S`): ONNX Runtime's and PyTorch's thread pools
+keep spinning for a while after their last call, and on a 2-core machine the runner timed next
+shared the cores with them. Measured on a 2-core AVX-512 VNNI EPYC: an OpenVINO IR timed right
+after an ONNX Runtime graph took 5.21 ms at batch 1, where an IR of equal speed timed after an
+OpenVINO runner took 4.14 ms; with the pause 4.39 ms and 4.28 ms.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from dataclasses import dataclass
 
 THREADS = 2
 SEQ = 64
+SETTLE_S = 0.1  # the pause before each runner's calls (module docstring)
 
 
 @dataclass(frozen=True)
@@ -54,7 +61,9 @@ def measure_all(runners, batch1, batch32, rounds: int = 5) -> list[Timing]:
         time_calls(runner, batch32, 1)
     for _ in range(rounds):
         for i, runner in enumerate(runners):
+            time.sleep(SETTLE_S)
             b1[i].append(time_calls(runner, batch1, 12))
+            time.sleep(SETTLE_S)
             b32[i].append(time_calls(runner, batch32, 2))
     size = len(next(iter(batch32.values())))
     timings = []
