@@ -22,9 +22,11 @@ QuantFormat = Literal["qdq", "cpu", "openvino"]
 QUANT_FORMATS: tuple[str, ...] = get_args(QuantFormat)
 # The candidate graph forms a CPU format is chosen among, by measurement on the building machine
 # (`pipeline.stages.quantize.candidates`): ONNX Runtime's dynamic INT8 on the fused (Attention,
-# SkipLayerNorm) or the unfused graph, weights per channel or per tensor (Optimum's form); and
-# OpenVINO running NNCF's static INT8 of the float graph, or ONNX Runtime's Q/DQ graph.
-CpuForm = Literal["fused-per-channel", "unfused-per-channel", "unfused-per-tensor"]
+# SkipLayerNorm) or the unfused graph, weights per channel or per tensor (Optimum's form), the
+# embedding tables in INT8 or left in float; and OpenVINO running NNCF's static INT8 of the float
+# graph, or ONNX Runtime's Q/DQ graph. What each CPU form is: `stages/quantize/stage.py`, CPU_FORM_SHAPES.
+CpuForm = Literal["fused-per-channel", "unfused-per-channel", "unfused-per-tensor",
+                  "unfused-per-channel-float-embeddings"]
 CPU_FORMS: tuple[str, ...] = get_args(CpuForm)
 OpenvinoForm = Literal["nncf", "qdq"]
 OPENVINO_FORMS: tuple[str, ...] = get_args(OpenvinoForm)

@@ -56,6 +56,24 @@ def test_quantize_then_validate_passes(tiny, tiny_holdout_small, exported, tmp_p
     assert parity["passed"] and parity["gate"]["min_agreement"] == 0.98  # the INT8 default picked
 
 
+@pytest.mark.parametrize("form, float_tables", [("unfused-per-channel", 0), ("unfused-per-channel-float-embeddings", 3)])
+def test_a_cpu_form_may_leave_the_embedding_tables_in_float(tiny, tiny_holdout_small, exported, tmp_path, form,
+                                                            float_tables):
+    out = tmp_path / "int8.cpu.onnx"
+    result = CliRunner().invoke(cli, ["quantize", "--model", str(exported[0]), "--out", str(out),
+                                      "--calibration", str(tiny_holdout_small), "--tokenizer", str(tiny.model),
+                                      "--format", "cpu", "--form", form, "--samples", "64", "--max-length", "64",
+                                      "--quiet"])
+    assert result.exit_code == 0, result.output
+    model = onnx.load(str(out))
+    tables = {i.name: i for i in model.graph.initializer}
+    gathers = [n for n in model.graph.node if n.op_type == "Gather" and n.input[0] in tables]
+    # Word, position and token-type lookups read float tables, or INT8 ones dequantized after the lookup.
+    assert sum(tables[n.input[0]].data_type == onnx.TensorProto.FLOAT for n in gathers) == float_tables
+    quantized = [n for n in gathers if tables[n.input[0]].data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)]
+    assert len(quantized) == 3 - float_tables
+
+
 def test_entropy_and_percentile_calibration(tiny, tiny_holdout_small, exported, tmp_path):
     """Each method sets its own activation ranges from the same rows: entropy and percentile clip
     outliers MinMax keeps, so their activation scales differ from MinMax's (were every method run

@@ -14,8 +14,14 @@ import pytest
 from conftest import invoke, write_recipe
 from test_faults import assert_clean_failure
 
+from pipeline.names import CPU_FORMS
 from pipeline.parity.runners import FILE_CHECKS, RUNNERS
 from pipeline.runtimes import ARTIFACT_FORMATS, RUNTIMES, format_of_path
+from pipeline.stages.quantize.stage import CPU_FORM_SHAPES
+
+
+def test_every_cpu_form_is_one_row_of_the_shape_table():
+    assert list(CPU_FORM_SHAPES) == list(CPU_FORMS)
 
 
 def test_every_artifact_format_has_one_runtime_entry_and_one_runner():
@@ -38,15 +44,15 @@ def test_openvino_asked_without_the_extra_exits_2_naming_the_install_command(tin
 def test_a_run_chooses_each_cpu_format_by_measurement_and_ships_an_openvino_ir(tiny, tiny_holdout_small, tmp_path):
     pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e '.[openvino]')")
     recipe = write_recipe(tmp_path, tiny.model, tiny_holdout_small, targets=[], stages={"quantize": {
-        "formats": ["cpu", "openvino"], "cpu_forms": ["fused-per-channel", "unfused-per-channel", "unfused-per-tensor"],
-        "openvino_forms": ["nncf", "qdq"], "deploy_isa": "amx"}})
+        "formats": ["cpu", "openvino"], "cpu_forms": list(CPU_FORMS), "openvino_forms": ["nncf", "qdq"],
+        "deploy_isa": "amx"}})
     out = tmp_path / "release"
     result = invoke("run", recipe, "--out", out, "--cache-dir", tmp_path / "cache")
     assert result.exit_code == 0, result.output
     manifest = json.loads((out / "manifest.json").read_text())
     arts = {a["name"]: a for a in manifest["artifacts"]}
 
-    for name, forms in (("model.int8.cpu", 3), ("model.int8.openvino", 2)):
+    for name, forms in (("model.int8.cpu", len(CPU_FORMS)), ("model.int8.openvino", 2)):
         choice = arts[name]["options"]["choice"]
         rows = choice["candidates"]
         assert len(rows) == forms and all(r["b1_ms"] > 0 and r["batch_per_s"] > 0 for r in rows)

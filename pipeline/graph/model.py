@@ -116,6 +116,13 @@ def standard_attention_nodes(model: ir.Model) -> list[ir.Node]:
     return [node for node in model.graph if node.op_type == "Attention" and node.domain in STANDARD_DOMAINS]
 
 
+def embedding_gathers(model: ir.Model) -> list[ir.Node]:
+    """The Gathers that look rows up in a weight table (word, position, token-type embeddings):
+    their data input is an initializer of rank 2."""
+    return [node for node in model.graph if node.op_type == "Gather" and node.inputs and node.inputs[0] is not None
+            and node.inputs[0].const_value is not None and len(node.inputs[0].const_value.shape) == 2]
+
+
 def constant(value: ir.Value | None) -> np.ndarray | None:
     """The value of an initializer or of a `Constant` node's output (any attribute form), else None."""
     if value is None:

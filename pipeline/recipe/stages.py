@@ -7,6 +7,7 @@ from pathlib import Path
 from pydantic import Field, field_validator
 
 from pipeline.names import (
+    CPU_FORMS,
     MAX_TOKENS,
     CalibrationMethod,
     CpuForm,
@@ -128,9 +129,10 @@ class QuantizeSpec(Strict):
                                        description="qdq: explicit Q/DQ ONNX for TensorRT; cpu: ONNX Runtime graph "
                                        "with dynamic INT8; openvino: OpenVINO IR (the openvino extra)")
     cpu_forms: list[CpuForm] = Field(
-        default_factory=lambda: list[CpuForm](["fused-per-channel", "unfused-per-channel", "unfused-per-tensor"]), min_length=1,
+        default_factory=lambda: list[CpuForm](list(CPU_FORMS)), min_length=1,
         description="the cpu format's candidates: each is quantized with the float fallback, timed on this machine, "
-        "and the fastest that meets fallback.min_agreement on the tuning rows ships (all recorded)")
+        "and the fastest that meets fallback.min_agreement on the tuning rows ships (all recorded); "
+        "float-embeddings leaves the embedding tables in float (larger, sometimes fewer float layers)")
     openvino_forms: list[OpenvinoForm] = Field(
         default_factory=lambda: list[OpenvinoForm](["nncf", "qdq"]), min_length=1,
         description="the openvino format's candidates: nncf (NNCF static INT8 of the float graph) and qdq (the Q/DQ "

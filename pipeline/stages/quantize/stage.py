@@ -173,8 +173,15 @@ def _float_inputs_for_excluded(path: Path, excluded: list[str]) -> None:
     graph_model.save(model, path)
 
 
+# What each CPU form (`names.CpuForm`) is: (the graph fused, weights per channel, embedding tables in INT8).
+CPU_FORM_SHAPES: dict[str, tuple[bool, bool, bool]] = {
+    "fused-per-channel": (True, True, True), "unfused-per-channel": (False, True, True),
+    "unfused-per-tensor": (False, False, True), "unfused-per-channel-float-embeddings": (False, True, False),
+}
+
+
 def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[..., dict] | None = None, fuse: bool = True,
-                   per_channel: bool = True):
+                   per_channel: bool = True, int8_embeddings: bool = True):
     import shutil
 
     import onnx
@@ -198,12 +205,14 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[..., dict] | Non
     # ORT's dynamic quantizer takes every node named `Attention` for its packed contrib op and
     # breaks the standard ONNX one (opset 23, torch's dynamo exporter): those stay in float.
     standard_attention = [n.name or "" for n in graph_model.standard_attention_nodes(graph_model.load(fused))]
+    # The embedding tables: Gathers from an initializer (the fused form folds them into EmbedLayerNormalization).
+    float_embeddings = [] if int8_embeddings else [n.name or "" for n in graph_model.embedding_gathers(graph_model.load(fused))]
 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"cpu-{len(excluded)}.onnx"
         quantize_dynamic(
             str(fused), str(out), weight_type=QuantType.QInt8, per_channel=per_channel,
-            nodes_to_exclude=excluded + standard_attention, use_external_data_format=large,
+            nodes_to_exclude=excluded + standard_attention + float_embeddings, use_external_data_format=large,
             # The fused graph loses some value_info; without a default type the quantizer stops.
             extra_options={"DefaultTensorType": onnx.TensorProto.FLOAT},
         )
@@ -213,6 +222,7 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[..., dict] | Non
     options = {"fusion": "onnxruntime.transformers bert" if fuse else "none", "fused_ops": fused_ops,
                "ops": "all ONNX Runtime dynamic-quantizable ops (MatMul, Attention, EmbedLayerNormalization, Gather)",
                "weights": f"int8 symmetric per-{'channel' if per_channel else 'tensor'}",
+               "embeddings": "int8" if int8_embeddings else f"float ({len(float_embeddings)} tables)",
                "activations": "int8, scaled at run time", **({"smoothing": smoothing} if smoothing else {})}
     return fused, quantize, options
 
@@ -233,15 +243,13 @@ def _forms(fmt: QuantFormat, spec: QuantizeSpec, src: Path, batches: list[Batch]
         graph, quantize, options = _qdq_quantizer(source, work, batches, spec)
         return graph, quantize, {**options, **smoothed}
 
-    def cpu(fuse: bool, per_channel: bool):
-        return lambda work: _cpu_quantizer(src, work, smooth_with, fuse, per_channel)
+    def cpu(fuse: bool, per_channel: bool, int8_embeddings: bool):
+        return lambda work: _cpu_quantizer(src, work, smooth_with, fuse, per_channel, int8_embeddings)
 
     if fmt == "qdq":
         return [Form("qdq", "onnx", qdq)]
     if fmt == "cpu":
-        shapes = {"fused-per-channel": (True, True), "unfused-per-channel": (False, True),
-                  "unfused-per-tensor": (False, False)}
-        return [Form(name, "onnx", cpu(*shapes[name])) for name in spec.cpu_forms]
+        return [Form(name, "onnx", cpu(*CPU_FORM_SHAPES[name])) for name in spec.cpu_forms]
     makers = {"nncf": lambda work: openvino.nncf_quantizer(src, work, batches),
               "qdq": lambda work: openvino.qdq_reader(*_first_two(qdq(work)), work)}
     return [Form(name, "openvino", makers[name]) for name in spec.openvino_forms]
