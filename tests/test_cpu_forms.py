@@ -74,6 +74,19 @@ def test_a_run_chooses_each_cpu_format_by_measurement_and_ships_an_openvino_ir(t
     assert manifest["model"]["device"] == ("cuda" if torch.cuda.is_available() else "cpu")  # model.device: auto
     assert {c["artifact"] for c in manifest["cpu_form"]["candidates"]} == {"model.int8.cpu", "model.int8.openvino"}
 
+    # A real tritonserver (Python backend running OpenVINO) serves the IR's predictions as predict gives them.
+    from test_triton import assert_served_like_predict
+
+    (tmp_path / "served").mkdir()
+    assert_served_like_predict(out, tmp_path / "served", "model.int8.openvino")
+    from pipeline.release.triton import parse_config
+
+    assert invoke("package", out, "--triton", tmp_path / "repo").exit_code == 0  # for Triton's openvino backend
+    config = parse_config((tmp_path / "repo" / "model_int8_openvino" / "config.pbtxt").read_text())
+    assert config.backend == "openvino" and [i.name for i in config.input][:2] == ["input_ids", "attention_mask"]
+    assert {p.name for p in (tmp_path / "repo" / "model_int8_openvino" / "1").iterdir()} == {"model.xml", "model.bin"}
+    assert invoke("verify", tmp_path / "repo").exit_code == 0
+
     # The IR runs under predict as the gate ran it, and its weights are verified with it.
     predicted = invoke("predict", out, "--artifact", "model.int8.openvino", "--text", "what a day", "--json")
     assert predicted.exit_code == 0, predicted.output

@@ -49,9 +49,10 @@ def test_package_refuses_what_it_cannot_package(tiny_release, tmp_path):
                          out=tmp_path / "repo")
 
 
-def assert_served_like_predict(release: Path, tmp_path: Path) -> None:
-    """Package `release` for the wheel's tritonserver (Python backend only: the CPU INT8 artifact run
-    by a Python-backend model with ONNX Runtime inside the text ensemble), send its evaluation rows
+def assert_served_like_predict(release: Path, tmp_path: Path, artifact: str | None = None) -> None:
+    """Package `release` for the wheel's tritonserver (Python backend only: the CPU INT8 artifact, or
+    `artifact`, run by a Python-backend model with ONNX Runtime or OpenVINO inside the text
+    ensemble), send its evaluation rows
     over HTTP in the batches `predict` makes (ordered by length, as many a request as the gate's
     batches: dynamic INT8 scales per batch), and require every served prediction to be `predict`'s."""
     import tritonclient.http as http
@@ -68,7 +69,8 @@ def assert_served_like_predict(release: Path, tmp_path: Path) -> None:
     source = tmp_path / "rows.jsonl"
     source.write_text("".join(json.dumps({"t": t, "p": p}) + "\n" for t, p in zip(texts, pairs, strict=True)))
     predicted = invoke("predict", release, "--data", source, "--text-column", "t", "--truncate", "--json",
-                       *(("--pair-column", "p") if record.text_pair else ()))
+                       *(("--pair-column", "p") if record.text_pair else ()),
+                       *(("--artifact", artifact) if artifact else ()))
     assert predicted.exit_code == 0, predicted.output
     expected = json.loads(predicted.output)["predictions"]
 
@@ -86,7 +88,8 @@ def assert_served_like_predict(release: Path, tmp_path: Path) -> None:
                 tensor = http.InferInput(name, [len(chunk), 1], "BYTES")
                 tensor.set_data_from_numpy(np.array([[v.encode()] for v in chunk], dtype=object))
                 inputs.append(tensor)
-            reply = client.infer("model_int8_cpu_text", inputs, outputs=[http.InferRequestedOutput("PREDICTION")])
+            ensemble = (artifact or "model.int8.cpu").replace(".", "_").replace("-", "_") + "_text"
+            reply = client.infer(ensemble, inputs, outputs=[http.InferRequestedOutput("PREDICTION")])
             served += [json.loads(v[0]) for v in reply.as_numpy("PREDICTION")]
     assert len(served) == len(expected)
     for got, want in zip(served, expected, strict=True):

@@ -1,12 +1,14 @@
 """`shipyard package RELEASE --triton DIR`: a Triton model repository from a verified release.
 
-Per deployable artifact (the CPU INT8 ONNX, each TensorRT target's typed ONNX, each built engine)
-an inference model (`onnxruntime` backend, or `tensorrt_plan` with the target's profiles), and an
+Per deployable artifact (the CPU INT8 ONNX, the OpenVINO IR, each TensorRT target's typed ONNX,
+each built engine) an inference model (`onnxruntime` or `openvino` backend, or `tensorrt_plan` with
+the target's profiles), and an
 ensemble `<model>_text` that takes TEXT (and PAIR) and returns PREDICTION, one JSON object per row:
 the shared Python-backend `preprocess` (the release's tokenizer and encoding) and `postprocess`
 (the gate's task code, `pipeline.release.triton_model`) around the inference model. With
-`python_runtime`, ONNX inference models are Python-backend models running ONNX Runtime instead,
-for a server that has only the Python backend (the `nvidia-pytriton` wheel's). Every config is
+`python_runtime`, ONNX and OpenVINO inference models are Python-backend models running ONNX
+Runtime or OpenVINO instead, for a server that has only the Python backend (the `nvidia-pytriton`
+wheel's, which is how both are proven here). Every config is
 written as text from Triton's `ModelConfig` message and the repository carries its own manifest,
 which `shipyard verify` checks. Written here because no tool writes a gated, signed repository.
 """
@@ -57,6 +59,23 @@ def _io(path: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, s
         return found
 
     return describe(model.graph.input), describe(model.graph.output)
+
+
+def _io_ir(xml: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str, str, list[int]]]]:
+    """`_io` of an OpenVINO IR."""
+    import openvino as ov
+
+    model = ov.Core().read_model(str(xml))
+
+    def describe(ports) -> list[tuple[str, str, list[int]]]:
+        return [(port.get_any_name(), TYPES[port.get_element_type().to_dtype().name],
+                 [d.get_length() if d.is_static else -1 for d in port.get_partial_shape()][1:]) for port in ports]
+
+    return describe(model.inputs), describe(model.outputs)
+
+
+# The file an inference model's version folder holds, per artifact format (its weights beside it).
+MODEL_FILE = {"onnx": "model.onnx", "openvino": "model.xml", "tensorrt-engine": "model.plan"}
 
 
 def _tensors(kind: str, io: list[tuple[str, str, list[int]]]) -> str:
@@ -116,11 +135,10 @@ def parse_config(text: str):
 
 
 def deployable(manifest: Manifest) -> list[ArtifactRecord]:
-    """The artifacts a server runs: the CPU INT8 ONNX, the targets' typed ONNX and built engines.
-    An OpenVINO IR is left out: Triton's OpenVINO backend is not in the server this is tested
-    with (nvidia-pytriton's), so a repository using it could not be proven to load."""
-    return [a for a in manifest.artifacts if a.name == "model.int8.cpu" or a.name.startswith("model.trt.")
-            or a.format == "tensorrt-engine"]
+    """The artifacts a server runs: the CPU INT8 ONNX, the OpenVINO IR, the targets' typed ONNX and
+    built engines."""
+    return [a for a in manifest.artifacts if a.name in ("model.int8.cpu", "model.int8.openvino")
+            or a.name.startswith("model.trt.") or a.format == "tensorrt-engine"]
 
 
 def package(release: Path, out: Path, overwrite: bool = False, python_runtime: bool = False,
@@ -150,7 +168,8 @@ def package(release: Path, out: Path, overwrite: bool = False, python_runtime: b
         # Each model's own inputs and outputs: a target may ask for float16 outputs. An engine's are its
         # target's ONNX's. One postprocess per distinct output signature: an ensemble's types must match.
         onnx_of = {str(t.engine.get("path")): t.onnx for t in manifest.targets if t.engine}
-        io = {a.name: _io(release / (a.path if a.format == "onnx" else onnx_of[a.path])) for a in artifacts}
+        io = {a.name: _io_ir(release / a.path) if a.format == "openvino" else
+              _io(release / (a.path if a.format == "onnx" else onnx_of[a.path])) for a in artifacts}
         graph_inputs = next(iter(io.values()))[0]
         max_batch = record.batch_size
         postprocess: dict[str, str] = {}
@@ -184,6 +203,16 @@ def package(release: Path, out: Path, overwrite: bool = False, python_runtime: b
                     config = (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n'
                               f'{_tensors("input", graph_inputs)}\n{_tensors("output", graph_outputs)}\n'
                               'dynamic_batching { }\n')
+            elif artifact.format == "openvino":
+                shutil.copy(release / artifact.path, folder / "model.xml")
+                shutil.copy(release / Path(artifact.path).with_suffix(".bin"), folder / "model.bin")
+                if python_runtime:
+                    shutil.copy(Path(__file__).with_name("triton_model.py"), folder / "model.py")
+                    config = _python(name, "openvino", graph_inputs, graph_outputs, max_batch, python_path)
+                else:
+                    config = (f'name: "{name}"\nbackend: "openvino"\nmax_batch_size: {max_batch}\n'
+                              f'{_tensors("input", graph_inputs)}\n{_tensors("output", graph_outputs)}\n'
+                              'dynamic_batching { }\n')
             else:
                 shutil.copy(release / artifact.path, folder / "model.plan")
                 built_for = engine_targets.get(artifact.path)
@@ -203,7 +232,9 @@ def package(release: Path, out: Path, overwrite: bool = False, python_runtime: b
         for config_file in sorted(tmp.glob("*/config.pbtxt")):  # each parses as Triton's own message
             parse_config(config_file.read_text())
         repo = manifest.model_copy(update={
-            "artifacts": [a.model_copy(update={"path": f"{_name(a.name)}/1/model.{'onnx' if a.format == 'onnx' else 'plan'}"})
+            "artifacts": [a.model_copy(update={"path": f"{_name(a.name)}/1/{MODEL_FILE[a.format]}",
+                                               **({"external_data": {"model.bin": a.external_data[next(iter(
+                                                   a.external_data))]}} if a.format == "openvino" else {})})
                           for a in artifacts],
             "release": {"folder": str(release), "manifest_sha256": verified.manifest_sha256}})
         write_json(tmp / "manifest.json", json.loads(list_files(repo, tmp).model_dump_json()))

@@ -3,7 +3,8 @@
 One file, three roles (the config's `role` parameter): `preprocess` tokenizes TEXT (and PAIR) with
 the release's tokenizer as the gate encoded its rows; `postprocess` turns the inference model's
 outputs into the task's prediction (one JSON object per row) with the gate's own task code; `ort`
-runs an ONNX artifact with ONNX Runtime, for a server without the onnxruntime backend. Triton's
+runs an ONNX artifact with ONNX Runtime, for a server without the onnxruntime backend, and
+`openvino` an OpenVINO IR with OpenVINO, for a server without the openvino backend. Triton's
 Python stub does not read PYTHONPATH, so the `python_path` parameter carries the paths of the
 environment that has Shipyard and its libraries (`shipyard package --python-path`).
 """
@@ -42,6 +43,15 @@ class TritonPythonModel:
             self.session = onnxruntime.InferenceSession(str(here / "model.onnx"), options,
                                                         providers=["CPUExecutionProvider"])
             return
+        if self.role == "openvino":
+            import openvino
+
+            threads = int(params.get("threads", "0"))
+            self.compiled = openvino.Core().compile_model(
+                str(here / "model.xml"), "CPU", {"PERFORMANCE_HINT": "LATENCY",
+                                                  **({"INFERENCE_NUM_THREADS": threads} if threads else {})})
+            self.ov_inputs = [port.get_any_name() for port in self.compiled.inputs]
+            return
         from calibration.encode import Encoder
         from calibration.sampling import Columns
         from pipeline.parity.tasks import Pooling, Task
@@ -73,6 +83,11 @@ class TritonPythonModel:
                          for i in self.session.get_inputs()}
                 values = self.session.run(self.outputs, feeds)
                 tensors = [self.pb.Tensor(name, value) for name, value in zip(self.outputs, values, strict=True)]
+            elif self.role == "openvino":
+                feeds = {name: self.pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.ov_inputs}
+                result = self.compiled.create_infer_request().infer(feeds)
+                by_name = {port.get_any_name(): np.array(result[port]) for port in self.compiled.outputs}
+                tensors = [self.pb.Tensor(name, by_name[name]) for name in self.outputs]
             elif self.role == "preprocess":
                 texts, pairs = self._strings(request, "TEXT"), self._strings(request, "PAIR")
                 rows = [{"text": t, **({"pair": pairs[i]} if self.record.text_pair else {})} for i, t in enumerate(texts)]
