@@ -66,6 +66,11 @@ def test_a_run_chooses_each_cpu_format_by_measurement_and_ships_an_openvino_ir(t
 
     ir = arts["model.int8.openvino"]
     assert ir["format"] == "openvino" and ir["path"] == "model.int8.openvino.xml"
+    from pipeline.parity.runners import OvRunner
+
+    # What OpenVINO ran the float layers in (bf16 on a CPU with avx512_bf16 or AMX) is recorded.
+    here = OvRunner(out / ir["path"]).inference_precision
+    assert ir["options"]["float_layers_ran_in"].startswith(f"{here} ") and here in ("bf16", "f32", "f16")
     assert list(ir["external_data"]) == ["model.int8.openvino.bin"] and ir["parity"]["passed"] is not None
     assert {s["stage"] for s in manifest["stages"]} >= {"validate[model.int8.openvino]", "speed[model.int8.openvino]"}
     assert manifest["cpu_form"]["artifact"] in arts

@@ -172,6 +172,12 @@ class OvRunner:
         self._load()
         return list(self._inputs)
 
+    @property
+    def inference_precision(self) -> str:
+        """What OpenVINO runs the IR's float layers in here: `bf16` by default on a CPU with
+        avx512_bf16 or AMX, `f32` on others (no IR setting pins it)."""
+        return self._load().get_property("INFERENCE_PRECISION_HINT").get_type_name()
+
     def infer(self, batch: Batch) -> Batch:
         compiled = self._load()
         result = self._request.infer({k: v for k, v in batch.items() if k in self._inputs})

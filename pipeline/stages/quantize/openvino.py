@@ -99,10 +99,11 @@ def read_record(xml: Path) -> dict[str, str]:
             if model.has_rt_info(["shipyard", key])}
 
 
-def write_ir(chosen: Path, tmp: Path, out: Path, record: dict[str, str]) -> None:
+def write_ir(chosen: Path, tmp: Path, out: Path, record: dict[str, str]) -> str:
     """Stamp `record` (`RECORD_KEYS`) into the chosen IR, copy it to `tmp` (the atomic temporary of
     `out`), prove OpenVINO compiles and runs it on two probe batches, and move its weights beside
-    `out` last (the caller renames `tmp`)."""
+    `out` last (the caller renames `tmp`). Returns what its float layers ran in here
+    (`OvRunner.inference_precision`): the gates measure that, and another CPU may run another."""
     import shutil
 
     import openvino as ov
@@ -120,6 +121,7 @@ def write_ir(chosen: Path, tmp: Path, out: Path, record: dict[str, str]) -> None
     probes = probe_batches(graph_model.load(_onnx_beside(chosen)))
     try:
         runner = OvRunner(_as_xml(tmp), threads=1)
+        precision = runner.inference_precision
         for batch in probes:
             outputs = runner.infer(batch)
             if not all(np.isfinite(v).all() for v in outputs.values()):
@@ -133,6 +135,7 @@ def write_ir(chosen: Path, tmp: Path, out: Path, record: dict[str, str]) -> None
             link.unlink(missing_ok=True)
             link.with_suffix(".bin").unlink(missing_ok=True)
     os.replace(weights, out.with_suffix(".bin"))
+    return precision
 
 
 def _onnx_beside(xml: Path) -> Path:

@@ -282,11 +282,15 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         longest = max(b["input_ids"].shape[1] for b in batches)  # timed at the longest calibration row
         winner, choice = candidates.choose(tried, src, spec.fallback.min_agreement, at_length(batches[0], longest),
                                            spec.deploy_isa)
+        runtime_notes: dict[str, str] = {}
         if winner.form.runtime == "openvino":
             source = graph_model.load(src)
             seen = sorted(set(policy.seen_rows(source)) | set(seen_rows))
-            openvino.write_ir(winner.path, tmp, out, {"kind": "int8", "seen_rows": ",".join(seen),
-                                                      "pruned": str(policy.PRUNED_MARK in source.metadata_props)})
+            precision = openvino.write_ir(winner.path, tmp, out, {
+                "kind": "int8", "seen_rows": ",".join(seen), "pruned": str(policy.PRUNED_MARK in source.metadata_props)})
+            runtime_notes["float_layers_ran_in"] = (
+                f"{precision} (OpenVINO's choice on this CPU, which the gates measured: bf16 where the CPU has "
+                "avx512_bf16 or AMX, f32 elsewhere)")
         else:
             model = graph_model.load(winner.path)
             stamp(model, "int8", seen_rows)
@@ -298,7 +302,7 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         "fallback": {"target_agreement": spec.fallback.min_agreement, "on": "tuning rows vs FP32 graph",
                      "tuning_rows": int(sum(len(b["input_ids"]) for b in tuning)),
                      "trials": [vars(t) for t in winner.trials]},
-        **({"choice": choice} if fmt != "qdq" else {}),
+        **({"choice": choice} if fmt != "qdq" else {}), **runtime_notes,
     }
 
 
