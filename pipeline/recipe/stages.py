@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import get_args
 
 from pydantic import Field, field_validator
 
 from pipeline.names import (
-    CPU_FORMS,
     MAX_TOKENS,
     CalibrationMethod,
     CpuForm,
@@ -129,7 +129,7 @@ class QuantizeSpec(Strict):
                                        description="qdq: explicit Q/DQ ONNX for TensorRT; cpu: ONNX Runtime graph "
                                        "with dynamic INT8; openvino: OpenVINO IR (the openvino extra)")
     cpu_forms: list[CpuForm] = Field(
-        default_factory=lambda: list[CpuForm](list(CPU_FORMS)), min_length=1,
+        default_factory=lambda: list[CpuForm](get_args(CpuForm)), min_length=1,
         description="the cpu format's candidates: each is quantized with the float fallback, timed on this machine, "
         "and the fastest that meets fallback.min_agreement on the tuning rows ships (all recorded); "
         "float-embeddings leaves the embedding tables in float (larger, sometimes fewer float layers)")
