@@ -76,6 +76,20 @@ def _io_ir(xml: Path) -> tuple[list[tuple[str, str, list[int]]], list[tuple[str,
 
 # The file an inference model's version folder holds, per artifact format (its weights beside it).
 MODEL_FILE = {"onnx": "model.onnx", "openvino": "model.xml", "tensorrt-engine": "model.plan"}
+# A CPU artifact's Triton backend, and the role of Shipyard's Python-backend model that runs it
+# instead on a server with only the Python backend (`--python-runtime`), per artifact format.
+CPU_SERVING = {"onnx": ("onnxruntime", "ort"), "openvino": ("openvino", "openvino")}
+
+
+def _copy_model(release: Path, artifact: ArtifactRecord, folder: Path) -> None:
+    """An artifact into a version folder as `MODEL_FILE`, its companion files beside it (an IR's
+    weights as model.bin, where OpenVINO looks for them; external data under its own names)."""
+    shutil.copy(release / artifact.path, folder / MODEL_FILE[artifact.format])
+    if artifact.format == "openvino":
+        shutil.copy(release / Path(artifact.path).with_suffix(".bin"), folder / "model.bin")
+        return
+    for data in artifact.external_data:
+        shutil.copy(release / Path(artifact.path).parent / data, folder / data)
 
 
 def _tensors(kind: str, io: list[tuple[str, str, list[int]]]) -> str:
@@ -192,29 +206,17 @@ def package(release: Path, out: Path, overwrite: bool = False, python_runtime: b
             name = _name(artifact.name)
             folder = tmp / name / "1"
             folder.mkdir(parents=True)
-            if artifact.format == "onnx":
-                shutil.copy(release / artifact.path, folder / "model.onnx")
-                for data in artifact.external_data:
-                    shutil.copy(release / Path(artifact.path).parent / data, folder / data)
+            _copy_model(release, artifact, folder)
+            if artifact.format in CPU_SERVING:
+                backend, role = CPU_SERVING[artifact.format]
                 if python_runtime:
                     shutil.copy(Path(__file__).with_name("triton_model.py"), folder / "model.py")
-                    config = _python(name, "ort", graph_inputs, graph_outputs, max_batch, python_path)
+                    config = _python(name, role, graph_inputs, graph_outputs, max_batch, python_path)
                 else:
-                    config = (f'name: "{name}"\nbackend: "onnxruntime"\nmax_batch_size: {max_batch}\n'
-                              f'{_tensors("input", graph_inputs)}\n{_tensors("output", graph_outputs)}\n'
-                              'dynamic_batching { }\n')
-            elif artifact.format == "openvino":
-                shutil.copy(release / artifact.path, folder / "model.xml")
-                shutil.copy(release / Path(artifact.path).with_suffix(".bin"), folder / "model.bin")
-                if python_runtime:
-                    shutil.copy(Path(__file__).with_name("triton_model.py"), folder / "model.py")
-                    config = _python(name, "openvino", graph_inputs, graph_outputs, max_batch, python_path)
-                else:
-                    config = (f'name: "{name}"\nbackend: "openvino"\nmax_batch_size: {max_batch}\n'
+                    config = (f'name: "{name}"\nbackend: "{backend}"\nmax_batch_size: {max_batch}\n'
                               f'{_tensors("input", graph_inputs)}\n{_tensors("output", graph_outputs)}\n'
                               'dynamic_batching { }\n')
             else:
-                shutil.copy(release / artifact.path, folder / "model.plan")
                 built_for = engine_targets.get(artifact.path)
                 batches = [p["batch"]["max"] for p in (built_for.target.get("profiles", []) if built_for else [])]
                 engine_batch = min(batches) if batches else max_batch
