@@ -107,21 +107,25 @@ def _server(name: str, arch: Arch, gpus: str, since: str = "10.13") -> Platform:
                     _SERVER_SOURCE)
 
 
+_JETPACK_7_2 = {"10.16": "JetPack 7.2 (10.16.2)", "11.4": "JetPack 7.2.2+ (11.4.1)"}
+
+
+def _jetson(name: str, arch: Arch, gpus: str, jetpack: str, trt: dict[str, str], cuda: str, dla: bool,
+            source: str) -> Platform:
+    """A Jetson on JetPack `jetpack`: its engines are built on the device with JetPack's TensorRT."""
+    return Platform(name, arch, gpus, trt, cuda, dla, f"JetPack {jetpack}'s TensorRT on the device (aarch64)",
+                    ("self-hosted", "jetson", f"jetpack-{jetpack}"), source)
+
+
 PLATFORMS: dict[str, Platform] = {p.name: p for p in (
-    Platform("jetson-orin-jp6", "sm_87", "Jetson AGX/NX/Nano Orin", {"10.3": "JetPack 6.0-6.2"}, "12.6", True,
-             "JetPack 6's TensorRT on the device (aarch64)", ("self-hosted", "jetson", "jetpack-6"),
-             "JetPack 6 release notes: TensorRT 10.3, fixed for the JetPack 6 line (issue #33)"),
-    Platform("jetson-orin-jp7.2", "sm_87", "Jetson AGX/NX/Nano Orin",
-             {"10.16": "JetPack 7.2 (10.16.2)", "11.4": "JetPack 7.2.2+ (11.4.1)"}, "13.2", True,
-             "JetPack 7.2's TensorRT on the device (aarch64)", ("self-hosted", "jetson", "jetpack-7.2"),
-             "JetPack 7.2 release notes; TensorRT 11 on Jetson from 11.4.1 on JetPack 7.2.2 (issue #33)"),
-    Platform("jetson-thor-jp7", "sm_110", "Jetson AGX Thor", {"10.13": "JetPack 7.0/7.1"}, "13.0", False,
-             "JetPack 7's TensorRT on the device (aarch64)", ("self-hosted", "jetson", "jetpack-7"),
-             "JetPack 7.0/7.1 release notes: Thor, CUDA 13.0, TensorRT 10.13 (issue #33)"),
-    Platform("jetson-thor-jp7.2", "sm_110", "Jetson AGX Thor",
-             {"10.16": "JetPack 7.2 (10.16.2)", "11.4": "JetPack 7.2.2+ (11.4.1)"}, "13.2", False,
-             "JetPack 7.2's TensorRT on the device (aarch64)", ("self-hosted", "jetson", "jetpack-7.2"),
-             "JetPack 7.2 release notes (issue #33)"),
+    _jetson("jetson-orin-jp6", "sm_87", "Jetson AGX/NX/Nano Orin", "6", {"10.3": "JetPack 6.0-6.2"}, "12.6", True,
+            "JetPack 6 release notes: TensorRT 10.3, fixed for the JetPack 6 line (issue #33)"),
+    _jetson("jetson-orin-jp7.2", "sm_87", "Jetson AGX/NX/Nano Orin", "7.2", _JETPACK_7_2, "13.2", True,
+            "JetPack 7.2 release notes; TensorRT 11 on Jetson from 11.4.1 on JetPack 7.2.2 (issue #33)"),
+    _jetson("jetson-thor-jp7", "sm_110", "Jetson AGX Thor", "7", {"10.13": "JetPack 7.0/7.1"}, "13.0", False,
+            "JetPack 7.0/7.1 release notes: Thor, CUDA 13.0, TensorRT 10.13 (issue #33)"),
+    _jetson("jetson-thor-jp7.2", "sm_110", "Jetson AGX Thor", "7.2", _JETPACK_7_2, "13.2", False,
+            "JetPack 7.2 release notes (issue #33)"),
     _server("a100", "sm_80", "A100, A30"),
     _server("h100", "sm_90", "H100"),
     _server("h200", "sm_90", "H200"),
