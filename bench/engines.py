@@ -34,7 +34,7 @@ from calibration.sampling import Columns  # noqa: E402
 from pipeline.errors import ShipyardError  # noqa: E402
 from pipeline.inputs import data as datamod  # noqa: E402
 from pipeline.inputs.model import inspect_model  # noqa: E402
-from pipeline.parity.runners import TrtRunner, pad_batch  # noqa: E402
+from pipeline.parity.engine import TrtRunner, pad_batch  # noqa: E402
 from pipeline.parity.tasks import collect  # noqa: E402
 from pipeline.recipe import Recipe  # noqa: E402
 from pipeline.release.signing import engine_trust  # noqa: E402

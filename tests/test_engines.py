@@ -22,8 +22,7 @@ from conftest import PROFILE, write_recipe
 
 from pipeline.cli import cli
 from pipeline.errors import ArtifactError, ShipyardError
-from pipeline.parity.runners import (
-    OrtRunner,
+from pipeline.parity.engine import (
     ProfileRange,
     TrtRunner,
     describe_engine,
@@ -32,6 +31,7 @@ from pipeline.parity.runners import (
     plan_chunks,
     trim_output,
 )
+from pipeline.parity.runners import OrtRunner
 from pipeline.recipe import ProfileSpec, Range, TargetSpec
 from pipeline.stages import build
 

@@ -19,7 +19,7 @@ from conftest import PROFILE, invoke, without_tensorrt
 from test_engines import OrtOnBytes
 from test_faults import assert_clean_failure, quick_recipe
 
-from pipeline.parity.runners import engine_bytes
+from pipeline.parity.engine import engine_bytes
 from pipeline.stages import build, validate
 
 

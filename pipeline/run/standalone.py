@@ -31,6 +31,7 @@ from pipeline.graph import model as graph_model
 from pipeline.inputs import data as datamod
 from pipeline.inputs.model import check_max_length, inspect_model
 from pipeline.names import Precision, QuantFormat
+from pipeline.parity.engine import ENGINE_SUFFIXES
 from pipeline.parity.policy import (
     PRUNED_MARK,
     STANDALONE_BATCH,
@@ -44,7 +45,6 @@ from pipeline.parity.policy import (
     seen_rows,
 )
 from pipeline.parity.runners import (
-    ENGINE_SUFFIXES,
     FILE_CHECKS,
     TorchRunner,
     check_onnx_file,
