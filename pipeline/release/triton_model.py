@@ -51,6 +51,7 @@ class TritonPythonModel:
                 str(here / "model.xml"), "CPU", {"PERFORMANCE_HINT": "LATENCY",
                                                   **({"INFERENCE_NUM_THREADS": threads} if threads else {})})
             self.ov_inputs = [port.get_any_name() for port in self.compiled.inputs]
+            self.ov_request = self.compiled.create_infer_request()  # one instance runs one request at a time
             return
         from calibration.encode import Encoder
         from calibration.sampling import Columns
@@ -85,7 +86,7 @@ class TritonPythonModel:
                 tensors = [self.pb.Tensor(name, value) for name, value in zip(self.outputs, values, strict=True)]
             elif self.role == "openvino":
                 feeds = {name: self.pb.get_input_tensor_by_name(request, name).as_numpy() for name in self.ov_inputs}
-                result = self.compiled.create_infer_request().infer(feeds)
+                result = self.ov_request.infer(feeds)
                 by_name = {port.get_any_name(): np.array(result[port]) for port in self.compiled.outputs}
                 tensors = [self.pb.Tensor(name, by_name[name]) for name in self.outputs]
             elif self.role == "preprocess":
