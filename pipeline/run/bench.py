@@ -27,10 +27,11 @@ def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
     from optimum.onnxruntime import ORTQuantizer
     from optimum.onnxruntime.configuration import AutoQuantizationConfig
 
+    from pipeline.release.manifest import cpu_kernel_features
     from pipeline.tasks import task_spec
 
     model = getattr(ort, task_spec(task).ort_class).from_pretrained(str(model_dir), export=True)
-    flags = Path("/proc/cpuinfo").read_text() if Path("/proc/cpuinfo").exists() else ""
+    flags = cpu_kernel_features().partition(":")[2].split(",")
     isa = "avx512_vnni" if "avx512_vnni" in flags else "avx512" if "avx512f" in flags else "avx2"
     config = getattr(AutoQuantizationConfig, isa)(is_static=False, per_channel=False)
     ORTQuantizer.from_pretrained(model).quantize(save_dir=work / "optimum", quantization_config=config)
