@@ -132,3 +132,37 @@ def test_standalone_quantize_to_openvino_writes_an_ir_and_refuses_another_suffix
     assert checked.exit_code in (0, 1), checked.output
     report = json.loads(checked.output)
     assert report["details"]["left_out_rows_the_artifact_saw"] > 100 and report["gate"]["min_agreement"] == 0.98
+
+
+def test_a_candidate_its_runtime_cannot_run_is_recorded_and_left_out(tiny, tiny_holdout_small, tmp_path, monkeypatch):
+    """OpenVINO 2026.4 refuses to compile ONNX Runtime's Q/DQ graph of an onnxsim-simplified
+    ModernBERT (a scale-size check in its CPU plugin): that candidate is recorded with the reason and
+    the others ship; when no candidate runs, the stage exits naming each reason and writes nothing."""
+    pytest.importorskip("openvino", reason="the openvino extra is not installed (pip install -e '.[openvino]')")
+    from pipeline.parity import runners
+    from pipeline.stages.export import export_onnx
+
+    source = tmp_path / "model.onnx"
+    export_onnx(tiny.model, source, 17, "text-classification")
+    real_infer = runners.OvRunner.infer
+    refused: set[str] = {"form-1"}  # the second form, qdq
+
+    def infer(self, batch):
+        if any(part in refused for part in self.path.parts):
+            raise RuntimeError("Exception from src/plugins/intel_cpu: Check 'any_of(scale.size(), OC, 1U)' failed")
+        return real_infer(self, batch)
+
+    monkeypatch.setattr(runners.OvRunner, "infer", infer)
+    args = ["quantize", "--model", source, "--format", "openvino", "--calibration", tiny_holdout_small,
+            "--tokenizer", tiny.model, "--samples", "64", "--max-length", "64", "--json"]
+    out = tmp_path / "int8.openvino.xml"
+    result = invoke(*args, "--out", out)
+    assert result.exit_code == 0, result.output
+    rows = json.loads(result.output)["options"]["choice"]["candidates"]
+    assert [r["form"] for r in rows] == ["nncf", "qdq"] and "scale.size()" in rows[1]["failed"]
+    assert json.loads(result.output)["options"]["form"] == "nncf"
+
+    refused.add("form-0")
+    nothing = tmp_path / "none.openvino.xml"
+    assert_clean_failure(invoke(*args, "--out", nothing), "no openvino form runs here", "nncf:", "qdq:",
+                         out=nothing)

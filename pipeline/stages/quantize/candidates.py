@@ -10,7 +10,8 @@ evaluation row. The fastest (by
 the geometric mean of its batch-1 and full-batch speed-ups) among those that meet the fallback's
 agreement target on the tuning rows ships; if none does, the one that agrees best, and the parity
 gate decides. Every candidate's figures, the winner and the CPU are recorded in the artifact's
-options. With one candidate nothing is timed (the speed gate still times what ships).
+options; a candidate its runtime cannot compile or run (OpenVINO 2026.4 refuses ONNX Runtime's
+Q/DQ graph of an onnxsim-simplified ModernBERT) is recorded with the reason and left out. With one candidate nothing is timed (the speed gate still times what ships).
 """
 
 from __future__ import annotations
@@ -54,9 +55,10 @@ class Tried:
         return next(t.agreement for t in self.trials if t.excluded == len(self.excluded))
 
 
-def choose(tried: list[Tried], float_source: Path, min_agreement: float, batch: Batch, isa: str | None
-           ) -> tuple[Tried, dict[str, Any]]:
-    """The candidate that ships and the record of the choice (module docstring)."""
+def choose(tried: list[Tried], float_source: Path, min_agreement: float, batch: Batch, isa: str | None,
+           failed: list[dict[str, str]] | None = None) -> tuple[Tried, dict[str, Any]]:
+    """The candidate that ships and the record of the choice (module docstring); `failed`: the
+    candidates whose runtime could not run what they made, recorded with the reason."""
     from pipeline.parity.runners import OrtRunner, runner_for
     from pipeline.parity.timing import THREADS, measure_all
     from pipeline.release.manifest import cpu_kernel_features, machine
@@ -87,7 +89,7 @@ def choose(tried: list[Tried], float_source: Path, min_agreement: float, batch: 
         winner = tried[0]
         rows.append({"form": winner.form.name, "runtime": winner.form.runtime, "float_nodes": len(winner.excluded),
                      "agreement": winner.agreement})
-    record["candidates"] = rows
+    record["candidates"] = rows + list(failed or [])
     record["chosen"] = winner.form.name
     record["why"] = ("the only candidate" if len(tried) == 1 else "fastest of those meeting the agreement target"
                      if passing else "none met the agreement target: the one agreeing best")

@@ -34,7 +34,7 @@ from calibration.readers import ort_calibration_reader
 from pipeline.artifacts import Artifact, StageResult, atomic_file, external_data_files
 from pipeline.errors import ShipyardError
 from pipeline.graph import model as graph_model
-from pipeline.graph.proof import prove_runs
+from pipeline.graph.proof import GraphCheckError, prove_runs
 from pipeline.names import QuantFormat
 from pipeline.parity import policy
 from pipeline.parity.policy import stamp
@@ -271,17 +271,25 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         def smooth_with(path: Path, into: Path | None = None) -> dict:  # by default in place: the stage's own copy
             return smooth_file(path, into or path, batches, spec.smoothing.alpha).to_dict()
 
-        tried = []
+        tried, failed = [], []
         for number, form in enumerate(_forms(fmt, spec, src, batches,
                                              smooth_with if fmt in spec.smoothing.formats else None)):
             folder = work / f"form-{number}"
             folder.mkdir()
             graph, quantize, options = form.make(folder)
-            chosen, excluded, trials = _fallback(graph, quantize, spec, batches, tuning, task)
+            try:
+                chosen, excluded, trials = _fallback(graph, quantize, spec, batches, tuning, task)
+            except RuntimeError as err:  # its runtime cannot compile or run what the form made
+                first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
+                failed.append({"form": form.name, "runtime": form.runtime, "failed": first})
+                continue
             tried.append(candidates.Tried(form, chosen, excluded, trials, options))
+        if not tried:
+            raise GraphCheckError(f"quantize {out}: no {fmt} form runs here: " + "; ".join(
+                f"{f['form']}: {f['failed']}" for f in failed) + "; not written")
         longest = max(b["input_ids"].shape[1] for b in batches)  # timed at the longest calibration row
         winner, choice = candidates.choose(tried, src, spec.fallback.min_agreement, at_length(batches[0], longest),
-                                           spec.deploy_isa)
+                                           spec.deploy_isa, failed)
         runtime_notes: dict[str, str] = {}
         if winner.form.runtime == "openvino":
             source = graph_model.load(src)
