@@ -64,6 +64,10 @@ def test_a_run_chooses_each_cpu_format_by_measurement_and_ships_an_openvino_ir(t
         if "amx_int8" not in choice["cpu_flags"]:
             assert "timed here, not there" in choice["timings_from"]
 
+    # NNCF's candidate tried its SmoothQuant alphas, in the recipe's order, before any node in float.
+    nncf_row = next(r for r in arts["model.int8.openvino"]["options"]["choice"]["candidates"] if r["form"] == "nncf")
+    assert nncf_row["setting"] in [f"SmoothQuant alpha {a:g}" for a in (0.95, 0.9, 0.8, 0.7)]
+
     ir = arts["model.int8.openvino"]
     assert ir["format"] == "openvino" and ir["path"] == "model.int8.openvino.xml"
     from pipeline.parity.runners import OvRunner
@@ -132,6 +136,52 @@ def test_standalone_quantize_to_openvino_writes_an_ir_and_refuses_another_suffix
     assert checked.exit_code in (0, 1), checked.output
     report = json.loads(checked.output)
     assert report["details"]["left_out_rows_the_artifact_saw"] > 100 and report["gate"]["min_agreement"] == 0.98
+
+
+def _fake_quantizers(agreement: dict[tuple[str, int], float], made: list[tuple[str, int]]):
+    """Quantizers that make nothing: each artifact's 'path' names its setting and float nodes, and
+    `agreement` says how it agrees; `made` records every quantization in order."""
+    from pathlib import Path
+
+    def quantizer(setting: str):
+        def quantize(excluded: list[str]) -> Path:
+            made.append((setting, len(excluded)))
+            return Path(f"{setting}/{len(excluded)}")
+        return quantize
+
+    def evaluate(path):
+        setting, k = path.parts
+        return agreement.get((setting, int(k)), agreement.get((setting, -1), 0.0)), 0.0
+
+    return {name: quantizer(name) for name in dict.fromkeys(s for s, _ in agreement)}, evaluate
+
+
+def test_a_setting_that_reaches_the_target_is_chosen_before_any_node_is_kept_in_float():
+    """NNCF's SmoothQuant alpha costs no speed and a node kept in float does (5% on the demo): the
+    fallback tries the settings in order with no node in float, and stops at the first that agrees."""
+    from pipeline.stages.quantize.sensitivity import search, settle
+
+    ranking = [(f"n{i}", 1.0 - i / 10) for i in range(8)]
+    made: list[tuple[str, int]] = []
+    settings, evaluate = _fake_quantizers({("0.95", 0): 0.988, ("0.95", -1): 0.999, ("0.9", 0): 0.996,
+                                           ("0.8", 0): 1.0}, made)
+    name, path, trials = settle(settings, evaluate, 0.995)
+    assert name == "0.9" and made == [("0.95", 0), ("0.9", 0)]  # 0.8 is never tried
+    chosen_path, excluded, search_trials, chosen = search(settings[name], evaluate, ranking, 0.995, 8,
+                                                          (path, trials[-1]))
+    assert excluded == [] and chosen.setting == "0.9" and str(chosen_path) == "0.9/0" and len(made) == 2
+
+    # None reaches it with no node in float: the best-agreeing setting keeps the fewest nodes that do.
+    made.clear()
+    settings, evaluate = _fake_quantizers({("0.95", 0): 0.97, ("0.9", 0): 0.985, ("0.9", 2): 0.996,
+                                           ("0.9", 8): 0.999, ("0.8", 0): 0.985, ("0.8", -1): 0.999}, made)
+    name, path, trials = settle(settings, evaluate, 0.995)
+    assert name == "0.9" and [t.setting for t in trials] == ["0.95", "0.9", "0.8"]  # the earlier of two equals
+    _, excluded, search_trials, chosen = search(settings[name], evaluate, ranking, 0.995, 8,
+                                                next((path, t) for t in trials if t.setting == name))
+    assert excluded == ["n0", "n1"] and chosen.setting == "0.9" and chosen.agreement == 0.996
+    assert all(setting == "0.9" for setting, k in made if k > 0) and ("0.9", 0) not in made[3:]  # k=0 not remade
+    assert [t.record()["setting"] for t in search_trials] == ["0.9"] * len(search_trials)
 
 
 def test_a_candidate_its_runtime_cannot_run_is_recorded_and_left_out(tiny, tiny_holdout_small, tmp_path, monkeypatch):

@@ -25,10 +25,25 @@ from typing import Any
 import numpy as np
 
 from pipeline.runtimes import ArtifactFormat
+from pipeline.stages.quantize.sensitivity import Trial
 
 Batch = dict[str, np.ndarray]
-# (the float graph the fallback ranks and compares with, quantize(excluded) -> artifact path, options)
-Quantizer = tuple[Path, Callable[[list[str]], Path], dict]
+
+
+@dataclass(frozen=True)
+class Quantizer:
+    """What a form makes in its folder: the float graph the fallback ranks and compares with, and
+    quantize(excluded) -> artifact path under each of its settings, in the order the fallback tries
+    them with no node in float (`sensitivity.settle`; most forms have one), and the options to record."""
+
+    graph: Path
+    settings: dict[str, Callable[[list[str]], Path]]
+    options: dict[str, Any]
+
+    @classmethod
+    def one(cls, graph: Path, quantize: Callable[[list[str]], Path], options: dict[str, Any]) -> Quantizer:
+        """A form with no settings to try."""
+        return cls(graph, {"default": quantize}, options)
 
 
 @dataclass(frozen=True)
@@ -47,12 +62,13 @@ class Tried:
     form: Form
     path: Path
     excluded: list[str]
-    trials: list[Any]
+    trials: list[Trial]
+    chosen: Trial
     options: dict[str, Any]
 
     @property
     def agreement(self) -> float:
-        return next(t.agreement for t in self.trials if t.excluded == len(self.excluded))
+        return self.chosen.agreement
 
 
 def choose(tried: list[Tried], float_source: Path, min_agreement: float, batch: Batch, isa: str | None,
@@ -78,7 +94,7 @@ def choose(tried: list[Tried], float_source: Path, min_agreement: float, batch: 
         base, *timings = measure_all(runners, batch1, batch, rounds=3)
         speed = {id(t): timing.speedup(base) for t, timing in zip(tried, timings, strict=True)}
         for t, timing in zip(tried, timings, strict=True):
-            rows.append({"form": t.form.name, "runtime": t.form.runtime, "float_nodes": len(t.excluded),
+            rows.append({"form": t.form.name, "runtime": t.form.runtime, **_setting(t), "float_nodes": len(t.excluded),
                          "agreement": t.agreement, "b1_ms": timing.b1_ms, "batch_per_s": timing.b32_per_s,
                          "speedup": list(timing.speedup(base))})
         pool = passing or tried
@@ -87,13 +103,19 @@ def choose(tried: list[Tried], float_source: Path, min_agreement: float, batch: 
         record["batch_rows"] = len(next(iter(batch.values())))
     else:
         winner = tried[0]
-        rows.append({"form": winner.form.name, "runtime": winner.form.runtime, "float_nodes": len(winner.excluded),
+        rows.append({"form": winner.form.name, "runtime": winner.form.runtime, **_setting(winner),
+                     "float_nodes": len(winner.excluded),
                      "agreement": winner.agreement})
     record["candidates"] = rows + list(failed or [])
     record["chosen"] = winner.form.name
     record["why"] = ("the only candidate" if len(tried) == 1 else "fastest of those meeting the agreement target"
                      if passing else "none met the agreement target: the one agreeing best")
     return winner, record
+
+
+def _setting(tried: Tried) -> dict[str, str]:
+    """The setting a candidate chose, for a form with several (`Quantizer.settings`)."""
+    return {"setting": tried.chosen.setting} if tried.chosen.setting else {}
 
 
 def _has_isa(flags: str, isa: str) -> bool:

@@ -8,7 +8,11 @@ Runtime's quantizer takes an exclusion list but does not choose one, so this mod
 1. rank nodes by the relative error that symmetric INT8 (max-abs scale) puts on their float
    activation inputs, measured on the calibration batches, streaming (two passes, no tensors kept);
 2. quantize with the worst k excluded, for k on a growing schedule searched by bisection, until
-   prediction agreement with the FP32 graph on the tuning rows reaches the target. The tuning rows come from the
+   prediction agreement with the FP32 graph on the tuning rows reaches the target.
+
+A quantizer may have settings that change its scales but not its speed (NNCF's SmoothQuant
+alpha): `settle` tries them first with no node in float, so a node is kept in float (which costs
+speed) only when no setting reaches the target. The tuning rows come from the
    calibration source but set no scale, and evaluation rows are never used here, so the parity
    gate afterwards stays an honest held-out check.
 """
@@ -99,15 +103,41 @@ class Trial:
     excluded: int
     agreement: float
     max_abs_diff: float
+    setting: str | None = None  # the quantizer's setting, where it has several (`settle`)
+
+    def record(self) -> dict[str, object]:
+        """The trial as the manifest records it (no setting key for a quantizer with one)."""
+        return {k: v for k, v in vars(self).items() if k != "setting" or v is not None}
+
+
+Quantize = Callable[[list[str]], Path]
+Evaluate = Callable[[Path], tuple[float, float]]
+
+
+def settle(settings: dict[str, Quantize], evaluate: Evaluate, min_agreement: float) -> tuple[str, Path, list[Trial]]:
+    """The setting to quantize with: each is tried in order with no node in float, and the first
+    that reaches the target wins; if none does, the one agreeing best (the earlier among equals),
+    with which `search` then keeps nodes in float. Returns (its name, its artifact with no node in
+    float, every trial)."""
+    tried: list[tuple[str, Path, Trial]] = []
+    for name, quantize in settings.items():
+        path = quantize([])
+        agreement, largest = evaluate(path)
+        tried.append((name, path, Trial(excluded=0, agreement=agreement, max_abs_diff=largest, setting=name)))
+        if agreement >= min_agreement:
+            break
+    name, path, _ = max(tried, key=lambda item: (item[2].agreement, -tried.index(item)))
+    return name, path, [trial for _, _, trial in tried]
 
 
 def search(
-    quantize: Callable[[list[str]], Path],
-    evaluate: Callable[[Path], tuple[float, float]],
+    quantize: Quantize,
+    evaluate: Evaluate,
     ranking: list[tuple[str, float]],
     min_agreement: float,
     max_nodes: int,
-) -> tuple[Path, list[str], list[Trial]]:
+    measured: tuple[Path, Trial] | None = None,
+) -> tuple[Path, list[str], list[Trial], Trial]:
     """The fewest of the worst nodes to keep in float for agreement to reach the target.
 
     `evaluate(path)` gives (agreement with the FP32 graph, max |output diff|) on the tuning rows.
@@ -116,7 +146,8 @@ def search(
     (about log2 of the schedule's length). If even `max_nodes` misses the target, the best try
     (fewest nodes among equals) is returned and the parity gate decides. Agreement on a few
     hundred rows is only roughly monotone in k, so the pick is always among measured tries.
-    Returns the chosen model, its excluded nodes and every trial.
+    `measured`: the try with no node in float, already made (`settle`). Returns the chosen model,
+    its excluded nodes, every trial and the chosen one.
     """
     names = [name for name, _ in ranking]
     steps = schedule(min(max_nodes, len(names)))
@@ -125,9 +156,13 @@ def search(
 
     def passes(index: int) -> bool:
         k = steps[index]
+        if k == 0 and measured is not None:
+            paths[0], trials[0] = measured
+            return measured[1].agreement >= min_agreement
         paths[k] = quantize(names[:k])
         agreement, largest = evaluate(paths[k])
-        trials[k] = Trial(excluded=k, agreement=agreement, max_abs_diff=largest)
+        trials[k] = Trial(excluded=k, agreement=agreement, max_abs_diff=largest,
+                          setting=measured[1].setting if measured else None)
         return agreement >= min_agreement
 
     if not passes(0) and len(steps) > 1 and passes(len(steps) - 1):
@@ -142,4 +177,4 @@ def search(
     best = min(met, key=lambda t: t.excluded) if met else max(
         trials.values(), key=lambda t: (t.agreement, -t.excluded))
     ordered = [trials[k] for k in sorted(trials)]
-    return paths[best.excluded], names[: best.excluded], ordered
+    return paths[best.excluded], names[: best.excluded], ordered, best

@@ -44,7 +44,7 @@ from pipeline.parity.timing import at_length
 from pipeline.recipe import QuantizeSpec
 from pipeline.runtimes import RUNTIMES, ArtifactFormat, require
 from pipeline.stages.quantize import candidates, openvino, sensitivity
-from pipeline.stages.quantize.candidates import Form
+from pipeline.stages.quantize.candidates import Form, Quantizer
 from pipeline.stages.quantize.smooth import smooth_file
 
 Batch = dict[str, np.ndarray]
@@ -227,15 +227,11 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[..., dict] | Non
     return fused, quantize, options
 
 
-def _first_two(made: tuple[Path, Callable[[list[str]], Path], dict]) -> tuple[Path, Callable[[list[str]], Path]]:
-    return made[0], made[1]
-
-
 def _forms(fmt: QuantFormat, spec: QuantizeSpec, src: Path, batches: list[Batch],
            smooth_with: Callable[[Path, Path | None], dict] | None) -> list[Form]:
     """The candidate forms of `fmt` the recipe names (`candidates.py`); qdq has one."""
 
-    def qdq(work: Path):
+    def qdq(work: Path) -> tuple[Path, Callable[[list[str]], Path], dict]:
         source, smoothed = src, {}
         if smooth_with:
             smoothed = {"smoothing": smooth_with(src, work / "smoothed.onnx")}
@@ -243,15 +239,16 @@ def _forms(fmt: QuantFormat, spec: QuantizeSpec, src: Path, batches: list[Batch]
         graph, quantize, options = _qdq_quantizer(source, work, batches, spec)
         return graph, quantize, {**options, **smoothed}
 
-    def cpu(fuse: bool, per_channel: bool, int8_embeddings: bool):
-        return lambda work: _cpu_quantizer(src, work, smooth_with, fuse, per_channel, int8_embeddings)
+    def cpu(fuse: bool, per_channel: bool, int8_embeddings: bool) -> Callable[[Path], Quantizer]:
+        return lambda work: Quantizer.one(*_cpu_quantizer(src, work, smooth_with, fuse, per_channel, int8_embeddings))
 
     if fmt == "qdq":
-        return [Form("qdq", "onnx", qdq)]
+        return [Form("qdq", "onnx", lambda work: Quantizer.one(*qdq(work)))]
     if fmt == "cpu":
         return [Form(name, "onnx", cpu(*CPU_FORM_SHAPES[name])) for name in spec.cpu_forms]
-    makers = {"nncf": lambda work: openvino.nncf_quantizer(src, work, batches),
-              "qdq": lambda work: openvino.qdq_reader(*_first_two(qdq(work)), work)}
+    makers: dict[str, Callable[[Path], Quantizer]] = {
+        "nncf": lambda work: openvino.nncf_quantizer(src, work, batches, spec.smoothing.nncf_alphas),
+        "qdq": lambda work: openvino.qdq_reader(*qdq(work)[:2], work)}
     return [Form(name, "openvino", makers[name]) for name in spec.openvino_forms]
 
 
@@ -276,14 +273,14 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
                                              smooth_with if fmt in spec.smoothing.formats else None)):
             folder = work / f"form-{number}"
             folder.mkdir()
-            graph, quantize, options = form.make(folder)
+            made = form.make(folder)
             try:
-                chosen, excluded, trials = _fallback(graph, quantize, spec, batches, tuning, task)
+                chosen, excluded, trials, trial = _fallback(made, spec, batches, tuning, task)
             except RuntimeError as err:  # its runtime cannot compile or run what the form made
                 first = (str(err).strip().splitlines() or [type(err).__name__])[-1][:200]
                 failed.append({"form": form.name, "runtime": form.runtime, "failed": first})
                 continue
-            tried.append(candidates.Tried(form, chosen, excluded, trials, options))
+            tried.append(candidates.Tried(form, chosen, excluded, trials, trial, made.options))
         if not tried:
             raise GraphCheckError(f"quantize {out}: no {fmt} form runs here: " + "; ".join(
                 f"{f['form']}: {f['failed']}" for f in failed) + "; not written")
@@ -309,16 +306,18 @@ def quantize_to(src: Path, out: Path, fmt: QuantFormat, spec: QuantizeSpec, batc
         "calibration_rows": int(sum(len(b["input_ids"]) for b in batches)), "float_nodes": winner.excluded,
         "fallback": {"target_agreement": spec.fallback.min_agreement, "on": "tuning rows vs FP32 graph",
                      "tuning_rows": int(sum(len(b["input_ids"]) for b in tuning)),
-                     "trials": [vars(t) for t in winner.trials]},
+                     **({"setting": winner.chosen.setting} if winner.chosen.setting else {}),
+                     "trials": [t.record() for t in winner.trials]},
         **({"choice": choice} if fmt != "qdq" else {}), **runtime_notes,
     }
 
 
-def _fallback(graph: Path, quantize: Callable[[list[str]], Path], spec: QuantizeSpec, batches: list[Batch],
-              tuning: list[Batch], task: Task) -> tuple[Path, list[str], list]:
-    """The fewest nodes of `graph` to keep in float for agreement with it on `tuning` to reach the
-    target (`sensitivity.search`); the artifact `quantize` makes runs on its own runtime."""
-    reference = collect(OrtRunner(graph), tuning, task) if tuning else []
+def _fallback(made: Quantizer, spec: QuantizeSpec, batches: list[Batch], tuning: list[Batch], task: Task
+              ) -> tuple[Path, list[str], list[sensitivity.Trial], sensitivity.Trial]:
+    """The setting and the fewest nodes of `made.graph` to keep in float for agreement with it on
+    `tuning` to reach the target (`sensitivity.settle`, then `sensitivity.search`); the artifact a
+    quantizer makes runs on its own runtime. Returns (artifact, float nodes, every trial, the chosen)."""
+    reference = collect(OrtRunner(made.graph), tuning, task) if tuning else []
 
     def evaluate(path: Path) -> tuple[float, float]:
         if not tuning:
@@ -327,8 +326,16 @@ def _fallback(graph: Path, quantize: Callable[[list[str]], Path], spec: Quantize
         largest, _ = max_abs_diff(reference, got, tuning, task.per_token)
         return task.agreement_rate(reference, got, tuning), largest
 
-    ranking = sensitivity.rank_nodes(graph, batches) if spec.fallback.max_nodes else []
-    return sensitivity.search(quantize, evaluate, ranking, spec.fallback.min_agreement, spec.fallback.max_nodes)
+    settled: list[sensitivity.Trial] = []
+    measured = None
+    name = next(iter(made.settings))
+    if len(made.settings) > 1 and tuning:  # a setting costs no speed: each is tried before a node is kept in float
+        name, path, settled = sensitivity.settle(made.settings, evaluate, spec.fallback.min_agreement)
+        measured = (path, next(t for t in settled if t.setting == name))
+    ranking = sensitivity.rank_nodes(made.graph, batches) if spec.fallback.max_nodes else []
+    path, excluded, trials, chosen = sensitivity.search(made.settings[name], evaluate, ranking,
+                                                        spec.fallback.min_agreement, spec.fallback.max_nodes, measured)
+    return path, excluded, [t for t in settled if t.setting != name] + trials, chosen
 
 
 def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, calibration_batches: list[Batch],
@@ -341,14 +348,17 @@ def run(src: Artifact, spec: QuantizeSpec, fmt: QuantFormat, out_path: Path, cal
         name=f"model.int8.{fmt}", path=out_path, format=runtime_of(fmt), precision="int8", from_pruned=src.from_pruned,
         stage="quantize", options={"source_sha256": src.sha256, **options},
     )
-    chosen = next(t for t in options["fallback"]["trials"] if t["excluded"] == len(options["float_nodes"]))
+    setting = options["fallback"].get("setting")
+    chosen = next(t for t in options["fallback"]["trials"]
+                  if t["excluded"] == len(options["float_nodes"]) and t.get("setting") == setting)
     form = f"{options['form']} ({len(options['choice']['candidates'])} candidates); " if "form" in options else ""
     where = options.get("choice", {}).get("timings_from", "")
     form += f"candidates {where.split(', ', 1)[1]}; " if ", which lacks" in where else ""
     return StageResult(
         stage=f"quantize[{fmt}]", artifacts=[artifact], seconds=time.perf_counter() - started,
         message=(f"{form}{artifact.size_bytes / 1e6:.1f} MB from {src.size_bytes / 1e6:.1f} MB; "
-                 f"{chosen['excluded']} nodes kept in float, tuning-row agreement {chosen['agreement']:.4f}"),
+                 f"{setting + ', ' if setting else ''}{chosen['excluded']} nodes kept in float, "
+                 f"tuning-row agreement {chosen['agreement']:.4f}"),
     )
 
 
