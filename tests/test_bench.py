@@ -45,6 +45,11 @@ def test_bench_with_openvino_adds_openvinos_own_float_and_int8_of_the_export(tin
     for name in ("OpenVINO FP32 (of model.fp32)", "NNCF INT8 (of model.fp32)"):
         assert rows[name]["runtime"] == "openvino" and rows[name]["b1_ms"] > 0 and rows[name]["size_bytes"] > 0
     assert rows["OpenVINO FP32 (of model.fp32)"]["agreement"] >= 0.99  # the same float graph on another runtime
+    # Every row is set against NNCF's INT8 too (the "at least as fast as NNCF" reads off it).
+    assert rows["NNCF INT8 (of model.fp32)"]["vs_nncf"] == [1.0, 1.0]
+    for row in rows.values():
+        (low_b1, low_b32), (high_b1, high_b32) = row["vs_nncf_range"]
+        assert low_b1 <= high_b1 and low_b32 <= high_b32 and row["vs_nncf"][0] > 0 and row["vs_optimum"] is None
 
 
 def test_each_runner_is_timed_after_the_previous_ones_threads_have_settled(monkeypatch):

@@ -5,7 +5,8 @@ OpenVINO; the TensorRT-ready ONNX only with `include_trt`: it is for GPUs), with
 OpenVINO's own FP32 IR and NNCF INT8 of the FP32 export (what an OpenVINO user makes without
 Shipyard) and, with `optimum`, Optimum's dynamic INT8 of the same model (made
 as its quantization guide shows): batch-1 latency and batch-32 throughput at sequence 64 with 2
-threads (`pipeline.parity.timing`), each ratio to PyTorch and to Optimum's, and the accuracy and
+threads (`pipeline.parity.timing`), each ratio to PyTorch, to Optimum's and to NNCF's (with the
+lowest and highest per-round ratio in the JSON: how much it moved), and the accuracy and
 agreement with PyTorch on the release's evaluation rows, drawn again from its recipe and checked
 against its fingerprint. The CPU's kernel flags are printed with the figures.
 """
@@ -18,6 +19,8 @@ from typing import Any
 
 from pipeline.errors import ShipyardError
 from pipeline.parity.timing import SEQ, THREADS, measure_all
+
+NNCF_NAME = "NNCF INT8 (of model.fp32)"
 
 
 def optimum_dynamic_int8(model_dir: Path, task: str, work: Path) -> Path:
@@ -54,7 +57,7 @@ def openvino_references(fp32_onnx: Path, calibration: list[dict], work: Path) ->
     with quiet_nncf():
         quantized = nncf.quantize(model, dataset, model_type=nncf.ModelType.TRANSFORMER, subset_size=len(calibration))
     ov.save_model(quantized, str(work / "ov-nncf.xml"), compress_to_fp16=False)
-    return [("OpenVINO FP32 (of model.fp32)", work / "ov-fp32.xml"), ("NNCF INT8 (of model.fp32)", work / "ov-nncf.xml")]
+    return [("OpenVINO FP32 (of model.fp32)", work / "ov-fp32.xml"), (NNCF_NAME, work / "ov-nncf.xml")]
 
 
 def bench(release: Path, optimum: bool = False, include_trt: bool = False, openvino: bool = False) -> dict[str, Any]:
@@ -111,6 +114,7 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False, openv
                 entries.insert(len(entries) - int(optimum), (name, "openvino", runner_for(xml, "openvino",
                                                                                           threads=THREADS), size))
         timings = measure_all([runner for _, _, runner, _ in entries], batch1, batch32)
+        nncf = next((timing for (name, *_), timing in zip(entries, timings, strict=True) if name == NNCF_NAME), None)
         reference = collect(entries[0][2], evaluation.batches, task)
         rows = []
         for (name, runtime_name, runner, size), timing in zip(entries, timings, strict=True):
@@ -122,6 +126,9 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False, openv
                          "b32_per_s": timing.b32_per_s, "vs_pytorch": timing.speedup(timings[0]),
                          "vs_pytorch_range": timing.speedup_range(timings[0]),
                          "vs_optimum": timing.speedup(timings[-1]) if optimum else None,
+                         "vs_optimum_range": timing.speedup_range(timings[-1]) if optimum else None,
+                         "vs_nncf": timing.speedup(nncf) if nncf else None,
+                         "vs_nncf_range": timing.speedup_range(nncf) if nncf else None,
                          "accuracy": accuracy, "agreement": task.agreement_rate(reference, outputs, evaluation.batches)})
     return {"release": str(release), "sequence": SEQ, "threads": THREADS, "cpu": cpu_kernel_features(),
             "evaluation_rows": len(evaluation.rows), "artifacts": rows}
@@ -130,16 +137,20 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False, openv
 def describe(result: dict[str, Any]) -> str:
     """The figures as a table a person reads."""
     optimum = any(r["vs_optimum"] for r in result["artifacts"])
+    nncf = any(r.get("vs_nncf") for r in result["artifacts"])
     lines = [f"{result['release']} | sequence {result['sequence']}, {result['threads']} threads | CPU {result['cpu']} | "
              f"accuracy and agreement with PyTorch on {result['evaluation_rows']} evaluation rows",
              f"{'artifact':30s} {'runtime':11s} {'MB':>6s} {'b1 ms':>7s} {'b32 seq/s':>9s} {'x PyTorch b1/b32':>17s}"
-             + (f" {'x Optimum b1/b32':>17s}" if optimum else "") + f" {'accuracy':>8s} {'agree':>6s}"]
+             + (f" {'x Optimum b1/b32':>17s}" if optimum else "") + (f" {'x NNCF b1/b32':>13s}" if nncf else "")
+             + f" {'accuracy':>8s} {'agree':>6s}"]
     for r in result["artifacts"]:
         size = f"{r['size_bytes'] / 1e6:.1f}" if r["size_bytes"] else "-"
         ratio = f"{r['vs_pytorch'][0]:.2f}x/{r['vs_pytorch'][1]:.2f}x"
         line = f"{r['name']:30s} {r['runtime']:11s} {size:>6s} {r['b1_ms']:7.2f} {r['b32_per_s']:9.1f} {ratio:>17s}"
         if optimum:
             line += f" {r['vs_optimum'][0]:.2f}x/{r['vs_optimum'][1]:.2f}x".rjust(18)
+        if nncf:
+            line += f" {r['vs_nncf'][0]:.2f}x/{r['vs_nncf'][1]:.2f}x".rjust(14)
         accuracy = "n/a" if r["accuracy"] is None else f"{r['accuracy']:.4f}"
         lines.append(f"{line} {accuracy:>8s} {r['agreement']:6.4f}")
     return "\n".join(lines)
