@@ -276,13 +276,17 @@ def package_cmd(release: Path, triton_dir: Path, python_runtime: bool, python_pa
 @click.option("--all", "include_trt", is_flag=True, help="Include the TensorRT-ready ONNX (model.trt.*).")
 @click.option("--openvino", is_flag=True, help="Also measure OpenVINO's FP32 IR and NNCF's default INT8 of the FP32 "
               "export (the openvino extra).")
+@click.option("--rounds", type=click.IntRange(1, 100), default=5, show_default=True,
+              help="Interleaved timing rounds: more on a noisy (shared, virtual) machine, where a busy spell "
+              "that covers one runner's round moves its median.")
 @output_options
-def bench_cmd(release: Path, optimum: bool, include_trt: bool, openvino: bool, quiet: bool, as_json: bool) -> None:
+def bench_cmd(release: Path, optimum: bool, include_trt: bool, openvino: bool, rounds: int, quiet: bool,
+              as_json: bool) -> None:
     """Every artifact's batch-1 latency and batch-32 throughput on this machine, in one run, with
     ratios to PyTorch (and to Optimum's dynamic INT8), accuracy and agreement, and the CPU's flags."""
     from pipeline.run.bench import bench, describe
 
-    result = bench(release, optimum, include_trt, openvino)
+    result = bench(release, optimum, include_trt, openvino, rounds)
     finish(True, result, describe(result), quiet, as_json)
 
 

@@ -60,7 +60,8 @@ def openvino_references(fp32_onnx: Path, calibration: list[dict], work: Path) ->
     return [("OpenVINO FP32 (of model.fp32)", work / "ov-fp32.xml"), (NNCF_NAME, work / "ov-nncf.xml")]
 
 
-def bench(release: Path, optimum: bool = False, include_trt: bool = False, openvino: bool = False) -> dict[str, Any]:
+def bench(release: Path, optimum: bool = False, include_trt: bool = False, openvino: bool = False,
+          rounds: int = 5) -> dict[str, Any]:
     """The figures of every artifact of `release` (module docstring)."""
     import torch
 
@@ -113,7 +114,7 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False, openv
                 size = xml.stat().st_size + xml.with_suffix(".bin").stat().st_size
                 entries.insert(len(entries) - int(optimum), (name, "openvino", runner_for(xml, "openvino",
                                                                                           threads=THREADS), size))
-        timings = measure_all([runner for _, _, runner, _ in entries], batch1, batch32)
+        timings = measure_all([runner for _, _, runner, _ in entries], batch1, batch32, rounds)
         nncf = next((timing for (name, *_), timing in zip(entries, timings, strict=True) if name == NNCF_NAME), None)
         reference = collect(entries[0][2], evaluation.batches, task)
         rows = []
@@ -130,7 +131,7 @@ def bench(release: Path, optimum: bool = False, include_trt: bool = False, openv
                          "vs_nncf": timing.speedup(nncf) if nncf else None,
                          "vs_nncf_range": timing.speedup_range(nncf) if nncf else None,
                          "accuracy": accuracy, "agreement": task.agreement_rate(reference, outputs, evaluation.batches)})
-    return {"release": str(release), "sequence": SEQ, "threads": THREADS, "cpu": cpu_kernel_features(),
+    return {"release": str(release), "sequence": SEQ, "threads": THREADS, "rounds": rounds, "cpu": cpu_kernel_features(),
             "evaluation_rows": len(evaluation.rows), "artifacts": rows}
 
 
@@ -138,7 +139,8 @@ def describe(result: dict[str, Any]) -> str:
     """The figures as a table a person reads."""
     optimum = any(r["vs_optimum"] for r in result["artifacts"])
     nncf = any(r.get("vs_nncf") for r in result["artifacts"])
-    lines = [f"{result['release']} | sequence {result['sequence']}, {result['threads']} threads | CPU {result['cpu']} | "
+    lines = [f"{result['release']} | sequence {result['sequence']}, {result['threads']} threads, {result['rounds']} rounds | "
+             f"CPU {result['cpu']} | "
              f"accuracy and agreement with PyTorch on {result['evaluation_rows']} evaluation rows",
              f"{'artifact':30s} {'runtime':11s} {'MB':>6s} {'b1 ms':>7s} {'b32 seq/s':>9s} {'x PyTorch b1/b32':>17s}"
              + (f" {'x Optimum b1/b32':>17s}" if optimum else "") + (f" {'x NNCF b1/b32':>13s}" if nncf else "")
