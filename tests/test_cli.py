@@ -159,6 +159,7 @@ SCHEMA_OPTIONS = {
     ("quantize", "tuning_samples"): ("DataSpec", "tuning_samples"),
     ("quantize", "smooth_alpha"): ("SmoothingSpec", "alpha"),
     ("prune", "ffn_fraction"): ("PruneSpec", "ffn_fraction"), ("prune", "ffn_scope"): ("PruneSpec", "ffn_scope"),
+    ("prune", "ffn_multiple"): ("PruneSpec", "ffn_multiple"),
     ("prune", "heads_per_layer"): ("PruneSpec", "heads_per_layer"),
     ("prune", "sparsity_24"): ("PruneSpec", "sparsity_24"), ("prune", "compensate"): ("PruneSpec", "compensate"),
     ("prune", "max_length"): ("DataSpec", "max_length"),

@@ -110,6 +110,36 @@ def test_scored_pruning_shrinks_and_stays_close(tiny, tiny_holdout_small, export
                                       "--min-agreement", "0.9", "--json"])
     assert result.exit_code == 0, result.output
     assert json.loads(result.output)["gate"]["max_abs_diff"] is None  # pruned thresholds, not FP32's
+    # --ffn-multiple: 0.2 of 384 leaves 307, which rounds to 320 (5 x 64) in every layer.
+    result = CliRunner().invoke(cli, [
+        "prune", "--model", str(exported), "--out", str(tmp_path / "wide.onnx"), "--calibration",
+        str(tiny_holdout_small), "--tokenizer", str(tiny.model), "--ffn", "0.2", "--ffn-multiple", "64",
+        "--samples", "64", "--max-length", "64", "--json"])
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.output)["options"]["intermediate_sizes"] == [320, 320]
+
+
+def test_ffn_widths_round_to_a_multiple_of_the_kernels_block():
+    """`ffn_multiple`: matrix kernels work in blocks of columns, and a width off the block ran as
+    slowly as the next block up (OpenVINO INT8 on AVX-512: 1,459 neurons as slow as 1,536). Each
+    layer keeps the multiple nearest the fraction, highest-scored first; 1 is the plain fraction."""
+    rng = np.random.default_rng(0)
+    scores = {0: rng.random(384), 1: rng.random(384) * 10, 2: rng.random(384) ** 3}
+    for scope in ("uniform", "global"):
+        plain = scoring.plan_ffn(scores, 0.2, scope)
+        rounded = scoring.plan_ffn(scores, 0.2, scope, multiple=64)
+        for layer, s in scores.items():
+            assert len(rounded[layer]) % 64 == 0 and abs(len(rounded[layer]) - len(plain[layer])) <= 32
+            best = set(np.argsort(-s)[:len(rounded[layer])])  # the highest-scored neurons, as many as kept
+            assert set(rounded[layer]) == best and list(rounded[layer]) == sorted(rounded[layer])
+    # The global rule as it was: one threshold over scores normalised per layer, at least 5% kept.
+    normalised = {layer: s / s.mean() for layer, s in scores.items()}
+    threshold = np.quantile(np.concatenate(list(normalised.values())), 0.2)
+    for layer, kept in scoring.plan_ffn(scores, 0.2, "global").items():
+        assert list(kept) == list(np.flatnonzero(normalised[layer] > threshold))
+    # A multiple wider than a layer keeps the whole layer; a tiny fraction still keeps one block.
+    assert all(len(k) == 384 for k in scoring.plan_ffn(scores, 0.2, "uniform", multiple=512).values())
+    assert all(len(k) == 64 for k in scoring.plan_ffn(scores, 0.95, "uniform", multiple=64).values())
 
 
 def test_neuron_scores_prefer_neurons_that_matter(tiny, exported, tiny_holdout_small):

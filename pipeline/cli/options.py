@@ -128,6 +128,9 @@ def prune_spec_options(func):
                   help="Fraction of FFN neurons to remove per layer, in [0, 1).")
     @click.option("--ffn-scope", type=click.Choice(FFN_SCOPES), default=schema_default("prune.ffn_scope"),
                   show_default=True)
+    @click.option("--ffn-multiple", type=click.IntRange(min=1), default=schema_default("prune.ffn_multiple"),
+                  show_default=True, help="Each layer keeps a multiple of this many FFN neurons (64 suits CPU and "
+                  "GPU matrix kernels).")
     @click.option("--heads-per-layer", type=click.IntRange(min=0), default=schema_default("prune.heads_per_layer"),
                   show_default=True, help="Remove this many lowest-scored heads in every layer.")
     @click.option("--prune-heads", "heads_json", default=None, metavar="JSON",
@@ -137,11 +140,11 @@ def prune_spec_options(func):
     @click.option("--compensate/--no-compensate", default=schema_default("prune.compensate"), show_default=True,
                   help="Fold removed units' mean output into the next bias (scored pruning only).")
     @functools.wraps(func)
-    def wrapper(*args, ffn_fraction: float, ffn_scope: str, heads_per_layer: int, heads_json: str | None,
-                sparsity_24: str, compensate: bool, **kwargs):
+    def wrapper(*args, ffn_fraction: float, ffn_scope: str, ffn_multiple: int, heads_per_layer: int,
+                heads_json: str | None, sparsity_24: str, compensate: bool, **kwargs):
         from pipeline.recipe import PruneSpec
 
-        spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope,
+        spec = PruneSpec(enabled=True, ffn_fraction=ffn_fraction, ffn_scope=ffn_scope, ffn_multiple=ffn_multiple,
                          heads_per_layer=heads_per_layer, heads=_parse_heads(heads_json),
                          sparsity_24=sparsity_24, compensate=compensate)
         return func(*args, spec=spec, **kwargs)

@@ -80,27 +80,25 @@ def score(model: ir.Model, batches: list[Batch], ffn: list[FfnBlock],
     return Scores(ffn_scores, head_scores, ffn_mean, context_mean)
 
 
-def plan_ffn(scores: dict[int, np.ndarray], fraction: float, scope: str) -> dict[int, np.ndarray]:
-    """Indices of the neurons to keep per layer (sorted), dropping `fraction` of them."""
+def plan_ffn(scores: dict[int, np.ndarray], fraction: float, scope: str, multiple: int = 1) -> dict[int, np.ndarray]:
+    """Indices of the neurons to keep per layer (sorted), dropping `fraction` of them; with
+    `multiple`, each layer keeps the multiple of it nearest to what the fraction leaves (at least
+    one multiple, at most every neuron), the highest-scored first."""
     if fraction <= 0:
         return {layer: np.arange(len(s)) for layer, s in scores.items()}
     if scope == "uniform":
-        keep = {}
-        for layer, s in scores.items():
-            n_keep = max(1, int(round(len(s) * (1 - fraction))))
-            keep[layer] = np.sort(np.argsort(-s)[:n_keep])
-        return keep
-    # global: one threshold over scores normalised per layer, and at least 5% kept per layer
-    normalised = {layer: s / (s.mean() or 1.0) for layer, s in scores.items()}
-    pooled = np.concatenate(list(normalised.values()))
-    threshold = np.quantile(pooled, fraction)
+        counts = {layer: max(1, int(round(len(s) * (1 - fraction)))) for layer, s in scores.items()}
+    else:  # global: one threshold over scores normalised per layer, and at least 5% kept per layer
+        normalised = {layer: s / (s.mean() or 1.0) for layer, s in scores.items()}
+        threshold = np.quantile(np.concatenate(list(normalised.values())), fraction)
+        counts = {layer: max(int(np.ceil(0.05 * len(s))), 1, int((s > threshold).sum()))
+                  for layer, s in normalised.items()}
     keep = {}
-    for layer, s in normalised.items():
-        floor = max(1, int(np.ceil(0.05 * len(s))))
-        chosen = np.flatnonzero(s > threshold)
-        if len(chosen) < floor:
-            chosen = np.argsort(-s)[:floor]
-        keep[layer] = np.sort(chosen)
+    for layer, s in scores.items():
+        count = counts[layer]
+        if multiple > 1:
+            count = min(len(s), max(multiple, int(round(count / multiple)) * multiple))
+        keep[layer] = np.sort(np.argsort(-s)[:count])
     return keep
 
 

@@ -152,7 +152,7 @@ class Pruner:
         return cls(src, spec, model, ffn, attention, scores, heads_remove, compensation, model_config)
 
     def build(self, fraction: float) -> tuple[dict[int, np.ndarray], ir.Model, list[str], PruningPlan]:
-        keep = plan_ffn(self.scores.ffn, fraction, self.spec.ffn_scope)
+        keep = plan_ffn(self.scores.ffn, fraction, self.spec.ffn_scope, self.spec.ffn_multiple)
         return keep, *apply(self.model, self.ffn, self.attention, keep, self.heads_remove, self.spec.sparsity_24,
                             self.compensation)
 
