@@ -11,7 +11,8 @@ the geometric mean of its batch-1 and full-batch speed-ups) among those that mee
 agreement target on the tuning rows ships; if none does, the one that agrees best, and the parity
 gate decides. Every candidate's figures, the winner and the CPU are recorded in the artifact's
 options; a candidate its runtime cannot compile or run (OpenVINO 2026.4 refuses ONNX Runtime's
-Q/DQ graph of an onnxsim-simplified ModernBERT) is recorded with the reason and left out. With one candidate nothing is timed (the speed gate still times what ships).
+Q/DQ graph of an onnxsim-simplified ModernBERT) is recorded with the reason and left out. With
+one candidate nothing is timed (the speed gate still times what ships).
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from typing import Any
 import numpy as np
 
 from pipeline.runtimes import ArtifactFormat
-from pipeline.stages.quantize.sensitivity import Trial
+from pipeline.stages.quantize.sensitivity import Quantize, Trial
 
 Batch = dict[str, np.ndarray]
 
@@ -37,11 +38,11 @@ class Quantizer:
     them with no node in float (`sensitivity.settle`; most forms have one), and the options to record."""
 
     graph: Path
-    settings: dict[str, Callable[[list[str]], Path]]
+    settings: dict[str, Quantize]
     options: dict[str, Any]
 
     @classmethod
-    def one(cls, graph: Path, quantize: Callable[[list[str]], Path], options: dict[str, Any]) -> Quantizer:
+    def one(cls, graph: Path, quantize: Quantize, options: dict[str, Any]) -> Quantizer:
         """A form with no settings to try."""
         return cls(graph, {"default": quantize}, options)
 

@@ -8,13 +8,13 @@ Runtime's quantizer takes an exclusion list but does not choose one, so this mod
 1. rank nodes by the relative error that symmetric INT8 (max-abs scale) puts on their float
    activation inputs, measured on the calibration batches, streaming (two passes, no tensors kept);
 2. quantize with the worst k excluded, for k on a growing schedule searched by bisection, until
-   prediction agreement with the FP32 graph on the tuning rows reaches the target.
+   prediction agreement with the FP32 graph on the tuning rows reaches the target. The tuning
+   rows come from the calibration source but set no scale, and evaluation rows are never used
+   here, so the parity gate afterwards stays an honest held-out check.
 
 A quantizer may have settings that change its scales but not its speed (NNCF's SmoothQuant
 alpha): `settle` tries them first with no node in float, so a node is kept in float (which costs
-speed) only when no setting reaches the target. The tuning rows come from the
-   calibration source but set no scale, and evaluation rows are never used here, so the parity
-   gate afterwards stays an honest held-out check.
+speed) only when no setting reaches the target.
 """
 
 from __future__ import annotations

@@ -204,9 +204,11 @@ def _cpu_quantizer(src: Path, work: Path, smooth_with: Callable[..., dict] | Non
     smoothing = smooth_with(fused) if smooth_with else None  # after fusion: it keeps Attention fusable
     # ORT's dynamic quantizer takes every node named `Attention` for its packed contrib op and
     # breaks the standard ONNX one (opset 23, torch's dynamo exporter): those stay in float.
-    standard_attention = [n.name or "" for n in graph_model.standard_attention_nodes(graph_model.load(fused))]
+    fused_model = graph_model.load(fused)
+    standard_attention = [n.name or "" for n in graph_model.standard_attention_nodes(fused_model)]
     # The embedding tables: Gathers from an initializer (the fused form folds them into EmbedLayerNormalization).
-    float_embeddings = [] if int8_embeddings else [n.name or "" for n in graph_model.embedding_gathers(graph_model.load(fused))]
+    float_embeddings = [] if int8_embeddings else [n.name or "" for n in graph_model.embedding_gathers(fused_model)]
+    del fused_model  # the quantizer reads the file; the weights need not stay in memory
 
     def quantize(excluded: list[str]) -> Path:
         out = work / f"cpu-{len(excluded)}.onnx"
